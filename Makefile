@@ -1,0 +1,59 @@
+# harmony-pipe: every target works on a fresh clone (each depends on `setup`).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+DATASET ?= demo
+URL_LIST ?=
+OUT ?= shards/$(DATASET)
+PROCESSES ?= 2
+THREADS ?= 16
+DISTRIBUTOR ?= multiprocessing
+SAMPLES_PER_SHARD ?= $(if $(filter demo,$(DATASET)),500,10000)
+ARGS ?=
+
+.PHONY: setup download shards verify pretrain test bench bench-shards clean
+
+setup: $(STAMP)
+
+# Rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+download: setup
+	$(PY) -m datapipe.download --dataset $(DATASET) --out $(OUT)/raw \
+	  $(if $(URL_LIST),--url-list $(URL_LIST)) --processes $(PROCESSES) --threads $(THREADS) \
+	  --distributor $(DISTRIBUTOR) $(ARGS)
+
+shards: setup
+	$(PY) -m datapipe.shards build $(OUT)/raw $(OUT)/train --processes $(PROCESSES) \
+	  --samples-per-shard $(SAMPLES_PER_SHARD) $(ARGS)
+
+verify: setup
+	$(PY) -m datapipe.shards verify $(OUT)/train
+
+# Until the trainer lands, `make pretrain` prepares the data and stops with a clear message.
+pretrain: setup
+	@test -f $(OUT)/raw/00000_stats.json || $(MAKE) --no-print-directory download
+	@test -f $(OUT)/train/manifest.json || $(MAKE) --no-print-directory shards
+	@echo "Training shards are ready in $(OUT)/train (see $(OUT)/train/report.md)."
+	@echo "The trainer (python -m train.pretrain) is not built yet, so pretraining stops here."
+	@exit 1
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: bench-shards
+
+bench-shards: setup
+	$(PY) -m tools.bench.shards --out runs/bench
+
+clean:
+	rm -rf runs/ .pytest_cache
+	find shards -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +

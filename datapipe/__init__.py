@@ -1,0 +1,1 @@
+"""harmony-pipe's data pipeline: url list -> WebDataset shards -> training batches."""

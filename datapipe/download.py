@@ -1,0 +1,141 @@
+"""`make download`: fetch a url list into raw WebDataset shards with img2dataset.
+
+    python -m datapipe.download --dataset demo                      # built-in, offline
+    python -m datapipe.download --dataset cc3m --url-list Train_GCC-training.tsv
+    python -m datapipe.download --dataset cc12m --url-list cc12m.tsv --distributor pyspark
+
+Output (`--out`, default shards/<dataset>/raw): img2dataset's {00000.tar, 00000.parquet,
+00000_stats.json, ...}. The normalized url list sits beside it as urls.parquet. A killed
+download resumes where it stopped (img2dataset's incremental mode skips finished shards).
+img2dataset honours the noai/noimageai opt-out headers by default, and so do we.
+"""
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from datapipe import url_list
+from datapipe.sources import get_source
+
+DEMO_ROOT = Path("shards/demo/source")
+
+
+def _check_writable(folder):
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(f"error: cannot write to output folder '{folder}' ({error.strerror}); "
+                         "choose another with OUT=<dir> or fix its permissions") from None
+
+
+def _check_distributor(distributor):
+    if distributor == "pyspark":
+        try:
+            import pyspark  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: DISTRIBUTOR=pyspark needs pyspark: "
+                             ".venv/bin/pip install -e '.[spark]' (and Java 17+)") from None
+    elif distributor != "multiprocessing":
+        raise SystemExit(f"error: unknown distributor '{distributor}'; use multiprocessing or pyspark")
+
+
+def summarize(raw_dir):
+    """Totals over img2dataset's per-shard *_stats.json files."""
+    totals, failures = Counter(), Counter()
+    for stats_file in sorted(Path(raw_dir).glob("*_stats.json")):
+        stats = json.loads(stats_file.read_text())
+        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            totals[key] += stats.get(key, 0)
+        for reason, count in stats.get("status_dict", {}).items():
+            if reason != "success":
+                failures[reason] += count
+    return dict(totals), dict(failures)
+
+
+def run_img2dataset(urls_parquet, raw_dir, source, processes, threads, distributor):
+    # albumentations (imported by img2dataset) asks the network for updates unless told not to.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download  # imported here: it is slow to import
+
+    download(
+        url_list=str(urls_parquet),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_folder=str(raw_dir),
+        output_format="webdataset",
+        processes_count=processes,
+        thread_count=threads,
+        distributor=distributor,
+        image_size=source.image_size_px,
+        resize_mode="keep_ratio",
+        resize_only_if_bigger=True,
+        skip_reencode=True,
+        encode_format="jpg",
+        encode_quality=source.encode_quality,
+        number_sample_per_shard=source.samples_per_raw_shard,
+        retries=source.retries,
+        timeout=source.timeout_s,
+        incremental_mode="incremental",
+        enable_wandb=False,
+    )
+
+
+def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
+                     distributor="multiprocessing", url_col=None, caption_col=None,
+                     demo_root=DEMO_ROOT, demo_size=3000):
+    """Runs the whole download; returns (totals, failures_by_reason)."""
+    source = get_source(dataset)
+    _check_distributor(distributor)
+    raw_dir = Path(out)
+    _check_writable(raw_dir)
+    urls_parquet = raw_dir.parent / "urls.parquet"
+    columns = dict(url_column=url_col or source.url_column,
+                   caption_column=caption_col or source.caption_column)
+    if dataset == "demo" and url_list_path is None:
+        from tools import demo_data, demo_server
+
+        items = demo_data.ensure_generated(demo_root, num_train=demo_size)
+        with demo_server.serve(Path(demo_root) / "www") as base_url:
+            tsv = demo_server.write_url_list(items, base_url, raw_dir.parent / "demo_urls.tsv")
+            rows = url_list.normalize(tsv, urls_parquet, source.headerless_columns, **columns)
+            print(f"demo: serving {rows} entries at {base_url}")
+            run_img2dataset(urls_parquet, raw_dir, source, processes, threads, distributor)
+    else:
+        if url_list_path is None:
+            raise SystemExit(f"error: dataset '{dataset}' needs a url list: URL_LIST=<file> "
+                             f"(get it from {source.homepage or 'your data provider'})")
+        rows = url_list.normalize(url_list_path, urls_parquet, source.headerless_columns, **columns)
+        run_img2dataset(urls_parquet, raw_dir, source, processes, threads, distributor)
+    totals, failures = summarize(raw_dir)
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
+    print(f"download done: {totals.get('successes', 0)} of {totals.get('count', 0)} urls "
+          f"saved to {raw_dir} ({rows} in the list); failures: {reasons or 'none'}")
+    return totals, failures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="demo", help="demo, cc3m, cc12m or custom")
+    parser.add_argument("--url-list", help="url list file (.tsv/.csv[.gz|.zst] or .parquet)")
+    parser.add_argument("--out", help="raw shard folder (default shards/<dataset>/raw)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=16, help="download threads per process")
+    parser.add_argument("--distributor", default="multiprocessing", help="multiprocessing or pyspark")
+    parser.add_argument("--url-col", help="url column name of a url list with a header")
+    parser.add_argument("--caption-col", help="caption column name of a url list with a header")
+    parser.add_argument("--demo-size", type=int, default=3000, help="training pairs in the demo set")
+    args = parser.parse_args(argv)
+    download_dataset(args.dataset, args.out or f"shards/{args.dataset}/raw", args.url_list,
+                     args.processes, args.threads, args.distributor, args.url_col, args.caption_col,
+                     demo_size=args.demo_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""What `make shards` writes beside the shards: manifest.json, rejected.jsonl.zst, report.md."""
+
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import zstandard
+
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl.zst"
+REPORT = "report.md"
+
+FIELDS = {
+    "jpg": "RGB JPEG (EXIF orientation applied; CMYK, grayscale, palette and alpha converted)",
+    "txt": "cleaned caption (ftfy, HTML entities, whitespace), UTF-8",
+    "tokens": "77 int32 little-endian CLIP BPE ids: SOT, ids, EOT, zero padding",
+    "json": "url, original caption, width/height in px, raw shard, conversions applied",
+}
+
+
+def write_atomic(path, data):
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data if isinstance(data, bytes) else data.encode())
+    os.replace(partial, path)
+
+
+def write_rejected(path, rejections):
+    """One JSON line per dropped sample (stage, key, url, reason, detail), zstd-compressed."""
+    lines = io.BytesIO()
+    for rejection in rejections:
+        lines.write((json.dumps(rejection, ensure_ascii=False) + "\n").encode())
+    write_atomic(path, zstandard.ZstdCompressor(level=10).compress(lines.getvalue()))
+
+
+def read_rejected(path):
+    data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb")).read()
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def reconciliation(url_list_rows, download_failures, in_raw, kept, rejections):
+    """Counts that must add up: every url is downloaded or failed, every download kept or rejected."""
+    rejected = Counter(r["reason"] for r in rejections if r["stage"] == "shards")
+    failed = Counter(r["reason"] for r in download_failures)
+    return {
+        "url_list_rows": url_list_rows,
+        "download_failed": dict(sorted(failed.items())),
+        "in_raw": in_raw,
+        "kept": kept,
+        "rejected": dict(sorted(rejected.items())),
+        "download_balanced": url_list_rows == in_raw + sum(failed.values()),
+        "shards_balanced": in_raw == kept + sum(rejected.values()),
+    }
+
+
+def write_report(path, manifest, examples):
+    """A human-readable summary: counts, where samples went, and a few rejections per reason."""
+    counts = manifest["reconciliation"]
+    lines = [
+        f"# Shards report: {manifest['name']}",
+        "",
+        f"Built from `{manifest['source']}` by `python -m datapipe.shards build`.",
+        "",
+        "| stage | samples |",
+        "|---|---|",
+        f"| rows in the url list | {counts['url_list_rows']} |",
+        f"| failed to download | {sum(counts['download_failed'].values())} |",
+        f"| downloaded (in raw shards) | {counts['in_raw']} |",
+        f"| rejected by `make shards` | {sum(counts['rejected'].values())} |",
+        f"| **kept, in {len(manifest['shards'])} training shards** | **{counts['kept']}** |",
+        "",
+        f"Every url is accounted for: {'yes' if counts['download_balanced'] else 'NO'}. "
+        f"Every download is kept or rejected: {'yes' if counts['shards_balanced'] else 'NO'}.",
+        "",
+        "## Dropped, by reason",
+        "",
+        "| stage | reason | samples | example |",
+        "|---|---|---|---|",
+    ]
+    for stage, reasons in (("download", counts["download_failed"]), ("shards", counts["rejected"])):
+        for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            example = examples.get((stage, reason), {})
+            detail = str(example.get("detail", "")).replace("|", "/")[:80]
+            lines.append(f"| {stage} | {reason} | {count} | `{example.get('key', '')}` {detail} |")
+    lines += [
+        "",
+        f"All dropped samples, one JSON line each: `{REJECTED}`.",
+        "",
+        "## Rules",
+        "",
+        *[f"- {name}: {value}" for name, value in manifest["rules"].items()],
+        "",
+        "## Fields of each sample",
+        "",
+        *[f"- `.{name}`: {meaning}" for name, meaning in manifest["fields"].items()],
+        "",
+    ]
+    write_atomic(path, "\n".join(lines))

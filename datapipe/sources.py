@@ -1,0 +1,52 @@
+"""Dataset presets: where a url list comes from, its columns, and how img2dataset fetches it.
+
+Resize policy: images whose shorter side exceeds `image_size_px` are downscaled to it
+(keep_ratio, area interpolation) and re-encoded as JPEG at `encode_quality`; smaller JPEGs
+are stored byte for byte (`skip_reencode`), so `make shards` sees the original bytes, EXIF
+orientation included, and judges them itself. 384 px keeps enough pixels for the 224-px
+global crops at scale 0.32-1.0 (a crop of 32% of a 384-px image is about 217 px wide).
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    # Columns of a headerless TSV, in file order; a file with a header names its own.
+    headerless_columns: tuple = ("url", "caption")
+    url_column: str = "url"
+    caption_column: str = "caption"
+    image_size_px: int = 384
+    encode_quality: int = 95
+    samples_per_raw_shard: int = 10000
+    retries: int = 2
+    timeout_s: int = 10
+    homepage: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+SOURCES = {
+    "demo": Source(
+        name="demo", headerless_columns=("caption", "url"), image_size_px=256,
+        samples_per_raw_shard=1000, retries=0, timeout_s=5,
+        homepage="built in: tools/demo_data.py, served on 127.0.0.1"),
+    # Conceptual Captions 3M: Train_GCC-training.tsv, no header, caption<TAB>url.
+    "cc3m": Source(
+        name="cc3m", headerless_columns=("caption", "url"),
+        homepage="https://ai.google.com/research/ConceptualCaptions/download"),
+    # Conceptual 12M: cc12m.tsv, no header, url<TAB>caption.
+    "cc12m": Source(
+        name="cc12m", headerless_columns=("url", "caption"),
+        homepage="https://github.com/google-research-datasets/conceptual-12m"),
+    # Any url list with named columns (csv/tsv with a header, parquet), or a headerless
+    # url<TAB>caption TSV; columns can be renamed with --url-col / --caption-col.
+    "custom": Source(name="custom"),
+}
+
+
+def get_source(name):
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise SystemExit(f"error: unknown dataset '{name}'; choose one of: {', '.join(SOURCES)}") from None

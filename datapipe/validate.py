@@ -1,0 +1,87 @@
+"""Decode one downloaded image, normalize it to an RGB JPEG, or say why it must be rejected."""
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """Thresholds for `make shards`; every one is a command-line option."""
+
+    min_side_px: int = 64  # smaller images cannot give a 96-px local crop without upsampling 1.5x
+    max_aspect_ratio: float = 4.0  # wider panoramas lose most of their content to square crops
+    max_pixels: int = 8192 * 8192  # decompression-bomb limit: refuse before decoding
+
+
+class Rejected(Exception):
+    """A sample that does not go into the training shards; `reason` is a short stable code."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class CleanImage:
+    jpeg: bytes
+    width_px: int
+    height_px: int
+    pixel_digest: str  # sha256 of the decoded RGB pixels, for exact-duplicate detection
+    converted: str  # what was done to it: "" (stored as downloaded), or e.g. "CMYK->RGB"
+
+
+def _to_rgb(image):
+    """RGB pixels; transparency is composited over white, as img2dataset does."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def clean_image(data, rules=ImageRules()):
+    """Returns a CleanImage or raises Rejected."""
+    if not data:
+        raise Rejected("missing_image", "the sample has no image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width_px, height_px = image.size
+            if width_px * height_px > rules.max_pixels:
+                raise Rejected("too_large", f"{width_px}x{height_px} exceeds {rules.max_pixels} pixels")
+            image.load()
+    except Rejected:
+        raise
+    except Exception as error:  # Pillow raises many types for broken files
+        raise Rejected("undecodable", f"{type(error).__name__}: {error}") from None
+    source_format, source_mode = image.format, image.mode
+    orientation = image.getexif().get(0x0112, 1)
+    image = ImageOps.exif_transpose(image)
+    rgb = _to_rgb(image)
+    width_px, height_px = rgb.size
+    if min(width_px, height_px) < rules.min_side_px:
+        raise Rejected("too_small", f"{width_px}x{height_px}, shorter side below {rules.min_side_px} px")
+    aspect = max(width_px, height_px) / min(width_px, height_px)
+    if aspect > rules.max_aspect_ratio:
+        raise Rejected("aspect_ratio", f"{width_px}x{height_px} has aspect {aspect:.1f} > {rules.max_aspect_ratio}")
+    digest = hashlib.sha256(f"{width_px}x{height_px}:".encode() + rgb.tobytes()).hexdigest()
+    changes = []
+    if source_format != "JPEG":
+        changes.append(f"{source_format}->JPEG")
+    if source_mode != "RGB":
+        changes.append(f"{source_mode}->RGB")
+    if orientation != 1:
+        changes.append(f"EXIF orientation {orientation} applied")
+    if not changes:
+        return CleanImage(data, width_px, height_px, digest, "")
+    encoded = io.BytesIO()
+    rgb.save(encoded, format="JPEG", quality=JPEG_QUALITY)
+    return CleanImage(encoded.getvalue(), width_px, height_px, digest, ", ".join(changes))

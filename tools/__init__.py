@@ -1,0 +1,1 @@
+"""Command-line programs around the core: demo data, benchmarks, evaluation, export."""
