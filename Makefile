@@ -18,12 +18,13 @@ ARGS ?=
 
 setup: $(STAMP)
 
-# Rebuilt only when pyproject.toml changes.
+# Rebuilt only when pyproject.toml changes. The spark extra is installed so DISTRIBUTOR=pyspark
+# works out of the box (it also needs Java 17+).
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,spark]'
 	touch $(STAMP)
 
 download: setup

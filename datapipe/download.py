@@ -13,6 +13,7 @@ img2dataset honours the noai/noimageai opt-out headers by default, and so do we.
 import argparse
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def _check_distributor(distributor):
         except ImportError:
             raise SystemExit("error: DISTRIBUTOR=pyspark needs pyspark: "
                              ".venv/bin/pip install -e '.[spark]' (and Java 17+)") from None
+        # Spark's Python workers must import img2dataset: use this interpreter unless told otherwise.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     elif distributor != "multiprocessing":
         raise SystemExit(f"error: unknown distributor '{distributor}'; use multiprocessing or pyspark")
 

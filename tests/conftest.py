@@ -1,0 +1,65 @@
+"""Shared fixtures. `demo_shards` runs the real pipeline once per test session:
+generate a small demo set, serve it on 127.0.0.1, download it with img2dataset, build shards."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from datapipe import shard_io
+
+DEMO_TRAIN_PAIRS = 120
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    from datapipe import download, shards
+    from tools import demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    demo_root, raw_dir, train_dir = root / "source", root / "raw", root / "train"
+    download.download_dataset("demo", raw_dir, processes=2, threads=8, demo_root=demo_root,
+                              demo_size=DEMO_TRAIN_PAIRS)
+    manifest = shards.build(raw_dir, train_dir, samples_per_shard=50, processes=2)
+    return dict(root=root, raw=raw_dir, train=train_dir, manifest=manifest,
+                items=demo_data.load_items(demo_root))
+
+
+def jpeg_bytes(width_px=96, height_px=80, color=(200, 30, 30), mode="RGB", fmt="JPEG", **save):
+    image = Image.new("RGB", (width_px, height_px), color)
+    # A gradient so that two images of the same colour but different size differ in pixels.
+    pixels = np.asarray(image).copy()
+    pixels[:, :, 1] = np.linspace(0, 255, width_px, dtype=np.uint8)[None, :]
+    image = Image.fromarray(pixels).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def write_raw_shard(raw_dir, shard_id, samples, failures=()):
+    """Write what img2dataset writes for one shard: tar, parquet, stats.
+
+    `samples` are (image bytes, caption) pairs; `failures` are error messages of urls that
+    failed to download."""
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    rows, tar_samples = [], []
+    for index, (data, caption) in enumerate(samples):
+        key = f"{shard_id:05d}{index:04d}"
+        url = f"http://127.0.0.1/{key}.jpg"
+        tar_samples.append({"__key__": key, "jpg": data, "txt": caption.encode(),
+                            "json": json.dumps(dict(url=url, key=key, caption=caption)).encode()})
+        rows.append(dict(key=key, url=url, status="success", error_message=None))
+    for index, message in enumerate(failures, start=len(samples)):
+        key = f"{shard_id:05d}{index:04d}"
+        rows.append(dict(key=key, url=f"http://127.0.0.1/{key}.jpg", status="failed_to_download",
+                         error_message=message))
+    shard_io.write_tar(raw_dir / f"{shard_id:05d}.tar", tar_samples)
+    pq.write_table(pa.Table.from_pylist(rows), raw_dir / f"{shard_id:05d}.parquet")
+    stats = dict(count=len(rows), successes=len(samples), failed_to_download=len(failures))
+    (raw_dir / f"{shard_id:05d}_stats.json").write_text(json.dumps(stats))
