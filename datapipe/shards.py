@@ -16,6 +16,7 @@ are written under a '.partial' name and renamed when complete.
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import tarfile
 import time
@@ -170,7 +171,8 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     processes = processes or os.cpu_count()
-    with ProcessPoolExecutor(processes) as pool:
+    # spawn, not fork: a caller that already imported torch (its thread pools) would deadlock forked workers.
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         # Pass 1
         futures = [pool.submit(clean_raw_shard, raw_tar, work_dir, rules) for raw_tar in raw_tars]
         with tqdm(total=_count_raw_samples(raw_tars), desc="validate", unit="img") as progress:

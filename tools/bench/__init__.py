@@ -1,0 +1,1 @@
+"""Benchmarks: each writes runs/bench/<name>.json and a PNG chart."""
