@@ -14,7 +14,7 @@ DISTRIBUTOR ?= multiprocessing
 SAMPLES_PER_SHARD ?= $(if $(filter demo,$(DATASET)),500,10000)
 ARGS ?=
 
-.PHONY: setup download shards verify pretrain test bench bench-shards clean
+.PHONY: setup download shards verify pretrain test lint bench bench-shards clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,9 @@ pretrain: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
 
 bench: bench-shards
 

@@ -36,7 +36,8 @@ def write_rejected(path, rejections):
 
 
 def read_rejected(path):
-    data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb")).read()
+    with open(path, "rb") as compressed:
+        data = zstandard.ZstdDecompressor().stream_reader(compressed).read()
     return [json.loads(line) for line in data.decode().splitlines()]
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import webdataset as wds
 import zstandard
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 # DALI's own index writer (nvidia-dali ships it as the `wds2idx` tool and module).
 from wds2idx import IndexCreator
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 
 def member_info(name, size):
@@ -64,7 +64,7 @@ def read_dali_index(index_path):
         fields = line.split()
         components = {}
         key = None
-        for extension, offset, size, name in zip(*[iter(fields)] * 4):
+        for extension, offset, size, name in zip(*[iter(fields)] * 4, strict=True):
             components[extension] = (int(offset), int(size))
             key = name[: -len(extension) - 1]
         entries.append((key, components))

@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import tarfile
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def clean_raw_shard(raw_tar, work_dir, rules):
         kept.append((sample, info))
         records.append(dict(key=key, url=url, reason=None, digest=digest))
     token_rows = text.tokenize([sample["txt"].decode() for sample, _ in kept]) if kept else []
-    for (sample, info), tokens in zip(kept, token_rows):
+    for (sample, info), tokens in zip(kept, token_rows, strict=True):
         sample["tokens"] = text.tokens_to_bytes(tokens)
         sample["json"] = json.dumps({**info, "source": Path(raw_tar).name}, ensure_ascii=False).encode()
     shard_io.write_tar(work_dir / f"{Path(raw_tar).stem}.tar", (sample for sample, _ in kept))
@@ -177,7 +176,7 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
         futures = [pool.submit(clean_raw_shard, raw_tar, work_dir, rules) for raw_tar in raw_tars]
         with tqdm(total=_count_raw_samples(raw_tars), desc="validate", unit="img") as progress:
             records_by_raw_shard = []
-            for raw_tar, future in zip(raw_tars, futures):
+            for raw_tar, future in zip(raw_tars, futures, strict=True):
                 records = [json.loads(line) for line in future.result().read_text().splitlines()]
                 records_by_raw_shard.append((str(work_dir / f"{raw_tar.stem}.tar"), records))
                 progress.update(len(records))

@@ -60,7 +60,7 @@ def clean_image(data, rules=ImageRules()):
             image.load()
     except Rejected:
         raise
-    except Exception as error:  # Pillow raises many types for broken files
+    except Exception as error:  # noqa: BLE001 (Pillow raises many types for broken files)
         raise Rejected("undecodable", f"{type(error).__name__}: {error}") from None
     source_format, source_mode = image.format, image.mode
     orientation = image.getexif().get(0x0112, 1)

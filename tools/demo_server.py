@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 class _DemoHandler(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (the name http.server calls)
+    def do_GET(self):  # the name http.server calls
         if self.path.startswith("/status/"):
             self.send_error(int(self.path.rsplit("/", 1)[1]), "demo server error on purpose")
             return

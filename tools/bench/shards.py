@@ -20,7 +20,7 @@ from datapipe import download, shard_io, shards, text
 from datapipe.validate import ImageRules
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def pillow_decode_rate(raw_tars):
