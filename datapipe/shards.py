@@ -30,10 +30,14 @@ from datapipe import manifest, shard_io, text
 from datapipe.validate import ImageRules, Rejected, clean_image
 
 WORK_DIR = "_work"
+TOKENIZE_BATCH = 256  # captions tokenized per call: open_clip's per-call overhead is large
 MANIFEST_VERSION = 1
 
 
 # --- pass 1: one raw shard -> cleaned samples + a record per sample -------------------------
+
+class UnreadableShard(Exception):
+    """A raw tar that cannot be read to the end; carries only a message, so it crosses processes."""
 
 def _clean_sample(raw, rules):
     """(sample to store, record) for one raw img2dataset sample; raises Rejected."""
@@ -54,22 +58,36 @@ def clean_raw_shard(raw_tar, work_dir, rules):
     records_path = work_dir / f"{Path(raw_tar).stem}.jsonl"
     if records_path.exists():
         return records_path
-    kept, records = [], []
-    for raw in shard_io.read_samples([raw_tar]):
-        key = raw["__key__"]
-        url = json.loads(raw.get("json", b"{}") or b"{}").get("url", "")
+    records = []
+
+    def tokenized(batch):
+        for sample, tokens in zip(batch, text.tokenize([s["txt"].decode() for s in batch]), strict=True):
+            sample["tokens"] = text.tokens_to_bytes(tokens)
+            yield sample
+
+    def cleaned_samples():  # streams, holding at most TOKENIZE_BATCH samples
+        batch = []
         try:
-            sample, info, digest = _clean_sample(raw, rules)
-        except Rejected as rejection:
-            records.append(dict(key=key, url=url, reason=rejection.reason, detail=rejection.detail))
-            continue
-        kept.append((sample, info))
-        records.append(dict(key=key, url=url, reason=None, digest=digest))
-    token_rows = text.tokenize([sample["txt"].decode() for sample, _ in kept]) if kept else []
-    for (sample, info), tokens in zip(kept, token_rows, strict=True):
-        sample["tokens"] = text.tokens_to_bytes(tokens)
-        sample["json"] = json.dumps({**info, "source": Path(raw_tar).name}, ensure_ascii=False).encode()
-    shard_io.write_tar(work_dir / f"{Path(raw_tar).stem}.tar", (sample for sample, _ in kept))
+            for raw in shard_io.read_samples([raw_tar]):
+                key = raw["__key__"]
+                url = json.loads(raw.get("json", b"{}") or b"{}").get("url", "")
+                try:
+                    sample, info, digest = _clean_sample(raw, rules)
+                except Rejected as rejection:
+                    records.append(dict(key=key, url=url, reason=rejection.reason, detail=rejection.detail))
+                    continue
+                sample["json"] = json.dumps({**info, "source": Path(raw_tar).name}, ensure_ascii=False).encode()
+                records.append(dict(key=key, url=url, reason=None, digest=digest))
+                batch.append(sample)
+                if len(batch) == TOKENIZE_BATCH:
+                    yield from tokenized(batch)
+                    batch = []
+        except (tarfile.TarError, OSError, ValueError) as error:
+            raise UnreadableShard(f"{type(error).__name__}: {error.args[0] if error.args else error}") from None
+        if batch:
+            yield from tokenized(batch)
+
+    shard_io.write_tar(work_dir / f"{Path(raw_tar).stem}.tar", cleaned_samples())
     manifest.write_atomic(records_path, "".join(json.dumps(r) + "\n" for r in records))
     return records_path
 
@@ -177,7 +195,14 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
         with tqdm(total=_count_raw_samples(raw_tars), desc="validate", unit="img") as progress:
             records_by_raw_shard = []
             for raw_tar, future in zip(raw_tars, futures, strict=True):
-                records = [json.loads(line) for line in future.result().read_text().splitlines()]
+                try:
+                    records_path = future.result()
+                except UnreadableShard as error:
+                    raise SystemExit(
+                        f"error: raw shard '{raw_tar}' cannot be read ({error}). "
+                        f"Delete it and {raw_tar.stem}_stats.json, then run `make download` again: "
+                        "img2dataset's incremental mode fetches just that shard.") from None
+                records = [json.loads(line) for line in records_path.read_text().splitlines()]
                 records_by_raw_shard.append((str(work_dir / f"{raw_tar.stem}.tar"), records))
                 progress.update(len(records))
         # Pass 2

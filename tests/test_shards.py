@@ -97,3 +97,12 @@ def test_zstd_shards_hold_the_same_samples(tmp_path):
 def test_missing_raw_shards_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="run `make download` first"):
         shards.build(tmp_path / "nothing", tmp_path / "train")
+
+
+def test_corrupt_raw_shard_is_a_clear_error(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw_shard(raw, 0, [(jpeg_bytes(96 + i, 80), f"picture {i}") for i in range(3)])
+    data = (raw / "00000.tar").read_bytes()
+    (raw / "00000.tar").write_bytes(data[:1000])  # a download killed while writing
+    with pytest.raises(SystemExit, match=r"raw shard '.*00000.tar' cannot be read.*make download"):
+        shards.build(raw, tmp_path / "train", processes=1)
