@@ -1,0 +1,1 @@
+"""Networks and losses of Harmony. Knows nothing of files or shards."""

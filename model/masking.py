@@ -1,0 +1,28 @@
+"""Masks made on the training device: MLM caption masking."""
+
+import torch
+
+MASK_ID = 49408  # one past the CLIP BPE vocabulary (datapipe.text.MASK_ID; model/ does not import datapipe)
+
+
+def real_token_mask(tokens):
+    """(B, T) bool: True from SOT up to and including EOT (EOT = the largest id in a row)."""
+    eot_position = tokens.argmax(dim=-1, keepdim=True)  # (B, 1)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
+    return positions <= eot_position
+
+
+def mask_captions(tokens, probability=0.2, generator=None):
+    """BERT-style masking without the 80/10/10 rule, as the official code.
+
+    Each position is masked with `probability`, except SOT (position 0), EOT and padding.
+    Returns (masked token ids, labels with the original ids at masked positions and -100
+    elsewhere, the (B, T) bool mask).
+    """
+    draws = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    eot_position = tokens.argmax(dim=-1, keepdim=True)  # (B, 1)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
+    maskable = (positions > 0) & (positions < eot_position)
+    masked = (draws < probability) & maskable
+    labels = torch.where(masked, tokens, torch.full_like(tokens, -100))
+    return torch.where(masked, torch.full_like(tokens, MASK_ID), tokens), labels, masked
