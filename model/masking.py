@@ -26,3 +26,15 @@ def mask_captions(tokens, probability=0.2, generator=None):
     masked = (draws < probability) & maskable
     labels = torch.where(masked, tokens, torch.full_like(tokens, -100))
     return torch.where(masked, torch.full_like(tokens, MASK_ID), tokens), labels, masked
+
+
+def random_keep_indices(batch, num_patches, mask_ratio, device=None, generator=None):
+    """MAE per-sample random masking: (keep (B, n_keep) patch indices, removed (B, N) bool).
+
+    n_keep = int(N * (1 - mask_ratio)), as the official code (49 of 196 at 0.75)."""
+    num_keep = int(num_patches * (1 - mask_ratio))
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    keep = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values
+    removed = torch.ones(batch, num_patches, dtype=torch.bool, device=device)
+    removed.scatter_(1, keep, False)
+    return keep, removed

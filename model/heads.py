@@ -1,0 +1,42 @@
+"""Projection heads for self-distillation: MLP, L2-normalized bottleneck, weight-normalized output.
+
+iBOT head (HARMONY.md 3.2): D -> 2048 -> 2048 -> 256, GELU, then 256 -> 8192; one last layer is
+shared by CLS and patch tokens. Text-distillation head (3.6): 512 -> 1024 -> 256, then -> 2048.
+The output layer's norm (weight_g) is fixed at 1 and frozen, as `norm_last_layer=True`.
+"""
+
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class DistillationHead(nn.Module):
+    def __init__(self, in_dim, out_dim, hidden_dims, bottleneck_dim=256):
+        super().__init__()
+        layers, previous = [], in_dim
+        for hidden in hidden_dims:
+            layers += [nn.Linear(previous, hidden), nn.GELU()]
+            previous = hidden
+        layers.append(nn.Linear(previous, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        magnitude = self.last_layer.parametrizations.weight.original0
+        magnitude.data.fill_(1.0)
+        magnitude.requires_grad = False
+
+    def forward(self, tokens):
+        """(..., in_dim) -> (..., out_dim) logits."""
+        return self.last_layer(F.normalize(self.mlp(tokens), dim=-1))
+
+
+def ibot_head(embed_dim, out_dim=8192):
+    return DistillationHead(embed_dim, out_dim, hidden_dims=(2048, 2048))
+
+
+def text_distillation_head(width=512, out_dim=2048):
+    return DistillationHead(width, out_dim, hidden_dims=(1024,))

@@ -1,0 +1,99 @@
+"""Vision Transformer from timm layers, with what Harmony needs on top.
+
+- iBOT: masked patch embeddings are replaced by a learned `mask_token` before positions are added;
+- MAE: tokens can be dropped per sample (`keep_indices`) after positions are added;
+- global and local crop sizes in one model: position embeddings are resampled (bicubic) to the grid;
+- `contrastive_projection` maps the CLS token to the CLIP embedding space.
+Parameter names match timm's `vit_*_patch16_224` (cls_token, pos_embed, patch_embed.proj,
+blocks.N, norm), so `export_timm_state_dict` is a plain copy that leaves out our extras.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+VIT_SIZES = {
+    "micro": ViTSize(96, 4, 3),  # CPU tests and the demo
+    "tiny": ViTSize(192, 12, 3),
+    "small": ViTSize(384, 12, 6),
+    "base": ViTSize(768, 12, 12),
+    "large": ViTSize(1024, 24, 16),
+}
+NOT_IN_TIMM = ("mask_token", "contrastive_projection")
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, size="base", patch_size=16, img_size=224, clip_dim=512, drop_path_rate=0.0,
+                 mlp_ratio=4.0):
+        super().__init__()
+        dims = VIT_SIZES[size]
+        self.embed_dim, self.patch_size = dims.embed_dim, patch_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, dims.embed_dim, strict_img_size=False)
+        self.base_grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, dims.embed_dim))
+        drop_path = torch.linspace(0, drop_path_rate, dims.depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.Sequential(*[
+            Block(dims.embed_dim, dims.num_heads, mlp_ratio, qkv_bias=True, drop_path=rate,
+                  norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+            for rate in drop_path])
+        self.norm = nn.LayerNorm(dims.embed_dim, eps=1e-6)
+        self.mask_token = nn.Parameter(torch.zeros(1, dims.embed_dim))  # iBOT's masked_embed, zero init
+        self.contrastive_projection = nn.Parameter(torch.randn(dims.embed_dim, clip_dim) * dims.embed_dim ** -0.5)
+        self._init_weights()
+
+    def _init_weights(self):
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def position_embedding(self, grid):
+        """(1, 1 + rows*cols, D) for a patch grid of (rows, cols)."""
+        if tuple(grid) == tuple(self.base_grid):
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.base_grid), num_prefix_tokens=1)
+
+    def forward(self, images, patch_mask=None, keep_indices=None):
+        """All tokens after the final norm: (B, 1 + N', D), CLS first.
+
+        images: (B, 3, H, W). patch_mask: (B, H/p, W/p) bool, True = replace by mask_token (iBOT).
+        keep_indices: (B, N') patch indices to keep (MAE); the others are dropped.
+        """
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        tokens = self.patch_embed(images)  # (B, N, D)
+        if patch_mask is not None:
+            tokens = torch.where(patch_mask.flatten(1)[..., None], self.mask_token.to(tokens.dtype), tokens)
+        positions = self.position_embedding(grid)
+        tokens = tokens + positions[:, 1:]
+        if keep_indices is not None:
+            tokens = torch.gather(tokens, 1, keep_indices[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, N', D)
+        cls = (self.cls_token + positions[:, :1]).expand(tokens.shape[0], -1, -1)
+        return self.norm(self.blocks(torch.cat([cls, tokens], dim=1)))
+
+    def embed_image(self, images):
+        """CLIP image embedding (not normalized): CLS token times the projection, (B, clip_dim)."""
+        return self.forward(images)[:, 0] @ self.contrastive_projection
+
+
+def export_timm_state_dict(vit):
+    """The image tower's weights under timm's names (for `vit_<size>_patch16_224`, num_classes=0)."""
+    return {name: tensor for name, tensor in vit.state_dict().items() if name not in NOT_IN_TIMM}
