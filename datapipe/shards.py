@@ -113,11 +113,6 @@ def plan_shards(records_by_raw_shard, samples_per_shard):
 
 # --- pass 3: write one training shard -------------------------------------------------------
 
-def _work_offsets(work_tar):
-    with tarfile.open(work_tar) as archive:
-        return {member.name: (member.offset_data, member.size) for member in archive if member.isreg()}
-
-
 def write_output_shard(out_dir, shard_name, members, extensions, compress):
     """Write one training shard from work tars; `members` is [(work tar, key)]. Returns its entry."""
     out_dir = Path(out_dir)
@@ -136,7 +131,7 @@ def write_output_shard(out_dir, shard_name, members, extensions, compress):
     def samples():
         for work_tar, key in members:
             if work_tar not in offsets_by_tar:
-                offsets_by_tar[work_tar] = _work_offsets(work_tar)
+                offsets_by_tar[work_tar] = shard_io.member_offsets(work_tar)
             offsets = offsets_by_tar[work_tar]
             with open(work_tar, "rb") as stream:
                 sample = {"__key__": key}
@@ -286,8 +281,7 @@ def _verify_index(tar_path, index_path, keys):
         return [f"{index_path}: unreadable ({error})"]
     if [key for key, _ in entries] != keys:
         return [f"{index_path}: its keys differ from the tar's; rebuild with `make shards`"]
-    with tarfile.open(tar_path) as archive:
-        actual = {member.name: (member.offset_data, member.size) for member in archive if member.isreg()}
+    actual = shard_io.member_offsets(tar_path)
     for key, components in entries:
         for extension, location in components.items():
             if actual.get(f"{key}.{extension}") != location:
