@@ -15,6 +15,7 @@ are written under a '.partial' name and renamed when complete.
 
 import argparse
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -39,15 +40,15 @@ MANIFEST_VERSION = 1
 class UnreadableShard(Exception):
     """A raw tar that cannot be read to the end; carries only a message, so it crosses processes."""
 
-def _clean_sample(raw, rules):
-    """(sample to store, record) for one raw img2dataset sample; raises Rejected."""
-    meta = json.loads(raw.get("json", b"{}") or b"{}")
+
+def _clean_sample(raw, url, rules):
+    """(sample to store, its info, pixel digest) for one raw img2dataset sample; raises Rejected."""
     image = clean_image(raw.get("jpg", b""), rules)
     original_caption = raw.get("txt", b"").decode("utf-8", errors="replace")
     caption = text.clean_caption(original_caption)
     if not caption:
         raise Rejected("empty_caption", f"caption {original_caption!r} is empty after cleaning")
-    info = dict(key=raw["__key__"], url=meta.get("url", ""), caption_original=original_caption,
+    info = dict(key=raw["__key__"], url=url, caption_original=original_caption,
                 width_px=image.width_px, height_px=image.height_px, converted=image.converted)
     return dict(__key__=raw["__key__"], jpg=image.jpeg, txt=caption.encode()), info, image.pixel_digest
 
@@ -72,7 +73,7 @@ def clean_raw_shard(raw_tar, work_dir, rules):
                 key = raw["__key__"]
                 url = json.loads(raw.get("json", b"{}") or b"{}").get("url", "")
                 try:
-                    sample, info, digest = _clean_sample(raw, rules)
+                    sample, info, digest = _clean_sample(raw, url, rules)
                 except Rejected as rejection:
                     records.append(dict(key=key, url=url, reason=rejection.reason, detail=rejection.detail))
                     continue
@@ -126,20 +127,19 @@ def write_output_shard(out_dir, shard_name, members, extensions, compress):
         if (done["keys"] == keys and shard_io.sha256_file(tar_path) == done["sha256"]
                 and (compress or index_path.exists())):
             return done["entry"]
-    offsets_by_tar = {}
 
     def samples():
-        for work_tar, key in members:
-            if work_tar not in offsets_by_tar:
-                offsets_by_tar[work_tar] = shard_io.member_offsets(work_tar)
-            offsets = offsets_by_tar[work_tar]
+        # A work tar's members are contiguous in the plan: open and index each tar once.
+        for work_tar, run in itertools.groupby(members, key=lambda member: member[0]):
+            offsets = shard_io.member_offsets(work_tar)
             with open(work_tar, "rb") as stream:
-                sample = {"__key__": key}
-                for extension in extensions:
-                    offset, size = offsets[f"{key}.{extension}"]
-                    stream.seek(offset)
-                    sample[extension] = stream.read(size)
-            yield sample
+                for _, key in run:
+                    sample = {"__key__": key}
+                    for extension in extensions:
+                        offset, size = offsets[f"{key}.{extension}"]
+                        stream.seek(offset)
+                        sample[extension] = stream.read(size)
+                    yield sample
 
     shard_io.write_tar(tar_path, samples())
     entry = dict(name=tar_path.name, samples=len(keys), bytes=tar_path.stat().st_size,
@@ -220,7 +220,7 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
         format="webdataset" + (" (zstd-compressed tars, no DALI index)" if compress else ""),
         samples_per_shard=samples_per_shard,
         fields=manifest.FIELDS,
-        rules={**dataclasses.asdict(ImageRules()), **dataclasses.asdict(rules),
+        rules={**dataclasses.asdict(rules),
                "duplicates": "same decoded RGB pixels; the first in key order is kept",
                "context_length": text.CONTEXT_LENGTH},
         shards=entries,

@@ -1,14 +1,19 @@
-"""Masks made on the training device: MLM caption masking."""
+"""Masks made on the training device: MLM caption masking and MAE patch removal."""
 
 import torch
 
 MASK_ID = 49408  # one past the CLIP BPE vocabulary (datapipe.text.MASK_ID; model/ does not import datapipe)
 
 
+def _positions_and_eot(tokens):
+    """(positions (1, T), EOT position of each row (B, 1)); EOT is the largest id in a row."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    return positions, tokens.argmax(dim=-1, keepdim=True)
+
+
 def real_token_mask(tokens):
-    """(B, T) bool: True from SOT up to and including EOT (EOT = the largest id in a row)."""
-    eot_position = tokens.argmax(dim=-1, keepdim=True)  # (B, 1)
-    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
+    """(B, T) bool: True from SOT up to and including EOT."""
+    positions, eot_position = _positions_and_eot(tokens)
     return positions <= eot_position
 
 
@@ -20,8 +25,7 @@ def mask_captions(tokens, probability=0.2, generator=None):
     elsewhere, the (B, T) bool mask).
     """
     draws = torch.rand(tokens.shape, generator=generator, device=tokens.device)
-    eot_position = tokens.argmax(dim=-1, keepdim=True)  # (B, 1)
-    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, T)
+    positions, eot_position = _positions_and_eot(tokens)
     maskable = (positions > 0) & (positions < eot_position)
     masked = (draws < probability) & maskable
     labels = torch.where(masked, tokens, torch.full_like(tokens, -100))
