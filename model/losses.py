@@ -109,8 +109,11 @@ def mae_loss(predictions, images, removed, patch_size):
 
 
 def mlm_loss(logits, labels):
-    """Cross entropy over masked positions (labels -100 elsewhere). logits: (B, T, V); labels: (B, T)."""
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    """Mean cross entropy over masked positions (labels -100 elsewhere); 0, not NaN, when none is masked.
+
+    logits: (B, T, V); labels: (B, T)."""
+    summed = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    loss = summed / (labels != -100).sum().clamp(min=1)
     return loss, {"mlm": loss.detach()}
 
 

@@ -184,6 +184,11 @@ def test_mlm_loss_is_cross_entropy_over_masked_positions():
     torch.testing.assert_close(loss, expected)
 
 
+def test_mlm_loss_without_masked_tokens_is_zero_not_nan():
+    loss, _ = losses.mlm_loss(torch.randn(2, 5, 11, requires_grad=True), torch.full((2, 5), -100))
+    assert loss.item() == 0.0
+
+
 def test_text_distillation_masked_tokens_only_and_centre_over_real_tokens():
     tokens = captions()
     real = real_token_mask(tokens)

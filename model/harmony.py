@@ -1,0 +1,281 @@
+"""Harmony: the students, their EMA teachers, and one method per backward group.
+
+The trainer calls, per step: `forward_teachers` once (no grad), then `ibot_step`, `clip_step`,
+`text_step`, `mae_step` in that order (HARMONY.md 4.1), each followed by its own backward, so
+only one group's activations are alive at a time. Each returns (weighted loss, metrics); the
+metrics are detached tensors, read by the caller at log intervals (no host sync here).
+
+Ownership (HARMONY.md 3.8): one image student shared by iBOT, CLIP and MAE; one text student
+shared by CLIP, MLM and text distillation. `teachers[name]` is the EMA copy of the student module
+`self.<name>`: the image teacher (ViT with its contrastive projection, plus the iBOT head) serves
+iBOT and the soft CLIP targets; one text teacher serves soft CLIP and text distillation. The MAE
+and MLM decoders and the logit scale have no teacher.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.collectives import all_reduce_sum, gather_with_gradient, rank_and_world_size
+from model.decoders import MAEDecoder, MLMDecoder
+from model.heads import ibot_head, text_distillation_head
+from model.losses import clip_loss, ibot_loss, mae_loss, mlm_loss, text_distillation_loss
+from model.masking import MASK_ID, mask_captions, random_keep_indices, real_token_mask
+from model.text import TextEncoder
+from model.vit import VIT_SIZES, VisionTransformer
+
+BACKWARD_GROUPS = ("ibot", "clip", "text", "mae")  # the official order
+NOT_IN_EMA = ("mask_token",)  # the image teacher never masks; its copy of the token is never used
+
+
+@dataclass
+class HarmonyConfig:
+    """Defaults are the paper's ViT-B/16 run (HARMONY.md section 0); switch objectives off for ablations."""
+
+    ibot: bool = True
+    clip: bool = True
+    soft_clip: bool = True  # soft CLIP targets from the EMA teachers
+    mae: bool = True
+    mlm: bool = True
+    text_distillation: bool = True
+
+    vit_size: str = "base"
+    patch_size: int = 16
+    global_crop_px: int = 224
+    drop_path_rate: float = 0.1  # student only; teachers have none
+    clip_dim: int = 512
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+
+    ibot_out_dim: int = 8192
+    text_distillation_out_dim: int = 2048
+    mae_decoder_width: int = 512
+    mae_decoder_depth: int = 8
+    mae_decoder_heads: int = 16
+    mlm_decoder_depth: int = 4
+    mlm_decoder_heads: int = 8
+
+    ibot_cls_weight: float = 0.5
+    ibot_patch_weight: float = 0.5
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    soft_clip_temperature: float = 0.1
+    logit_scale_init: float = math.log(1 / 0.07)
+    mae_mask_ratio: float = 0.75
+    mlm_probability: float = 0.2
+
+    ibot_weight: float = 1.0
+    clip_weight: float = 1.0
+    mlm_weight: float = 1.0
+    text_distillation_weight: float = 1.0
+    mae_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.vit_size not in VIT_SIZES:
+            raise ValueError(f"vit_size={self.vit_size!r} is not one of {sorted(VIT_SIZES)}")
+        if self.global_crop_px % self.patch_size:
+            raise ValueError(f"global_crop_px={self.global_crop_px} must be a multiple of "
+                             f"patch_size={self.patch_size}")
+        if self.soft_clip and not self.clip:
+            raise ValueError("soft_clip needs clip: set clip=true or soft_clip=false")
+        if not any((self.ibot, self.clip, self.mae, self.mlm, self.text_distillation)):
+            raise ValueError("every objective is switched off: enable at least one of "
+                             "ibot, clip, mae, mlm, text_distillation")
+
+    @property
+    def uses_text(self):
+        return self.clip or self.mlm or self.text_distillation
+
+
+class TeacherOutputs(NamedTuple):
+    """What the teachers computed once per step, shared by the groups that need it."""
+
+    image_tokens: torch.Tensor | None  # (G, B, 1 + N, D) image teacher on the unmasked global crops
+    text_embedding: torch.Tensor | None  # (B, clip_dim) text teacher on raw captions
+    text_features: torch.Tensor | None  # (B, 77, width) before the final norm
+
+
+class Harmony(nn.Module):
+    def __init__(self, config: HarmonyConfig):
+        super().__init__()
+        self.config = config
+        grid = (config.global_crop_px // config.patch_size,) * 2
+        self.image_student = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px,
+                                               config.clip_dim, config.drop_path_rate)
+        embed_dim = self.image_student.embed_dim
+        if config.ibot:
+            self.ibot_head = ibot_head(embed_dim, config.ibot_out_dim)
+            self.register_buffer("ibot_cls_center", torch.zeros(1, config.ibot_out_dim))
+            self.register_buffer("ibot_patch_center", torch.zeros(1, 1, config.ibot_out_dim))
+        if config.uses_text:
+            self.text_student = TextEncoder(config.text_width, config.text_layers, config.text_heads, config.clip_dim)
+        if config.clip:
+            self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+        if config.mae:
+            self.mae_decoder = MAEDecoder(embed_dim, grid, config.patch_size, config.mae_decoder_width,
+                                          config.mae_decoder_depth, config.mae_decoder_heads)
+        if config.mlm:
+            self.mlm_decoder = MLMDecoder(MASK_ID + 1, config.text_width, config.mlm_decoder_depth,
+                                          config.mlm_decoder_heads)
+        if config.text_distillation:
+            self.text_distillation_head = text_distillation_head(config.text_width, config.text_distillation_out_dim)
+            self.register_buffer("text_center", torch.zeros(1, 1, config.text_distillation_out_dim))
+        self.teachers = self._build_teachers()
+
+    def _build_teachers(self):
+        config, teachers = self.config, nn.ModuleDict()
+        if config.ibot or config.soft_clip:
+            image_teacher = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px,
+                                              config.clip_dim, drop_path_rate=0.0)
+            image_teacher.load_state_dict(self.image_student.state_dict())
+            teachers["image_student"] = image_teacher
+        if config.ibot:
+            teachers["ibot_head"] = copy.deepcopy(self.ibot_head)
+        if config.soft_clip or config.text_distillation:
+            teachers["text_student"] = copy.deepcopy(self.text_student)
+        if config.text_distillation:
+            teachers["text_distillation_head"] = copy.deepcopy(self.text_distillation_head)
+        return teachers.requires_grad_(False)
+
+    @property
+    def backward_groups(self):
+        """The enabled groups, in the order their backward passes run."""
+        config = self.config
+        enabled = {"ibot": config.ibot, "clip": config.clip, "text": config.mlm or config.text_distillation,
+                   "mae": config.mae}
+        return tuple(group for group in BACKWARD_GROUPS if enabled[group])
+
+    # Parameter sets the trainer needs.
+
+    def ema_pairs(self):
+        """(teacher parameters, student parameters), matched by name, for the EMA update."""
+        teacher_params, student_params = [], []
+        for module_name, teacher in self.teachers.items():
+            student = dict(getattr(self, module_name).named_parameters())
+            for name, param in teacher.named_parameters():
+                if name not in NOT_IN_EMA:
+                    teacher_params.append(param)
+                    student_params.append(student[name])
+        return teacher_params, student_params
+
+    def clipped_parameters(self):
+        """Parameters whose gradients are clipped (per parameter): the image student and the iBOT head."""
+        modules = [self.image_student] + ([self.ibot_head] if self.config.ibot else [])
+        return [param for module in modules for param in module.parameters() if param.requires_grad]
+
+    def last_layer_parameters(self):
+        """The iBOT head's output layer, frozen during the first epoch."""
+        if not self.config.ibot:
+            return []
+        return [param for param in self.ibot_head.last_layer.parameters() if param.requires_grad]
+
+    # Teachers, once per step.
+
+    @torch.no_grad()
+    def forward_teachers(self, global_crops, tokens):
+        """global_crops: (G, B, 3, H, W); tokens: (B, 77). Computes only what the enabled objectives read."""
+        image_tokens = text_embedding = text_features = None
+        if "image_student" in self.teachers:
+            batch = global_crops.shape[1]
+            crops = global_crops if self.config.ibot else global_crops[:1]  # soft CLIP reads crop 1 only
+            image_tokens = self.teachers["image_student"](crops.flatten(0, 1)).unflatten(0, (crops.shape[0], batch))
+        if "text_student" in self.teachers:
+            text_embedding, text_features = self.teachers["text_student"](tokens)
+        return TeacherOutputs(image_tokens, text_embedding, text_features)
+
+    # The four backward groups.
+
+    def ibot_step(self, global_crops, local_crops, ibot_masks, teacher, teacher_cls_temp, teacher_patch_temp):
+        """global_crops: (2, B, 3, Hg, Wg); local_crops: (L, B, 3, Hl, Wl); ibot_masks: (2, B, Hg/p, Wg/p)."""
+        config = self.config
+        views, batch = global_crops.shape[:2]
+        with torch.no_grad():
+            teacher_logits = self.teachers["ibot_head"](teacher.image_tokens)  # (2, B, 1 + N, K)
+        student_global = self.ibot_head(self.image_student(
+            global_crops.flatten(0, 1), patch_mask=ibot_masks.flatten(0, 1))).unflatten(0, (views, batch))
+        student_cls = [student_global[:, :, 0]]  # (2, B, K)
+        if local_crops.shape[0]:
+            # Locals need only their CLS logits: the head skips their patch tokens.
+            local_cls = self.image_student(local_crops.flatten(0, 1))[:, 0]  # (L*B, D)
+            student_cls.append(self.ibot_head(local_cls).unflatten(0, (local_crops.shape[0], batch)))
+        loss, stats = ibot_loss(
+            torch.cat(student_cls), student_global[:, :, 1:], teacher_logits[:, :, 0], teacher_logits[:, :, 1:],
+            ibot_masks.flatten(2), self.ibot_cls_center, self.ibot_patch_center, teacher_cls_temp,
+            teacher_patch_temp, config.student_temp, config.ibot_cls_weight, config.ibot_patch_weight)
+        self._update_center(self.ibot_cls_center, stats.pop("teacher_cls_mean"), divide_by=None)
+        self._update_center(self.ibot_patch_center, stats.pop("teacher_patch_mean"), divide_by=None)
+        stats["ibot"] = loss.detach()
+        return config.ibot_weight * loss, stats
+
+    def clip_step(self, global_crops, tokens, teacher, hard_weight):
+        """CLIP on global crop 1 and raw captions; soft targets mix in when hard_weight < 1."""
+        config = self.config
+        image = F.normalize(self.image_student.embed_image(global_crops[0]), dim=-1)  # (B, clip_dim)
+        text = F.normalize(self.text_student(tokens)[0], dim=-1)
+        soft_targets = None
+        if config.soft_clip and hard_weight != 1.0:
+            with torch.no_grad():
+                projection = self.teachers["image_student"].contrastive_projection
+                teacher_image = F.normalize(teacher.image_tokens[0, :, 0] @ projection, dim=-1)
+                teacher_text = F.normalize(teacher.text_embedding, dim=-1)
+            soft_targets = (teacher_image, teacher_text,
+                            gather_with_gradient(teacher_image), gather_with_gradient(teacher_text))
+        rank, _ = rank_and_world_size()
+        loss, stats = clip_loss(image, text, gather_with_gradient(image), gather_with_gradient(text),
+                                self.logit_scale, rank, hard_weight, soft_targets, config.soft_clip_temperature)
+        stats["clip"] = loss.detach()
+        return config.clip_weight * loss, stats
+
+    def text_step(self, tokens, teacher, teacher_temp):
+        """MLM and text distillation share one student forward on the masked captions (one backward)."""
+        config = self.config
+        masked_tokens, labels, masked = mask_captions(tokens, config.mlm_probability)
+        _, features = self.text_student(masked_tokens)  # (B, 77, width), before the final norm
+        losses, stats = [], {}
+        if config.mlm:
+            loss, mlm_stats = mlm_loss(self.mlm_decoder(features), labels)
+            losses.append(config.mlm_weight * loss)
+            stats.update(mlm_stats)
+        if config.text_distillation:
+            with torch.no_grad():
+                teacher_tokens = self.teachers["text_distillation_head"](teacher.text_features)  # (B, 77, K)
+            loss, distillation_stats = text_distillation_loss(
+                self.text_distillation_head(features), teacher_tokens, masked, real_token_mask(tokens),
+                self.text_center, teacher_temp, config.student_temp)
+            self._update_center(self.text_center, distillation_stats.pop("teacher_token_sum"),
+                                divide_by=distillation_stats.pop("teacher_token_count"))
+            losses.append(config.text_distillation_weight * loss)
+            stats.update(distillation_stats)
+        return sum(losses), stats
+
+    def mae_step(self, global_crops):
+        """MAE on every global crop, losses summed over crops (the official code)."""
+        config = self.config
+        views, batch = global_crops.shape[:2]
+        crops = global_crops.flatten(0, 1)  # (G*B, 3, H, W): both crops in one encoder pass
+        num_patches = (crops.shape[-2] // config.patch_size) * (crops.shape[-1] // config.patch_size)
+        keep, removed = random_keep_indices(views * batch, num_patches, config.mae_mask_ratio, crops.device)
+        predictions = self.mae_decoder(self.image_student(crops, keep_indices=keep), keep, num_patches)
+        loss, stats = mae_loss(predictions, crops, removed, config.patch_size)
+        # Every crop removes the same number of patches, so the sum of per-crop means is G x the joint mean.
+        return config.mae_weight * views * loss, stats
+
+    @torch.no_grad()
+    def _update_center(self, center, local_statistic, divide_by):
+        """center <- m * center + (1 - m) * statistic averaged over ranks.
+
+        divide_by None: the statistic is a per-rank mean; otherwise it is a sum and divide_by its count."""
+        statistic = local_statistic.float().reshape(center.shape)
+        if divide_by is None:
+            statistic = all_reduce_sum(statistic.clone()) / rank_and_world_size()[1]
+        else:
+            totals = all_reduce_sum(torch.cat([statistic.flatten(), divide_by.float().reshape(1)]))
+            statistic = (totals[:-1] / totals[-1].clamp(min=1.0)).reshape(center.shape)
+        momentum = self.config.center_momentum
+        center.mul_(momentum).add_(statistic, alpha=1 - momentum)

@@ -1,0 +1,204 @@
+"""Harmony meta-architecture: which parameters each backward group trains, teachers, centres, EMA pairing."""
+
+import pytest
+import torch
+
+from model.harmony import Harmony, HarmonyConfig
+
+TINY = dict(vit_size="micro", patch_size=8, global_crop_px=32, drop_path_rate=0.1, clip_dim=32, text_width=64,
+            text_layers=2, text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,
+            mae_decoder_depth=1, mae_decoder_heads=4, mlm_decoder_depth=1, mlm_decoder_heads=4,
+            mlm_probability=0.5)
+TEMPS = dict(teacher_cls_temp=0.04, teacher_patch_temp=0.07)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return Harmony(HarmonyConfig(**{**TINY, **overrides}))
+
+
+def tiny_batch(batch=4, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(batch, 77, dtype=torch.long)
+    for row in range(batch):
+        length = 5 + row
+        tokens[row, 0] = 49406
+        tokens[row, 1:length + 1] = torch.randint(300, 3000, (length,), generator=generator)
+        tokens[row, length + 1] = 49407
+    return dict(
+        global_crops=torch.randn(2, batch, 3, 32, 32, generator=generator),
+        local_crops=torch.randn(3, batch, 3, 16, 16, generator=generator),
+        ibot_masks=torch.rand(2, batch, 4, 4, generator=generator) < 0.4,
+        tokens=tokens,
+    )
+
+
+def run_group(model, group, batch, hard_weight=0.5):
+    """The loss of one backward group, computed as the trainer does."""
+    teacher = model.forward_teachers(batch["global_crops"], batch["tokens"])
+    if group == "ibot":
+        return model.ibot_step(batch["global_crops"], batch["local_crops"], batch["ibot_masks"], teacher, **TEMPS)
+    if group == "clip":
+        return model.clip_step(batch["global_crops"], batch["tokens"], teacher, hard_weight)
+    if group == "text":
+        return model.text_step(batch["tokens"], teacher, teacher_temp=0.07)
+    return model.mae_step(batch["global_crops"])
+
+
+def names_with_gradient(model):
+    return {name for name, param in model.named_parameters() if param.grad is not None}
+
+
+def trainable_names(model, prefix, exclude=()):
+    return {name for name, param in model.named_parameters()
+            if name.startswith(prefix) and param.requires_grad and not any(part in name for part in exclude)}
+
+
+def expected_gradients(model, group):
+    text_pooling = ("ln_final", "text_projection")  # only the pooled CLIP embedding reads them
+    if group == "ibot":
+        return trainable_names(model, "image_student.", exclude=("contrastive_projection",)) | \
+            trainable_names(model, "ibot_head.")
+    if group == "clip":
+        return trainable_names(model, "image_student.", exclude=("mask_token",)) | \
+            trainable_names(model, "text_student.") | {"logit_scale"}
+    if group == "text":
+        return trainable_names(model, "text_student.", exclude=text_pooling) | \
+            trainable_names(model, "mlm_decoder.") | trainable_names(model, "text_distillation_head.")
+    return trainable_names(model, "image_student.", exclude=("mask_token", "contrastive_projection")) | \
+        trainable_names(model, "mae_decoder.")
+
+
+@pytest.mark.parametrize("group", ["ibot", "clip", "text", "mae"])
+def test_each_group_trains_exactly_the_student_parameters_it_uses(group):
+    model, batch = tiny_model(), tiny_batch()
+    loss, metrics = run_group(model, group, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(value).all() for value in metrics.values())
+    assert names_with_gradient(model) == expected_gradients(model, group)
+    assert all(param.grad is None for param in model.teachers.parameters())
+
+
+def test_teachers_start_as_copies_and_are_frozen():
+    model = tiny_model()
+    assert set(model.teachers) == {"image_student", "ibot_head", "text_student", "text_distillation_head"}
+    assert not any(param.requires_grad for param in model.teachers.parameters())
+    teacher_params, student_params = model.ema_pairs()
+    assert all(t.shape == s.shape and torch.equal(t, s) for t, s in zip(teacher_params, student_params, strict=True))
+    teacher_count = sum(1 for _ in model.teachers.parameters())
+    assert len(teacher_params) == teacher_count - 1  # all but the image teacher's unused mask token
+    student_ids = {id(param) for param in student_params}
+    assert id(model.image_student.contrastive_projection) in student_ids
+    assert id(model.text_student.transformer.text_projection) in student_ids
+    assert id(model.image_student.mask_token) not in student_ids
+
+
+def test_teacher_has_no_drop_path():
+    model = tiny_model(drop_path_rate=0.5)
+    assert model.teachers["image_student"].blocks[-1].drop_path1.__class__.__name__ == "Identity"
+    assert model.image_student.blocks[-1].drop_path1.drop_prob == 0.5
+
+
+def test_per_group_backward_equals_one_combined_backward():
+    """The memory-saving per-group backward computes the same gradients as one backward of the sum."""
+    batch = tiny_batch()
+
+    def gradients(per_group):
+        model = tiny_model(drop_path_rate=0.0)
+        torch.manual_seed(5)  # the MLM and MAE masks are drawn in the same order in both runs
+        total = 0
+        for group in model.backward_groups:
+            loss, _ = run_group(model, group, batch)
+            if per_group:
+                loss.backward()
+            else:
+                total = total + loss
+        if not per_group:
+            total.backward()
+        return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+    separate, combined = gradients(True), gradients(False)
+    assert separate.keys() == combined.keys() and len(separate) > 50
+    for name in separate:
+        torch.testing.assert_close(separate[name], combined[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ibot_step_updates_centres_with_teacher_logit_means():
+    model, batch = tiny_model(), tiny_batch()
+    teacher = model.forward_teachers(batch["global_crops"], batch["tokens"])
+    with torch.no_grad():
+        logits = model.teachers["ibot_head"](teacher.image_tokens)  # (2, B, 1 + N, K)
+    model.ibot_step(batch["global_crops"], batch["local_crops"], batch["ibot_masks"], teacher, **TEMPS)
+    torch.testing.assert_close(model.ibot_cls_center, 0.1 * logits[:, :, 0].mean(dim=(0, 1))[None])
+    torch.testing.assert_close(model.ibot_patch_center, 0.1 * logits[:, :, 1:].mean(dim=(0, 1, 2))[None, None])
+
+
+def test_text_step_updates_centre_over_real_tokens_only():
+    model, batch = tiny_model(mlm=False), tiny_batch()
+    teacher = model.forward_teachers(batch["global_crops"], batch["tokens"])
+    with torch.no_grad():
+        logits = model.teachers["text_distillation_head"](teacher.text_features)  # (B, 77, K)
+    model.text_step(batch["tokens"], teacher, teacher_temp=0.07)
+    real = torch.zeros(4, 77, dtype=torch.bool)
+    for row in range(4):
+        real[row, :7 + row] = True  # SOT, 5 + row words, EOT
+    torch.testing.assert_close(model.text_center, 0.1 * logits[real].mean(0)[None, None])
+
+
+def test_clip_only_baseline_has_no_teachers_and_hard_loss_only():
+    model = tiny_model(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
+    assert model.backward_groups == ("clip",) and len(model.teachers) == 0
+    assert not hasattr(model, "mae_decoder") and not hasattr(model, "ibot_head")
+    loss, metrics = run_group(model, "clip", tiny_batch(), hard_weight=0.2)  # no teacher: the weight is moot
+    torch.testing.assert_close(loss, metrics["clip_hard"])
+    assert [id(p) for p in model.clipped_parameters()] == [id(p) for p in model.image_student.parameters()]
+
+
+def test_soft_targets_enter_only_below_hard_weight_one():
+    model, batch = tiny_model(), tiny_batch()
+    hard_only, hard_metrics = run_group(model, "clip", batch, hard_weight=1.0)
+    mixed, metrics = run_group(model, "clip", batch, hard_weight=0.5)
+    assert "clip_soft" not in hard_metrics
+    torch.testing.assert_close(mixed, 0.5 * metrics["clip_hard"] + 0.5 * metrics["clip_soft"])
+    torch.testing.assert_close(hard_only, hard_metrics["clip_hard"])
+
+
+def test_enabled_groups_follow_the_config_in_official_order():
+    assert tiny_model().backward_groups == ("ibot", "clip", "text", "mae")
+    assert tiny_model(mlm=False, text_distillation=False, mae=False).backward_groups == ("ibot", "clip")
+    text_only = tiny_model(ibot=False, clip=False, soft_clip=False, mae=False)
+    assert text_only.backward_groups == ("text",) and set(text_only.teachers) == {"text_student",
+                                                                                  "text_distillation_head"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(clip=False), "soft_clip needs clip"),
+    (dict(ibot=False, clip=False, soft_clip=False, mae=False, mlm=False, text_distillation=False), "at least one"),
+    (dict(vit_size="huge"), "vit_size"),
+    (dict(global_crop_px=30), "multiple of patch_size"),
+])
+def test_config_errors_say_what_to_change(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        HarmonyConfig(**{**TINY, **overrides})
+
+
+def test_all_groups_under_bf16_autocast():
+    model, batch = tiny_model(), tiny_batch()
+    for group in model.backward_groups:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = run_group(model, group, batch)
+        loss.backward()
+        assert torch.isfinite(loss), group
+    assert all(torch.isfinite(param.grad).all() for param in model.parameters() if param.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_all_groups_on_gpu_under_bf16_autocast():
+    model = tiny_model().cuda()
+    batch = {name: tensor.cuda() for name, tensor in tiny_batch().items()}
+    for group in model.backward_groups:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = run_group(model, group, batch)
+        loss.backward()
+        assert torch.isfinite(loss), group

@@ -1,0 +1,58 @@
+"""Two gloo ranks, each with half the batch, produce the gradients and centres of one rank with all of it."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_harmony import TEMPS, tiny_batch, tiny_model
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ibot_and_clip_gradients(batch, rank=0, world_size=1):
+    """Averaged gradients and centres after the iBOT and CLIP groups on this rank's share of the batch."""
+    model = tiny_model(drop_path_rate=0.0)  # same initial weights on every rank
+    share = batch["tokens"].shape[0] // world_size
+    rows = slice(rank * share, (rank + 1) * share)
+    local = {name: tensor[rows] if name == "tokens" else tensor[:, rows] for name, tensor in batch.items()}
+    teacher = model.forward_teachers(local["global_crops"], local["tokens"])
+    loss, _ = model.ibot_step(local["global_crops"], local["local_crops"], local["ibot_masks"], teacher, **TEMPS)
+    loss.backward()
+    loss, _ = model.clip_step(local["global_crops"], local["tokens"], teacher, hard_weight=0.5)
+    loss.backward()
+    result = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            if world_size > 1:
+                dist.all_reduce(param.grad)
+                param.grad /= world_size
+            result[name] = param.grad
+    result.update(ibot_cls_center=model.ibot_cls_center, ibot_patch_center=model.ibot_patch_center)
+    return result
+
+
+def rank_main(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        result = ibot_and_clip_gradients(tiny_batch(), rank, world_size=2)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path):
+    mp.spawn(rank_main, args=(free_port(), str(tmp_path)), nprocs=2)
+    single = ibot_and_clip_gradients(tiny_batch())
+    for rank in range(2):
+        distributed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert distributed.keys() == single.keys()
+        for name, value in single.items():
+            torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
