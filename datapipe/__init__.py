@@ -1,1 +1,11 @@
-"""harmony-pipe's data pipeline: url list -> WebDataset shards -> training batches."""
+"""harmony-pipe's data pipeline: url list -> WebDataset shards -> training batches.
+
+    from datapipe import make_loader, MultiCrop, SingleCrop
+    loader = make_loader("shards/demo/train", SingleCrop(), batch_size=256)
+"""
+
+from datapipe.batch import Batch
+from datapipe.loader import make_loader
+from datapipe.views import BlockMasking, CropAugment, MultiCrop, SingleCrop
+
+__all__ = ["Batch", "BlockMasking", "CropAugment", "MultiCrop", "SingleCrop", "make_loader"]

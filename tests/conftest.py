@@ -63,3 +63,26 @@ def write_raw_shard(raw_dir, shard_id, samples, failures=()):
     pq.write_table(pa.Table.from_pylist(rows), raw_dir / f"{shard_id:05d}.parquet")
     stats = dict(count=len(rows), successes=len(samples), failed_to_download=len(failures))
     (raw_dir / f"{shard_id:05d}_stats.json").write_text(json.dumps(stats))
+
+
+def write_training_shards(train_dir, images, samples_per_shard):
+    """Training shards as `make shards` writes them (tar, DALI index, manifest) from uint8 HWC arrays.
+
+    Every sample gets the caption tokens SOT, 320 + i, EOT."""
+    train_dir = Path(train_dir)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for first in range(0, len(images), samples_per_shard):
+        samples = []
+        for number in range(first, min(first + samples_per_shard, len(images))):
+            buffer = io.BytesIO()
+            Image.fromarray(images[number]).save(buffer, format="JPEG", quality=95)
+            tokens = np.zeros(77, dtype="<i4")
+            tokens[:3] = (49406, 320 + number, 49407)
+            samples.append({"__key__": f"{number:08d}", "jpg": buffer.getvalue(), "tokens": tokens.tobytes()})
+        name = f"{first // samples_per_shard:06d}.tar"
+        shard_io.write_tar(train_dir / name, samples)
+        shard_io.write_dali_index(train_dir / name, (train_dir / name).with_suffix(".idx"))
+        entries.append(dict(name=name, samples=len(samples)))
+    (train_dir / "manifest.json").write_text(json.dumps(dict(shards=entries)))
+    return train_dir

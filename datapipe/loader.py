@@ -1,0 +1,96 @@
+"""`make_loader`: training shards -> Batches on the training device, resumable to the exact batch."""
+
+import logging
+
+import torch
+
+from datapipe.samples import EpochPlan, ShardSet, batches_per_epoch
+
+log = logging.getLogger("datapipe")
+BACKENDS = ("auto", "dali", "torch")
+
+
+def _distributed_defaults(rank, world_size):
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class Loader:
+    """Iterates the rest of the current epoch; `set_epoch` moves to another one.
+
+    `state_dict()` after receiving batch k of epoch e resumes with batch k + 1 of epoch e.
+    `skipped` lists (key, reason) of every unreadable sample replaced so far.
+    """
+
+    def __init__(self, shards, recipe, batch_size, backend, device, rank, world_size, seed, epoch, dtype,
+                 num_workers, shuffle_window):
+        self.shards = ShardSet.from_path(shards)
+        self.recipe, self.batch_size, self.device, self.dtype = recipe, batch_size, device, dtype
+        self.rank, self.world_size = _distributed_defaults(rank, world_size)
+        self.seed, self.num_workers, self.shuffle_window = seed, num_workers, shuffle_window
+        self.backend = self._pick_backend(backend)
+        self.epoch, self.batches_done = epoch, 0
+        self.skipped = []
+        if len(self) == 0:
+            raise ValueError(f"{self.shards.root}: {self.shards.total} samples over {self.world_size} rank(s) "
+                             f"do not fill one batch of {batch_size}; lower batch_size")
+
+    def _pick_backend(self, backend):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
+        return "dali" if backend == "auto" else backend
+
+    def __len__(self):
+        return batches_per_epoch(self.shards.total, self.world_size, self.batch_size)
+
+    def set_epoch(self, epoch):
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state):
+        for name in ("seed", "world_size", "batch_size"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"cannot resume exactly: the saved loader had {name}={state[name]}, this one has "
+                                 f"{getattr(self, name)}; resume with the same {name}")
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+    def __iter__(self):
+        plan = EpochPlan(self.shards, self.recipe, self.batch_size, self.seed, self.epoch, self.rank,
+                         self.world_size, self.shuffle_window)
+        on_gpu = self.device is not None and torch.device(self.device).type == "cuda"
+        if self.backend == "dali":
+            from datapipe.dali import DaliBatches  # DALI is imported only when used
+
+            batches = DaliBatches(plan, self.batches_done, self.dtype, self.device, max(self.num_workers, 1))
+        else:
+            from datapipe.torch_ref import torch_batches
+
+            batches = torch_batches(plan, self.batches_done, self.dtype, self.num_workers, pin_memory=on_gpu)
+        for index, batch in batches:
+            assert index == self.batches_done, f"batch {index} arrived when {self.batches_done} was due"
+            for key, reason in batch.skipped:
+                log.warning("skipped unreadable sample %s (%s); a reserve sample took its place", key, reason)
+            self.skipped += batch.skipped
+            self.batches_done += 1
+            yield batch.to(self.device) if self.device is not None else batch
+
+
+def make_loader(shards, recipe, batch_size, *, backend="auto", device=None, rank=None, world_size=None, seed=0,
+                epoch=0, dtype=torch.float32, num_workers=2, shuffle_window=4096):
+    """Batches of `recipe` views from the training shards in `shards` (a `make shards` output folder).
+
+    backend: "dali" (GPU decode when `device` is a CUDA device, else CPU threads), "torch"
+    (torchvision in DataLoader workers, the reference), or "auto" (= "dali").
+    rank, world_size: default to torch.distributed's when initialized, else 0 and 1.
+    dtype: of the image tensors (float32, bfloat16 or float16).
+    num_workers: DataLoader workers (torch) or DALI threads.
+    """
+    return Loader(shards, recipe, batch_size, backend, device, rank, world_size, seed, epoch, dtype,
+                  num_workers, shuffle_window)
