@@ -21,16 +21,19 @@ def _maybe(probability):
     return fn.random.coin_flip(probability=probability, dtype=types.BOOL)
 
 
+def _uniform(low, high):
+    """Per-sample U(low, high); a constant when the range is a single value (DALI needs low < high)."""
+    return float(low) if low == high else fn.random.uniform(range=[float(low), float(high)])
+
+
 def _jitter_factor(applied, spread):
     """1 + U(-spread, spread) where the jitter applies, else 1 (per sample)."""
-    if spread == 0:
-        return 1.0
-    return 1.0 + applied * fn.random.uniform(range=[-float(spread), float(spread)])
+    return 1.0 if spread == 0 else 1.0 + applied * _uniform(-spread, spread)
 
 
 def _blur_sometimes(images, crop):
     if _maybe(crop.blur_prob):  # a per-sample DALI conditional: only chosen samples are blurred
-        images = fn.gaussian_blur(images, sigma=fn.random.uniform(range=[float(s) for s in crop.blur_sigma]))
+        images = fn.gaussian_blur(images, sigma=_uniform(*crop.blur_sigma))
     return images
 
 
@@ -49,7 +52,7 @@ def _augment(images, crop, mean, std, crop_dtype):
     if crop.jitter_prob > 0 or crop.grayscale_prob > 0:
         applied = fn.cast(fn.random.coin_flip(probability=float(crop.jitter_prob)), dtype=types.FLOAT)
         keep_colour = 1.0 - fn.cast(fn.random.coin_flip(probability=float(crop.grayscale_prob)), dtype=types.FLOAT)
-        hue_degrees = 0.0 if crop.hue == 0 else applied * fn.random.uniform(range=[-crop.hue * 360, crop.hue * 360])
+        hue_degrees = 0.0 if crop.hue == 0 else applied * _uniform(-crop.hue * 360, crop.hue * 360)
         images = fn.color_twist(images, brightness=_jitter_factor(applied, crop.brightness),
                                 contrast=_jitter_factor(applied, crop.contrast),
                                 saturation=_jitter_factor(applied, crop.saturation) * keep_colour, hue=hue_degrees)

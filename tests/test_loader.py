@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_training_shards
+
 from datapipe import MultiCrop, SingleCrop, make_loader
 from datapipe.masks import block_mask, ibot_masks
 from datapipe.samples import ShardSet, rank_order
