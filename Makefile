@@ -14,7 +14,7 @@ DISTRIBUTOR ?= multiprocessing
 SAMPLES_PER_SHARD ?= $(if $(filter demo,$(DATASET)),500,10000)
 ARGS ?=
 
-.PHONY: setup download shards verify pretrain test lint bench bench-shards clean
+.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data crops data clean
 
 setup: $(STAMP)
 
@@ -39,10 +39,13 @@ shards: setup
 verify: setup
 	$(PY) -m datapipe.shards verify $(OUT)/train
 
-# Until the trainer lands, `make pretrain` prepares the data and stops with a clear message.
-pretrain: setup
+# Training shards, downloaded and built first when missing.
+data: setup
 	@test -f $(OUT)/raw/00000_stats.json || $(MAKE) --no-print-directory download
 	@test -f $(OUT)/train/manifest.json || $(MAKE) --no-print-directory shards
+
+# Until the trainer lands, `make pretrain` prepares the data and stops with a clear message.
+pretrain: data
 	@echo "Training shards are ready in $(OUT)/train (see $(OUT)/train/report.md)."
 	@echo "The trainer (python -m train.pretrain) is not built yet, so pretraining stops here."
 	@exit 1
@@ -53,10 +56,16 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
-bench: bench-shards
+bench: bench-shards bench-data
 
 bench-shards: setup
 	$(PY) -m tools.bench.shards --out runs/bench
+
+bench-data: data
+	$(PY) -m tools.bench.datapipe --shards $(OUT)/train --out runs/bench
+
+crops: data
+	$(PY) -m tools.show_crops --shards $(OUT)/train --out runs/crops.png
 
 clean:
 	rm -rf runs/ .pytest_cache
