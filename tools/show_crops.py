@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from datapipe import MultiCrop, make_loader  # noqa: E402
+from datapipe import MultiCrop, make_loader
 
 
 def to_pixels(crop, recipe):

@@ -19,7 +19,7 @@ import tqdm
 from datapipe import MultiCrop, make_loader
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def samples_per_s(train_dir, backend, workers, batch_size, batches, device=None, consume_s=0.0):
