@@ -15,9 +15,8 @@ class Batch:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) replaced in this batch
 
     def to(self, device, non_blocking=True):
-        move = lambda tensor: tensor.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, global_crops=move(self.global_crops), local_crops=move(self.local_crops),
-                       tokens=move(self.tokens), ibot_masks=move(self.ibot_masks))
+        tensors = ("global_crops", "local_crops", "tokens", "ibot_masks")
+        return replace(self, **{name: getattr(self, name).to(device, non_blocking=non_blocking) for name in tensors})
 
 
 def assemble(crops, raw, recipe, dtype):

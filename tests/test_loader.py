@@ -122,3 +122,13 @@ def test_block_masks_match_the_ibot_ratio_distribution():
     assert masked.min() >= 0.07 and masked.max() <= 0.5 and abs(masked.mean() - 0.3) < 0.05
     one = block_mask(np.random.default_rng(1), (14, 14), 0.4)
     assert one.sum() <= int(0.4 * 196)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dali_gpu_decode_gives_the_same_samples_on_the_device(demo_shards):
+    gpu = make_loader(demo_shards["train"], SMALL, 8, backend="dali", device="cuda", dtype=torch.bfloat16, seed=1)
+    batch = next(iter(gpu))
+    assert batch.global_crops.is_cuda and batch.global_crops.dtype == torch.bfloat16 and batch.tokens.is_cuda
+    cpu = next(iter(make_loader(demo_shards["train"], SMALL, 8, backend="dali", seed=1)))
+    assert batch.keys == cpu.keys
