@@ -79,12 +79,12 @@ class DaliBatches:
         self.plan, self.dtype = plan, dtype
         self.pending = {}  # batch index -> RawBatch fed to DALI and not yet returned
         self.next_index = start_batch
-        gpu = device is not None and torch.device(device).type == "cuda"
+        gpu = device.type == "cuda"
         # DALI has no bf16: fp16 halves the transfer, and the cast to bf16 happens on the device.
         crop_dtype = types.FLOAT if dtype == torch.float32 else types.FLOAT16
         seed = int(np.random.SeedSequence([plan.seed, plan.epoch, plan.rank, start_batch]).generate_state(1)[0] >> 1)
         self.names = [f"crop{number}" for number in range(len(plan.recipe.crops))]
-        device_id = (torch.device(device).index or 0) if gpu else None
+        device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
         pipeline = _multicrop_pipeline(
             source=self._feed, recipe=plan.recipe, gpu=gpu, crop_dtype=crop_dtype,
             batch_size=plan.batch_size, num_threads=num_threads, seed=seed, device_id=device_id,

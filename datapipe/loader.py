@@ -28,7 +28,9 @@ class Loader:
     def __init__(self, shards, recipe, batch_size, backend, device, rank, world_size, seed, epoch, dtype,
                  num_workers, shuffle_window):
         self.shards = ShardSet.from_path(shards)
-        self.recipe, self.batch_size, self.device, self.dtype = recipe, batch_size, device, dtype
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.recipe, self.batch_size, self.device, self.dtype = recipe, batch_size, torch.device(device), dtype
         self.rank, self.world_size = _distributed_defaults(rank, world_size)
         self.seed, self.num_workers, self.shuffle_window = seed, num_workers, shuffle_window
         self.backend = self._pick_backend(backend)
@@ -64,7 +66,7 @@ class Loader:
     def __iter__(self):
         plan = EpochPlan(self.shards, self.recipe, self.batch_size, self.seed, self.epoch, self.rank,
                          self.world_size, self.shuffle_window)
-        on_gpu = self.device is not None and torch.device(self.device).type == "cuda"
+        on_gpu = self.device.type == "cuda"
         if self.backend == "dali":
             from datapipe.dali import DaliBatches  # DALI is imported only when used
 
@@ -79,7 +81,7 @@ class Loader:
                 log.warning("skipped unreadable sample %s (%s); a reserve sample took its place", key, reason)
             self.skipped += batch.skipped
             self.batches_done += 1
-            yield batch.to(self.device) if self.device is not None else batch
+            yield batch.to(self.device)
 
 
 def make_loader(shards, recipe, batch_size, *, backend="auto", device=None, rank=None, world_size=None, seed=0,
@@ -88,6 +90,7 @@ def make_loader(shards, recipe, batch_size, *, backend="auto", device=None, rank
 
     backend: "dali" (GPU decode when `device` is a CUDA device, else CPU threads), "torch"
     (torchvision in DataLoader workers, the reference), or "auto" (= "dali").
+    device: where batches land; default "cuda" when CUDA is available, else "cpu".
     rank, world_size: default to torch.distributed's when initialized, else 0 and 1.
     dtype: of the image tensors (float32, bfloat16 or float16).
     num_workers: DataLoader workers (torch) or DALI threads.

@@ -45,7 +45,7 @@ def pixels_of(shards, crop, backend):
                        patch_size=16)
     loader = make_loader(shards, recipe, BATCH, backend=backend, seed=11, num_workers=2)
     mean, std = torch.tensor(recipe.mean)[:, None, None], torch.tensor(recipe.std)[:, None, None]
-    return torch.cat([(batch.global_crops[0].float() * std + mean) * 255 for batch in loader])
+    return torch.cat([(batch.global_crops[0].float().cpu() * std + mean) * 255 for batch in loader])
 
 
 def chosen_fraction(chosen):

@@ -18,7 +18,7 @@ from datapipe import MultiCrop, make_loader
 def to_pixels(crop, recipe):
     """(3, H, W) normalized -> (H, W, 3) in [0, 1]."""
     mean, std = torch.tensor(recipe.mean)[:, None, None], torch.tensor(recipe.std)[:, None, None]
-    return (crop.float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return (crop.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def show_crops(shards, out, samples=4, backend="auto", seed=0, recipe=None):
@@ -32,7 +32,7 @@ def show_crops(shards, out, samples=4, backend="auto", seed=0, recipe=None):
             image = to_pixels(crops[column][row], recipe)
             axis.imshow(image)
             if column < batch.ibot_masks.shape[0]:
-                mask = batch.ibot_masks[column, row].float()
+                mask = batch.ibot_masks[column, row].float().cpu()
                 patch = image.shape[0] // mask.shape[0]
                 overlay = mask.repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()
                 axis.imshow(overlay, cmap="Reds", alpha=0.45 * overlay, vmin=0, vmax=1)

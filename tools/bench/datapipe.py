@@ -22,18 +22,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def samples_per_s(train_dir, backend, workers, batch_size, batches, device=None, consume_s=0.0):
+def samples_per_s(train_dir, backend, workers, batch_size, batches, device="cpu", consume_s=0.0):
     """(samples/s, fraction of the time spent waiting for data), after one warm-up batch."""
     loader = make_loader(train_dir, MultiCrop(), batch_size, backend=backend, num_workers=workers, device=device,
-                         dtype=torch.bfloat16 if device else torch.float32, shuffle_window=batch_size * 4)
+                         dtype=torch.bfloat16 if device == "cuda" else torch.float32, shuffle_window=batch_size * 4)
     batches = min(batches, len(loader) - 1)
     iterator = iter(loader)
     next(iterator)  # start-up: pipeline build, worker start
     waited, started = 0.0, time.perf_counter()
-    for _ in tqdm.trange(batches, desc=f"{backend} {device or 'cpu'}", leave=False):
+    for _ in tqdm.trange(batches, desc=f"{backend} {device}", leave=False):
         before = time.perf_counter()
         batch = next(iterator)
-        if device:
+        if device == "cuda":
             torch.cuda.synchronize()
         waited += time.perf_counter() - before
         if consume_s:
