@@ -56,6 +56,9 @@ class MLMDecoder(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.predict = nn.Linear(width, vocab_size)
 
-    def forward(self, token_features):
-        """(B, T, width) -> (B, T, vocab) logits."""
-        return self.predict(self.norm(self.transformer(token_features, attn_mask=self.attn_mask)))
+    def forward(self, token_features, selected=None):
+        """(B, T, width) -> (B, T, vocab) logits, or (n, vocab) at the n positions where `selected` (B, T) is True.
+
+        The loss reads masked positions only, so predicting just those skips the (B, T, vocab) logits."""
+        hidden = self.norm(self.transformer(token_features, attn_mask=self.attn_mask))
+        return self.predict(hidden if selected is None else hidden[selected])

@@ -239,7 +239,8 @@ class Harmony(nn.Module):
         _, features = self.text_student(masked_tokens)  # (B, 77, width), before the final norm
         losses, stats = [], {}
         if config.mlm:
-            loss, mlm_stats = mlm_loss(self.mlm_decoder(features), labels)
+            # Logits at the masked positions only: the same loss without the (B, 77, 49409) tensor.
+            loss, mlm_stats = mlm_loss(self.mlm_decoder(features, selected=masked), labels[masked])
             losses.append(config.mlm_weight * loss)
             stats.update(mlm_stats)
         if config.text_distillation:

@@ -111,8 +111,9 @@ def mae_loss(predictions, images, removed, patch_size):
 def mlm_loss(logits, labels):
     """Mean cross entropy over masked positions (labels -100 elsewhere); 0, not NaN, when none is masked.
 
-    logits: (B, T, V); labels: (B, T)."""
-    summed = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    logits: (..., V); labels: (...), e.g. (B, T, V) and (B, T), or only the masked positions (n, V) and (n,)."""
+    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.flatten(), ignore_index=-100,
+                             reduction="sum")
     loss = summed / (labels != -100).sum().clamp(min=1)
     return loss, {"mlm": loss.detach()}
 

@@ -103,6 +103,13 @@ def test_mlm_decoder_is_causal():
         torch.testing.assert_close(decoder(features)[:, :10], decoder(changed)[:, :10])
 
 
+def test_mlm_decoder_predicts_selected_positions_only():
+    decoder = MLMDecoder(vocab_size=50, width=32, depth=1, heads=4).eval()
+    features, selected = torch.randn(2, 77, 32), torch.rand(2, 77) < 0.2
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(features, selected), decoder(features)[selected])
+
+
 def test_heads_output_shapes_and_frozen_norm():
     head = ibot_head(96, out_dim=512)
     assert head(torch.randn(4, 5, 96)).shape == (4, 5, 512)
