@@ -54,7 +54,10 @@ class HarmonyConfig:
     text_heads: int = 8
 
     ibot_out_dim: int = 8192
+    ibot_head_hidden_dim: int = 2048
     text_distillation_out_dim: int = 2048
+    text_distillation_head_hidden_dim: int = 1024
+    head_bottleneck_dim: int = 256
     mae_decoder_width: int = 512
     mae_decoder_depth: int = 8
     mae_decoder_heads: int = 16
@@ -110,7 +113,8 @@ class Harmony(nn.Module):
                                                config.clip_dim, config.drop_path_rate)
         embed_dim = self.image_student.embed_dim
         if config.ibot:
-            self.ibot_head = ibot_head(embed_dim, config.ibot_out_dim)
+            self.ibot_head = ibot_head(embed_dim, config.ibot_out_dim, config.ibot_head_hidden_dim,
+                                       config.head_bottleneck_dim)
             self.register_buffer("ibot_cls_center", torch.zeros(1, config.ibot_out_dim))
             self.register_buffer("ibot_patch_center", torch.zeros(1, 1, config.ibot_out_dim))
         if config.uses_text:
@@ -124,7 +128,9 @@ class Harmony(nn.Module):
             self.mlm_decoder = MLMDecoder(MASK_ID + 1, config.text_width, config.mlm_decoder_depth,
                                           config.mlm_decoder_heads)
         if config.text_distillation:
-            self.text_distillation_head = text_distillation_head(config.text_width, config.text_distillation_out_dim)
+            self.text_distillation_head = text_distillation_head(
+                config.text_width, config.text_distillation_out_dim, config.text_distillation_head_hidden_dim,
+                config.head_bottleneck_dim)
             self.register_buffer("text_center", torch.zeros(1, 1, config.text_distillation_out_dim))
         self.teachers = self._build_teachers()
 

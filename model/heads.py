@@ -34,9 +34,9 @@ class DistillationHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(tokens), dim=-1))
 
 
-def ibot_head(embed_dim, out_dim=8192):
-    return DistillationHead(embed_dim, out_dim, hidden_dims=(2048, 2048))
+def ibot_head(embed_dim, out_dim=8192, hidden_dim=2048, bottleneck_dim=256):
+    return DistillationHead(embed_dim, out_dim, (hidden_dim, hidden_dim), bottleneck_dim)
 
 
-def text_distillation_head(width=512, out_dim=2048):
-    return DistillationHead(width, out_dim, hidden_dims=(1024,))
+def text_distillation_head(width=512, out_dim=2048, hidden_dim=1024, bottleneck_dim=256):
+    return DistillationHead(width, out_dim, (hidden_dim,), bottleneck_dim)

@@ -1,0 +1,81 @@
+"""Run outputs: metrics.jsonl, TensorBoard event files, and PNG plots of every logged series.
+
+    python -m train.log runs/<run>     # redraws runs/<run>/plots/*.png from metrics.jsonl
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from torch.utils.tensorboard import SummaryWriter
+
+LOSSES = ("loss", "ibot", "ibot_cls", "ibot_patch", "clip", "clip_hard", "clip_soft", "mlm", "text_distillation",
+          "mae")
+SCHEDULES = ("lr", "weight_decay", "teacher_momentum", "clip_hard_weight", "teacher_cls_temp",
+             "teacher_patch_temp", "logit_scale")
+
+
+class MetricsLog:
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def write(self, step, values):
+        with open(self.path, "a") as stream:
+            stream.write(json.dumps({"step": step, **values}) + "\n")
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self):
+        self.writer.close()
+        return plot_run(self.run_dir)
+
+
+def read_metrics(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _plot(rows, names, title, path, log_scale=False):
+    present = [name for name in names if any(name in row for row in rows)]
+    if not present:
+        return None
+    columns = min(len(present), 4)
+    figure, axes = plt.subplots((len(present) + columns - 1) // columns, columns,
+                                figsize=(3.2 * columns, 2.4 * ((len(present) + columns - 1) // columns)),
+                                squeeze=False)
+    for axis, name in zip(axes.flat, present, strict=False):
+        steps = [row["step"] for row in rows if name in row]
+        axis.plot(steps, [row[name] for row in rows if name in row], linewidth=1.2)
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        if log_scale:
+            axis.set_yscale("log")
+    for axis in list(axes.flat)[len(present):]:
+        axis.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_run(run_dir):
+    """Draw plots/losses.png and plots/schedules.png from metrics.jsonl; returns the paths written."""
+    rows = [row for row in read_metrics(run_dir) if "loss" in row]
+    plots = Path(run_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = [_plot(rows, LOSSES, f"losses: {Path(run_dir).name}", plots / "losses.png"),
+               _plot(rows, SCHEDULES, f"schedules: {Path(run_dir).name}", plots / "schedules.png")]
+    return [path for path in written if path is not None]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m train.log runs/<run>")
+    print("\n".join(f"wrote {path}" for path in plot_run(sys.argv[1])))

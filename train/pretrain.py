@@ -1,0 +1,287 @@
+"""Harmony pretraining: `python -m train.pretrain --config demo [key=value ...]`, under torchrun for N processes.
+
+One step (HARMONY.md 4.1): the teachers run once; then iBOT, CLIP, text (MLM + text distillation)
+and MAE each run forward and backward in turn, so only one group's activations are alive at a time;
+gradients are averaged across ranks once; per-parameter clipping on the image student and iBOT
+head; the iBOT output layer stays frozen during the first epoch; AdamW; then the EMA teachers.
+"""
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import time
+
+import torch
+import tqdm
+import yaml
+
+from datapipe import MultiCrop, SingleCrop, make_loader
+from datapipe.views import CropAugment
+from model.harmony import Harmony
+from train import checkpoint
+from train.config import load_config, to_dict
+from train.distributed import average_gradients, close_distributed, init_distributed
+from train.ema import update_teachers
+from train.log import MetricsLog
+from train.schedules import Schedules
+
+TEACHER_WEIGHTS = "teacher_weights.pt"
+
+
+def view_recipe(config):
+    data = config.data
+    if data.local_crops_number == 0 and not (config.model.ibot or config.model.mae):
+        return SingleCrop(size_px=data.global_crop_px, scale=data.global_crop_scale, flip_prob=0.5)
+    global_crop = dict(size_px=data.global_crop_px, scale=data.global_crop_scale)
+    return MultiCrop(global_1=CropAugment(**global_crop, blur_prob=1.0),
+                     global_2=CropAugment(**global_crop, blur_prob=0.1, solarize_prob=0.2),
+                     local=CropAugment(data.local_crop_px, data.local_crop_scale, blur_prob=0.5),
+                     local_crops_number=data.local_crops_number, patch_size=config.model.patch_size)
+
+
+def parameter_groups(model):
+    """AdamW groups as the official code: no decay for biases and 1-D tensors; everything else decays
+    (position embeddings, mask tokens, projections, and the 0-D logit scale too)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
+    return [{"params": decay, "apply_weight_decay": True}, {"params": no_decay, "apply_weight_decay": False,
+                                                           "weight_decay": 0.0}]
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def clip_per_parameter(params, max_norm):
+    """Scale each gradient to norm <= max_norm on its own (DINO style), without a host sync."""
+    grads = [param.grad for param in params if param.grad is not None]
+    if grads and max_norm > 0:
+        norms = torch._foreach_norm(grads)
+        torch._foreach_mul_(grads, [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms])
+
+
+def module_gradient_norms(model):
+    """{module: gradient norm} for each top-level student module (read at log steps only)."""
+    norms = {}
+    for name, module in model.named_children():
+        grads = [param.grad for param in module.parameters() if param.grad is not None]
+        if grads and name != "teachers":
+            norms[f"grad_norm/{name}"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return norms
+
+
+class Trainer:
+    def __init__(self, config, world):
+        self.config, self.world = config, world
+        torch.manual_seed(config.run.seed)  # the same on every rank, as the official code
+        self.model = Harmony(config.model).to(world.device)
+        self.trainable = [param for param in self.model.parameters() if param.requires_grad]
+        self.clipped = self.model.clipped_parameters()
+        self.last_layer = self.model.last_layer_parameters()
+        self.teacher_params, self.student_params = self.model.ema_pairs()
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model), lr=optim.lr, betas=optim.betas,
+                                           eps=optim.eps, fused=world.device.type == "cuda" or None)
+        self.scaler = torch.amp.GradScaler(world.device.type) if config.run.precision == "fp16" else None
+        self.loader = make_loader(
+            config.data.shards, view_recipe(config), config.data.batch_size, backend=config.data.backend,
+            device=world.device, rank=world.rank, world_size=world.world_size, seed=config.run.seed,
+            dtype=torch.float32 if config.run.precision == "fp32" else torch.bfloat16,
+            num_workers=config.data.num_workers, shuffle_window=config.data.shuffle_window)
+        self.schedules = Schedules(optim, len(self.loader), config.data.batch_size * world.world_size)
+        self.step = 0
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
+
+    # One training step.
+
+    def train_step(self, batch, values):
+        config, model = self.config, self.model
+        epoch = self.step // len(self.loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.world.device, config.run.precision):
+            teacher = model.forward_teachers(batch.global_crops, batch.tokens)
+        losses, metrics = [], {}
+        for group in model.backward_groups:
+            with autocast(self.world.device, config.run.precision):
+                if group == "ibot":
+                    loss, stats = model.ibot_step(batch.global_crops, batch.local_crops, batch.ibot_masks, teacher,
+                                                  values["teacher_cls_temp"], values["teacher_patch_temp"])
+                elif group == "clip":
+                    loss, stats = model.clip_step(batch.global_crops, batch.tokens, teacher,
+                                                  values["clip_hard_weight"])
+                elif group == "text":
+                    loss, stats = model.text_step(batch.tokens, teacher, values["teacher_patch_temp"])
+                else:
+                    loss, stats = model.mae_step(batch.global_crops)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this group's graph
+            losses.append(loss.detach())
+            metrics.update(stats)
+        del teacher
+        metrics["loss"] = torch.stack(losses).sum()
+        self.reduced_bytes = average_gradients(self.trainable, self.world.world_size)  # the step's one sync
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip_per_parameter(self.clipped, config.optim.clip_grad)
+        if epoch < config.optim.freeze_last_layer_epochs:
+            for param in self.last_layer:
+                param.grad = None  # AdamW skips them, weight decay included
+        if not torch.isfinite(metrics["loss"]):  # the one host read per step
+            return metrics, False
+        for group in self.optimizer.param_groups:
+            group["lr"] = values["lr"]
+            if group["apply_weight_decay"]:
+                group["weight_decay"] = values["weight_decay"]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        update_teachers(self.teacher_params, self.student_params, values["teacher_momentum"])
+        return metrics, True
+
+    # Checkpoints.
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "step": self.step,
+                "loader": self.loader.state_dict(), "rng": checkpoint.rng_state(),
+                "nonfinite_total": self.nonfinite_total, "config": json.dumps(to_dict(self.config))}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
+        self.loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def save(self):
+        if not self.world.is_main:
+            return None
+        run_dir = self.config.run_dir
+        path = checkpoint.save_atomic(self.state_dict(), run_dir / "checkpoints" / f"checkpoint-{self.step:08d}.pt")
+        model = self.model
+        image = model.teachers["image_student"] if "image_student" in model.teachers else model.image_student
+        text = model.teachers["text_student"] if "text_student" in model.teachers else getattr(model, "text_student",
+                                                                                               None)
+        checkpoint.save_atomic({"model_config": json.dumps(dataclasses.asdict(self.config.model)),
+                                "image_tower": image.state_dict(),
+                                "text_tower": text.state_dict() if text is not None else {}},
+                               run_dir / TEACHER_WEIGHTS)
+        return path
+
+    def resume(self):
+        choice = self.config.run.resume
+        path = checkpoint.latest_checkpoint(self.config.run_dir) if choice == "auto" else \
+            None if choice == "none" else choice
+        if path is not None:
+            self.load_state_dict(checkpoint.load(path))
+        return path
+
+
+def log_values(trainer, metrics, values, images_per_s, data_wait):
+    numbers = {name: value for name, value in metrics.items()}
+    numbers.update(module_gradient_norms(trainer.model))
+    scalars = dict(zip(numbers, torch.stack([value.float().reshape(()) for value in numbers.values()]).tolist(),
+                       strict=True))  # one transfer for all of them
+    scalars.update(values)
+    scalars.update(images_per_s=images_per_s, data_wait_fraction=data_wait,
+                   nonfinite_steps=trainer.nonfinite_total, gradient_bytes_all_reduced=trainer.reduced_bytes)
+    if trainer.world.device.type == "cuda":
+        scalars["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        scalars["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return scalars
+
+
+def train(config):
+    """Run (or resume) the training described by `config`; returns the run directory."""
+    world = init_distributed()
+    try:
+        trainer = Trainer(config, world)
+        resumed_from = trainer.resume()
+        run_dir = config.run_dir
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+            print(yaml.safe_dump(to_dict(config), sort_keys=False))
+            if resumed_from:
+                print(f"resumed from {resumed_from} at step {trainer.step}")
+        log = MetricsLog(run_dir) if world.is_main else None
+        per_epoch = len(trainer.loader)
+        total = config.optim.epochs * per_epoch
+        if config.run.max_steps:
+            total = min(total, config.run.max_steps)
+        global_batch = config.data.batch_size * world.world_size
+        bar = tqdm.tqdm(total=total, initial=trainer.step, desc=config.run.name, disable=not world.is_main,
+                        unit="step")
+        started = time.perf_counter()
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        while trainer.step < total:
+            trainer.loader.set_epoch(trainer.step // per_epoch)
+            before_data = time.perf_counter()
+            for batch in trainer.loader:
+                data_wait += time.perf_counter() - before_data
+                values = trainer.schedules.at(trainer.step)
+                metrics, applied = trainer.train_step(batch, values)
+                trainer.step += 1
+                window_steps += 1
+                if applied:
+                    trainer.nonfinite_in_a_row = 0
+                else:
+                    trainer.nonfinite_in_a_row += 1
+                    trainer.nonfinite_total += 1
+                    if trainer.nonfinite_in_a_row >= config.run.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"{trainer.nonfinite_in_a_row} steps in a row had a non-finite loss (last: step "
+                            f"{trainer.step}); stopped. The last good checkpoint is intact in {run_dir}/checkpoints. "
+                            f"Lower optim.lr, or try run.precision=bf16 or fp32.")
+                bar.update(1)
+                if trainer.step % config.run.log_every == 0 or trainer.step == total:
+                    elapsed = time.perf_counter() - window_start
+                    scalars = log_values(trainer, metrics, values, window_steps * global_batch / elapsed,
+                                         data_wait / elapsed)
+                    if log:
+                        log.write(trainer.step, scalars)
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}", img_s=f"{scalars['images_per_s']:.0f}")
+                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                if trainer.step % config.run.checkpoint_every == 0:
+                    trainer.save()
+                if trainer.step >= total:
+                    break
+                before_data = time.perf_counter()
+        bar.close()
+        trainer.save()
+        if log:
+            plots = log.close()
+            elapsed = time.perf_counter() - started
+            print(f"trained {trainer.step} steps ({trainer.step * global_batch} images, {elapsed:.0f} s, "
+                  f"{trainer.nonfinite_total} skipped as non-finite); run in {run_dir}: checkpoints, metrics.jsonl, "
+                  f"tensorboard/, {', '.join(str(path.name) for path in plots)}")
+        return run_dir
+    finally:
+        close_distributed()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", help="a preset in train/configs/ or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=5 data.batch_size=64")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        raise SystemExit(f"config error: {error}") from None
+    train(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
