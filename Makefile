@@ -13,8 +13,12 @@ THREADS ?= 16
 DISTRIBUTOR ?= multiprocessing
 SAMPLES_PER_SHARD ?= $(if $(filter demo,$(DATASET)),500,10000)
 ARGS ?=
+CONFIG ?= demo
+NPROC ?= 1
+RUN ?= runs/$(CONFIG)
+TRAIN_ARGS ?=
 
-.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data crops data clean
+.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data crops data plot clean
 
 setup: $(STAMP)
 
@@ -44,11 +48,15 @@ data: setup
 	@test -f $(OUT)/raw/00000_stats.json || $(MAKE) --no-print-directory download
 	@test -f $(OUT)/train/manifest.json || $(MAKE) --no-print-directory shards
 
-# Until the trainer lands, `make pretrain` prepares the data and stops with a clear message.
+# Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
+# The demo ends with zero-shot accuracy on the demo's held-out split.
 pretrain: data
-	@echo "Training shards are ready in $(OUT)/train (see $(OUT)/train/report.md)."
-	@echo "The trainer (python -m train.pretrain) is not built yet, so pretraining stops here."
-	@exit 1
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train.pretrain --config $(CONFIG) \
+		data.shards=$(OUT)/train run.out_dir=$(dir $(RUN)) run.name=$(notdir $(RUN)) $(TRAIN_ARGS)
+	@if [ -d $(OUT)/source/heldout ]; then $(PY) -m tools.eval.zeroshot --run $(RUN) --data $(OUT)/source/heldout; fi
+
+plot: setup
+	$(PY) -m train.log $(RUN)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -181,6 +181,12 @@ class Harmony(nn.Module):
             return []
         return [param for param in self.ibot_head.last_layer.parameters() if param.requires_grad]
 
+    def evaluation_towers(self):
+        """(image tower, text tower) for evaluation and export: the EMA teachers where they exist."""
+        towers = {name: getattr(self, name, None) for name in ("image_student", "text_student")}
+        towers.update(self.teachers.items())
+        return towers["image_student"], towers["text_student"]
+
     # Teachers, once per step.
 
     @torch.no_grad()

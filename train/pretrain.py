@@ -168,10 +168,7 @@ class Trainer:
             return None
         run_dir = self.config.run_dir
         path = checkpoint.save_atomic(self.state_dict(), run_dir / "checkpoints" / f"checkpoint-{self.step:08d}.pt")
-        model = self.model
-        image = model.teachers["image_student"] if "image_student" in model.teachers else model.image_student
-        text = model.teachers["text_student"] if "text_student" in model.teachers else getattr(model, "text_student",
-                                                                                               None)
+        image, text = self.model.evaluation_towers()
         checkpoint.save_atomic({"model_config": json.dumps(dataclasses.asdict(self.config.model)),
                                 "image_tower": image.state_dict(),
                                 "text_tower": text.state_dict() if text is not None else {}},

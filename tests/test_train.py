@@ -1,0 +1,137 @@
+"""Trainer: schedules, configs, EMA, exact resume, distributed equivalence, non-finite steps."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from test_harmony import tiny_batch
+from test_harmony_distributed import free_port
+from train import checkpoint
+from train.config import PRESETS, load_config
+from train.ema import update_teachers
+from train.schedules import Schedules, cosine
+
+TINY_MODEL = ["model.vit_size=micro", "model.patch_size=8", "model.global_crop_px=32", "model.clip_dim=32",
+              "model.text_width=64", "model.text_layers=2", "model.text_heads=4", "model.ibot_out_dim=64",
+              "model.ibot_head_hidden_dim=64", "model.text_distillation_out_dim=32",
+              "model.text_distillation_head_hidden_dim=64", "model.head_bottleneck_dim=32",
+              "model.mae_decoder_width=32", "model.mae_decoder_depth=1", "model.mae_decoder_heads=4",
+              "model.mlm_decoder_depth=1", "model.mlm_decoder_heads=4", "data.global_crop_px=32",
+              "data.local_crop_px=16", "data.local_crops_number=2", "data.batch_size=8", "data.num_workers=0",
+              "data.backend=torch", "run.precision=fp32", "run.log_every=1"]
+
+
+def tiny_config(shards, run_dir, *overrides):
+    return load_config("demo", [*TINY_MODEL, f"data.shards={shards}", f"run.out_dir={run_dir.parent}",
+                                f"run.name={run_dir.name}", *overrides])
+
+
+def test_schedules_follow_their_formulas():
+    optim = load_config("vit_b_cc3m").optim
+    schedules = Schedules(optim, iterations_per_epoch=100, global_batch=768)
+    peak = 5e-4 * 768 / 256
+    assert schedules.at(0)["lr"] == 0 and schedules.at(299)["lr"] == pytest.approx(peak)  # 3 warm-up epochs
+    assert schedules.at(150)["lr"] == pytest.approx(peak * 150 / 299)
+    middle = 300 + (2500 - 300) // 2
+    assert schedules.at(middle)["lr"] == pytest.approx(1e-6 + 0.5 * (peak - 1e-6), rel=1e-9)
+    assert schedules.at(1250)["weight_decay"] == pytest.approx(0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi / 2)))
+    assert schedules.at(0)["teacher_momentum"] == 0.996 and schedules.at(2499)["teacher_momentum"] < 1
+    alpha = [schedules.at(epoch * 100)["clip_hard_weight"] for epoch in (0, 5, 10, 20)]
+    assert alpha == pytest.approx([1.0, 0.6, 0.2, 0.2])  # cosine over 10 epochs, then constant
+    patch_temps = [schedules.at(epoch * 100)["teacher_patch_temp"] for epoch in range(7)]
+    assert patch_temps == pytest.approx([0.04, 0.0475, 0.055, 0.0625, 0.07, 0.07, 0.07])
+    assert {schedules.at(epoch * 100)["teacher_cls_temp"] for epoch in range(7)} == {0.04}
+    assert cosine(1.0, 0.0, 7, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.7)))
+
+
+def test_every_preset_loads_and_overrides_apply():
+    for preset in sorted(PRESETS.glob("*.yaml")):
+        load_config(preset.stem)
+    config = load_config("demo", ["optim.lr=0.01", "model.mae=false", "data.global_crop_scale=[0.5, 1.0]"])
+    assert config.optim.lr == 0.01 and config.model.mae is False and config.data.global_crop_scale == (0.5, 1.0)
+    assert load_config("clip").model.ibot is False  # the baseline switches objectives off
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.learning_rate=1"], "unknown config key"), (["optim.lr"], "key=value"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("demo", overrides)
+    with pytest.raises(FileNotFoundError, match="presets"):
+        load_config("no_such_preset")
+
+
+def test_ema_update_is_the_momentum_average():
+    teachers, students = [torch.ones(3), torch.zeros(2)], [torch.zeros(3), torch.ones(2)]
+    update_teachers(teachers, students, momentum=0.9)
+    torch.testing.assert_close(teachers[0], torch.full((3,), 0.9))
+    torch.testing.assert_close(teachers[1], torch.full((2,), 0.1))
+
+
+def losses_logged(run_dir):
+    return [row["loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_exact_resume_equals_an_uninterrupted_run(demo_shards, tmp_path):
+    from train.pretrain import train
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ("run.checkpoint_every=4", "model.drop_path_rate=0.1")
+    train(tiny_config(demo_shards["train"], whole, "run.max_steps=8", *common))
+    train(tiny_config(demo_shards["train"], split, "run.max_steps=4", *common))
+    train(tiny_config(demo_shards["train"], split, "run.max_steps=8", *common))  # resume=auto
+    assert losses_logged(split) == losses_logged(whole)
+    final_whole = checkpoint.load(checkpoint.latest_checkpoint(whole))
+    final_split = checkpoint.load(checkpoint.latest_checkpoint(split))
+    assert final_whole["step"] == final_split["step"] == 8
+    for name, value in final_whole["model"].items():  # students, teachers and centres
+        torch.testing.assert_close(final_split["model"][name], value, rtol=0, atol=0, msg=name)
+    for state_whole, state_split in zip(final_whole["optimizer"]["state"].values(),
+                                        final_split["optimizer"]["state"].values(), strict=True):
+        torch.testing.assert_close(state_split["exp_avg_sq"], state_whole["exp_avg_sq"], rtol=0, atol=0)
+    assert final_split["loader"] == final_whole["loader"]
+
+
+def one_step_parameters(shards, run_dir, batch, rank, world_size):
+    """Parameters after one trainer step on this rank's share of `batch`."""
+    from datapipe import Batch
+    from train.pretrain import Trainer, init_distributed
+
+    config = tiny_config(shards, run_dir, "model.mae=false", "model.mlm=false", "model.text_distillation=false",
+                         "optim.clip_hard_weight_epochs=1", f"data.batch_size={8 // world_size}")
+    world = init_distributed()
+    trainer = Trainer(config, world)
+    share = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    local = Batch(batch["global_crops"][:, share], batch["local_crops"][:, share], batch["tokens"][share],
+                  batch["ibot_masks"][:, share], keys=[])
+    values = trainer.schedules.at(len(trainer.loader) // 2)  # soft CLIP targets on, lr > 0
+    values["lr"] = 1e-3
+    _, applied = trainer.train_step(local, values)
+    assert applied
+    return {name: param.detach().clone() for name, param in trainer.model.state_dict().items()}
+
+
+def rank_main(rank, port, shards, run_dir, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    from train.distributed import close_distributed
+
+    try:
+        state = one_step_parameters(shards, run_dir, tiny_batch(batch=8), rank, 2)
+        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        close_distributed()
+
+
+def test_two_rank_step_equals_one_rank_step_on_the_whole_batch(demo_shards, tmp_path):
+    mp.spawn(rank_main, args=(free_port(), str(demo_shards["train"]), tmp_path / "run", str(tmp_path)), nprocs=2)
+    single = one_step_parameters(demo_shards["train"], tmp_path / "run", tiny_batch(batch=8), 0, 1)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for name, value in single.items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=f"ranks differ: {name}")
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
