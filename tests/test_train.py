@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from test_harmony import tiny_batch
 from test_harmony_distributed import free_port
+
 from train import checkpoint
 from train.config import PRESETS, load_config
 from train.ema import update_teachers
