@@ -18,7 +18,7 @@ NPROC ?= 1
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
 
-.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data crops data plot clean
+.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data bench-memory crops data plot clean
 
 setup: $(STAMP)
 
@@ -64,13 +64,16 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
-bench: bench-shards bench-data
+bench: bench-shards bench-data bench-memory
 
 bench-shards: setup
 	$(PY) -m tools.bench.shards --out runs/bench
 
 bench-data: data
 	$(PY) -m tools.bench.datapipe --shards $(OUT)/train --out runs/bench
+
+bench-memory: setup
+	$(PY) -m tools.bench.backward_memory --out runs/bench
 
 crops: data
 	$(PY) -m tools.show_crops --shards $(OUT)/train --out runs/crops.png

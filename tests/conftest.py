@@ -14,20 +14,29 @@ from PIL import Image
 from datapipe import shard_io
 
 DEMO_TRAIN_PAIRS = 120
+LARGER_DEMO_PAIRS = 1000
+
+
+def build_demo(root, pairs, samples_per_shard):
+    from datapipe import download, shards
+    from tools import demo_data
+
+    demo_root, raw_dir, train_dir = root / "source", root / "raw", root / "train"
+    download.download_dataset("demo", raw_dir, processes=2, threads=8, demo_root=demo_root, demo_size=pairs)
+    manifest = shards.build(raw_dir, train_dir, samples_per_shard=samples_per_shard, processes=2)
+    return dict(root=root, raw=raw_dir, train=train_dir, manifest=manifest, heldout=demo_root / "heldout",
+                items=demo_data.load_items(demo_root))
 
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
-    from datapipe import download, shards
-    from tools import demo_data
+    return build_demo(tmp_path_factory.mktemp("demo"), DEMO_TRAIN_PAIRS, samples_per_shard=50)
 
-    root = tmp_path_factory.mktemp("demo")
-    demo_root, raw_dir, train_dir = root / "source", root / "raw", root / "train"
-    download.download_dataset("demo", raw_dir, processes=2, threads=8, demo_root=demo_root,
-                              demo_size=DEMO_TRAIN_PAIRS)
-    manifest = shards.build(raw_dir, train_dir, samples_per_shard=50, processes=2)
-    return dict(root=root, raw=raw_dir, train=train_dir, manifest=manifest,
-                items=demo_data.load_items(demo_root))
+
+@pytest.fixture(scope="session")
+def larger_demo_shards(tmp_path_factory):
+    """Enough pairs for a short training run to learn something."""
+    return build_demo(tmp_path_factory.mktemp("demo_larger"), LARGER_DEMO_PAIRS, samples_per_shard=250)
 
 
 def jpeg_bytes(width_px=96, height_px=80, color=(200, 30, 30), mode="RGB", fmt="JPEG", **save):

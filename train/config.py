@@ -27,6 +27,8 @@ class DataConfig:
     local_crop_px: int = 96
     local_crop_scale: tuple[float, float] = (0.05, 0.32)
     local_crops_number: int = 8
+    hue: float = 0.1  # colour jitter's hue range (fraction of the colour circle), all crops
+    grayscale_prob: float = 0.2
     shuffle_window: int = 4096
 
 

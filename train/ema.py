@@ -5,5 +5,6 @@ import torch
 
 @torch.no_grad()
 def update_teachers(teacher_params, student_params, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, in one fused call per list."""
-    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+    """teacher <- momentum * teacher + (1 - momentum) * student, in one fused call per list (none: no teachers)."""
+    if teacher_params:
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)

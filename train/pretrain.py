@@ -34,10 +34,11 @@ def view_recipe(config):
     data = config.data
     if data.local_crops_number == 0 and not (config.model.ibot or config.model.mae):
         return SingleCrop(size_px=data.global_crop_px, scale=data.global_crop_scale, flip_prob=0.5)
-    global_crop = dict(size_px=data.global_crop_px, scale=data.global_crop_scale)
+    colour = dict(hue=data.hue, grayscale_prob=data.grayscale_prob)
+    global_crop = dict(size_px=data.global_crop_px, scale=data.global_crop_scale, **colour)
     return MultiCrop(global_1=CropAugment(**global_crop, blur_prob=1.0),
                      global_2=CropAugment(**global_crop, blur_prob=0.1, solarize_prob=0.2),
-                     local=CropAugment(data.local_crop_px, data.local_crop_scale, blur_prob=0.5),
+                     local=CropAugment(data.local_crop_px, data.local_crop_scale, blur_prob=0.5, **colour),
                      local_crops_number=data.local_crops_number, patch_size=config.model.patch_size)
 
 

@@ -1,0 +1,110 @@
+"""Activation memory of Harmony's per-objective backward against one combined backward.
+
+Counts the bytes each backward group saves for its backward pass (saved-tensor hooks, each storage
+once). Per-group backward frees a group's graph before the next forward, so its peak is the largest
+group; one combined backward keeps every group's graph alive until the end, so its peak is the sum.
+Writes <out>/backward_memory.json and .png. On a GPU, torch.cuda.max_memory_allocated is added.
+
+    python -m tools.bench.backward_memory --out runs/bench
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from model.harmony import Harmony, HarmonyConfig
+from train.config import load_config
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def saved_bytes(function):
+    """(result of function(), bytes of distinct storages saved for backward while it ran)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = function()
+    return result, sum(storages.values())
+
+
+def synthetic_batch(config, batch, local_px, locals_number, device):
+    generator = torch.Generator().manual_seed(0)
+    grid = config.global_crop_px // config.patch_size
+    tokens = torch.zeros(batch, 77, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:20], tokens[:, 20] = 49406, 1000, 49407
+    return dict(global_crops=torch.randn(2, batch, 3, config.global_crop_px, config.global_crop_px,
+                                         generator=generator).to(device),
+                local_crops=torch.randn(locals_number, batch, 3, local_px, local_px, generator=generator).to(device),
+                ibot_masks=(torch.rand(2, batch, grid, grid, generator=generator) < 0.3).to(device),
+                tokens=tokens.to(device))
+
+
+def measure(name, config, batch, local_px, locals_number, device):
+    torch.manual_seed(0)
+    model = Harmony(config).to(device)
+    inputs = synthetic_batch(config, batch, local_px, locals_number, device)
+    teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"])
+    steps = {
+        "ibot": lambda: model.ibot_step(inputs["global_crops"], inputs["local_crops"], inputs["ibot_masks"], teacher,
+                                        0.04, 0.07),
+        "clip": lambda: model.clip_step(inputs["global_crops"], inputs["tokens"], teacher, 0.5),
+        "text": lambda: model.text_step(inputs["tokens"], teacher, 0.07),
+        "mae": lambda: model.mae_step(inputs["global_crops"]),
+    }
+    per_group = {}
+    for group in model.backward_groups:
+        (loss, _), per_group[group] = saved_bytes(steps[group])
+        loss.backward()
+    result = {"shape": name, "batch": batch, "saved_bytes_per_group": per_group,
+              "per_group_backward_peak_bytes": max(per_group.values()),
+              "combined_backward_peak_bytes": sum(per_group.values())}
+    result["per_group_vs_combined"] = round(result["per_group_backward_peak_bytes"] /
+                                            result["combined_backward_peak_bytes"], 3)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--vit-s-batch", type=int, default=8)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    demo = load_config("demo")
+    results = [
+        measure("demo", demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number,
+                device),
+        measure("ViT-S/16, 224 + 8 x 96 px", HarmonyConfig(vit_size="small"), args.vit_s_batch, 96, 8, device),
+    ]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "backward_memory.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3), squeeze=False)
+    for axis, result in zip(axes[0], results, strict=True):
+        groups = result["saved_bytes_per_group"]
+        axis.bar(list(groups), [value / 2**20 for value in groups.values()], color="#6a9fd4")
+        axis.axhline(result["combined_backward_peak_bytes"] / 2**20, color="#b04040", linestyle="--",
+                     label="one combined backward")
+        axis.set_ylabel("MiB saved for backward")
+        axis.set_title(f"{result['shape']}, batch {result['batch']}: per-group peak = "
+                       f"{result['per_group_vs_combined']:.2f}x combined", fontsize=8)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out_dir / "backward_memory.png", dpi=120)
+    for result in results:
+        print(f"{result['shape']} (batch {result['batch']}): per-group backward peak "
+              f"{result['per_group_backward_peak_bytes'] / 2**20:.0f} MiB vs one combined backward "
+              f"{result['combined_backward_peak_bytes'] / 2**20:.0f} MiB = {result['per_group_vs_combined']:.2f}x")
+    print(f"written to {out_dir / 'backward_memory.json'} and backward_memory.png")
+
+
+if __name__ == "__main__":
+    main()
