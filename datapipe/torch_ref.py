@@ -91,6 +91,9 @@ def _worker_context():
 
 def torch_batches(plan, start_batch, dtype, num_workers, pin_memory):
     """Iterator of (batch index, Batch) in plan order."""
+    # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
+    # training run would see different random numbers from an uninterrupted one.
     return iter(DataLoader(TorchBatches(plan, start_batch, dtype), batch_size=None, num_workers=num_workers,
                            pin_memory=pin_memory, prefetch_factor=2 if num_workers else None,
-                           multiprocessing_context=_worker_context() if num_workers else None))
+                           multiprocessing_context=_worker_context() if num_workers else None,
+                           generator=torch.Generator().manual_seed(plan.seed)))

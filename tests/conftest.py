@@ -14,7 +14,7 @@ from PIL import Image
 from datapipe import shard_io
 
 DEMO_TRAIN_PAIRS = 120
-LARGER_DEMO_PAIRS = 1000
+LARGER_DEMO_PAIRS = 2000
 
 
 def build_demo(root, pairs, samples_per_shard):

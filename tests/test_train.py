@@ -139,7 +139,8 @@ def test_two_rank_step_equals_one_rank_step_on_the_whole_batch(demo_shards, tmp_
     for name, value in single.items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=f"ranks differ: {name}")
         if name.startswith("grad:") or "center" in name:
-            torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-6, msg=name)
+            scale = value.abs().max().item()  # float sums in another order: relative to the tensor's scale
+            torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-6 * max(scale, 1.0), msg=name)
         else:  # Adam's first step moves each weight by about lr * sign(gradient): compare at that scale
             torch.testing.assert_close(ranks[0][name], value, rtol=0, atol=2e-3, msg=name)
 
@@ -174,7 +175,7 @@ def test_short_demo_training_learns(larger_demo_shards, tmp_path):
     from train.pretrain import train
 
     run = train(load_config("demo", [f"data.shards={larger_demo_shards['train']}", f"run.out_dir={tmp_path}",
-                                     "run.name=demo", "data.batch_size=32", "optim.epochs=4"]))
+                                     "run.name=demo", "data.batch_size=32", "optim.epochs=5"]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"ibot", "clip_hard", "clip_soft", "mlm", "text_distillation", "mae"} <= set(rows[-1])
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["clip_hard"] < rows[0]["clip_hard"]
