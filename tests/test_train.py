@@ -169,6 +169,7 @@ def test_clip_only_baseline_trains(demo_shards, tmp_path):
     assert sum(row["clip_hard"] for row in rows[-3:]) < sum(row["clip_hard"] for row in rows[:3])
 
 
+@pytest.mark.slow
 def test_short_demo_training_learns(larger_demo_shards, tmp_path):
     """The demo preset, shortened: every loss is logged, the total falls, zero-shot beats chance."""
     from tools.eval.zeroshot import zero_shot
@@ -183,3 +184,19 @@ def test_short_demo_training_learns(larger_demo_shards, tmp_path):
     result = zero_shot(run, larger_demo_shards["heldout"])
     # 300 held-out images at chance 1/30: 3 standard deviations above chance is 6.4%.
     assert result["top1"] > 0.064, result["top1"]
+
+
+def test_torchrun_two_processes_end_to_end(demo_shards, tmp_path):
+    import subprocess
+    import sys
+
+    overrides = [*TINY_MODEL, f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}", "run.name=ddp",
+                 "run.max_steps=3", "data.backend=dali", "data.num_workers=1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "train.pretrain", "--config", "demo", *overrides]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "trained 3 steps (48 images" in finished.stdout  # 2 ranks x batch 8 x 3 steps
+    state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "ddp"))
+    assert state["step"] == 3 and state["loader"]["world_size"] == 2
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 writes, once per step
