@@ -200,3 +200,16 @@ def test_torchrun_two_processes_end_to_end(demo_shards, tmp_path):
     state = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "ddp"))
     assert state["step"] == 3 and state["loader"]["world_size"] == 2
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 writes, once per step
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_are_finite(demo_shards, tmp_path, precision):
+    """bf16 autocast, and fp16 autocast with one GradScaler over every backward, on this CPU."""
+    from train.pretrain import train
+
+    run = train(tiny_config(demo_shards["train"], tmp_path / precision, "run.max_steps=2",
+                            f"run.precision={precision}"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows) and rows[-1]["nonfinite_steps"] == 0
+    state = checkpoint.load(checkpoint.latest_checkpoint(run))
+    assert (state["scaler"] is not None) == (precision == "fp16")

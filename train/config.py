@@ -67,12 +67,19 @@ class RunConfig:
     max_steps: int = 0  # stop early after this many steps in total (0 = run every epoch)
 
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
 @dataclass
 class TrainConfig:
     model: HarmonyConfig = field(default_factory=HarmonyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.run.precision not in PRECISIONS:
+            raise ValueError(f"run.precision={self.run.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
     @property
     def run_dir(self):

@@ -68,6 +68,14 @@ def clip_per_parameter(params, max_norm):
         torch._foreach_mul_(grads, [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms])
 
 
+def all_finite(loss, world_size):
+    """True when the loss is finite on every rank, so that all ranks skip or apply the step together."""
+    finite = torch.isfinite(loss).float().reshape(1)
+    if world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def module_gradient_norms(model):
     """{module: gradient norm} for each top-level student module (read at log steps only)."""
     norms = {}
@@ -94,10 +102,10 @@ class Trainer:
         self.loader = make_loader(
             config.data.shards, view_recipe(config), config.data.batch_size, backend=config.data.backend,
             device=world.device, rank=world.rank, world_size=world.world_size, seed=config.run.seed,
-            dtype=torch.float32 if config.run.precision == "fp32" else torch.bfloat16,
+            dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.run.precision],
             num_workers=config.data.num_workers, shuffle_window=config.data.shuffle_window)
         self.schedules = Schedules(optim, len(self.loader), config.data.batch_size * world.world_size)
-        self.step = 0
+        self.step = self.reduced_bytes = 0
         self.nonfinite_in_a_row = self.nonfinite_total = 0
 
     # One training step.
@@ -133,7 +141,7 @@ class Trainer:
         if epoch < config.optim.freeze_last_layer_epochs:
             for param in self.last_layer:
                 param.grad = None  # AdamW skips them, weight decay included
-        if not torch.isfinite(metrics["loss"]):  # the one host read per step
+        if not all_finite(metrics["loss"], self.world.world_size):  # the one host read per step
             return metrics, False
         for group in self.optimizer.param_groups:
             group["lr"] = values["lr"]
