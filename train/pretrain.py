@@ -86,6 +86,16 @@ def module_gradient_norms(model):
     return norms
 
 
+def save_teacher_weights(model, path):
+    """The evaluation towers (EMA teachers where they exist), the logit scale and the model config."""
+    image, text = model.evaluation_towers()
+    return checkpoint.save_atomic({
+        "model_config": json.dumps(dataclasses.asdict(model.config)),
+        "image_tower": image.state_dict(),
+        "logit_scale": getattr(model, "logit_scale", torch.tensor(0.0)).detach().cpu(),
+        "text_tower": text.state_dict() if text is not None else {}}, path)
+
+
 class Trainer:
     def __init__(self, config, world):
         self.config, self.world = config, world
@@ -177,11 +187,7 @@ class Trainer:
             return None
         run_dir = self.config.run_dir
         path = checkpoint.save_atomic(self.state_dict(), run_dir / "checkpoints" / f"checkpoint-{self.step:08d}.pt")
-        image, text = self.model.evaluation_towers()
-        checkpoint.save_atomic({"model_config": json.dumps(dataclasses.asdict(self.config.model)),
-                                "image_tower": image.state_dict(),
-                                "text_tower": text.state_dict() if text is not None else {}},
-                               run_dir / TEACHER_WEIGHTS)
+        save_teacher_weights(self.model, run_dir / TEACHER_WEIGHTS)
         return path
 
     def resume(self):

@@ -28,12 +28,16 @@ CLIP_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a
                   "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
 
 
-def load_towers(run_dir, device="cpu"):
-    """(image tower, text tower, HarmonyConfig) from a run's teacher weights."""
+def read_teacher_weights(run_dir):
     path = Path(run_dir) / TEACHER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train first (make pretrain), or point --run at a run folder")
-    weights = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_towers(run_dir, device="cpu"):
+    """(image tower, text tower, HarmonyConfig) from a run's teacher weights."""
+    weights = read_teacher_weights(run_dir)
     config = HarmonyConfig(**json.loads(weights["model_config"]))
     image = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px, config.clip_dim)
     image.load_state_dict(weights["image_tower"])
