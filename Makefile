@@ -18,7 +18,7 @@ NPROC ?= 1
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
 
-.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data bench-memory crops data plot clean
+.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data bench-memory bench-step crops data plot clean
 
 setup: $(STAMP)
 
@@ -64,7 +64,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
-bench: bench-shards bench-data bench-memory
+bench: bench-shards bench-data bench-memory bench-step
 
 bench-shards: setup
 	$(PY) -m tools.bench.shards --out runs/bench
@@ -74,6 +74,9 @@ bench-data: data
 
 bench-memory: setup
 	$(PY) -m tools.bench.backward_memory --out runs/bench
+
+bench-step: setup
+	$(PY) -m tools.bench.step --out runs/bench
 
 crops: data
 	$(PY) -m tools.show_crops --shards $(OUT)/train --out runs/crops.png
