@@ -203,6 +203,20 @@ class Harmony(nn.Module):
 
     # The four backward groups.
 
+    def group_step(self, group, global_crops, local_crops, ibot_masks, tokens, teacher, *, teacher_cls_temp,
+                   teacher_patch_temp, clip_hard_weight):
+        """The (loss, metrics) of one backward group by name, from a step's views and schedule values."""
+        if group == "ibot":
+            return self.ibot_step(global_crops, local_crops, ibot_masks, teacher, teacher_cls_temp,
+                                  teacher_patch_temp)
+        if group == "clip":
+            return self.clip_step(global_crops, tokens, teacher, clip_hard_weight)
+        if group == "text":
+            return self.text_step(tokens, teacher, teacher_patch_temp)
+        if group == "mae":
+            return self.mae_step(global_crops)
+        raise ValueError(f"unknown backward group {group!r}; groups: {BACKWARD_GROUPS}")
+
     def ibot_step(self, global_crops, local_crops, ibot_masks, teacher, teacher_cls_temp, teacher_patch_temp):
         """global_crops: (2, B, 3, Hg, Wg); local_crops: (L, B, 3, Hl, Wl); ibot_masks: (2, B, Hg/p, Wg/p)."""
         config = self.config

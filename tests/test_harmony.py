@@ -36,13 +36,7 @@ def tiny_batch(batch=4, seed=1):
 def run_group(model, group, batch, hard_weight=0.5):
     """The loss of one backward group, computed as the trainer does."""
     teacher = model.forward_teachers(batch["global_crops"], batch["tokens"])
-    if group == "ibot":
-        return model.ibot_step(batch["global_crops"], batch["local_crops"], batch["ibot_masks"], teacher, **TEMPS)
-    if group == "clip":
-        return model.clip_step(batch["global_crops"], batch["tokens"], teacher, hard_weight)
-    if group == "text":
-        return model.text_step(batch["tokens"], teacher, teacher_temp=0.07)
-    return model.mae_step(batch["global_crops"])
+    return model.group_step(group, **batch, teacher=teacher, **TEMPS, clip_hard_weight=hard_weight)
 
 
 def names_with_gradient(model):

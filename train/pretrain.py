@@ -18,7 +18,6 @@ import tqdm
 import yaml
 
 from datapipe import MultiCrop, SingleCrop, make_loader
-from datapipe.views import CropAugment
 from model.harmony import Harmony
 from train import checkpoint
 from train.config import load_config, to_dict
@@ -31,14 +30,17 @@ TEACHER_WEIGHTS = "teacher_weights.pt"
 
 
 def view_recipe(config):
+    """The recipe's crops at the configured sizes and colour changes; other numbers are MultiCrop's defaults."""
     data = config.data
     if data.local_crops_number == 0 and not (config.model.ibot or config.model.mae):
         return SingleCrop(size_px=data.global_crop_px, scale=data.global_crop_scale, flip_prob=0.5)
+    defaults = MultiCrop()
     colour = dict(hue=data.hue, grayscale_prob=data.grayscale_prob)
     global_crop = dict(size_px=data.global_crop_px, scale=data.global_crop_scale, **colour)
-    return MultiCrop(global_1=CropAugment(**global_crop, blur_prob=1.0),
-                     global_2=CropAugment(**global_crop, blur_prob=0.1, solarize_prob=0.2),
-                     local=CropAugment(data.local_crop_px, data.local_crop_scale, blur_prob=0.5, **colour),
+    local_crop = dict(size_px=data.local_crop_px, scale=data.local_crop_scale, **colour)
+    return MultiCrop(global_1=dataclasses.replace(defaults.global_1, **global_crop),
+                     global_2=dataclasses.replace(defaults.global_2, **global_crop),
+                     local=dataclasses.replace(defaults.local, **local_crop),
                      local_crops_number=data.local_crops_number, patch_size=config.model.patch_size)
 
 
@@ -129,16 +131,10 @@ class Trainer:
         losses, metrics = [], {}
         for group in model.backward_groups:
             with autocast(self.world.device, config.run.precision):
-                if group == "ibot":
-                    loss, stats = model.ibot_step(batch.global_crops, batch.local_crops, batch.ibot_masks, teacher,
-                                                  values["teacher_cls_temp"], values["teacher_patch_temp"])
-                elif group == "clip":
-                    loss, stats = model.clip_step(batch.global_crops, batch.tokens, teacher,
-                                                  values["clip_hard_weight"])
-                elif group == "text":
-                    loss, stats = model.text_step(batch.tokens, teacher, values["teacher_patch_temp"])
-                else:
-                    loss, stats = model.mae_step(batch.global_crops)
+                loss, stats = model.group_step(
+                    group, batch.global_crops, batch.local_crops, batch.ibot_masks, batch.tokens, teacher,
+                    teacher_cls_temp=values["teacher_cls_temp"], teacher_patch_temp=values["teacher_patch_temp"],
+                    clip_hard_weight=values["clip_hard_weight"])
             (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this group's graph
             losses.append(loss.detach())
             metrics.update(stats)
@@ -200,7 +196,7 @@ class Trainer:
 
 
 def log_values(trainer, metrics, values, images_per_s, data_wait):
-    numbers = {name: value for name, value in metrics.items()}
+    numbers = dict(metrics)
     numbers.update(module_gradient_norms(trainer.model))
     scalars = dict(zip(numbers, torch.stack([value.float().reshape(()) for value in numbers.values()]).tolist(),
                        strict=True))  # one transfer for all of them

@@ -48,22 +48,26 @@ def synthetic_batch(config, batch, local_px, locals_number, device):
                 tokens=tokens.to(device))
 
 
+BENCH_SCHEDULE = dict(teacher_cls_temp=0.04, teacher_patch_temp=0.07, clip_hard_weight=0.5)  # soft CLIP on
+
+
+def backward_each_group(model, inputs):
+    """One step as the trainer runs it. Yields ("teachers", 0) once the teachers ran (they save nothing for
+    backward), then (group, bytes saved for its backward) after each group's backward."""
+    teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"])
+    yield "teachers", 0
+    for group in model.backward_groups:
+        (loss, _), saved = saved_bytes(
+            lambda group=group: model.group_step(group, **inputs, teacher=teacher, **BENCH_SCHEDULE))
+        loss.backward()
+        yield group, saved
+
+
 def measure(name, config, batch, local_px, locals_number, device):
     torch.manual_seed(0)
     model = Harmony(config).to(device)
     inputs = synthetic_batch(config, batch, local_px, locals_number, device)
-    teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"])
-    steps = {
-        "ibot": lambda: model.ibot_step(inputs["global_crops"], inputs["local_crops"], inputs["ibot_masks"], teacher,
-                                        0.04, 0.07),
-        "clip": lambda: model.clip_step(inputs["global_crops"], inputs["tokens"], teacher, 0.5),
-        "text": lambda: model.text_step(inputs["tokens"], teacher, 0.07),
-        "mae": lambda: model.mae_step(inputs["global_crops"]),
-    }
-    per_group = {}
-    for group in model.backward_groups:
-        (loss, _), per_group[group] = saved_bytes(steps[group])
-        loss.backward()
+    per_group = {group: saved for group, saved in backward_each_group(model, inputs) if group != "teachers"}
     result = {"shape": name, "batch": batch, "saved_bytes_per_group": per_group,
               "per_group_backward_peak_bytes": max(per_group.values()),
               "combined_backward_peak_bytes": sum(per_group.values())}

@@ -17,22 +17,11 @@ import matplotlib
 import torch
 
 from model.harmony import Harmony
-from tools.bench.backward_memory import saved_bytes, synthetic_batch
+from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from train.config import load_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
-
-def group_steps(model, inputs):
-    teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"])
-    return {
-        "ibot": lambda: model.ibot_step(inputs["global_crops"], inputs["local_crops"], inputs["ibot_masks"], teacher,
-                                        0.04, 0.07),
-        "clip": lambda: model.clip_step(inputs["global_crops"], inputs["tokens"], teacher, 0.5),
-        "text": lambda: model.text_step(inputs["tokens"], teacher, 0.07),
-        "mae": lambda: model.mae_step(inputs["global_crops"]),
-    }
 
 
 def time_step(preset, repeats, device):
@@ -44,16 +33,12 @@ def time_step(preset, repeats, device):
     seconds = {"teachers": 0.0, **{group: 0.0 for group in model.backward_groups}}
     peak_saved = 0
     for repeat in range(repeats + 1):  # the first is a warm-up
-        started = time.perf_counter()
-        steps = group_steps(model, inputs)
-        elapsed = {"teachers": time.perf_counter() - started}
-        for group in model.backward_groups:
-            started = time.perf_counter()
-            (loss, _), saved = saved_bytes(steps[group])
-            loss.backward()
+        elapsed, started = {}, time.perf_counter()
+        for part, saved in backward_each_group(model, inputs):
             if device == "cuda":
                 torch.cuda.synchronize()
-            elapsed[group] = time.perf_counter() - started
+            now = time.perf_counter()
+            elapsed[part], started = now - started, now
             peak_saved = max(peak_saved, saved)
         if repeat:
             for name, value in elapsed.items():
