@@ -60,5 +60,6 @@ class MLMDecoder(nn.Module):
         """(B, T, width) -> (B, T, vocab) logits, or (n, vocab) at the n positions where `selected` (B, T) is True.
 
         The loss reads masked positions only, so predicting just those skips the (B, T, vocab) logits."""
-        hidden = self.norm(self.transformer(token_features, attn_mask=self.attn_mask))
+        length = token_features.shape[1]  # T <= context_length (captions may be trimmed)
+        hidden = self.norm(self.transformer(token_features, attn_mask=self.attn_mask[:length, :length]))
         return self.predict(hidden if selected is None else hidden[selected])

@@ -223,17 +223,20 @@ class Harmony(nn.Module):
         views, batch = global_crops.shape[:2]
         with torch.no_grad():
             teacher_logits = self.teachers["ibot_head"](teacher.image_tokens)  # (2, B, 1 + N, K)
-        student_global = self.ibot_head(self.image_student(
-            global_crops.flatten(0, 1), patch_mask=ibot_masks.flatten(0, 1))).unflatten(0, (views, batch))
-        student_cls = [student_global[:, :, 0]]  # (2, B, K)
+        global_tokens = self.image_student(global_crops.flatten(0, 1), patch_mask=ibot_masks.flatten(0, 1))
+        # The head reads only what the loss reads: every CLS and the masked patches (none of the locals'
+        # patches, none of the unmasked ones), in one call.
+        head_inputs = [global_tokens[:, 0]]  # (2*B, D)
         if local_crops.shape[0]:
-            # Locals need only their CLS logits: the head skips their patch tokens.
-            local_cls = self.image_student(local_crops.flatten(0, 1))[:, 0]  # (L*B, D)
-            student_cls.append(self.ibot_head(local_cls).unflatten(0, (local_crops.shape[0], batch)))
+            head_inputs.append(self.image_student(local_crops.flatten(0, 1))[:, 0])  # (L*B, D)
+        head_inputs.append(global_tokens[:, 1:][ibot_masks.flatten(0, 1).flatten(1)])  # (n, D), masks' order
+        student_cls, student_masked_patches = self.ibot_head(torch.cat(head_inputs)).split(
+            [(views + local_crops.shape[0]) * batch, head_inputs[-1].shape[0]])
         loss, stats = ibot_loss(
-            torch.cat(student_cls), student_global[:, :, 1:], teacher_logits[:, :, 0], teacher_logits[:, :, 1:],
-            ibot_masks.flatten(2), self.ibot_cls_center, self.ibot_patch_center, teacher_cls_temp,
-            teacher_patch_temp, config.student_temp, config.ibot_cls_weight, config.ibot_patch_weight)
+            student_cls.unflatten(0, (-1, batch)), student_masked_patches, teacher_logits[:, :, 0],
+            teacher_logits[:, :, 1:], ibot_masks.flatten(2), self.ibot_cls_center, self.ibot_patch_center,
+            teacher_cls_temp, teacher_patch_temp, config.student_temp, config.ibot_cls_weight,
+            config.ibot_patch_weight)
         self._update_center(self.ibot_cls_center, stats.pop("teacher_cls_mean"), divide_by=None)
         self._update_center(self.ibot_patch_center, stats.pop("teacher_patch_mean"), divide_by=None)
         stats["ibot"] = loss.detach()

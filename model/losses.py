@@ -46,33 +46,31 @@ def _teacher_probs(teacher_logits, center, temperature):
     return F.softmax((teacher_logits - center) / temperature, dim=-1).detach()
 
 
-def ibot_loss(student_cls, student_patches, teacher_cls, teacher_patches, masks, cls_center, patch_center,
+def ibot_loss(student_cls, student_masked_patches, teacher_cls, teacher_patches, masks, cls_center, patch_center,
               teacher_cls_temp, teacher_patch_temp, student_temp=0.1, cls_weight=0.5, patch_weight=0.5):
     """iBOT: CLS distillation across views and masked-patch distillation within a view.
 
     student_cls: (Vs, B, K) for Vs = 2 global + L local views; teacher_cls: (2, B, K).
-    student_patches, teacher_patches: (2, B, N, K) for the global views; masks: (2, B, N) bool.
+    student_masked_patches: (n, K) student logits at the n masked patches of the global views, in
+    `masks.nonzero()` order: unmasked patches carry no loss, so the student head skips them.
+    teacher_patches: (2, B, N, K), all patches (the centre reads them all); masks: (2, B, N) bool.
     cls_center: (1, K); patch_center: (1, 1, K).
-    Statistics include the centre updates' batch means (of raw teacher logits) for the caller
-    to all-reduce: teacher_cls_mean (1, K) and teacher_patch_mean (1, 1, K).
+    Each image's patch term is the mean over its masked patches (0 with none); each view's term is the mean
+    over its B images. Statistics include the centre updates' batch means (of raw teacher logits) for the
+    caller to all-reduce: teacher_cls_mean (1, K) and teacher_patch_mean (1, 1, K).
     """
+    views, batch = masks.shape[:2]
+    masked = masks.nonzero(as_tuple=True)  # (view, image, patch) of each masked patch
     teacher_cls_probs = _teacher_probs(teacher_cls, cls_center, teacher_cls_temp)  # (2, B, K)
-    teacher_patch_probs = _teacher_probs(teacher_patches, patch_center, teacher_patch_temp)  # (2, B, N, K)
+    teacher_patch_probs = _teacher_probs(teacher_patches[masked], patch_center[0], teacher_patch_temp)  # (n, K)
     student_cls_logp = F.log_softmax(student_cls / student_temp, dim=-1)  # (Vs, B, K)
-    student_patch_logp = F.log_softmax(student_patches / student_temp, dim=-1)  # (2, B, N, K)
-    cls_terms, patch_terms = [], []
-    for teacher_view in range(teacher_cls.shape[0]):
-        for student_view in range(student_cls.shape[0]):
-            if student_view == teacher_view:
-                per_patch = -(teacher_patch_probs[teacher_view] * student_patch_logp[student_view]).sum(-1)  # (B, N)
-                mask = masks[student_view].float()
-                per_image = (per_patch * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
-                patch_terms.append(per_image.mean())
-            else:
-                per_image = -(teacher_cls_probs[teacher_view] * student_cls_logp[student_view]).sum(-1)  # (B,)
-                cls_terms.append(per_image.mean())
+    per_patch = -(teacher_patch_probs * F.log_softmax(student_masked_patches / student_temp, dim=-1)).sum(-1)
+    image_share = (masks.float() / masks.sum(-1, keepdim=True).clamp(min=1))[masked]  # 1 / masked patches of its image
+    patch = (per_patch * image_share).sum() / (views * batch)  # mean over views of the mean over images
+    cls_terms = [-(teacher_cls_probs[teacher_view] * student_cls_logp[student_view]).sum(-1).mean()
+                 for teacher_view in range(teacher_cls.shape[0]) for student_view in range(student_cls.shape[0])
+                 if student_view != teacher_view]
     cls = torch.stack(cls_terms).mean()
-    patch = torch.stack(patch_terms).mean()
     stats = {
         "ibot_cls": cls.detach(),
         "ibot_patch": patch.detach(),

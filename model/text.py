@@ -3,14 +3,29 @@
 Returns the pooled, projected EOT embedding and the token features before the final norm,
 which the MLM decoder and the text-distillation head read (HARMONY.md 2.4-2.5). open_clip's
 own forward returns the features after the final norm, so we call its parts in order.
+
+Attention is causal, so the features up to EOT do not depend on the padding after it: the encoder
+accepts captions cut to any length T <= 77, and `trim_padding` cuts a batch to its longest caption.
 """
 
+import torch
 from open_clip.transformer import QuickGELU, TextTransformer, text_global_pool
 from torch import nn
 
 from model.masking import MASK_ID
 
 CONTEXT_LENGTH = 77
+TRIM_MULTIPLE = 16  # trimmed lengths are 16, 32, 48, 64 or 77: few shapes for torch.compile and kernels
+
+
+def trim_padding(tokens, multiple=TRIM_MULTIPLE):
+    """(B, 77) -> (B, T): the padding columns after the batch's longest caption removed, T rounded up to
+    `multiple` (at most 77). Every loss reads positions up to EOT only, so the result is the same.
+    One host read (the length)."""
+    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    last = int((positions * (tokens != 0)).max())  # position after the last non-padding id (id 0 is "!")
+    length = min(tokens.shape[1], -(-max(last, 1) // multiple) * multiple)
+    return tokens[:, :length]
 
 
 class TextEncoder(nn.Module):
@@ -22,9 +37,9 @@ class TextEncoder(nn.Module):
             output_dim=clip_dim, act_layer=QuickGELU, pool_type="argmax")
 
     def forward(self, tokens):
-        """tokens: (B, 77) ids -> (embedding (B, clip_dim), token features before ln_final (B, 77, width))."""
-        text = self.transformer
-        features = text.token_embedding(tokens) + text.positional_embedding  # (B, 77, width)
-        features = text.transformer(features, attn_mask=text.attn_mask)  # causal
+        """tokens: (B, T) ids, T <= 77 -> (embedding (B, clip_dim), token features before ln_final (B, T, width))."""
+        text, length = self.transformer, tokens.shape[1]
+        features = text.token_embedding(tokens) + text.positional_embedding[:length]  # (B, T, width)
+        features = text.transformer(features, attn_mask=text.attn_mask[:length, :length])  # causal
         pooled = text_global_pool(text.ln_final(features), tokens, pool_type="argmax")  # EOT: the largest id
         return pooled @ text.text_projection, features

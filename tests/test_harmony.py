@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+import model.harmony as harmony
 from model.harmony import Harmony, HarmonyConfig
+from model.masking import mask_captions
+from model.text import trim_padding
 
 TINY = dict(vit_size="micro", patch_size=8, global_crop_px=32, drop_path_rate=0.1, clip_dim=32, text_width=64,
             text_layers=2, text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,
@@ -196,3 +199,43 @@ def test_all_groups_on_gpu_under_bf16_autocast():
             loss, _ = run_group(model, group, batch)
         loss.backward()
         assert torch.isfinite(loss), group
+
+
+def test_trimmed_captions_give_the_same_text_and_clip_losses_and_gradients(monkeypatch):
+    """Cutting the padding after the longest caption (as the trainer does) changes nothing: attention is
+    causal and every loss reads positions up to EOT. The MLM draws are made on the full 77 columns for both."""
+    def masking_on_77_columns(tokens, probability):
+        full = torch.zeros(tokens.shape[0], 77, dtype=tokens.dtype)
+        full[:, :tokens.shape[1]] = tokens
+        masked_tokens, labels, masked = mask_captions(full, probability, torch.Generator().manual_seed(3))
+        length = tokens.shape[1]
+        return masked_tokens[:, :length], labels[:, :length], masked[:, :length]
+
+    monkeypatch.setattr(harmony, "mask_captions", masking_on_77_columns)
+    batch = tiny_batch()
+    trimmed = {**batch, "tokens": trim_padding(batch["tokens"])}
+    assert trimmed["tokens"].shape == (4, 16)  # longest caption: SOT + 8 words + EOT = 10 ids
+    results = []
+    for inputs in (batch, trimmed):
+        model = tiny_model(drop_path_rate=0.0)
+        losses = [run_group(model, group, inputs)[0] for group in ("clip", "text")]
+        sum(losses).backward()
+        results.append((losses, {name: param.grad for name, param in model.named_parameters()
+                                 if param.grad is not None}))
+    (full_losses, full_grads), (trimmed_losses, trimmed_grads) = results
+    torch.testing.assert_close(trimmed_losses, full_losses)
+    assert full_grads.keys() == trimmed_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(trimmed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trim_padding_keeps_every_caption_id():
+    tokens = torch.zeros(3, 77, dtype=torch.long)
+    tokens[0, :4] = torch.tensor([49406, 0, 0, 49407])  # id 0 ("!") inside a caption is not padding
+    tokens[1, :2] = torch.tensor([49406, 49407])
+    tokens[2, :20] = 500
+    assert trim_padding(tokens).shape == (3, 32)
+    assert trim_padding(tokens[:2]).shape == (2, 16)
+    long = torch.full((1, 77), 7)
+    assert trim_padding(long).shape == (1, 77)
+    assert trim_padding(tokens, multiple=1).shape == (3, 20)

@@ -19,6 +19,7 @@ import yaml
 
 from datapipe import MultiCrop, SingleCrop, make_loader
 from model.harmony import Harmony
+from model.text import trim_padding
 from train import checkpoint
 from train.config import load_config, to_dict
 from train.distributed import average_gradients, close_distributed, init_distributed
@@ -126,13 +127,14 @@ class Trainer:
         config, model = self.config, self.model
         epoch = self.step // len(self.loader)
         self.optimizer.zero_grad(set_to_none=True)
+        tokens = trim_padding(batch.tokens) if model.config.uses_text else batch.tokens  # (B, T <= 77)
         with autocast(self.world.device, config.run.precision):
-            teacher = model.forward_teachers(batch.global_crops, batch.tokens)
+            teacher = model.forward_teachers(batch.global_crops, tokens)
         losses, metrics = [], {}
         for group in model.backward_groups:
             with autocast(self.world.device, config.run.precision):
                 loss, stats = model.group_step(
-                    group, batch.global_crops, batch.local_crops, batch.ibot_masks, batch.tokens, teacher,
+                    group, batch.global_crops, batch.local_crops, batch.ibot_masks, tokens, teacher,
                     teacher_cls_temp=values["teacher_cls_temp"], teacher_patch_temp=values["teacher_patch_temp"],
                     clip_hard_weight=values["clip_hard_weight"])
             (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this group's graph
@@ -147,7 +149,7 @@ class Trainer:
         if epoch < config.optim.freeze_last_layer_epochs:
             for param in self.last_layer:
                 param.grad = None  # AdamW skips them, weight decay included
-        if not all_finite(metrics["loss"], self.world.world_size):  # the one host read per step
+        if not all_finite(metrics["loss"], self.world.world_size):  # a host read, with the caption length
             return metrics, False
         for group in self.optimizer.param_groups:
             group["lr"] = values["lr"]

@@ -16,6 +16,7 @@ import matplotlib
 import torch
 
 from model.harmony import Harmony, HarmonyConfig
+from model.text import trim_padding
 from train.config import load_config
 
 matplotlib.use("Agg")
@@ -51,9 +52,12 @@ def synthetic_batch(config, batch, local_px, locals_number, device):
 BENCH_SCHEDULE = dict(teacher_cls_temp=0.04, teacher_patch_temp=0.07, clip_hard_weight=0.5)  # soft CLIP on
 
 
-def backward_each_group(model, inputs):
+def backward_each_group(model, inputs, trim=True):
     """One step as the trainer runs it. Yields ("teachers", 0) once the teachers ran (they save nothing for
-    backward), then (group, bytes saved for its backward) after each group's backward."""
+    backward), then (group, bytes saved for its backward) after each group's backward. trim=False keeps the
+    captions' padding (before/after figures)."""
+    if trim:
+        inputs = {**inputs, "tokens": trim_padding(inputs["tokens"])}  # as the trainer
     teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"])
     yield "teachers", 0
     for group in model.backward_groups:

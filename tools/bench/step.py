@@ -1,82 +1,176 @@
 """Harmony's cost against CLIP alone, same backbone, batch and precision, side by side in one run.
 
-Times forward + backward of every enabled group (teachers included) for the `demo` preset and for
-the same preset with only CLIP (`clip_demo`), on synthetic batches, and reports each group's share
-and the activation memory ratio (bytes saved for backward, per-group peak). The optimizer step is
-left out: it is the same AdamW over more parameters. Writes <out>/step.json and .png.
+For each shape (the `demo` preset, and ViT-S/16 at the paper's 224 + 8 x 96 px crops) it times
+forward + backward of every enabled group, teachers included, for Harmony and for the same model with
+only CLIP, on synthetic batches. It reports each group's share of the step, the FLOPs of each
+(torch's FlopCounterMode, attention counted through the math kernel), the activation memory ratio
+(bytes saved for backward, per-group peak; torch.cuda.max_memory_allocated on a GPU), and before/after
+figures for trimming caption padding. The optimizer step is left out: it is the same AdamW over more
+parameters. On a GPU the groups run under bf16 autocast and model FLOPs utilisation is reported against
+the GPU's bf16 peak. Writes <out>/step.json and .png.
 
     python -m tools.bench.step --out runs/bench
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import matplotlib
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from model.harmony import Harmony
+from model.harmony import Harmony, HarmonyConfig
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from train.config import load_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
-def time_step(preset, repeats, device):
-    config = load_config(preset)
-    torch.manual_seed(0)
-    model = Harmony(config.model).to(device)
-    inputs = synthetic_batch(config.model, config.data.batch_size, config.data.local_crop_px,
-                             config.data.local_crops_number, device)
-    seconds = {"teachers": 0.0, **{group: 0.0 for group in model.backward_groups}}
-    peak_saved = 0
-    for repeat in range(repeats + 1):  # the first is a warm-up
-        elapsed, started = {}, time.perf_counter()
-        for part, saved in backward_each_group(model, inputs):
+
+def shapes(vit_s_batch):
+    """name -> (Harmony config, batch, local crop px, local crops)."""
+    demo = load_config("demo")
+    return {
+        "demo": (demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number),
+        "ViT-S/16, 224 + 8 x 96 px": (HarmonyConfig(vit_size="small"), vit_s_batch, 96, 8),
+    }
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+def one_step(model, inputs, device, trim):
+    """{part: seconds} and {part: bytes saved for backward} of one step."""
+    seconds, saved_per_part, started = {}, {}, time.perf_counter()
+    with autocast(device):
+        for part, saved in backward_each_group(model, inputs, trim=trim):
             if device == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            elapsed[part], started = now - started, now
-            peak_saved = max(peak_saved, saved)
-        if repeat:
-            for name, value in elapsed.items():
-                seconds[name] += value / repeats
-    return {"preset": preset, "batch": config.data.batch_size, "step_s": sum(seconds.values()),
-            "seconds_per_part": seconds, "peak_saved_bytes": peak_saved}
+            seconds[part], saved_per_part[part], started = now - started, saved, now
+    return seconds, saved_per_part
+
+
+def flops_per_part(model, inputs, device, trim):
+    """{part: FLOPs of its forward + backward}. Attention runs through the math kernel so its matmuls count."""
+    counts, previous = {}, 0
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), autocast(device):
+        for part, _ in backward_each_group(model, inputs, trim=trim):
+            total = counter.get_total_flops()
+            counts[part], previous = total - previous, total
+    return counts
+
+
+def measure(config, batch, local_px, locals_number, repeats, device, trim=True):
+    torch.manual_seed(0)
+    model = Harmony(config).to(device)
+    inputs = synthetic_batch(config, batch, local_px, locals_number if config.ibot else 0, device)
+    flops = flops_per_part(model, inputs, device, trim)
+    one_step(model, inputs, device, trim)  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, peak_saved = {part: 0.0 for part in flops}, 0
+    for _ in range(repeats):
+        step_seconds, saved = one_step(model, inputs, device, trim)
+        for part, value in step_seconds.items():
+            seconds[part] += value / repeats
+        peak_saved = max(peak_saved, *saved.values())
+    result = {"batch": batch, "trim_caption_padding": trim, "step_s": sum(seconds.values()),
+              "seconds_per_part": seconds, "flops_per_part": flops, "step_flops": sum(flops.values()),
+              "peak_saved_bytes": peak_saved}
+    result["achieved_tflops"] = result["step_flops"] / result["step_s"] / 1e12
+    result["images_per_s"] = batch / result["step_s"]
+    if device == "cuda":
+        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def peak_tflops(device, override):
+    if override:
+        return override
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def compare(name, config, batch, local_px, locals_number, repeats, device, peak):
+    clip_config = dataclasses.replace(config, **CLIP_ONLY)
+    runs = {"harmony": measure(config, batch, local_px, locals_number, repeats, device),
+            "clip_only": measure(clip_config, batch, local_px, 0, repeats, device),
+            "harmony_untrimmed": measure(config, batch, local_px, locals_number, repeats, device, trim=False),
+            "clip_only_untrimmed": measure(clip_config, batch, local_px, 0, repeats, device, trim=False)}
+    harmony, clip = runs["harmony"], runs["clip_only"]
+    result = {"shape": name, **runs,
+              "time_harmony_vs_clip": harmony["step_s"] / clip["step_s"],
+              "flops_harmony_vs_clip": harmony["step_flops"] / clip["step_flops"],
+              "memory_harmony_vs_clip": harmony["peak_saved_bytes"] / clip["peak_saved_bytes"],
+              "share_of_harmony_step": {part: value / harmony["step_s"]
+                                        for part, value in harmony["seconds_per_part"].items()},
+              "share_of_harmony_flops": {part: value / harmony["step_flops"]
+                                         for part, value in harmony["flops_per_part"].items()},
+              "trim_speedup_harmony": runs["harmony_untrimmed"]["step_s"] / harmony["step_s"],
+              "trim_speedup_clip_only": runs["clip_only_untrimmed"]["step_s"] / clip["step_s"]}
+    if "max_memory_allocated_bytes" in harmony:
+        result["max_memory_allocated_harmony_vs_clip"] = (harmony["max_memory_allocated_bytes"] /
+                                                          clip["max_memory_allocated_bytes"])
+    if peak:
+        for run in runs.values():
+            run["model_flops_utilisation"] = run["achieved_tflops"] / peak
+    return result
+
+
+def plot(results, device, path):
+    figure, axes = plt.subplots(len(results), 1, figsize=(7, 2.2 * len(results)), squeeze=False)
+    for axis, result in zip(axes[:, 0], results, strict=True):
+        left = 0.0
+        for part, share in result["share_of_harmony_step"].items():
+            width = share * result["time_harmony_vs_clip"]
+            axis.barh(["Harmony step"], [width], left=left, label=part)
+            left += width
+        axis.barh(["FLOPs ratio"], [result["flops_harmony_vs_clip"]], color="#cccccc")
+        axis.barh(["CLIP step"], [1.0], color="#999999")
+        axis.set_xlabel("relative to a CLIP-only step")
+        axis.set_title(f"{result['shape']}, batch {result['harmony']['batch']} on {device}: "
+                       f"{result['time_harmony_vs_clip']:.2f}x time, {result['flops_harmony_vs_clip']:.2f}x FLOPs, "
+                       f"{result['memory_harmony_vs_clip']:.2f}x activation memory", fontsize=8)
+        axis.legend(fontsize=7, ncol=5, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vit-s-batch", type=int, default=8)
+    parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak, for MFU (GPUs are looked up)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    harmony, clip = (time_step(preset, args.repeats, device) for preset in ("demo", "clip_demo"))
-    result = {"device": device, "harmony": harmony, "clip_only": clip,
-              "time_harmony_vs_clip": round(harmony["step_s"] / clip["step_s"], 2),
-              "memory_harmony_vs_clip": round(harmony["peak_saved_bytes"] / clip["peak_saved_bytes"], 2),
-              "share_of_harmony_step": {name: round(value / harmony["step_s"], 3)
-                                        for name, value in harmony["seconds_per_part"].items()}}
+    peak = peak_tflops(device, args.peak_tflops)
+    results = [compare(name, *shape, args.repeats, device, peak)
+               for name, shape in shapes(args.vit_s_batch).items()]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "step.json").write_text(json.dumps(result, indent=2))
-    figure, axis = plt.subplots(figsize=(6, 2.4))
-    left = 0.0
-    for name, share in result["share_of_harmony_step"].items():
-        axis.barh(["Harmony step"], [share * result["time_harmony_vs_clip"]], left=left, label=name)
-        left += share * result["time_harmony_vs_clip"]
-    axis.barh(["CLIP step"], [1.0], color="#999999")
-    axis.set_xlabel("time relative to a CLIP-only step")
-    axis.set_title(f"demo shapes on {device}: Harmony = {result['time_harmony_vs_clip']:.2f}x CLIP time, "
-                   f"{result['memory_harmony_vs_clip']:.2f}x activation memory", fontsize=8)
-    axis.legend(fontsize=7, ncol=5, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(out_dir / "step.png", dpi=120)
-    print(f"bench step ({device}, demo shapes): Harmony = {result['time_harmony_vs_clip']:.2f}x a CLIP-only step, "
-          f"{result['memory_harmony_vs_clip']:.2f}x its activation memory; shares "
-          f"{result['share_of_harmony_step']}; written to {out_dir / 'step.json'} and step.png")
+    (out_dir / "step.json").write_text(json.dumps({"device": device, "peak_tflops": peak, "results": results},
+                                                  indent=2))
+    plot(results, device, out_dir / "step.png")
+    for result in results:
+        shares = ", ".join(f"{part} {100 * share:.0f}%" for part, share in result["share_of_harmony_step"].items())
+        print(f"bench step ({device}, {result['shape']}): Harmony = {result['time_harmony_vs_clip']:.2f}x a CLIP-only "
+              f"step ({result['flops_harmony_vs_clip']:.2f}x its FLOPs), {result['memory_harmony_vs_clip']:.2f}x its "
+              f"activation memory; shares {shares}; trimming caption padding made Harmony "
+              f"{result['trim_speedup_harmony']:.2f}x and CLIP {result['trim_speedup_clip_only']:.2f}x faster")
+    print(f"written to {out_dir / 'step.json'} and step.png")
 
 
 if __name__ == "__main__":
