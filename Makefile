@@ -18,7 +18,7 @@ NPROC ?= 1
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
 
-.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data bench-memory bench-step crops data plot clean
+.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data bench-memory bench-step bench-comm crops data plot clean
 
 setup: $(STAMP)
 
@@ -64,7 +64,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
-bench: bench-shards bench-data bench-memory bench-step
+bench: bench-shards bench-data bench-memory bench-step bench-comm
 
 bench-shards: setup
 	$(PY) -m tools.bench.shards --out runs/bench
@@ -77,6 +77,9 @@ bench-memory: setup
 
 bench-step: setup
 	$(PY) -m tools.bench.step --out runs/bench
+
+bench-comm: setup
+	$(PY) -m tools.bench.communication --out runs/bench
 
 crops: data
 	$(PY) -m tools.show_crops --shards $(OUT)/train --out runs/crops.png

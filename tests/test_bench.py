@@ -1,0 +1,34 @@
+"""Benchmarks measure what they claim: gradient traffic per step, and FLOPs that follow the model's work."""
+
+import dataclasses
+
+from model.harmony import HarmonyConfig
+from tools.bench import communication, step
+
+TINY = HarmonyConfig(vit_size="micro", patch_size=8, global_crop_px=32, clip_dim=32, text_width=64, text_layers=2,
+                     text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,
+                     mae_decoder_depth=1, mae_decoder_heads=4, mlm_decoder_depth=1, mlm_decoder_heads=4)
+
+
+def test_two_ranks_all_reduce_each_gradient_byte_once_per_step():
+    result = communication.measure(steps=2)
+    assert result["groups"] == ["ibot", "clip", "text", "mae"]
+    assert result["gradient_bytes_all_reduced_vs_model_gradient_bytes"] == 1.0
+    sent = result["bytes_sent_per_rank_per_step"]
+    assert sent["finiteness check / all_reduce"] == 4  # one float
+    assert 0 < result["other_bytes_vs_model_gradient_bytes"] < 0.01  # CLIP gathers and centres
+
+
+def test_step_bench_counts_more_flops_for_more_objectives_and_fewer_for_trimmed_captions():
+    harmony = step.measure(TINY, batch=4, local_px=16, locals_number=2, repeats=1, device="cpu")
+    clip = step.measure(dataclasses.replace(TINY, **step.CLIP_ONLY), batch=4, local_px=16, locals_number=2,
+                        repeats=1, device="cpu")
+    untrimmed = step.measure(TINY, batch=4, local_px=16, locals_number=2, repeats=1, device="cpu", trim=False)
+    assert set(harmony["flops_per_part"]) == {"teachers", "ibot", "clip", "text", "mae"}
+    assert set(clip["flops_per_part"]) == {"teachers", "clip"} and clip["flops_per_part"]["teachers"] == 0
+    # CLIP-only's one group does the work of Harmony's CLIP group, less the soft targets.
+    assert clip["flops_per_part"]["clip"] < harmony["flops_per_part"]["clip"] < 1.01 * clip["flops_per_part"]["clip"]
+    assert harmony["step_flops"] > 3 * clip["step_flops"]
+    # 21 ids: 32 of 77 columns; the MLM vocabulary projection at masked positions does not shrink.
+    assert untrimmed["flops_per_part"]["text"] > 1.5 * harmony["flops_per_part"]["text"]
+    assert untrimmed["flops_per_part"]["ibot"] == harmony["flops_per_part"]["ibot"]
