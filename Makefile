@@ -17,8 +17,14 @@ CONFIG ?= demo
 NPROC ?= 1
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
+# `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty).
+EVAL_DATA ?= $(OUT)/source
+ZEROSHOT_DATA ?= $(wildcard $(EVAL_DATA)/heldout)
+RETRIEVAL_SHARDS ?= $(wildcard $(EVAL_DATA)/heldout_pairs)
+PROBE_TRAIN ?= $(wildcard $(EVAL_DATA)/probe_train)
+PROBE_TEST ?= $(wildcard $(EVAL_DATA)/heldout)
 
-.PHONY: setup download shards verify pretrain test lint bench bench-shards bench-data bench-memory bench-step bench-comm crops data plot clean
+.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm crops data plot clean
 
 setup: $(STAMP)
 
@@ -49,11 +55,17 @@ data: setup
 	@test -f $(OUT)/train/manifest.json || $(MAKE) --no-print-directory shards
 
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
-# The demo ends with zero-shot accuracy on the demo's held-out split.
+# The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train.pretrain --config $(CONFIG) \
 		data.shards=$(OUT)/train run.out_dir=$(dir $(RUN)) run.name=$(notdir $(RUN)) $(TRAIN_ARGS)
-	@if [ -d $(OUT)/source/heldout ]; then $(PY) -m tools.eval.zeroshot --run $(RUN) --data $(OUT)/source/heldout; fi
+	@if [ -n "$(ZEROSHOT_DATA)$(RETRIEVAL_SHARDS)$(PROBE_TRAIN)" ]; then $(MAKE) --no-print-directory eval; fi
+
+# Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
+eval: setup
+	$(PY) -m tools.eval.run --run $(RUN) $(if $(ZEROSHOT_DATA),--zeroshot $(ZEROSHOT_DATA)) \
+		$(if $(RETRIEVAL_SHARDS),--retrieval $(RETRIEVAL_SHARDS)) \
+		$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train $(PROBE_TRAIN) --probe-test $(PROBE_TEST))
 
 plot: setup
 	$(PY) -m train.log $(RUN)

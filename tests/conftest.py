@@ -9,9 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from datapipe import shard_io
+from model.harmony import Harmony, HarmonyConfig
+from train.pretrain import TEACHER_WEIGHTS, save_teacher_weights
 
 DEMO_TRAIN_PAIRS = 120
 LARGER_DEMO_PAIRS = 2000
@@ -95,3 +98,18 @@ def write_training_shards(train_dir, images, samples_per_shard):
         entries.append(dict(name=name, samples=len(samples)))
     (train_dir / "manifest.json").write_text(json.dumps(dict(shards=entries)))
     return train_dir
+
+
+SMALL_TEXT = dict(text_width=64, text_layers=2, text_heads=4, clip_dim=32, ibot_out_dim=64, ibot_head_hidden_dim=64,
+                  text_distillation_out_dim=32, mae_decoder_depth=1, mlm_decoder_depth=1)
+
+
+def fake_run(tmp_path, **config):
+    """A run folder as train.pretrain leaves it, with teachers that differ from a fresh model."""
+    torch.manual_seed(0)
+    model = Harmony(HarmonyConfig(**SMALL_TEXT, **config))
+    with torch.no_grad():
+        for param in model.teachers.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    save_teacher_weights(model, tmp_path / TEACHER_WEIGHTS)
+    return tmp_path

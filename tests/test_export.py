@@ -4,25 +4,10 @@ import open_clip
 import pytest
 import timm
 import torch
+from conftest import fake_run
 
-from model.harmony import Harmony, HarmonyConfig
-from tools.eval.zeroshot import load_towers
+from tools.eval.towers import load_towers
 from tools.export import export_open_clip, export_timm
-from train.pretrain import TEACHER_WEIGHTS, save_teacher_weights
-
-SMALL_TEXT = dict(text_width=64, text_layers=2, text_heads=4, clip_dim=32, ibot_out_dim=64, ibot_head_hidden_dim=64,
-                  text_distillation_out_dim=32, mae_decoder_depth=1, mlm_decoder_depth=1)
-
-
-def fake_run(tmp_path, **config):
-    """A run folder as train.pretrain leaves it, with teachers that differ from a fresh model."""
-    torch.manual_seed(0)
-    model = Harmony(HarmonyConfig(**SMALL_TEXT, **config))
-    with torch.no_grad():
-        for param in model.teachers.parameters():
-            param.add_(0.01 * torch.randn_like(param))
-    save_teacher_weights(model, tmp_path / TEACHER_WEIGHTS)
-    return tmp_path
 
 
 def test_timm_loads_the_exported_image_tower(tmp_path):

@@ -3,8 +3,10 @@
 Deterministic from a seed. It writes, under `root`:
   www/            the files the loopback server serves (train images and the bad entries)
   items.jsonl     one line per url-list entry: path, caption, kind, expected outcome
-  heldout/<class>/*.jpg   a labelled split for zero-shot evaluation (never downloaded)
+  heldout/<class>/*.jpg   a labelled split for zero-shot evaluation and the probes' test set (never downloaded)
   heldout/classes.json    class names, and which colour-shape pairs training never shows
+  probe_train/<class>/*.jpg   the training split of the linear probe and k-NN
+  heldout_pairs/000000.tar    captioned pairs (jpg, txt) never downloaded, for image-text retrieval
 
 Run `python -m tools.demo_data --root shards/demo/source` to generate it by hand.
 """
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from datapipe import shard_io
 
 COLORS = {
     "red": (215, 40, 40),
@@ -176,7 +180,33 @@ def _bad_entries(rng, www):
     ]
 
 
-def generate(root, num_train=3000, heldout_per_class=10, seed=0):
+def _write_class_folders(rng, folder_root, per_class):
+    """<folder_root>/<colour_shape>/NNN.jpg for every class, and classes.json."""
+    for color in COLORS:
+        for shape in SHAPES:
+            folder = folder_root / class_name(color, shape).replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                (folder / f"{index:03d}.jpg").write_bytes(_jpeg_bytes(render_sample(rng, color, shape)[0]))
+    (folder_root / "classes.json").write_text(json.dumps({
+        "classes": [class_name(c, s) for c in COLORS for s in SHAPES],
+        "folders": [class_name(c, s).replace(" ", "_") for c in COLORS for s in SHAPES],
+        "unseen_in_training": [class_name(c, s) for c, s in UNSEEN_PAIRS],
+    }, indent=2))
+
+
+def _write_retrieval_pairs(rng, folder, count):
+    """One WebDataset shard of captioned pairs over every class, seen and unseen."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for index in range(count):
+        image, words = render_sample(rng, rng.choice(list(COLORS)), rng.choice(SHAPES))
+        samples.append({"__key__": f"pair{index:06d}", "jpg": _jpeg_bytes(image),
+                        "txt": rng.choice(CAPTION_TEMPLATES).format(**words).encode()})
+    shard_io.write_tar(folder / "000000.tar", samples)
+
+
+def generate(root, num_train=3000, heldout_per_class=10, seed=0, probe_per_class=20, heldout_pairs=300):
     """Write the demo set under `root` (see the module docstring); returns the items."""
     root = Path(root)
     www, heldout = root / "www", root / "heldout"
@@ -194,21 +224,14 @@ def generate(root, num_train=3000, heldout_per_class=10, seed=0):
     # Spread the bad entries through the list so they land in different raw shards.
     for offset, item in enumerate(bad):
         items.insert((offset * len(items)) // len(bad), item)
-    for color in COLORS:
-        for shape in SHAPES:
-            folder = heldout / class_name(color, shape).replace(" ", "_")
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(heldout_per_class):
-                (folder / f"{index:03d}.jpg").write_bytes(_jpeg_bytes(render_sample(rng, color, shape)[0]))
-    (heldout / "classes.json").write_text(json.dumps({
-        "classes": [class_name(c, s) for c in COLORS for s in SHAPES],
-        "folders": [class_name(c, s).replace(" ", "_") for c in COLORS for s in SHAPES],
-        "unseen_in_training": [class_name(c, s) for c, s in UNSEEN_PAIRS],
-    }, indent=2))
+    _write_class_folders(rng, heldout, heldout_per_class)
+    _write_class_folders(rng, root / "probe_train", probe_per_class)
+    _write_retrieval_pairs(rng, root / "heldout_pairs", heldout_pairs)
     with open(root / MARKER_FILE, "w") as out:
         for item in items:
             out.write(json.dumps(item.__dict__) + "\n")
-    params = dict(num_train=num_train, heldout_per_class=heldout_per_class, seed=seed)
+    params = dict(num_train=num_train, heldout_per_class=heldout_per_class, seed=seed,
+                  probe_per_class=probe_per_class, heldout_pairs=heldout_pairs)
     (root / PARAMS_FILE).write_text(json.dumps(params))
     return items
 
@@ -218,9 +241,10 @@ def load_items(root):
         return [DemoItem(**json.loads(line)) for line in lines]
 
 
-def ensure_generated(root, num_train=3000, heldout_per_class=10, seed=0):
+def ensure_generated(root, num_train=3000, heldout_per_class=10, seed=0, probe_per_class=20, heldout_pairs=300):
     """Generate the demo set unless `root` already holds one made with these settings."""
-    params = dict(num_train=num_train, heldout_per_class=heldout_per_class, seed=seed)
+    params = dict(num_train=num_train, heldout_per_class=heldout_per_class, seed=seed,
+                  probe_per_class=probe_per_class, heldout_pairs=heldout_pairs)
     params_file = Path(root) / PARAMS_FILE
     if params_file.exists() and json.loads(params_file.read_text()) == params:
         return load_items(root)
@@ -233,8 +257,11 @@ def main():
     parser.add_argument("--num-train", type=int, default=3000)
     parser.add_argument("--heldout-per-class", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-per-class", type=int, default=20)
+    parser.add_argument("--heldout-pairs", type=int, default=300)
     args = parser.parse_args()
-    items = generate(args.root, args.num_train, args.heldout_per_class, args.seed)
+    items = generate(args.root, args.num_train, args.heldout_per_class, args.seed, args.probe_per_class,
+                     args.heldout_pairs)
     bad = sum(item.kind != "train" for item in items)
     print(f"demo set: {len(items)} url-list entries ({bad} deliberately bad) and "
           f"{len(COLORS) * len(SHAPES)} held-out classes written to {args.root}")

@@ -23,7 +23,7 @@ from datapipe.views import IMAGENET_MEAN, IMAGENET_STD
 from model.masking import MASK_ID
 from model.text import CONTEXT_LENGTH
 from model.vit import VIT_SIZES, export_timm_state_dict
-from tools.eval.zeroshot import load_towers, read_teacher_weights
+from tools.eval.towers import load_towers, read_teacher_weights
 
 
 def timm_architecture(config):

@@ -1,0 +1,91 @@
+"""Evaluations: recall, k-NN and the parallel linear-probe sweep against direct computations; `make eval`'s
+runner end to end on a tiny run; bad held-out data gives a clear error."""
+
+import json
+
+import pytest
+import torch
+from conftest import fake_run
+
+from datapipe import shard_io
+from tools import demo_data
+from tools.eval import linear_probe, retrieval
+from tools.eval import run as eval_run
+
+
+def test_recall_counts_how_many_candidates_beat_the_right_one():
+    similarity = torch.tensor([[0.9, 0.1, 0.2],  # right answer first: rank 0
+                               [0.8, 0.5, 0.6],  # two candidates above: rank 2
+                               [0.1, 0.9, 0.3]])  # one above: rank 1
+    assert retrieval.recall_at(similarity, ks=(1, 2, 3)) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+
+
+def test_knn_is_the_weighted_vote_of_the_nearest_neighbours():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    test = torch.tensor([[0.2, 1.0], [1.0, 0.3]])
+    # k=2: test 0's neighbours are sample 2 (class 1, cos 0.98) and sample 1 (class 0, cos 0.29): class 1 wins.
+    assert linear_probe.knn(train, labels, test, torch.tensor([1, 0]), classes=2, ks=(2,)) == {"2": 1.0}
+    # k=3 with a high temperature: two class-0 votes outweigh one class-1 vote for test 0.
+    assert linear_probe.knn(train, labels, test, torch.tensor([0, 0]), classes=2, ks=(3, 5), temperature=100.0) \
+        == {"3": 1.0}
+
+
+def separable_features(per_class=30, classes=3, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=generator) * 3
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return centres[labels] + torch.randn(len(labels), dim, generator=generator), labels
+
+
+def test_the_parallel_sweep_trains_each_rate_as_if_alone(monkeypatch):
+    features, labels = separable_features()
+    monkeypatch.setattr(linear_probe, "LEARNING_RATES", (0.01, 0.5))
+    together, _ = linear_probe.train_linear_classifiers(features, labels, 3, epochs=3, batch_size=16)
+    monkeypatch.setattr(linear_probe, "LEARNING_RATES", (0.01,))
+    alone, _ = linear_probe.train_linear_classifiers(features, labels, 3, epochs=3, batch_size=16)
+    torch.testing.assert_close(together[0], alone[0])  # the same start, order and rate: the same classifier
+    assert not torch.allclose(together[0], together[1], atol=1e-3)
+
+
+def test_linear_probe_separates_separable_classes_and_keeps_every_rate():
+    train, train_labels = separable_features(seed=0)
+    test, test_labels = separable_features(seed=0)
+    result = linear_probe.linear_probe(train, train_labels, test, test_labels, classes=3, epochs=20)
+    assert result["top1"] > 0.95 and len(result["per_lr"]) == 13
+    assert result["validation_images"] == 18 and result["train_images"] == 72  # 20% of each class
+    assert result["per_lr"]["1e-05"]["test_top1"] < result["top1"]  # the smallest rate barely moves
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_source")
+    demo_data.generate(root, num_train=2, heldout_per_class=2, probe_per_class=3, heldout_pairs=24)
+    return root
+
+
+def test_make_eval_runs_every_evaluation_and_writes_json_table_and_plot(tmp_path, tiny_eval_data, capsys):
+    run = fake_run(tmp_path, vit_size="micro", patch_size=8, global_crop_px=32)
+    eval_run.main(["--run", str(run), "--zeroshot", str(tiny_eval_data / "heldout"),
+                   "--retrieval", str(tiny_eval_data / "heldout_pairs"),
+                   "--probe-train", str(tiny_eval_data / "probe_train"),
+                   "--probe-test", str(tiny_eval_data / "heldout"), "--probe-epochs", "2"])
+    results = json.loads((run / "eval.json").read_text())
+    assert results["zeroshot"]["images"] == 60 and results["zeroshot"]["classes"] == 30
+    assert results["retrieval"]["pairs"] == 24 and results["retrieval"]["chance_R@1"] == round(1 / 24, 4)
+    assert set(results["linear_probe"]["knn_top1"]) == {"10", "20"}  # 90 training images: k=100, 200 left out
+    table = (run / "eval.md").read_text()
+    assert table.count("\n| ") == 1 + 1 + 6 + 1 + 2  # header, zero-shot, 6 recalls, probe, 2 k-NN
+    assert (run / "plots" / "eval.png").stat().st_size > 0
+    assert "eval done" in capsys.readouterr().out
+
+
+def test_retrieval_names_the_sample_whose_image_does_not_decode(tmp_path):
+    run = fake_run(tmp_path / "run", vit_size="micro", patch_size=8, global_crop_px=32)
+    shards = tmp_path / "heldout"
+    shards.mkdir()
+    shard_io.write_tar(shards / "000000.tar", [{"__key__": "good", "jpg": b"\xff\xd8not really", "txt": b"a cat"}])
+    with pytest.raises(SystemExit, match="sample good: the image does not decode"):
+        retrieval.main(["--run", str(run), "--shards", str(shards)])
+    with pytest.raises(SystemExit, match="no .tar or .tar.zst shards"):
+        retrieval.main(["--run", str(run), "--shards", str(tmp_path / "run")])

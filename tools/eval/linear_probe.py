@@ -1,0 +1,156 @@
+"""Linear probe and k-NN on frozen image features of a run's EMA teacher.
+
+    python -m tools.eval.linear_probe --run runs/demo --train shards/demo/source/probe_train \
+        --test shards/demo/source/heldout
+
+Both splits are image folders (`<data>/<class>/*.jpg`, the same classes). Features are computed once,
+on the centre crop, and cached in memory:
+- linear probe: the CLS token concatenated with the mean patch token (the official setting, n=1 +
+  avgpool). 13 linear classifiers, one per learning rate in 1e-5 ... 0.1 scaled by batch / 256, train
+  in parallel as one batched matmul (SGD, momentum 0.9, no weight decay, cosine schedule). The learning
+  rate is chosen on a validation part of the training split; its classifier's test accuracy is the
+  result, and every rate's figures are kept.
+- k-NN (DINO's weighted vote): L2-normalized CLS tokens, cosine similarity, the top k neighbours vote
+  with weight exp(similarity / 0.07), k in 10, 20, 100, 200 (those not above the training-set size).
+Differences from the official script: no random-resized-crop augmentation while training the probe
+(the features are cached), and the rate is chosen on a validation part rather than on the test set.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tools.eval.towers import image_features, image_folder, load_towers
+
+LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+KNN_K = (10, 20, 100, 200)
+KNN_TEMPERATURE = 0.07
+
+
+def split_for_validation(labels, fraction, seed=0):
+    """(train indices, validation indices): `fraction` of each class (at least one) goes to validation."""
+    generator = torch.Generator().manual_seed(seed)
+    train, validation = [], []
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = max(1, round(fraction * len(members))) if len(members) > 1 else 0
+        validation.append(members[:cut])
+        train.append(members[cut:])
+    return torch.cat(train), torch.cat(validation)
+
+
+def train_linear_classifiers(features, labels, classes, epochs, batch_size, seed=0):
+    """One linear classifier per learning rate, trained together: weights (R, D, C), biases (R, 1, C)."""
+    rates = torch.tensor(LEARNING_RATES) * batch_size / 256
+    dim = features.shape[1]
+    start = torch.randn(dim, classes, generator=torch.Generator().manual_seed(seed)) * 0.01
+    weights = start.expand(len(rates), -1, -1).clone().requires_grad_()  # every rate from the same start
+    biases = torch.zeros(len(rates), 1, classes, requires_grad=True)
+    optimizer = torch.optim.SGD([weights, biases], lr=1.0, momentum=0.9, weight_decay=0.0)
+    steps_per_epoch = -(-len(labels) // batch_size)
+    total_steps = epochs * steps_per_epoch
+    # lr 1.0 times a per-classifier factor: scale each classifier's gradient by its own rate.
+    scale = rates[:, None, None]
+    shuffle = torch.Generator().manual_seed(seed)  # its own stream: the order does not depend on the rates
+    for step in tqdm(range(total_steps), desc="linear probe", unit="step", leave=False):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(labels), generator=shuffle)
+        rows = order[(step % steps_per_epoch) * batch_size:(step % steps_per_epoch + 1) * batch_size]
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        logits = torch.baddbmm(biases, features[rows].expand(len(rates), -1, -1), weights)  # (R, b, C)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[rows].repeat(len(rates)), reduction="sum") / len(rows)
+        optimizer.zero_grad()
+        loss.backward()  # the classifiers are independent: each gets its own gradient
+        weights.grad *= scale
+        biases.grad *= scale
+        optimizer.step()
+    return weights.detach(), biases.detach()
+
+
+def accuracies(weights, biases, features, labels):
+    """Top-1 accuracy of each classifier: (R,)."""
+    logits = torch.baddbmm(biases, features.expand(len(weights), -1, -1), weights)  # (R, n, C)
+    return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, classes, epochs=100, batch_size=256,
+                 validation_fraction=0.2):
+    fit, validation = split_for_validation(train_labels, validation_fraction)
+    batch_size = min(batch_size, len(fit))
+    weights, biases = train_linear_classifiers(train_features[fit], train_labels[fit], classes, epochs, batch_size)
+    validation_accuracy = accuracies(weights, biases, train_features[validation], train_labels[validation])
+    test_accuracy = accuracies(weights, biases, test_features, test_labels)
+    best = int(validation_accuracy.argmax())
+    return {"top1": round(float(test_accuracy[best]), 4), "chosen_lr": LEARNING_RATES[best],
+            "epochs": epochs, "batch_size": batch_size, "train_images": len(fit), "validation_images": len(validation),
+            "per_lr": {str(rate): {"validation_top1": round(float(v), 4), "test_top1": round(float(t), 4)}
+                       for rate, v, t in zip(LEARNING_RATES, validation_accuracy, test_accuracy, strict=True)}}
+
+
+def knn(train_features, train_labels, test_features, test_labels, classes, ks=KNN_K,
+        temperature=KNN_TEMPERATURE):
+    """{k: top-1} of DINO's weighted k-NN vote; ks above the training-set size are left out."""
+    ks = [k for k in ks if k <= len(train_labels)]
+    if not ks:
+        return {}
+    train, test = F.normalize(train_features, dim=-1), F.normalize(test_features, dim=-1)
+    similarity, neighbours = (test @ train.T).topk(max(ks), dim=1)  # (n_test, k_max)
+    votes = F.one_hot(train_labels[neighbours], classes).float() * (similarity / temperature).exp()[..., None]
+    return {str(k): round(float((votes[:, :k].sum(dim=1).argmax(dim=1) == test_labels).float().mean()), 4)
+            for k in ks}
+
+
+def probe(run_dir, train_dir, test_dir, epochs=100, device="cpu"):
+    image_tower, _, config = load_towers(run_dir, device)
+    train_samples, train_names = image_folder(train_dir)
+    test_samples, test_names = image_folder(test_dir)
+    if train_names != test_names:
+        raise ValueError(f"{train_dir} and {test_dir} have different classes; the probe needs the same class "
+                         f"folders in both ({len(train_names)} vs {len(test_names)})")
+    splits = {}
+    for name, samples in (("train", train_samples), ("test", test_samples)):
+        features = image_features(image_tower, [path for path, _ in samples], config.global_crop_px, device=device,
+                                  desc=f"{name} features")
+        splits[name] = (features, torch.tensor([label for _, label in samples]))
+    (train, train_labels), (test, test_labels) = splits["train"], splits["test"]
+    classes = len(train_names)
+
+    def linear_features(features):
+        return torch.cat([features["cls"], features["patch_mean"]], dim=1)  # (n, 2D)
+
+    return {"train": str(train_dir), "test": str(test_dir), "run": str(run_dir), "classes": classes,
+            "chance": round(1 / classes, 4), "test_images": len(test_labels),
+            "linear": linear_probe(linear_features(train), train_labels, linear_features(test), test_labels,
+                                   classes, epochs),
+            "knn_top1": knn(train["cls"], train_labels, test["cls"], test_labels, classes)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
+    parser.add_argument("--train", required=True, help="training image folder: <data>/<class>/*.jpg")
+    parser.add_argument("--test", required=True, help="test image folder with the same classes")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--out", help="JSON result (default: <run>/eval_linear_probe.json)")
+    args = parser.parse_args(argv)
+    try:
+        result = probe(args.run, args.train, args.test, args.epochs)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
+    out = Path(args.out or Path(args.run) / "eval_linear_probe.json")
+    out.write_text(json.dumps(result, indent=2))
+    knn_text = ", ".join(f"k={k} {100 * top1:.1f}%" for k, top1 in result["knn_top1"].items())
+    print(f"linear probe top-1 {100 * result['linear']['top1']:.1f}% (lr {result['linear']['chosen_lr']}) and "
+          f"k-NN {knn_text} on {result['test_images']} test images, {result['classes']} classes "
+          f"(chance {100 * result['chance']:.1f}%); written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`make eval RUN=...`: every evaluation whose data is given, one JSON, one table and one chart.
+
+    python -m tools.eval.run --run runs/demo --zeroshot shards/demo/source/heldout \
+        --retrieval shards/demo/source/heldout_pairs --probe-train shards/demo/source/probe_train \
+        --probe-test shards/demo/source/heldout
+
+Writes <run>/eval.json (every result), <run>/eval.md (the table, also printed) and <run>/plots/eval.png.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+from tools.eval.linear_probe import probe
+from tools.eval.retrieval import RECALL_AT, retrieval
+from tools.eval.zeroshot import zero_shot
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def evaluate(run_dir, zeroshot_dir=None, retrieval_dir=None, probe_train=None, probe_test=None, probe_epochs=100):
+    results = {}
+    if zeroshot_dir:
+        results["zeroshot"] = zero_shot(run_dir, zeroshot_dir)
+    if retrieval_dir:
+        results["retrieval"] = retrieval(run_dir, retrieval_dir)
+    if probe_train and probe_test:
+        results["linear_probe"] = probe(run_dir, probe_train, probe_test, probe_epochs)
+    return results
+
+
+def table_rows(results):
+    """(evaluation, metric, value %, chance %) rows."""
+    rows = []
+    if "zeroshot" in results:
+        result = results["zeroshot"]
+        rows.append(("zero-shot", f"top-1, {result['classes']} classes", result["top1"], result["chance"]))
+    if "retrieval" in results:
+        result = results["retrieval"]
+        for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+            rows += [("retrieval", f"{label} R@{k}, {result['pairs']} pairs", result[f"{direction}_R@{k}"],
+                      result[f"chance_R@{k}"]) for k in RECALL_AT]
+    if "linear_probe" in results:
+        result = results["linear_probe"]
+        rows.append(("linear probe", f"top-1 (lr {result['linear']['chosen_lr']})", result["linear"]["top1"],
+                     result["chance"]))
+        rows += [("k-NN", f"top-1, k={k}", top1, result["chance"]) for k, top1 in result["knn_top1"].items()]
+    return rows
+
+
+def markdown_table(run_dir, rows):
+    lines = [f"# Evaluation of {run_dir}", "", "| evaluation | metric | result | chance |", "|---|---|---:|---:|"]
+    lines += [f"| {name} | {metric} | {100 * value:.1f}% | {100 * chance:.1f}% |"
+              for name, metric, value, chance in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    figure, axis = plt.subplots(figsize=(7, 0.35 * len(rows) + 1))
+    labels = [f"{name}: {metric}" for name, metric, _, _ in rows]
+    axis.barh(labels, [100 * value for _, _, value, _ in rows], color="#6a9fd4", label="result")
+    axis.scatter([100 * chance for *_, chance in rows], labels, color="#b04040", marker="|", s=200, label="chance")
+    axis.invert_yaxis()
+    axis.set_xlabel("%")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
+    parser.add_argument("--zeroshot", help="image folder for zero-shot classification")
+    parser.add_argument("--retrieval", help="folder of held-out shards (jpg + txt) for image-text retrieval")
+    parser.add_argument("--probe-train", help="training image folder for the linear probe and k-NN")
+    parser.add_argument("--probe-test", help="test image folder for the linear probe and k-NN")
+    parser.add_argument("--probe-epochs", type=int, default=100)
+    args = parser.parse_args(argv)
+    if bool(args.probe_train) != bool(args.probe_test):
+        parser.error("the linear probe needs both --probe-train and --probe-test")
+    if not (args.zeroshot or args.retrieval or args.probe_train):
+        parser.error("nothing to evaluate: give --zeroshot, --retrieval, or --probe-train with --probe-test")
+    try:
+        results = evaluate(args.run, args.zeroshot, args.retrieval, args.probe_train, args.probe_test,
+                           args.probe_epochs)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    run_dir = Path(args.run)
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    rows = table_rows(results)
+    table = markdown_table(args.run, rows)
+    (run_dir / "eval.md").write_text(table)
+    plot(rows, run_dir / "plots" / "eval.png")
+    print(table)
+    print(f"eval done: {', '.join(results)} written to {run_dir / 'eval.json'}, eval.md and plots/eval.png")
+
+
+if __name__ == "__main__":
+    main()
