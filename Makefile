@@ -77,6 +77,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: bench-shards bench-data bench-memory bench-step bench-comm
+	$(PY) -m tools.bench.report --results runs/bench --out BENCHMARKS.md --charts docs/benchmarks
 
 bench-shards: setup
 	$(PY) -m tools.bench.shards --out runs/bench

@@ -1,9 +1,10 @@
 """Benchmarks measure what they claim: gradient traffic per step, and FLOPs that follow the model's work."""
 
 import dataclasses
+import json
 
 from model.harmony import HarmonyConfig
-from tools.bench import communication, step
+from tools.bench import communication, report, step
 
 TINY = HarmonyConfig(vit_size="micro", patch_size=8, global_crop_px=32, clip_dim=32, text_width=64, text_layers=2,
                      text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,
@@ -32,3 +33,20 @@ def test_step_bench_counts_more_flops_for_more_objectives_and_fewer_for_trimmed_
     # 21 ids: 32 of 77 columns; the MLM vocabulary projection at masked positions does not shrink.
     assert untrimmed["flops_per_part"]["text"] > 1.5 * harmony["flops_per_part"]["text"]
     assert untrimmed["flops_per_part"]["ibot"] == harmony["flops_per_part"]["ibot"]
+
+
+def test_report_writes_each_measured_section_with_its_verdict_and_charts(tmp_path):
+    results = tmp_path / "bench"
+    results.mkdir()
+    (results / "communication.json").write_text(json.dumps({
+        "world_size": 2, "preset": "demo", "groups": ["ibot", "clip", "text", "mae"], "model_gradient_bytes": 2**20,
+        "bytes_sent_per_rank_per_step": {"gradient average / all_reduce": 2**20, "finiteness check / all_reduce": 4},
+        "gradient_bytes_all_reduced_vs_model_gradient_bytes": 1.0,
+        "official_ddp_per_backward_vs_model_gradient_bytes": 4,
+        "other_bytes_vs_model_gradient_bytes": 4 / 2**20}))
+    (results / "communication.png").write_bytes(b"png")
+    sections = report.report(results, tmp_path / "BENCHMARKS.md", tmp_path / "charts")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert sections == ["communication"] and "## make shards" not in text
+    assert "**1.00x** (goal <= 1x: met" in text and "gives 4x" in text
+    assert "torch " in text and (tmp_path / "charts" / "communication.png").read_bytes() == b"png"

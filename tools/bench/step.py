@@ -130,7 +130,7 @@ def compare(name, config, batch, local_px, locals_number, repeats, device, peak)
 
 
 def plot(results, device, path):
-    figure, axes = plt.subplots(len(results), 1, figsize=(7, 2.2 * len(results)), squeeze=False)
+    figure, axes = plt.subplots(len(results), 1, figsize=(7, 2.6 * len(results)), squeeze=False)
     for axis, result in zip(axes[:, 0], results, strict=True):
         left = 0.0
         for part, share in result["share_of_harmony_step"].items():
@@ -143,7 +143,7 @@ def plot(results, device, path):
         axis.set_title(f"{result['shape']}, batch {result['harmony']['batch']} on {device}: "
                        f"{result['time_harmony_vs_clip']:.2f}x time, {result['flops_harmony_vs_clip']:.2f}x FLOPs, "
                        f"{result['memory_harmony_vs_clip']:.2f}x activation memory", fontsize=8)
-        axis.legend(fontsize=7, ncol=5, loc="lower right")
+        axis.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -1,0 +1,161 @@
+"""BENCHMARKS.md from the results `make bench` left in runs/bench, with the machine and versions.
+
+    python -m tools.bench.report --results runs/bench --out BENCHMARKS.md
+
+Each section is written only when its JSON exists; the charts are copied next to the report
+(docs/benchmarks/) so that the committed report shows them.
+"""
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "timm", "open_clip_torch", "webdataset", "img2dataset")
+GOALS = {"time": 3.0, "memory": 1.8, "communication": 1.0, "dali_vs_torch": 2.0}
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine():
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "versions": versions}
+
+
+def verdict(value, goal, lower_is_better=True):
+    met = value <= goal if lower_is_better else value >= goal
+    return f"goal {'<=' if lower_is_better else '>='} {goal:g}x: {'met' if met else 'not met'}"
+
+
+def section_shards(result):
+    return [
+        "## make shards", "",
+        f"- Steady-state cleaning per core = **{result['steady_state_per_core_vs_pillow_decode']:.2f}x** a bare "
+        f"Pillow decode ({result['steady_state_samples_per_s_1_core']:.0f} vs "
+        f"{result['pillow_decode_samples_per_s_1_core']:.0f} samples/s on one core).",
+        f"- Whole `make shards` on 2 processes = {result['scaling_2_processes_vs_1']:.2f}x one process "
+        f"({result['note']}).", "", "![shards](docs/benchmarks/shards.png)", ""]
+
+
+def section_datapipe(result):
+    lines = ["## Multi-crop data pipeline", "",
+             f"{result['recipe']}, batch {result['batch_size']}, {result['workers_or_threads']} threads or workers.",
+             "",
+             f"- DALI on CPU threads vs the torch reference: **{result['dali_cpu_vs_torch_reference']:.2f}x** "
+             f"({result['dali_cpu_samples_per_s']:.0f} vs {result['torch_reference_samples_per_s']:.0f} samples/s; "
+             f"{verdict(result['dali_cpu_vs_torch_reference'], GOALS['dali_vs_torch'], lower_is_better=False)})."]
+    if "dali_gpu_samples_per_s" in result:
+        lines.append(f"- DALI on the GPU: {result['dali_gpu_samples_per_s']:.0f} samples/s.")
+    return lines + ["", "![datapipe](docs/benchmarks/datapipe.png)", ""]
+
+
+def section_memory(result):
+    lines = ["## Activation memory: one backward per objective vs one combined backward", "",
+             "| shape | batch | per-group peak | combined | ratio |", "|---|---:|---:|---:|---:|"]
+    for row in result["results"]:
+        lines.append(f"| {row['shape']} | {row['batch']} | {row['per_group_backward_peak_bytes'] / 2**20:.0f} MiB "
+                     f"| {row['combined_backward_peak_bytes'] / 2**20:.0f} MiB "
+                     f"| **{row['per_group_vs_combined']:.2f}x** |")
+    return lines + ["", "![memory](docs/benchmarks/backward_memory.png)", ""]
+
+
+def section_step(result):
+    lines = ["## Harmony vs CLIP-only step (same backbone, batch and precision)", "",
+             "| shape | time | FLOPs | activation memory | trimming captions: Harmony, CLIP |",
+             "|---|---:|---:|---:|---:|"]
+    for row in result["results"]:
+        lines.append(f"| {row['shape']}, batch {row['harmony']['batch']} | **{row['time_harmony_vs_clip']:.2f}x** | "
+                     f"{row['flops_harmony_vs_clip']:.2f}x | **{row['memory_harmony_vs_clip']:.2f}x** | "
+                     f"{row['trim_speedup_harmony']:.2f}x, {row['trim_speedup_clip_only']:.2f}x faster |")
+    lines.append("")
+    for row in result["results"]:
+        shares = ", ".join(f"{part} {100 * share:.0f}%" for part, share in row["share_of_harmony_step"].items())
+        flops = ", ".join(f"{part} {100 * share:.0f}%" for part, share in row["share_of_harmony_flops"].items())
+        lines.append(f"- {row['shape']}: time shares {shares}; FLOP shares {flops}. Time "
+                     f"{verdict(row['time_harmony_vs_clip'], GOALS['time'])}; activation memory "
+                     f"{verdict(row['memory_harmony_vs_clip'], GOALS['memory'])}.")
+        if row["time_harmony_vs_clip"] < 1.25 * row["flops_harmony_vs_clip"]:
+            lines.append(f"  The time ratio follows the FLOP ratio ({row['flops_harmony_vs_clip']:.2f}x): the cost is "
+                         "the work the objectives ask for (iBOT on the global and local crops, the MAE decoder on "
+                         "every patch, the teachers), not overhead around it.")
+        if "model_flops_utilisation" in row["harmony"]:
+            lines.append(f"  MFU: Harmony {100 * row['harmony']['model_flops_utilisation']:.1f}%, CLIP-only "
+                         f"{100 * row['clip_only']['model_flops_utilisation']:.1f}%; "
+                         f"{row['harmony']['images_per_s']:.0f} images/s (forward + backward, no optimizer).")
+    return lines + ["", "![step](docs/benchmarks/step.png)", ""]
+
+
+def section_communication(result):
+    sent = "; ".join(f"{name}: {value / 2**10:.1f} KiB"
+                     for name, value in result["bytes_sent_per_rank_per_step"].items())
+    return ["## Communication per step", "",
+            f"{result['world_size']} gloo ranks, `{result['preset']}` preset, model gradients "
+            f"{result['model_gradient_bytes'] / 2**20:.1f} MiB.", "",
+            f"- Gradient bytes all-reduced per step / model gradient bytes = "
+            f"**{result['gradient_bytes_all_reduced_vs_model_gradient_bytes']:.2f}x** "
+            f"({verdict(result['gradient_bytes_all_reduced_vs_model_gradient_bytes'], GOALS['communication'])}; "
+            f"the official code's DDP all-reduce after each of its {len(result['groups'])} backward passes gives "
+            f"{result['official_ddp_per_backward_vs_model_gradient_bytes']}x).",
+            f"- Everything else sent = {result['other_bytes_vs_model_gradient_bytes']:.4f}x ({sent}).", "",
+            "![communication](docs/benchmarks/communication.png)", ""]
+
+
+SECTIONS = (("shards", section_shards), ("datapipe", section_datapipe), ("backward_memory", section_memory),
+            ("step", section_step), ("communication", section_communication))
+
+
+def report(results_dir, out_path, charts_dir):
+    results_dir, out_path, charts_dir = Path(results_dir), Path(out_path), Path(charts_dir)
+    found = [(name, section) for name, section in SECTIONS if (results_dir / f"{name}.json").is_file()]
+    if not found:
+        raise SystemExit(f"error: no benchmark results in {results_dir}; run `make bench` first")
+    about = machine()
+    lines = ["# Benchmarks", "",
+             "Written by `make bench` (tools/bench/report.py) from runs/bench/*.json. Every figure is a ratio of "
+             "two measurements taken side by side in one run on the machine below.", "",
+             f"- Machine: {about['cpu']}, {about['cores']} cores, GPU: {about['gpu']}; {about['platform']}, "
+             f"Python {about['python']}.",
+             "- Versions: " + ", ".join(f"{package} {version}" for package, version in about["versions"].items()) + ".",
+             ""]
+    charts_dir.mkdir(parents=True, exist_ok=True)
+    for name, section in found:
+        lines += section(json.loads((results_dir / f"{name}.json").read_text()))
+        chart = results_dir / f"{name}.png"
+        if chart.is_file():
+            shutil.copyfile(chart, charts_dir / chart.name)
+    out_path.write_text("\n".join(lines))
+    return [name for name, _ in found]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="runs/bench")
+    parser.add_argument("--out", default="BENCHMARKS.md")
+    parser.add_argument("--charts", default="docs/benchmarks")
+    args = parser.parse_args(argv)
+    sections = report(args.results, args.out, args.charts)
+    print(f"bench report: {', '.join(sections)} written to {args.out} (charts in {args.charts})")
+
+
+if __name__ == "__main__":
+    main()
