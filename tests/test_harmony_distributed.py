@@ -1,18 +1,13 @@
 """Two gloo ranks, each with half the batch, produce the gradients and centres of one rank with all of it."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_harmony import TEMPS, tiny_batch, tiny_model
 
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from train.distributed import free_loopback_port
 
 
 def ibot_and_clip_gradients(batch, rank=0, world_size=1):
@@ -49,7 +44,7 @@ def rank_main(rank, port, out_dir):
 
 
 def test_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path):
-    mp.spawn(rank_main, args=(free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(rank_main, args=(free_loopback_port(), str(tmp_path)), nprocs=2)
     single = ibot_and_clip_gradients(tiny_batch())
     for rank in range(2):
         distributed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_harmony import tiny_batch
-from test_harmony_distributed import free_port
 
 from train import checkpoint
 from train.config import PRESETS, load_config
+from train.distributed import free_loopback_port
 from train.ema import update_teachers
 from train.schedules import Schedules, cosine
 
@@ -132,7 +132,8 @@ def rank_main(rank, port, shards, run_dir, out_dir):
 
 
 def test_two_rank_step_equals_one_rank_step_on_the_whole_batch(demo_shards, tmp_path):
-    mp.spawn(rank_main, args=(free_port(), str(demo_shards["train"]), tmp_path / "run", str(tmp_path)), nprocs=2)
+    mp.spawn(rank_main, args=(free_loopback_port(), str(demo_shards["train"]), tmp_path / "run", str(tmp_path)),
+             nprocs=2)
     single = one_step_parameters(demo_shards["train"], tmp_path / "run", tiny_batch(batch=8), 0, 1)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert ranks[0].keys() == single.keys()

@@ -5,6 +5,7 @@ NCCL on GPU, gloo on CPU. Gradients accumulate locally over the per-objective ba
 """
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,13 @@ def init_distributed():
     dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), local_rank,
                  torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def free_loopback_port():
+    """A free TCP port on 127.0.0.1, for MASTER_PORT when spawning ranks on this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def close_distributed():

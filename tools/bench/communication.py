@@ -15,7 +15,6 @@ import collections
 import contextlib
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.multiprocessing as mp
 from model.harmony import Harmony
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from train.config import load_config
-from train.distributed import average_gradients
+from train.distributed import average_gradients, free_loopback_port
 from train.pretrain import all_finite
 
 matplotlib.use("Agg")
@@ -107,16 +106,10 @@ def rank_main(rank, port, steps, result_path):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def measure(steps=2):
     with tempfile.TemporaryDirectory() as scratch:
         result_path = Path(scratch) / "result.json"
-        mp.spawn(rank_main, args=(free_port(), steps, str(result_path)), nprocs=WORLD_SIZE)
+        mp.spawn(rank_main, args=(free_loopback_port(), steps, str(result_path)), nprocs=WORLD_SIZE)
         result = json.loads(result_path.read_text())
     per_step = result["bytes_sent_per_rank_per_step"]
     gradient_all_reduce = per_step.get("gradient average / all_reduce", 0)

@@ -13,7 +13,6 @@ the GPU's bf16 peak. Writes <out>/step.json and .png.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import time
@@ -27,11 +26,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.harmony import Harmony, HarmonyConfig
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from train.config import load_config
+from train.pretrain import autocast
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
+PRECISION = {"cuda": "bf16", "cpu": "fp32"}  # the trainer's autocast: bf16 on a GPU, as the GPU presets
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 
@@ -44,14 +45,10 @@ def shapes(vit_s_batch):
     }
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-
-
 def one_step(model, inputs, device, trim):
     """{part: seconds} and {part: bytes saved for backward} of one step."""
     seconds, saved_per_part, started = {}, {}, time.perf_counter()
-    with autocast(device):
+    with autocast(torch.device(device), PRECISION[device]):
         for part, saved in backward_each_group(model, inputs, trim=trim):
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -63,7 +60,8 @@ def one_step(model, inputs, device, trim):
 def flops_per_part(model, inputs, device, trim):
     """{part: FLOPs of its forward + backward}. Attention runs through the math kernel so its matmuls count."""
     counts, previous = {}, 0
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), autocast(device):
+    with (FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH),
+          autocast(torch.device(device), PRECISION[device])):
         for part, _ in backward_each_group(model, inputs, trim=trim):
             total = counter.get_total_flops()
             counts[part], previous = total - previous, total
