@@ -173,6 +173,7 @@ def test_clip_only_baseline_trains(demo_shards, tmp_path):
 @pytest.mark.slow
 def test_short_demo_training_learns(larger_demo_shards, tmp_path):
     """The demo preset, shortened: every loss is logged, the total falls, zero-shot beats chance."""
+    from tools.eval.towers import RunTowers
     from tools.eval.zeroshot import zero_shot
     from train.pretrain import train
 
@@ -182,7 +183,7 @@ def test_short_demo_training_learns(larger_demo_shards, tmp_path):
     assert {"ibot", "clip_hard", "clip_soft", "mlm", "text_distillation", "mae"} <= set(rows[-1])
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["clip_hard"] < rows[0]["clip_hard"]
     assert (run / "plots" / "losses.png").is_file() and (run / "plots" / "schedules.png").is_file()
-    result = zero_shot(run, larger_demo_shards["heldout"])
+    result = zero_shot(RunTowers(run), larger_demo_shards["heldout"])
     # 300 held-out images at chance 1/30: 3 standard deviations above chance is 6.4%.
     assert result["top1"] > 0.064, result["top1"]
 

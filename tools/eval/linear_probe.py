@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tools.eval.towers import image_features, image_folder, load_towers
+from tools.eval.towers import RunTowers
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 KNN_K = (10, 20, 100, 200)
@@ -107,25 +107,19 @@ def knn(train_features, train_labels, test_features, test_labels, classes, ks=KN
             for k in ks}
 
 
-def probe(run_dir, train_dir, test_dir, epochs=100, device="cpu"):
-    image_tower, _, config = load_towers(run_dir, device)
-    train_samples, train_names = image_folder(train_dir)
-    test_samples, test_names = image_folder(test_dir)
+def probe(towers, train_dir, test_dir, epochs=100):
+    """Linear probe and k-NN of `towers` (a RunTowers) from one image folder to another with the same classes."""
+    train, train_labels, train_names = towers.folder(train_dir)
+    test, test_labels, test_names = towers.folder(test_dir)
     if train_names != test_names:
         raise ValueError(f"{train_dir} and {test_dir} have different classes; the probe needs the same class "
                          f"folders in both ({len(train_names)} vs {len(test_names)})")
-    splits = {}
-    for name, samples in (("train", train_samples), ("test", test_samples)):
-        features = image_features(image_tower, [path for path, _ in samples], config.global_crop_px, device=device,
-                                  desc=f"{name} features")
-        splits[name] = (features, torch.tensor([label for _, label in samples]))
-    (train, train_labels), (test, test_labels) = splits["train"], splits["test"]
     classes = len(train_names)
 
     def linear_features(features):
         return torch.cat([features["cls"], features["patch_mean"]], dim=1)  # (n, 2D)
 
-    return {"train": str(train_dir), "test": str(test_dir), "run": str(run_dir), "classes": classes,
+    return {"train": str(train_dir), "test": str(test_dir), "run": str(towers.run_dir), "classes": classes,
             "chance": round(1 / classes, 4), "test_images": len(test_labels),
             "linear": linear_probe(linear_features(train), train_labels, linear_features(test), test_labels,
                                    classes, epochs),
@@ -141,7 +135,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON result (default: <run>/eval_linear_probe.json)")
     args = parser.parse_args(argv)
     try:
-        result = probe(args.run, args.train, args.test, args.epochs)
+        result = probe(RunTowers(args.run), args.train, args.test, args.epochs)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
     out = Path(args.out or Path(args.run) / "eval_linear_probe.json")

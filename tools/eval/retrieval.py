@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from datapipe import shard_io
 from datapipe.text import clean_caption, tokenize
-from tools.eval.towers import image_features, load_towers, text_embeddings
+from tools.eval.towers import RunTowers, text_embeddings
 
 RECALL_AT = (1, 5, 10)
 
@@ -54,14 +54,14 @@ def recall_at(similarity, ks=RECALL_AT):
 
 
 @torch.no_grad()
-def retrieval(run_dir, shards_dir, device="cpu"):
-    image_tower, text_tower, config = load_towers(run_dir, device)
+def retrieval(towers, shards_dir):
+    """Recall@k both ways of `towers` (a RunTowers) on held-out pairs."""
     keys, images, captions = read_pairs(shards_dir)
-    image = image_features(image_tower, images, config.global_crop_px, device=device, desc="retrieval")["embedding"]
-    text = text_embeddings(text_tower, torch.from_numpy(tokenize(captions)).long(), device=device)
+    image = towers.image_features(images, desc="retrieval")["embedding"]
+    text = text_embeddings(towers.text, torch.from_numpy(tokenize(captions)).long(), device=towers.device)
     similarity = image @ text.T  # (images, captions)
     image_to_text, text_to_image = recall_at(similarity), recall_at(similarity.T)
-    result = {"shards": str(shards_dir), "run": str(run_dir), "pairs": len(keys)}
+    result = {"shards": str(shards_dir), "run": str(towers.run_dir), "pairs": len(keys)}
     for k in RECALL_AT:
         result[f"image_to_text_R@{k}"] = round(image_to_text[k], 4)
         result[f"text_to_image_R@{k}"] = round(text_to_image[k], 4)
@@ -78,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON result (default: <run>/eval_retrieval.json)")
     args = parser.parse_args(argv)
     try:
-        result = retrieval(args.run, args.shards)
+        result = retrieval(RunTowers(args.run), args.shards)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
     out = Path(args.out or Path(args.run) / "eval_retrieval.json")

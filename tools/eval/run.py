@@ -15,6 +15,7 @@ import matplotlib
 
 from tools.eval.linear_probe import probe
 from tools.eval.retrieval import RECALL_AT, retrieval
+from tools.eval.towers import RunTowers
 from tools.eval.zeroshot import zero_shot
 
 matplotlib.use("Agg")
@@ -22,13 +23,15 @@ import matplotlib.pyplot as plt
 
 
 def evaluate(run_dir, zeroshot_dir=None, retrieval_dir=None, probe_train=None, probe_test=None, probe_epochs=100):
-    results = {}
+    """The towers load once; a folder read by two evaluations (by default the held-out split, for zero-shot
+    and as the probe's test set) is encoded once."""
+    towers, results = RunTowers(run_dir), {}
     if zeroshot_dir:
-        results["zeroshot"] = zero_shot(run_dir, zeroshot_dir)
+        results["zeroshot"] = zero_shot(towers, zeroshot_dir)
     if retrieval_dir:
-        results["retrieval"] = retrieval(run_dir, retrieval_dir)
+        results["retrieval"] = retrieval(towers, retrieval_dir)
     if probe_train and probe_test:
-        results["linear_probe"] = probe(run_dir, probe_train, probe_test, probe_epochs)
+        results["linear_probe"] = probe(towers, probe_train, probe_test, probe_epochs)
     return results
 
 

@@ -1,5 +1,7 @@
 """What every evaluation reads: a run's EMA teacher towers, image folders, and features of images.
 
+`RunTowers` loads a run's towers once and computes each image folder's features once, so `make eval`
+encodes a folder that two evaluations read (zero-shot and the probe's test set) a single time.
 Images are resized (bicubic) and centre-cropped to the model's global crop size and normalized with
 ImageNet statistics, as the official zero-shot and linear evaluations.
 """
@@ -82,6 +84,27 @@ def image_features(image_tower, images, crop_px, batch_size=64, device="cpu", de
         parts["cls"].append(tokens[:, 0].cpu())
         parts["patch_mean"].append(tokens[:, 1:].mean(dim=1).cpu())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+class RunTowers:
+    """A run's EMA teacher towers, loaded once, and the features of each image folder, computed once."""
+
+    def __init__(self, run_dir, device="cpu"):
+        self.run_dir, self.device = Path(run_dir), device
+        self.image, self.text, self.config = load_towers(run_dir, device)
+        self._folders = {}
+
+    def image_features(self, images, desc="images"):
+        return image_features(self.image, images, self.config.global_crop_px, device=self.device, desc=desc)
+
+    def folder(self, data_dir):
+        """(features as `image_features` gives them, labels (n,), class names) of an image folder."""
+        key = Path(data_dir).resolve()
+        if key not in self._folders:
+            samples, names = image_folder(data_dir)
+            features = self.image_features([path for path, _ in samples], desc=f"{Path(data_dir).name} features")
+            self._folders[key] = (features, torch.tensor([label for _, label in samples]), names)
+        return self._folders[key]
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from datapipe.text import tokenize
-from tools.eval.towers import image_features, image_folder, load_towers, text_embeddings
+from tools.eval.towers import RunTowers, text_embeddings
 
 CLIP_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                   "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
@@ -30,18 +30,15 @@ def class_embeddings(text_tower, names, templates, device="cpu"):
 
 
 @torch.no_grad()
-def zero_shot(run_dir, data_dir, templates=CLIP_TEMPLATES, device="cpu"):
-    image_tower, text_tower, config = load_towers(run_dir, device)
-    samples, names = image_folder(data_dir)
-    classifier = class_embeddings(text_tower, names, templates, device)
-    features = image_features(image_tower, [path for path, _ in samples], config.global_crop_px, device=device,
-                              desc="zero-shot")
-    labels = torch.tensor([label for _, label in samples])
+def zero_shot(towers, data_dir, templates=CLIP_TEMPLATES):
+    """Top-1 (overall and per class) of `towers` (a RunTowers) on an image folder."""
+    features, labels, names = towers.folder(data_dir)
+    classifier = class_embeddings(towers.text, names, templates, towers.device)
     hits = ((features["embedding"] @ classifier.T).argmax(dim=1) == labels).float()
     correct = torch.zeros(len(names)).index_add_(0, labels, hits)
     counts = torch.zeros(len(names)).index_add_(0, labels, torch.ones(len(labels)))
     per_class = {name: round(float(c / n), 4) for name, c, n in zip(names, correct, counts, strict=True) if n}
-    return {"dataset": str(data_dir), "run": str(run_dir), "images": len(labels), "classes": len(names),
+    return {"dataset": str(data_dir), "run": str(towers.run_dir), "images": len(labels), "classes": len(names),
             "top1": round(float(hits.mean()), 4), "chance": round(1 / len(names), 4),
             "templates": list(templates), "per_class_top1": per_class}
 
@@ -53,7 +50,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON result (default: <run>/eval_zeroshot.json)")
     args = parser.parse_args(argv)
     try:
-        result = zero_shot(args.run, args.data)
+        result = zero_shot(RunTowers(args.run), args.data)
     except FileNotFoundError as error:
         raise SystemExit(str(error)) from None
     out = Path(args.out or Path(args.run) / "eval_zeroshot.json")
