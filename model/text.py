@@ -1,5 +1,9 @@
 """The causal CLIP text transformer (open_clip's), with one extra id for [MASK].
 
+Its MLPs use GELU, open_clip's default for towers trained from scratch (the official code keeps
+OpenAI CLIP's QuickGELU). With GELU in both towers, open_clip's own model config describes our
+image and text towers at every ViT size, so an export loads with `open_clip.create_model(...)` alone.
+
 Returns the pooled, projected EOT embedding and the token features before the final norm,
 which the MLM decoder and the text-distillation head read (HARMONY.md 2.4-2.5). open_clip's
 own forward returns the features after the final norm, so we call its parts in order.
@@ -9,7 +13,7 @@ accepts captions cut to any length T <= 77, and `trim_padding` cuts a batch to i
 """
 
 import torch
-from open_clip.transformer import QuickGELU, TextTransformer, text_global_pool
+from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 
 from model.masking import MASK_ID
@@ -34,7 +38,7 @@ class TextEncoder(nn.Module):
         self.width = width
         self.transformer = TextTransformer(
             context_length=CONTEXT_LENGTH, vocab_size=MASK_ID + 1, width=width, heads=heads, layers=layers,
-            output_dim=clip_dim, act_layer=QuickGELU, pool_type="argmax")
+            output_dim=clip_dim, act_layer=nn.GELU, pool_type="argmax")
 
     def forward(self, tokens):
         """tokens: (B, T) ids, T <= 77 -> (embedding (B, clip_dim), token features before ln_final (B, T, width))."""

@@ -3,21 +3,30 @@
     python -m tools.export timm --run runs/demo --out exported/timm
     python -m tools.export open_clip --run runs/demo --out exported/open_clip
 
-Both read `runs/<run>/teacher_weights.pt` (the EMA teachers). timm: a state dict plus
-`timm_model.json` naming the timm architecture and the keyword arguments that size it; load with
-    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=<out>/model.pth, num_classes=0),
-                      **kwargs)
-open_clip: `open_clip_config.json` and `open_clip_pytorch_model.bin`; load with
-    open_clip.create_model_and_transforms("local-dir:<out>")
-The open_clip image tower is a timm trunk, so it needs a timm-registered ViT (tiny/small/base/large,
-patch 16, 224 px).
+Both read `runs/<run>/teacher_weights.pt` (the EMA teachers) and work for every ViT size, patch
+and crop size we train, and both carry the evaluation preprocessing (resize the short side to the
+global crop size with bicubic, centre crop, ImageNet mean/std), so the libraries' own transforms
+reproduce ours.
+
+timm: timm's own folder format (`config.json` + `model.safetensors`), written by timm's
+`save_for_hf`. The CLIP projection is the classifier head (bias zero), so the model's output is the
+CLIP image embedding:
+    model = timm.create_model("local-dir:<out>", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    embedding = model(transform(image)[None])          # num_classes=0 gives the CLS token instead
+open_clip: `open_clip_config.json` (open_clip's own ViT and text configs) and
+`open_clip_pytorch_model.bin`:
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<out>")
+    tokenizer = open_clip.get_tokenizer("local-dir:<out>")
 """
 
 import argparse
 import json
 from pathlib import Path
 
+import timm
 import torch
+from timm.models import save_for_hf
 
 from datapipe.views import IMAGENET_MEAN, IMAGENET_STD
 from model.masking import MASK_ID
@@ -25,41 +34,50 @@ from model.text import CONTEXT_LENGTH
 from model.vit import VIT_SIZES, export_timm_state_dict
 from tools.eval.towers import load_towers, read_teacher_weights
 
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+
+
+def evaluation_preprocessing(config):
+    """timm's data config for tools/eval/towers.eval_transform: short side to the crop size, centre crop."""
+    return {"input_size": (3, config.global_crop_px, config.global_crop_px), "interpolation": "bicubic",
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 1.0, "crop_mode": "center"}
+
 
 def timm_architecture(config):
-    """(registered timm name, keyword arguments that resize it to this config)."""
+    """(registered timm name, keyword arguments that size it as this config's image tower, head = projection)."""
     base_size = config.vit_size if config.vit_size != "micro" else "tiny"
-    name = f"vit_{base_size}_patch16_224"
     size = VIT_SIZES[config.vit_size]
-    kwargs = {}
-    if config.vit_size == "micro":
-        kwargs.update(embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads)
-    if config.patch_size != 16 or config.global_crop_px != 224:
-        kwargs.update(patch_size=config.patch_size, img_size=config.global_crop_px)
-    return name, kwargs
+    kwargs = dict(embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads, patch_size=config.patch_size,
+                  img_size=config.global_crop_px, global_pool="token", num_classes=config.clip_dim)
+    return f"vit_{base_size}_patch16_224", kwargs
 
 
 def export_timm(run_dir, out_dir):
+    """A timm folder (config.json with the preprocessing, model.safetensors); returns it."""
     image, _, config = load_towers(run_dir)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(export_timm_state_dict(image), out_dir / "model.pth")
     name, kwargs = timm_architecture(config)
-    (out_dir / "timm_model.json").write_text(json.dumps({"model_name": name, "kwargs": kwargs}, indent=2))
-    return out_dir / "model.pth", name, kwargs
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    state = export_timm_state_dict(image)
+    state["head.weight"] = image.contrastive_projection.detach().T.contiguous()  # (clip_dim, D)
+    state["head.bias"] = torch.zeros(config.clip_dim)
+    model.load_state_dict(state)
+    # Our weights, not the registered architecture's: its pretrained tag and licence do not apply.
+    provenance = {"pretrained_cfg": {"tag": "harmony_pipe", "license": "unspecified"}}
+    save_for_hf(model, out_dir, model_config=provenance, model_args=kwargs,
+                data_config=evaluation_preprocessing(config), safe_serialization=True)
+    return Path(out_dir)
 
 
 def open_clip_config(config):
-    name, kwargs = timm_architecture(config)
-    if kwargs:
-        raise ValueError(f"open_clip builds its image tower from a registered timm name; a {config.vit_size} ViT "
-                         f"with patch {config.patch_size} at {config.global_crop_px} px is not one. Export to timm "
-                         f"instead, or train vit_size tiny/small/base/large with patch 16 at 224 px.")
+    """open_clip's model config for our towers: its own ViT (no timm trunk), so any size loads."""
+    size = VIT_SIZES[config.vit_size]
     model_cfg = {
         "embed_dim": config.clip_dim,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": config.global_crop_px, "timm_model_name": name, "timm_model_pretrained": False,
-                       "timm_pool": "token", "timm_proj": "linear"},
+        "quick_gelu": False,  # both towers use GELU (model/text.py)
+        "vision_cfg": {"image_size": config.global_crop_px, "patch_size": config.patch_size, "width": size.embed_dim,
+                       "layers": size.depth, "head_width": size.embed_dim // size.num_heads, "mlp_ratio": 4.0,
+                       "no_ln_pre": True, "pool_type": "tok", "norm_kwargs": {"eps": 1e-6}},
         "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": MASK_ID + 1, "width": config.text_width,
                      "heads": config.text_heads, "layers": config.text_layers},
     }
@@ -68,17 +86,41 @@ def open_clip_config(config):
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
+TIMM_TO_OPEN_CLIP_BLOCK = {"norm1": "ln_1", "attn.qkv.weight": "attn.in_proj_weight",
+                           "attn.qkv.bias": "attn.in_proj_bias", "attn.proj": "attn.out_proj", "norm2": "ln_2",
+                           "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def open_clip_visual_state(image):
+    """Our ViT's weights under open_clip's VisionTransformer names (prefix `visual.`)."""
+    state = image.state_dict()
+    # open_clip's patch convolution has no bias: a constant added to every patch token, so it moves
+    # into the patch positions' embeddings, which are added right after the convolution.
+    positions = state["pos_embed"][0].clone()  # (1 + N, D), CLS first
+    positions[1:] += state["patch_embed.proj.bias"]
+    visual = {"conv1.weight": state["patch_embed.proj.weight"], "class_embedding": state["cls_token"][0, 0],
+              "positional_embedding": positions, "ln_post.weight": state["norm.weight"],
+              "ln_post.bias": state["norm.bias"], "proj": state["contrastive_projection"]}  # proj: (D, clip_dim)
+    for name, tensor in state.items():
+        if name.startswith("blocks."):
+            _, number, rest = name.split(".", 2)
+            for ours, theirs in TIMM_TO_OPEN_CLIP_BLOCK.items():
+                if rest.startswith(ours):
+                    rest = theirs + rest[len(ours):]
+                    break
+            visual[f"transformer.resblocks.{number}.{rest}"] = tensor
+    return {f"visual.{name}": tensor for name, tensor in visual.items()}
+
+
 def export_open_clip(run_dir, out_dir):
     image, text, config = load_towers(run_dir)
-    open_clip_json = open_clip_config(config)
-    state = {f"visual.trunk.{name}": tensor for name, tensor in export_timm_state_dict(image).items()}
-    state["visual.head.proj.weight"] = image.contrastive_projection.detach().T.contiguous()  # (clip_dim, D)
+    state = open_clip_visual_state(image)
     state.update({name.removeprefix("transformer."): tensor for name, tensor in text.state_dict().items()})
     state["logit_scale"] = read_teacher_weights(run_dir)["logit_scale"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "open_clip_config.json").write_text(json.dumps(open_clip_json, indent=2))
-    torch.save(state, out_dir / "open_clip_pytorch_model.bin")
+    (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(config), indent=2))
+    torch.save(state, out_dir / OPEN_CLIP_WEIGHTS)
     return out_dir
 
 
@@ -90,12 +132,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.target == "timm":
-            path, name, kwargs = export_timm(args.run, args.out)
-            print(f"wrote {path}; load with timm.create_model({name!r}, pretrained=True, "
-                  f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes=0), **{kwargs})")
+            out = export_timm(args.run, args.out)
+            print(f"wrote {out}; load with timm.create_model('local-dir:{out}', pretrained=True) and its "
+                  f"transform with timm.data.create_transform(**timm.data.resolve_data_config(model=model))")
         else:
             out = export_open_clip(args.run, args.out)
-            print(f"wrote {out}; load with open_clip.create_model_and_transforms('local-dir:{out}')")
+            print(f"wrote {out}; load with open_clip.create_model_and_transforms('local-dir:{out}') and "
+                  f"open_clip.get_tokenizer('local-dir:{out}')")
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
 
