@@ -3,13 +3,12 @@
     python -m examples.train_open_clip --shards shards/demo/train --steps 200
 
 The loader gives `Batch`es; a SingleCrop batch holds one crop per image (`global_crops[0]`) and
-the caption tokens, which is all CLIP needs. A tiny model config is registered with open_clip so
-that this runs on CPU in seconds; use any open_clip model name instead (e.g. "ViT-B-32").
+the caption tokens, which is all CLIP needs. The default model is a tiny open_clip config
+(examples/open_clip_tiny/) that trains on CPU in seconds; use any open_clip model name instead
+(e.g. "ViT-B-32").
 """
 
 import argparse
-import json
-import tempfile
 from pathlib import Path
 
 import open_clip
@@ -17,22 +16,13 @@ import torch
 
 from datapipe import SingleCrop, make_loader
 
-TINY_CLIP = {"embed_dim": 64,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
-
-
-def register_tiny_clip(name="harmony-pipe-tiny-clip"):
-    config_path = Path(tempfile.mkdtemp()) / f"{name}.json"
-    config_path.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(config_path)
-    return name
+TINY_CLIP = f"local-dir:{Path(__file__).parent / 'open_clip_tiny'}"  # open_clip_config.json, no weights
 
 
 def train(shards, steps=100, batch_size=32, model_name=None, lr=1e-3, backend="auto", device="cpu", seed=0):
     """Returns the loss of every step."""
     torch.manual_seed(seed)
-    model = open_clip.create_model(model_name or register_tiny_clip(), device=device)
+    model = open_clip.create_model(model_name or TINY_CLIP, device=device)
     image_px = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     loader = make_loader(shards, SingleCrop(size_px=image_px), batch_size, backend=backend, device=device, seed=seed)
     clip_loss = open_clip.ClipLoss()
