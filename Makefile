@@ -8,21 +8,31 @@ STAMP := $(VENV)/.installed-stamp
 DATASET ?= demo
 URL_LIST ?=
 OUT ?= shards/$(DATASET)
+# make shards reads img2dataset's output from RAW: point it at a download you already have.
+RAW ?= $(OUT)/raw
 PROCESSES ?= 2
 THREADS ?= 16
 DISTRIBUTOR ?= multiprocessing
 SAMPLES_PER_SHARD ?= $(if $(filter demo,$(DATASET)),500,10000)
-ARGS ?=
+# Further options: img2dataset's own for `make download`, datapipe.shards build's for `make shards`.
+DOWNLOAD_ARGS ?=
+SHARDS_ARGS ?=
+ifneq ($(strip $(ARGS)),)
+$(error ARGS is split in two: DOWNLOAD_ARGS="..." for make download (any img2dataset option, by its own name) and SHARDS_ARGS="..." for make shards)
+endif
 CONFIG ?= demo
 NPROC ?= 1
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
 # `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty).
 EVAL_DATA ?= $(OUT)/source
-ZEROSHOT_DATA ?= $(wildcard $(EVAL_DATA)/heldout)
-RETRIEVAL_SHARDS ?= $(wildcard $(EVAL_DATA)/heldout_pairs)
-PROBE_TRAIN ?= $(wildcard $(EVAL_DATA)/probe_train)
-PROBE_TEST ?= $(wildcard $(EVAL_DATA)/heldout)
+empty :=
+space := $(empty) $(empty)
+existing = $(wildcard $(subst $(space),\ ,$(1)))# a path that exists, spaces allowed; else nothing
+ZEROSHOT_DATA ?= $(call existing,$(EVAL_DATA)/heldout)
+RETRIEVAL_SHARDS ?= $(call existing,$(EVAL_DATA)/heldout_pairs)
+PROBE_TRAIN ?= $(call existing,$(EVAL_DATA)/probe_train)
+PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
 
 .PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm crops data plot clean
 
@@ -38,37 +48,37 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 download: setup
-	$(PY) -m datapipe.download --dataset $(DATASET) --out $(OUT)/raw \
-	  $(if $(URL_LIST),--url-list $(URL_LIST)) --processes $(PROCESSES) --threads $(THREADS) \
-	  --distributor $(DISTRIBUTOR) $(ARGS)
+	$(PY) -m datapipe.download --dataset $(DATASET) --out "$(RAW)" \
+	  $(if $(URL_LIST),--url-list "$(URL_LIST)") --processes $(PROCESSES) --threads $(THREADS) \
+	  --distributor $(DISTRIBUTOR) $(DOWNLOAD_ARGS)
 
 shards: setup
-	$(PY) -m datapipe.shards build $(OUT)/raw $(OUT)/train --processes $(PROCESSES) \
-	  --samples-per-shard $(SAMPLES_PER_SHARD) $(ARGS)
+	$(PY) -m datapipe.shards build "$(RAW)" "$(OUT)/train" --processes $(PROCESSES) \
+	  --samples-per-shard $(SAMPLES_PER_SHARD) $(SHARDS_ARGS)
 
 verify: setup
-	$(PY) -m datapipe.shards verify $(OUT)/train
+	$(PY) -m datapipe.shards verify "$(OUT)/train"
 
 # Training shards, downloaded and built first when missing.
 data: setup
-	@test -f $(OUT)/raw/00000_stats.json || $(MAKE) --no-print-directory download
-	@test -f $(OUT)/train/manifest.json || $(MAKE) --no-print-directory shards
+	@test -f "$(RAW)/00000_stats.json" || $(MAKE) --no-print-directory download
+	@test -f "$(OUT)/train/manifest.json" || $(MAKE) --no-print-directory shards
 
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
 # The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train.pretrain --config $(CONFIG) \
-		data.shards=$(OUT)/train run.out_dir=$(dir $(RUN)) run.name=$(notdir $(RUN)) $(TRAIN_ARGS)
+		"data.shards=$(OUT)/train" "run.out_dir=$$(dirname "$(RUN)")" "run.name=$$(basename "$(RUN)")" $(TRAIN_ARGS)
 	@if [ -n "$(ZEROSHOT_DATA)$(RETRIEVAL_SHARDS)$(PROBE_TRAIN)" ]; then $(MAKE) --no-print-directory eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
 eval: setup
-	$(PY) -m tools.eval.run --run $(RUN) $(if $(ZEROSHOT_DATA),--zeroshot $(ZEROSHOT_DATA)) \
-		$(if $(RETRIEVAL_SHARDS),--retrieval $(RETRIEVAL_SHARDS)) \
-		$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train $(PROBE_TRAIN) --probe-test $(PROBE_TEST))
+	$(PY) -m tools.eval.run --run "$(RUN)" $(if $(ZEROSHOT_DATA),--zeroshot "$(ZEROSHOT_DATA)") \
+		$(if $(RETRIEVAL_SHARDS),--retrieval "$(RETRIEVAL_SHARDS)") \
+		$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train "$(PROBE_TRAIN)" --probe-test "$(PROBE_TEST)")
 
 plot: setup
-	$(PY) -m train.log $(RUN)
+	$(PY) -m train.log "$(RUN)"
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -83,7 +93,7 @@ bench-shards: setup
 	$(PY) -m tools.bench.shards --out runs/bench
 
 bench-data: data
-	$(PY) -m tools.bench.datapipe --shards $(OUT)/train --out runs/bench
+	$(PY) -m tools.bench.datapipe --shards "$(OUT)/train" --out runs/bench
 
 bench-memory: setup
 	$(PY) -m tools.bench.backward_memory --out runs/bench
@@ -95,7 +105,7 @@ bench-comm: setup
 	$(PY) -m tools.bench.communication --out runs/bench
 
 crops: data
-	$(PY) -m tools.show_crops --shards $(OUT)/train --out runs/crops.png
+	$(PY) -m tools.show_crops --shards "$(OUT)/train" --out runs/crops.png
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -3,6 +3,10 @@
     python -m datapipe.download --dataset demo                      # built-in, offline
     python -m datapipe.download --dataset cc3m --url-list Train_GCC-training.tsv
     python -m datapipe.download --dataset cc12m --url-list cc12m.tsv --distributor pyspark
+    python -m datapipe.download --dataset cc3m --url-list x.tsv --image_size 256 --timeout 20   # img2dataset's options
+
+Any option of img2dataset (`img2dataset.download`) may follow, under img2dataset's own name; the
+dataset preset's values (datapipe/sources.py) are the defaults it overrides.
 
 Output (`--out`, default shards/<dataset>/raw): img2dataset's {00000.tar, 00000.parquet,
 00000_stats.json, ...}. The normalized url list sits beside it as urls.parquet. A killed
@@ -17,10 +21,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from datapipe import url_list
+from datapipe import download_options, url_list
 from datapipe.sources import get_source
-
-DEMO_ROOT = Path("shards/demo/source")
 
 
 def _check_writable(folder):
@@ -61,41 +63,31 @@ def summarize(raw_dir):
     return dict(totals), dict(failures)
 
 
-def run_img2dataset(urls_parquet, raw_dir, source, processes, threads, distributor):
-    # albumentations (imported by img2dataset) asks the network for updates unless told not to.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download  # imported here: it is slow to import
+def run_img2dataset(urls_parquet, raw_dir, options):
+    """img2dataset on the normalized url list; `options` are img2dataset keywords (preset, then the user's)."""
+    from img2dataset import download  # imported here: it is slow to import (download_options set its env)
 
-    download(
-        url_list=str(urls_parquet),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        output_folder=str(raw_dir),
-        output_format="webdataset",
-        processes_count=processes,
-        thread_count=threads,
-        distributor=distributor,
-        image_size=source.image_size_px,
-        resize_mode="keep_ratio",
-        resize_only_if_bigger=True,
-        skip_reencode=True,
-        encode_format="jpg",
-        encode_quality=source.encode_quality,
-        number_sample_per_shard=source.samples_per_raw_shard,
-        retries=source.retries,
-        timeout=source.timeout_s,
-        incremental_mode="incremental",
-        enable_wandb=False,
-    )
+    try:
+        download(url_list=str(urls_parquet), input_format="parquet", url_col="url", caption_col="caption",
+                 output_folder=str(raw_dir), output_format="webdataset", **options)
+    except (ValueError, KeyError, TypeError, AssertionError) as error:
+        given = " ".join(f"--{name} {value!r}" for name, value in options.items())
+        raise SystemExit(f"error: img2dataset stopped ({type(error).__name__}: {error}); "
+                         f"its options were: {given}") from None
 
 
 def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                      distributor="multiprocessing", url_col=None, caption_col=None,
-                     demo_root=DEMO_ROOT, demo_size=3000):
-    """Runs the whole download; returns (totals, failures_by_reason)."""
+                     demo_root=None, demo_size=3000, img2dataset_options=None):
+    """Runs the whole download; returns (totals, failures_by_reason).
+
+    img2dataset_options: img2dataset keywords that override the preset's (and processes, threads,
+    distributor when they name processes_count, thread_count, distributor).
+    demo_root: where the demo set is generated (default: `source/` beside the raw folder)."""
     source = get_source(dataset)
-    _check_distributor(distributor)
+    options = {**source.download_options, "processes_count": processes, "thread_count": threads,
+               "distributor": distributor, **(img2dataset_options or {})}
+    _check_distributor(options["distributor"])
     raw_dir = Path(out)
     _check_writable(raw_dir)
     urls_parquet = raw_dir.parent / "urls.parquet"
@@ -104,18 +96,19 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
     if dataset == "demo" and url_list_path is None:
         from tools import demo_data, demo_server
 
+        demo_root = Path(demo_root) if demo_root else raw_dir.parent / "source"
         items = demo_data.ensure_generated(demo_root, num_train=demo_size)
         with demo_server.serve(Path(demo_root) / "www") as base_url:
             tsv = demo_server.write_url_list(items, base_url, raw_dir.parent / "demo_urls.tsv")
             rows = url_list.normalize(tsv, urls_parquet, source.headerless_columns, **columns)
             print(f"demo: serving {rows} entries at {base_url}")
-            run_img2dataset(urls_parquet, raw_dir, source, processes, threads, distributor)
+            run_img2dataset(urls_parquet, raw_dir, options)
     else:
         if url_list_path is None:
             raise SystemExit(f"error: dataset '{dataset}' needs a url list: URL_LIST=<file> "
                              f"(get it from {source.homepage or 'your data provider'})")
         rows = url_list.normalize(url_list_path, urls_parquet, source.headerless_columns, **columns)
-        run_img2dataset(urls_parquet, raw_dir, source, processes, threads, distributor)
+        run_img2dataset(urls_parquet, raw_dir, options)
     totals, failures = summarize(raw_dir)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
     print(f"download done: {totals.get('successes', 0)} of {totals.get('count', 0)} urls "
@@ -134,10 +127,13 @@ def main(argv=None):
     parser.add_argument("--url-col", help="url column name of a url list with a header")
     parser.add_argument("--caption-col", help="caption column name of a url list with a header")
     parser.add_argument("--demo-size", type=int, default=3000, help="training pairs in the demo set")
-    args = parser.parse_args(argv)
+    args, img2dataset_tokens = parser.parse_known_args(argv)
+    options = download_options.parse(img2dataset_tokens) if img2dataset_tokens else {}
+    # img2dataset's names for the url list's columns mean ours: the list is normalized before img2dataset reads it.
+    url_col, caption_col = options.pop("url_col", args.url_col), options.pop("caption_col", args.caption_col)
     download_dataset(args.dataset, args.out or f"shards/{args.dataset}/raw", args.url_list,
-                     args.processes, args.threads, args.distributor, args.url_col, args.caption_col,
-                     demo_size=args.demo_size)
+                     args.processes, args.threads, args.distributor, url_col, caption_col,
+                     demo_size=args.demo_size, img2dataset_options=options)
 
 
 if __name__ == "__main__":

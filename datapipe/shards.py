@@ -41,9 +41,12 @@ class UnreadableShard(Exception):
     """A raw tar that cannot be read to the end; carries only a message, so it crosses processes."""
 
 
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices, and jpeg
+
+
 def _clean_sample(raw, url, rules):
     """(sample to store, its info, pixel digest) for one raw img2dataset sample; raises Rejected."""
-    image = clean_image(raw.get("jpg", b""), rules)
+    image = clean_image(next((raw[name] for name in IMAGE_MEMBERS if name in raw), b""), rules)
     original_caption = raw.get("txt", b"").decode("utf-8", errors="replace")
     caption = text.clean_caption(original_caption)
     if not caption:

@@ -1,13 +1,19 @@
-"""Dataset presets: where a url list comes from, its columns, and how img2dataset fetches it.
+"""Dataset presets: where a url list comes from, its columns, and the img2dataset options it is fetched with.
 
-Resize policy: images whose shorter side exceeds `image_size_px` are downscaled to it
-(keep_ratio, area interpolation) and re-encoded as JPEG at `encode_quality`; smaller JPEGs
-are stored byte for byte (`skip_reencode`), so `make shards` sees the original bytes, EXIF
-orientation included, and judges them itself. 384 px keeps enough pixels for the 224-px
-global crops at scale 0.32-1.0 (a crop of 32% of a 384-px image is about 217 px wide).
+The options are img2dataset's own names; they are defaults that `make download DOWNLOAD_ARGS=...`
+overrides. Resize policy: images whose shorter side exceeds `image_size` are downscaled to it
+(keep_ratio, area interpolation) and re-encoded as JPEG at `encode_quality`; smaller JPEGs are
+stored byte for byte (`skip_reencode`), so `make shards` sees the original bytes, EXIF orientation
+included, and judges them itself. 384 px keeps enough pixels for the 224-px global crops at scale
+0.32-1.0 (a crop of 32% of a 384-px image is about 217 px wide).
 """
 
 from dataclasses import dataclass, field
+
+DOWNLOAD_OPTIONS = dict(
+    image_size=384, resize_mode="keep_ratio", resize_only_if_bigger=True, skip_reencode=True, encode_format="jpg",
+    encode_quality=95, number_sample_per_shard=10000, retries=2, timeout=10, incremental_mode="incremental",
+    enable_wandb=False)
 
 
 @dataclass(frozen=True)
@@ -17,19 +23,15 @@ class Source:
     headerless_columns: tuple = ("url", "caption")
     url_column: str = "url"
     caption_column: str = "caption"
-    image_size_px: int = 384
-    encode_quality: int = 95
-    samples_per_raw_shard: int = 10000
-    retries: int = 2
-    timeout_s: int = 10
+    download_options: dict = field(default_factory=lambda: dict(DOWNLOAD_OPTIONS))  # img2dataset's names
     homepage: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 SOURCES = {
     "demo": Source(
-        name="demo", headerless_columns=("caption", "url"), image_size_px=256,
-        samples_per_raw_shard=1000, retries=0, timeout_s=5,
+        name="demo", headerless_columns=("caption", "url"),
+        download_options={**DOWNLOAD_OPTIONS, "image_size": 256, "number_sample_per_shard": 1000, "retries": 0,
+                          "timeout": 5},
         homepage="built in: tools/demo_data.py, served on 127.0.0.1"),
     # Conceptual Captions 3M: Train_GCC-training.tsv, no header, caption<TAB>url.
     "cc3m": Source(

@@ -1,0 +1,110 @@
+"""img2dataset's own options through `make download`, and the README's data-path examples run as written."""
+
+import csv
+import io
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from datapipe import download, download_options, shard_io
+from tools import demo_data, demo_server
+
+REPO = Path(__file__).parents[1]
+
+
+def test_options_take_img2dataset_names_and_types():
+    options = download_options.parse(["--image_size", "256", "--resize-mode=keep_ratio", "--resize_only_if_bigger",
+                                      "--timeout", "20", "--user_agent_token", "img2dataset",
+                                      "--disallowed_header_directives", "[]", "--max_aspect_ratio", "3.5",
+                                      "--skip_reencode", "false", "--save_additional_columns", "a,b"])
+    assert options == dict(image_size=256, resize_mode="keep_ratio", resize_only_if_bigger=True, timeout=20,
+                           user_agent_token="img2dataset", disallowed_header_directives=[], max_aspect_ratio=3.5,
+                           skip_reencode=False, save_additional_columns=["a", "b"])
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (["--imagesize", "256"], "no option --imagesize; did you mean --image_size"),
+    (["--image_size", "big"], "--image_size takes a number"),
+    (["--resize_mode", "stretch"], "not one of img2dataset's choices: no, keep_ratio"),
+    (["--skip_reencode", "maybe"], "takes true or false"),
+    (["--output_folder", "x"], "set by make download: the output folder is OUT"),
+    (["--output_format", "parquet"], "always webdataset"),
+    (["--timeout"], "--timeout needs a value"),
+    (["256"], "unexpected argument '256'"),
+])
+def test_bad_options_are_refused_with_the_fix(tokens, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        download_options.parse(tokens)
+
+
+def test_user_options_override_the_preset(tmp_path):
+    """The demo preset stores images up to 256 px; --image_size 48 makes img2dataset downscale to 48."""
+    download.main(["--dataset", "demo", "--out", str(tmp_path / "raw"), "--demo-size", "10", "--processes", "1",
+                   "--threads", "4", "--image_size", "48", "--skip_reencode", "false"])
+    sides = [min(Image.open(io.BytesIO(sample["jpg"])).size)
+             for sample in shard_io.read_samples(sorted((tmp_path / "raw").glob("*.tar")))]
+    assert sides and max(sides) <= 48
+
+
+# --- the README's `make download` / `make shards` lines, run as written ---------------------------
+
+def readme_make_commands():
+    lines = (REPO / "README.md").read_text().splitlines()
+    return [shlex.split(line.strip()) for line in lines if line.strip().startswith(("make download", "make shards"))]
+
+
+def write_url_list(path, dataset, arguments, rows):
+    """`rows` (caption, url) in the format the README command expects for `dataset`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if dataset == "custom":
+        names = dict(zip(("url", "caption"), ("url", "caption"), strict=True))
+        download_args = shlex.split(arguments.get("DOWNLOAD_ARGS", ""))
+        for flag, column in (("--url-col", "url"), ("--caption-col", "caption")):
+            if flag in download_args:
+                names[column] = download_args[download_args.index(flag) + 1]
+        with open(path, "w", newline="") as out:
+            writer = csv.writer(out, delimiter="\t" if path.suffix == ".tsv" else ",")
+            writer.writerow([names["caption"], names["url"]])
+            writer.writerows(rows)
+    else:
+        columns = {"cc3m": lambda c, u: f"{c}\t{u}", "cc12m": lambda c, u: f"{u}\t{c}"}[dataset]
+        path.write_text("".join(columns(caption, url) + "\n" for caption, url in rows))
+
+
+def test_readme_data_examples_run_as_written(tmp_path):
+    """Every README line starting with `make download` or `make shards`, with its url list and folders under a
+    folder whose name has a space; the url list holds a small demo set served on 127.0.0.1."""
+    commands = readme_make_commands()
+    assert len(commands) >= 4, commands
+    base = tmp_path / "with space"
+    items = demo_data.ensure_generated(tmp_path / "source", num_train=12, heldout_per_class=1, probe_per_class=1,
+                                       heldout_pairs=2)
+    with demo_server.serve(tmp_path / "source" / "www") as base_url:
+        rows = [(item.caption, f"{base_url}/{item.path}") for item in items]
+        for command in commands:
+            targets = [word for word in command[1:] if "=" not in word]
+            arguments = dict(word.split("=", 1) for word in command[1:] if "=" in word)
+            dataset = arguments.get("DATASET", "demo")
+            if "URL_LIST" in arguments:
+                arguments["URL_LIST"] = str(base / "lists" / Path(arguments["URL_LIST"]).name)
+                write_url_list(Path(arguments["URL_LIST"]), dataset, arguments, rows)
+            arguments["OUT"] = str(base / arguments.get("OUT", f"shards/{dataset}"))
+            if "RAW" in arguments:  # an img2dataset download the user already has: the cc3m one above
+                arguments["RAW"] = str(base / "shards" / "cc3m" / "raw")
+                arguments["OUT"] += "-from-raw"
+            done = subprocess.run(["make", "--no-print-directory", *targets,
+                                   *[f"{name}={value}" for name, value in arguments.items()]],
+                                  cwd=REPO, capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "CI": os.environ.get("CI", "")})
+            assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
+            if "shards" in targets:
+                assert (Path(arguments["OUT"]) / "train" / "manifest.json").is_file(), command
+
+
+def test_make_refuses_the_old_args_variable():
+    done = subprocess.run(["make", "-n", "shards", "ARGS=--compress"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0 and "DOWNLOAD_ARGS" in done.stderr and "SHARDS_ARGS" in done.stderr
