@@ -89,11 +89,27 @@ def _worker_context():
     return context
 
 
+UNGUARDED_SCRIPT = (
+    "backend='torch' with num_workers > 0 starts worker processes from a fork server, and each worker runs the "
+    "script that made the loader again from its top. Put the code that makes and iterates the loader under "
+    "`if __name__ == \"__main__\":`, or pass num_workers=0, or use backend='dali' (threads, no processes).")
+
+
 def torch_batches(plan, start_batch, dtype, num_workers, pin_memory):
     """Iterator of (batch index, Batch) in plan order."""
+    if num_workers and getattr(multiprocessing.current_process(), "_inheriting", False):
+        # We are a worker still importing the user's script: the script has no __main__ guard.
+        raise RuntimeError(f"a DataLoader worker re-ran your script: {UNGUARDED_SCRIPT}")
     # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
     # training run would see different random numbers from an uninterrupted one.
-    return iter(DataLoader(TorchBatches(plan, start_batch, dtype), batch_size=None, num_workers=num_workers,
-                           pin_memory=pin_memory, prefetch_factor=2 if num_workers else None,
-                           multiprocessing_context=_worker_context() if num_workers else None,
-                           generator=torch.Generator().manual_seed(plan.seed)))
+    batches = iter(DataLoader(TorchBatches(plan, start_batch, dtype), batch_size=None, num_workers=num_workers,
+                              pin_memory=pin_memory, prefetch_factor=2 if num_workers else None,
+                              multiprocessing_context=_worker_context() if num_workers else None,
+                              generator=torch.Generator().manual_seed(plan.seed)))
+    try:
+        yield from batches
+    except RuntimeError as error:
+        if "exited unexpectedly" not in str(error):
+            raise
+        raise RuntimeError(f"{error}: its error is printed above. If it says a worker re-ran your script: "
+                           f"{UNGUARDED_SCRIPT}") from None

@@ -1,5 +1,9 @@
 """make_loader: rank split, reproducible order, exact resume, bad samples, the Batch contract."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +136,16 @@ def test_dali_gpu_decode_gives_the_same_samples_on_the_device(demo_shards):
     assert batch.global_crops.is_cuda and batch.global_crops.dtype == torch.bfloat16 and batch.tokens.is_cuda
     cpu = next(iter(make_loader(demo_shards["train"], SMALL, 8, backend="dali", seed=1)))
     assert batch.keys == cpu.keys
+
+
+def test_a_script_without_main_guard_gets_the_fix_named(demo_shards, tmp_path):
+    """Torch workers start from a fork server and re-run the user's script; without the guard that must say so."""
+    script = tmp_path / "train.py"
+    script.write_text("from datapipe import SingleCrop, make_loader\n"
+                      f"loader = make_loader({str(demo_shards['train'])!r}, SingleCrop(size_px=32), 8, "
+                      "backend='torch', num_workers=1)\n"
+                      "next(iter(loader))\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert 'if __name__ == "__main__":' in done.stderr.splitlines()[-1], done.stderr[-2000:]
