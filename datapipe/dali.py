@@ -1,11 +1,18 @@
 """The DALI backend: decode and multi-crop on the GPU (`mixed` decode) or on CPU threads.
 
 The epoch plan feeds JPEG bytes through `external_source`, so DALI and the torch reference read
-the same samples in the same order. Per crop, per sample, the same steps and probabilities as
-the reference (HARMONY.md 5.2), with two differences in detail: DALI's colour twist applies
-brightness, contrast, saturation and hue in a fixed order (torchvision picks a random order),
-and its contrast pivots on mid-grey rather than on the image's mean grey. Flips are applied
-last, inside crop_mirror_normalize; they commute with every other step.
+the same samples in the same order. Every random choice (crop window, flip, jitter factors, grey,
+blur and its sigma, solarize) is drawn per sample by `datapipe.draws` from the sample's seed and fed
+beside the bytes, so the augmentations do not depend on where a pipeline started: a resumed run
+sees exactly what an uninterrupted one saw. Per crop, the same steps and probabilities as the
+reference (HARMONY.md 5.2), with two differences in detail: DALI's colour twist applies
+brightness, contrast, saturation and hue in a fixed order (torchvision picks a random order), and
+its contrast pivots on mid-grey rather than on the image's mean grey. Flips are applied last,
+inside crop_mirror_normalize; they commute with every other step.
+
+A sample DALI cannot decode (a truncated body, say) fails its whole batch: the batch's samples are
+then decoded one by one to find it, it is marked unreadable in the plan, and the pipeline is
+rebuilt at that batch, where a reserve sample takes its place, as on the torch backend.
 """
 
 import numpy as np
@@ -14,84 +21,72 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from datapipe.batch import assemble
+from datapipe.draws import COLUMN, crop_parameters
 
 
-def _maybe(probability):
-    """A per-sample boolean that is True with `probability`."""
-    return fn.random.coin_flip(probability=probability, dtype=types.BOOL)
-
-
-def _uniform(low, high):
-    """Per-sample U(low, high); a constant when the range is a single value (DALI needs low < high)."""
-    return float(low) if low == high else fn.random.uniform(range=[float(low), float(high)])
-
-
-def _jitter_factor(applied, spread):
-    """1 + U(-spread, spread) where the jitter applies, else 1 (per sample)."""
-    return 1.0 if spread == 0 else 1.0 + applied * _uniform(-spread, spread)
-
-
-def _blur_sometimes(images, crop):
-    if _maybe(crop.blur_prob):  # a per-sample DALI conditional: only chosen samples are blurred
-        images = fn.gaussian_blur(images, sigma=_uniform(*crop.blur_sigma))
-    return images
-
-
-def _solarize_sometimes(images, crop):
-    if _maybe(crop.solarize_prob):
-        inverted = 255 - images
-        threshold = crop.solarize_threshold
-        images = fn.cast((images < threshold) * images + (images >= threshold) * inverted, dtype=types.UINT8)
-    return images
-
-
-def _augment(images, crop, mean, std, crop_dtype):
-    images = fn.random_resized_crop(images, size=[crop.size_px, crop.size_px], random_area=list(crop.scale),
-                                    random_aspect_ratio=list(crop.ratio), interp_type=types.INTERP_CUBIC,
-                                    antialias=True)
+def _augment(images, crop, parameters, mean, std, crop_dtype):
+    """One crop of every sample; `parameters` is this crop's (len(PARAMETERS),) float vector per sample."""
+    images = fn.resize(images, size=[crop.size_px, crop.size_px], roi_start=parameters[0:2],
+                       roi_end=parameters[2:4], roi_relative=False, interp_type=types.INTERP_CUBIC,
+                       antialias=True)  # the window (top, left) to (bottom, right), then resized
     if crop.jitter_prob > 0 or crop.grayscale_prob > 0:
-        applied = fn.cast(fn.random.coin_flip(probability=float(crop.jitter_prob)), dtype=types.FLOAT)
-        keep_colour = 1.0 - fn.cast(fn.random.coin_flip(probability=float(crop.grayscale_prob)), dtype=types.FLOAT)
-        hue_degrees = 0.0 if crop.hue == 0 else applied * _uniform(-crop.hue * 360, crop.hue * 360)
-        images = fn.color_twist(images, brightness=_jitter_factor(applied, crop.brightness),
-                                contrast=_jitter_factor(applied, crop.contrast),
-                                saturation=_jitter_factor(applied, crop.saturation) * keep_colour, hue=hue_degrees)
-    if crop.blur_prob > 0:
-        images = _blur_sometimes(images, crop)
-    if crop.solarize_prob > 0:
-        images = _solarize_sometimes(images, crop)
+        images = fn.color_twist(images, brightness=parameters[COLUMN["brightness"]],
+                                contrast=parameters[COLUMN["contrast"]], saturation=parameters[COLUMN["saturation"]],
+                                hue=parameters[COLUMN["hue_degrees"]])
+    if crop.blur_prob > 0:  # noqa: SIM102 (a Python choice around a per-sample DALI conditional)
+        if parameters[COLUMN["blur"]] > 0.5:  # a per-sample DALI conditional: only chosen samples are blurred
+            images = fn.gaussian_blur(images, sigma=parameters[COLUMN["blur_sigma"]])
+    if crop.solarize_prob > 0:  # noqa: SIM102 (as above)
+        if parameters[COLUMN["solarize"]] > 0.5:
+            threshold = crop.solarize_threshold
+            images = fn.cast((images < threshold) * images + (images >= threshold) * (255 - images),
+                             dtype=types.UINT8)
     return fn.crop_mirror_normalize(images, dtype=crop_dtype, output_layout="CHW",
                                     mean=[255 * value for value in mean], std=[255 * value for value in std],
-                                    mirror=fn.random.coin_flip(probability=float(crop.flip_prob)))
+                                    mirror=fn.cast(parameters[COLUMN["flip"]], dtype=types.INT32))
 
 
 @pipeline_def(enable_conditionals=True)
 def _multicrop_pipeline(source, recipe, gpu, crop_dtype):
-    jpegs = fn.external_source(source=source, batch=True, batch_info=True, dtype=types.UINT8)
+    jpegs, *parameters = fn.external_source(source=source, num_outputs=1 + len(recipe.crops), batch=True,
+                                            batch_info=True, dtype=[types.UINT8] + [types.FLOAT] * len(recipe.crops))
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    return tuple(_augment(images, crop, recipe.mean, recipe.std, crop_dtype) for crop in recipe.crops)
+    # DALI's autograph has no zip(strict=...): the two lists have one entry per crop by construction.
+    return tuple(_augment(images, crop, parameters[number], recipe.mean, recipe.std, crop_dtype)
+                 for number, crop in enumerate(recipe.crops))
+
+
+@pipeline_def(batch_size=1, num_threads=1)
+def _decode_pipeline(source, gpu):
+    jpeg = fn.external_source(source=source, batch=False, dtype=types.UINT8)
+    return fn.decoders.image(jpeg, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
 
 class DaliBatches:
     """Iterator of (batch index, Batch) in plan order, from `start_batch` to the end of the epoch."""
 
     def __init__(self, plan, start_batch, dtype, device, num_threads):
-        self.plan, self.dtype = plan, dtype
+        self.plan, self.dtype, self.num_threads = plan, dtype, num_threads
+        self.gpu = device.type == "cuda"
+        self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if self.gpu else None
+        # DALI has no bf16: fp16 halves the transfer, and the cast to bf16 happens on the device.
+        self.crop_dtype = types.FLOAT if dtype == torch.float32 else types.FLOAT16
+        self.names = [f"crop{number}" for number in range(len(plan.recipe.crops))]
+        self._start(start_batch)
+
+    def _start(self, start_batch):
+        """A fresh pipeline whose first batch is `start_batch` (its output depends on nothing else)."""
         self.pending = {}  # batch index -> RawBatch fed to DALI and not yet returned
         self.next_index = start_batch
-        gpu = device.type == "cuda"
-        # DALI has no bf16: fp16 halves the transfer, and the cast to bf16 happens on the device.
-        crop_dtype = types.FLOAT if dtype == torch.float32 else types.FLOAT16
-        seed = int(np.random.SeedSequence([plan.seed, plan.epoch, plan.rank, start_batch]).generate_state(1)[0] >> 1)
-        self.names = [f"crop{number}" for number in range(len(plan.recipe.crops))]
-        device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
+        if start_batch >= self.plan.num_batches:
+            self.iterator = iter(())
+            return
         pipeline = _multicrop_pipeline(
-            source=self._feed, recipe=plan.recipe, gpu=gpu, crop_dtype=crop_dtype,
-            batch_size=plan.batch_size, num_threads=num_threads, seed=seed, device_id=device_id,
+            source=self._feed, recipe=self.plan.recipe, gpu=self.gpu, crop_dtype=self.crop_dtype,
+            batch_size=self.plan.batch_size, num_threads=self.num_threads, device_id=self.device_id,
             prefetch_queue_depth=2)
-        finished = start_batch >= plan.num_batches
-        self.iterator = iter(()) if finished else DALIGenericIterator([pipeline], self.names, size=-1,
-                                                                      auto_reset=False)
+        self.iterator = DALIGenericIterator([pipeline], self.names, size=-1, auto_reset=False)
 
     def _feed(self, info):
         index = self.next_index + len(self.pending)
@@ -99,7 +94,21 @@ class DaliBatches:
             raise StopIteration
         raw = self.plan.read_batch(index)
         self.pending[index] = raw
-        return [np.frombuffer(jpeg, dtype=np.uint8) for jpeg in raw.jpegs]
+        parameters = [crop_parameters(crop, number, raw.sample_seeds, raw.sizes_px)
+                      for number, crop in enumerate(self.plan.recipe.crops)]
+        return [[np.frombuffer(jpeg, dtype=np.uint8) for jpeg in raw.jpegs], *parameters]
+
+    def _undecodable(self, raw):
+        """[(location, reason)] of the samples of `raw` that DALI's decoder refuses, one at a time."""
+        found = []
+        for location, jpeg in zip(raw.locations, raw.jpegs, strict=True):
+            pipeline = _decode_pipeline(source=_constant(np.frombuffer(jpeg, dtype=np.uint8)), gpu=self.gpu,
+                                        device_id=self.device_id)
+            try:
+                pipeline.run()
+            except RuntimeError as error:
+                found.append((location, f"jpg does not decode: {_first_message(error)}"))
+        return found
 
     def __iter__(self):
         return self
@@ -109,12 +118,31 @@ class DaliBatches:
         try:
             outputs = next(self.iterator)[0]
         except RuntimeError as error:
-            keys = self.pending[index].keys if index in self.pending else []
-            raise RuntimeError(
-                f"DALI could not decode or augment batch {index} (first keys {keys[:3]}): "
-                f"{str(error).splitlines()[0]}. Check the shards with `make verify`, or use backend='torch', "
-                f"which skips undecodable samples.") from None
+            failed = [raw for number, raw in sorted(self.pending.items()) if number >= index]
+            undecodable = [found for raw in failed for found in self._undecodable(raw)]
+            checked = sum(len(raw.jpegs) for raw in failed)
+            if not undecodable or len(undecodable) == checked:  # none or all: the data is not what failed
+                keys = self.pending[index].keys if index in self.pending else []
+                raise RuntimeError(
+                    f"DALI failed on batch {index} (first keys {keys[:3]}): {_first_message(error)}; decoded one "
+                    f"at a time, {len(undecodable)} of its {checked} samples fail. Check the shards with "
+                    f"`make verify`, or try backend='torch'.") from None
+            for location, reason in undecodable:
+                self.plan.mark_unreadable(location, reason)
+            self._start(index)  # the same batch again, with reserve samples in place of these
+            return next(self)
         raw = self.pending.pop(index)
         self.next_index += 1
         crops = [outputs[name] for name in self.names]
         return index, assemble(crops, raw, self.plan.recipe, self.dtype)
+
+
+def _constant(value):
+    """An external_source callback that takes no argument and gives `value`."""
+    return lambda: value
+
+
+def _first_message(error):
+    """The first line of a DALI error that says something (DALI prefixes 'Critical error in pipeline:')."""
+    lines = [line for line in str(error).splitlines() if line.strip() and "Critical error" not in line]
+    return (lines or [str(error)])[0].strip()

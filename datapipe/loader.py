@@ -11,22 +11,32 @@ BACKENDS = ("auto", "dali", "torch")
 
 
 def _distributed_defaults(rank, world_size):
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = 0, 1
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: the rank must be in 0 .. world_size - 1")
+    return rank, world_size
 
 
 class Loader:
-    """Iterates the rest of the current epoch; `set_epoch` moves to another one.
+    """Iterates the rest of the current epoch; `set_epoch` moves to another one, and iterating again after
+    an epoch has ended starts the next one.
 
-    `state_dict()` after receiving batch k of epoch e resumes with batch k + 1 of epoch e.
+    `state_dict()` after receiving batch k of epoch e resumes with batch k + 1 of epoch e, on any number of
+    ranks with the same global batch (batch_size x world_size).
     `skipped` lists (key, reason) of every unreadable sample replaced so far.
     """
 
     def __init__(self, shards, recipe, batch_size, backend, device, rank, world_size, seed, epoch, dtype,
                  num_workers, shuffle_window):
+        for name, value in (("batch_size", batch_size), ("shuffle_window", shuffle_window)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: it must be a whole number of samples, at least 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}: use 0 or more")
         self.shards = ShardSet.from_path(shards)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,8 +47,8 @@ class Loader:
         self.epoch, self.batches_done = epoch, 0
         self.skipped = []
         if len(self) == 0:
-            raise ValueError(f"{self.shards.root}: {self.shards.total} samples over {self.world_size} rank(s) "
-                             f"do not fill one batch of {batch_size}; lower batch_size")
+            raise ValueError(f"{self.shards.root}: {self.shards.total} samples do not fill one global batch of "
+                             f"{batch_size} x {self.world_size} rank(s); lower batch_size")
 
     def _pick_backend(self, backend):
         if backend not in BACKENDS:
@@ -52,18 +62,31 @@ class Loader:
         if epoch != self.epoch:
             self.epoch, self.batches_done = epoch, 0
 
+    @property
+    def global_batch_size(self):
+        return self.batch_size * self.world_size
+
     def state_dict(self):
+        """Where the epoch's global sample sequence stands, and what that sequence depends on."""
         return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+                "global_batch_size": self.global_batch_size, "shuffle_window": self.shuffle_window,
+                "shards": self.shards.fingerprint, "world_size": self.world_size}
 
     def load_state_dict(self, state):
-        for name in ("seed", "world_size", "batch_size"):
-            if state[name] != getattr(self, name):
-                raise ValueError(f"cannot resume exactly: the saved loader had {name}={state[name]}, this one has "
-                                 f"{getattr(self, name)}; resume with the same {name}")
+        """Continue the saved loader's sequence; refuses what would change it (any world size is fine)."""
+        fixes = {"seed": "the same seed", "global_batch_size": "batch_size x world_size equal to it",
+                 "shuffle_window": "the same shuffle_window",
+                 "shards": "the same training shards (the manifest's shard list changed since)"}
+        mine = {name: value for name, value in self.state_dict().items() if name in fixes}
+        for name, fix in fixes.items():
+            if state.get(name) != mine[name]:
+                raise ValueError(f"cannot resume exactly: the saved loader had {name}={state.get(name)}, this one has "
+                                 f"{mine[name]}; resume with {fix}")
         self.epoch, self.batches_done = state["epoch"], state["batches_done"]
 
     def __iter__(self):
+        if self.batches_done >= len(self):  # the epoch is over: iterating again means the next one
+            self.epoch, self.batches_done = self.epoch + 1, 0
         plan = EpochPlan(self.shards, self.recipe, self.batch_size, self.seed, self.epoch, self.rank,
                          self.world_size, self.shuffle_window)
         on_gpu = self.device.type == "cuda"

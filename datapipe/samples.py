@@ -1,24 +1,32 @@
 """Which samples each rank reads in an epoch, and reading them from the training shards.
 
 Order policy (both backends share it, so they yield the same keys):
-1. Each epoch, the shard order is shuffled with (seed, epoch).
-2. The samples of the shuffled shards, in file order, are cut into `world_size` contiguous, equal
-   slices; rank r reads slice r. Ranks are disjoint, cover the epoch, read few shards each, and
-   differ in size by nothing: uneven shard counts or sizes only move the cut points. The last
-   `total % world_size` samples of the epoch are left out (other ones each epoch).
-3. Within a rank, samples are shuffled inside windows of `shuffle_window` samples with
-   (seed, epoch, rank).
-4. Batches are consecutive runs of `batch_size`; the tail that does not fill a batch is the
-   reserve that replaces samples found unreadable.
+1. Each epoch has one global sample sequence, a pure function of (shards, seed, epoch,
+   shuffle_window): the shard order is shuffled with (seed, epoch), and the samples of the shuffled
+   shards, in file order, are shuffled inside consecutive windows of `shuffle_window` samples
+   with (seed, epoch, window).
+2. Global batch b is positions [b * G, (b + 1) * G) of the sequence, G = batch_size * world_size;
+   rank r takes the r-th run of batch_size positions in it. The number of ranks therefore only
+   changes who reads a sample, never the sequence: a run may resume on another number of ranks
+   with the same global batch and continue it, none repeated and none skipped (elastic resume).
+3. The tail of the sequence that does not fill a global batch is the reserve that replaces
+   samples found unreadable (other samples each epoch).
+4. Every random draw for a sample (crops, colour, masks) comes from its seed, a function of
+   (seed, epoch, position in the sequence): never of where a run started or how many ranks it has.
 Samples are read by offset through the DALI index of each shard, so any position can be read
 directly: resuming at batch k reads nothing before it.
 """
 
+import hashlib
+import io
 import json
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from datapipe.masks import ibot_masks
 from datapipe.shard_io import read_dali_index
@@ -35,6 +43,7 @@ class ShardSet:
     root: Path
     names: tuple[str, ...]  # tar file names
     sizes: tuple[int, ...]  # samples per shard
+    fingerprint: str = ""  # of the manifest's shard list (names, sizes, hashes): what a resume must find again
 
     @classmethod
     def from_path(cls, path):
@@ -56,7 +65,9 @@ class ShardSet:
                                         f"rebuild the shards with `make shards`")
         if not names:
             raise ValueError(f"{manifest_path} lists no shards: every sample was rejected, see report.md")
-        return cls(root, names, tuple(shard["samples"] for shard in manifest["shards"]))
+        content = json.dumps([[shard["name"], shard["samples"], shard.get("sha256")] for shard in manifest["shards"]])
+        return cls(root, names, tuple(shard["samples"] for shard in manifest["shards"]),
+                   hashlib.sha256(content.encode()).hexdigest()[:16])
 
     @property
     def total(self):
@@ -64,29 +75,58 @@ class ShardSet:
 
 
 def batches_per_epoch(total, world_size, batch_size):
-    return (total // world_size) // batch_size
+    return total // (world_size * batch_size)
 
 
-def rank_order(shards, seed, epoch, rank, world_size, shuffle_window):
+class EpochOrder:
+    """The epoch's global sample sequence: `order[positions]` -> (n, 2) (shard number, sample number in shard).
+
+    Computed a window at a time (a few recent windows are kept), so memory does not grow with the dataset."""
+
+    CACHED_WINDOWS = 4
+
+    def __init__(self, sizes, seed, epoch, shuffle_window):
+        self.seed, self.epoch, self.window_size = seed, epoch, shuffle_window
+        self.shard_order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
+        sizes = np.asarray(sizes)[self.shard_order]
+        self.ends = np.cumsum(sizes)  # sequence positions where each shuffled shard ends
+        self.starts = self.ends - sizes
+        self.total = int(self.ends[-1]) if len(sizes) else 0
+        self._windows = {}
+
+    def _window(self, number):
+        """Sequence indices (before shuffling) of window `number`, in their shuffled order."""
+        if number not in self._windows:
+            start = number * self.window_size
+            count = min(self.window_size, self.total - start)
+            permutation = np.random.default_rng([self.seed, self.epoch, number]).permutation(count)
+            if len(self._windows) == self.CACHED_WINDOWS:
+                self._windows.pop(next(iter(self._windows)))
+            self._windows[number] = start + permutation
+        return self._windows[number]
+
+    def __getitem__(self, positions):
+        positions = np.atleast_1d(np.asarray(positions, dtype=np.int64))
+        unshuffled = np.empty_like(positions)
+        for window in np.unique(positions // self.window_size):
+            chosen = positions // self.window_size == window
+            unshuffled[chosen] = self._window(int(window))[positions[chosen] - window * self.window_size]
+        slot = np.searchsorted(self.ends, unshuffled, side="right")  # which shuffled shard holds it
+        return np.stack([self.shard_order[slot], unshuffled - self.starts[slot]], axis=1)
+
+
+def rank_positions(batch_index, rank, world_size, batch_size):
+    """Sequence positions of this rank's share of global batch `batch_index`."""
+    first = batch_index * world_size * batch_size + rank * batch_size
+    return np.arange(first, first + batch_size)
+
+
+def rank_order(shards, seed, epoch, rank, world_size, batch_size, shuffle_window):
     """(n, 2) int64 array of (shard number, sample number in shard): this rank's samples this epoch, in order."""
-    shard_order = np.random.default_rng([seed, epoch]).permutation(len(shards.sizes))
-    sizes = np.asarray(shards.sizes)[shard_order]
-    ends = np.cumsum(sizes)
-    per_rank = shards.total // world_size
-    first, last = rank * per_rank, (rank + 1) * per_rank  # this rank's slice of the epoch's sequence
-    pieces = []
-    for position, shard in enumerate(shard_order):
-        start = ends[position] - sizes[position]
-        low, high = max(first, start), min(last, ends[position])
-        if low < high:
-            samples = np.arange(low - start, high - start)
-            pieces.append(np.stack([np.full_like(samples, shard), samples], axis=1))
-    order = np.concatenate(pieces)
-    rng = np.random.default_rng([seed, epoch, rank])
-    for start in range(0, len(order), shuffle_window):
-        window = order[start:start + shuffle_window]
-        window[:] = window[rng.permutation(len(window))]
-    return order
+    order = EpochOrder(shards.sizes, seed, epoch, shuffle_window)
+    batches = batches_per_epoch(shards.total, world_size, batch_size)
+    positions = [rank_positions(batch, rank, world_size, batch_size) for batch in range(batches)]
+    return order[np.concatenate(positions)] if positions else np.empty((0, 2), dtype=np.int64)
 
 
 class UnreadableSample(Exception):
@@ -96,10 +136,12 @@ class UnreadableSample(Exception):
 class SampleReader:
     """Reads one sample's JPEG and tokens by offset; checks what can be checked without decoding."""
 
+    OPEN_FILES = 64  # shards kept open at once, least recently used closed first
+
     def __init__(self, shards):
         self.shards = shards
         self._indexes = {}
-        self._files = {}
+        self._files = OrderedDict()
 
     def key(self, shard, sample):
         stem = self.shards.names[shard].removesuffix(".tar")
@@ -112,13 +154,16 @@ class SampleReader:
 
     def _read(self, shard, offset, size):
         if shard not in self._files:
+            if len(self._files) == self.OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
             self._files[shard] = open(self.shards.root / self.shards.names[shard], "rb")  # noqa: SIM115 (kept open)
+        self._files.move_to_end(shard)
         handle = self._files[shard]
         handle.seek(offset)
         return handle.read(size)
 
     def read(self, shard, sample):
-        """(jpeg bytes, tokens (77,) int64 array); raises UnreadableSample with the reason."""
+        """(jpeg bytes, (height, width) px, tokens (77,) int64 array); raises UnreadableSample with the reason."""
         _, components = self._index(shard)[sample]
         for extension in ("jpg", "tokens"):
             if extension not in components:
@@ -126,13 +171,14 @@ class SampleReader:
         jpeg = self._read(shard, *components["jpg"])
         if not jpeg.startswith(JPEG_START):
             raise UnreadableSample("jpg does not start with a JPEG marker")
+        size_px = jpeg_size(jpeg)
         token_bytes = self._read(shard, *components["tokens"])
         if len(token_bytes) != TOKEN_BYTES:
             raise UnreadableSample(f"tokens has {len(token_bytes)} bytes, expected {TOKEN_BYTES}")
         tokens = np.frombuffer(token_bytes, dtype="<i4").astype(np.int64)
         if tokens[0] != SOT_ID or EOT_ID not in tokens or tokens.max() > EOT_ID or tokens.min() < 0:
             raise UnreadableSample("tokens are not SOT ... EOT with ids in the CLIP vocabulary")
-        return jpeg, tokens
+        return jpeg, size_px, tokens
 
     def close(self):
         for handle in self._files.values():
@@ -140,7 +186,23 @@ class SampleReader:
         self._files.clear()
 
     def __getstate__(self):  # DataLoader workers open their own files
-        return {"shards": self.shards, "_indexes": {}, "_files": {}}
+        return {"shards": self.shards, "_indexes": {}, "_files": OrderedDict()}
+
+
+def jpeg_size(jpeg):
+    """(height, width) px from the JPEG's header, without decoding it; UnreadableSample if the header is broken.
+
+    The crop windows are drawn from the image size before DALI decodes it, so a damaged header is caught here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(jpeg), formats=["JPEG"])
+            width, height = image.size
+    except Exception as error:  # noqa: BLE001 (Pillow raises many types for broken headers)
+        raise UnreadableSample(f"jpg header does not parse ({type(error).__name__}: {error})") from None
+    if width < 1 or height < 1:
+        raise UnreadableSample(f"jpg header gives a {width}x{height} image")
+    return height, width
 
 
 @dataclass
@@ -148,7 +210,9 @@ class RawBatch:
     """One batch before decoding: what both backends start from."""
 
     keys: list[str]
+    locations: list[tuple[int, int]]  # (shard number, sample number in shard) of each sample
     jpegs: list[bytes]
+    sizes_px: list[tuple[int, int]]  # (height, width) of each image, from its header
     tokens: np.ndarray  # (B, 77) int64
     sample_seeds: list[int]  # per-sample seeds for augmentation randomness
     masks: np.ndarray | None  # (G, B, H, W) bool iBOT masks, or None
@@ -156,36 +220,53 @@ class RawBatch:
 
 
 class EpochPlan:
-    """One rank's batches for one epoch; `read_batch(i)` is a pure function of i (any worker may call it)."""
+    """One rank's batches for one epoch; `read_batch(i)` is a pure function of i and of which samples are
+    unreadable (any worker may call it)."""
 
     def __init__(self, shards, recipe, batch_size, seed, epoch, rank, world_size, shuffle_window):
         self.reader = SampleReader(shards)
         self.recipe, self.batch_size = recipe, batch_size
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.order = rank_order(shards, seed, epoch, rank, world_size, shuffle_window)
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.order = EpochOrder(shards.sizes, seed, epoch, shuffle_window)
         self.num_batches = batches_per_epoch(shards.total, world_size, batch_size)
-        self.reserve = self.order[self.num_batches * batch_size:]  # replaces unreadable samples
+        self.reserve_start = self.num_batches * world_size * batch_size  # the tail replaces unreadable samples
+        self.found_unreadable = {}  # (shard, sample) -> reason, found by a backend after reading (decoding)
 
     def _candidates(self, position):
         """The sample at `position`, then reserve samples in an order fixed by the position."""
-        yield self.order[position]
-        for step in range(len(self.reserve)):
-            yield self.reserve[(position + step) % len(self.reserve)]
+        yield position
+        reserve = self.order.total - self.reserve_start
+        for step in range(reserve):
+            yield self.reserve_start + (position + step) % reserve
+
+    def _read(self, position):
+        """(key, location, jpeg, size, tokens) of the sample at `position`; raises UnreadableSample(key, reason)."""
+        location = tuple(int(number) for number in self.order[position][0])
+        key = self.reader.key(*location)
+        if location in self.found_unreadable:
+            raise UnreadableSample(key, self.found_unreadable[location])
+        try:
+            return (key, location, *self.reader.read(*location))
+        except UnreadableSample as problem:
+            raise UnreadableSample(key, str(problem)) from None
+
+    def mark_unreadable(self, location, reason):
+        """Record a sample a backend could not decode; batches read from now on replace it."""
+        self.found_unreadable[location] = reason
 
     def read_batch(self, index):
-        keys, jpegs, tokens, seeds, skipped = [], [], [], [], []
-        for position in range(index * self.batch_size, (index + 1) * self.batch_size):
-            for shard, sample in self._candidates(position):
-                key = self.reader.key(shard, sample)
+        keys, locations, jpegs, sizes, tokens, skipped = [], [], [], [], [], []
+        positions = rank_positions(index, self.rank, self.world_size, self.batch_size).tolist()
+        for position in positions:
+            for candidate in self._candidates(position):
                 try:
-                    jpeg, sample_tokens = self.reader.read(shard, sample)
+                    key, location, jpeg, size_px, sample_tokens = self._read(candidate)
                 except UnreadableSample as problem:
-                    skipped.append((key, str(problem)))
+                    skipped.append(problem.args)
                     continue
-                keys.append(key)
-                jpegs.append(jpeg)
-                tokens.append(sample_tokens)
-                seeds.append(self.sample_seed(position))
+                for values, value in ((keys, key), (locations, location), (jpegs, jpeg), (sizes, size_px),
+                                      (tokens, sample_tokens)):
+                    values.append(value)
                 break
         if not keys:
             raise RuntimeError(f"batch {index} of epoch {self.epoch}: no readable sample among "
@@ -193,16 +274,16 @@ class EpochPlan:
         readable = len(keys)
         while len(keys) < self.batch_size:  # no reserve left: repeat readable samples of this batch
             source = (len(keys) - readable) % readable
-            keys.append(keys[source])
-            jpegs.append(jpegs[source])
-            tokens.append(tokens[source])
-            seeds.append(self.sample_seed(index * self.batch_size + len(seeds)))
+            for values in (keys, locations, jpegs, sizes, tokens):
+                values.append(values[source])
+        seeds = [self.sample_seed(position) for position in positions]
         masks = None
         if self.recipe.masking is not None:
             grid = self.recipe.mask_grid
             masks = np.stack([ibot_masks(np.random.default_rng(seed), self.recipe.masking, grid) for seed in seeds],
                              axis=1)  # (2, B, H, W)
-        return RawBatch(keys, jpegs, np.stack(tokens), seeds, masks, skipped)
+        return RawBatch(keys, locations, jpegs, sizes, np.stack(tokens), seeds, masks, skipped)
 
     def sample_seed(self, position):
-        return int(np.random.SeedSequence([self.seed, self.epoch, self.rank, position]).generate_state(1)[0])
+        """The seed of every random draw for the sample at global sequence `position` this epoch."""
+        return int(np.random.SeedSequence([self.seed, self.epoch, position]).generate_state(1)[0])

@@ -9,10 +9,9 @@ import pytest
 import torch
 from conftest import write_training_shards
 
-from datapipe import MultiCrop, SingleCrop, make_loader
+from datapipe import MultiCrop, SingleCrop, make_loader, shard_io
 from datapipe.masks import block_mask, ibot_masks
 from datapipe.samples import ShardSet, rank_order
-from datapipe.shard_io import read_dali_index
 from datapipe.views import BlockMasking, CropAugment
 
 BACKENDS = ["dali", "torch"]
@@ -32,17 +31,27 @@ def keys_of(loader, limit=None):
 
 def test_ranks_are_disjoint_equal_and_cover_the_epoch():
     shards = ShardSet(root=None, names=("a", "b", "c", "d", "e"), sizes=(50, 50, 50, 50, 17))  # uneven
-    orders = [rank_order(shards, seed=3, epoch=1, rank=rank, world_size=3, shuffle_window=40) for rank in range(3)]
-    assert {len(order) for order in orders} == {217 // 3}
+    orders = [rank_order(shards, seed=3, epoch=1, rank=rank, world_size=3, batch_size=4, shuffle_window=40)
+              for rank in range(3)]
+    assert {len(order) for order in orders} == {(217 // 12) * 4}
     pairs = [tuple(pair) for order in orders for pair in order]
-    assert len(set(pairs)) == len(pairs) == 217 - 217 % 3  # disjoint; only the remainder is left out
-    shards_read = [len(set(order[:, 0].tolist())) for order in orders]
-    assert max(shards_read) <= 3  # contiguous slices: each rank touches few shards
+    assert len(set(pairs)) == len(pairs) == 217 - 217 % 12  # disjoint; only the last partial global batch is out
+
+
+def test_the_global_sequence_does_not_depend_on_the_number_of_ranks():
+    """Global batch b holds the same samples in the same order on 1, 2 or 4 ranks (elastic resume)."""
+    shards = ShardSet(root=None, names=("a", "b", "c"), sizes=(40, 33, 40))
+    one = rank_order(shards, seed=5, epoch=2, rank=0, world_size=1, batch_size=8, shuffle_window=16)
+    for world_size in (2, 4):
+        per_rank = [rank_order(shards, 5, 2, rank, world_size, 8 // world_size, 16).reshape(-1, 8 // world_size, 2)
+                    for rank in range(world_size)]
+        np.testing.assert_array_equal(np.concatenate(per_rank, axis=1).reshape(-1, 2), one)
 
 
 def test_order_is_reproducible_per_seed_and_epoch():
     shards = ShardSet(root=None, names=("a", "b", "c"), sizes=(40, 40, 40))
-    order = lambda seed, epoch: rank_order(shards, seed, epoch, rank=0, world_size=1, shuffle_window=32)  # noqa: E731
+    order = lambda seed, epoch: rank_order(shards, seed, epoch, rank=0, world_size=1, batch_size=1,  # noqa: E731
+                                           shuffle_window=32)
     np.testing.assert_array_equal(order(0, 0), order(0, 0))
     assert not np.array_equal(order(0, 0), order(0, 1)) and not np.array_equal(order(0, 0), order(1, 0))
     assert sorted(map(tuple, order(0, 1))) == sorted(map(tuple, order(0, 0)))  # the same samples
@@ -62,6 +71,42 @@ def test_exact_resume_yields_the_uninterrupted_keys(demo_shards, backend):
     assert len(set(uninterrupted)) == len(uninterrupted)
 
 
+def batches_of(loader, count):
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            return batches
+    return batches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resumed_batches_equal_the_uninterrupted_ones_pixel_for_pixel(demo_shards, backend):
+    """Crops and masks, not only keys: the augmentations do not depend on where a loader started."""
+    settings = dict(recipe=SMALL, batch_size=8, backend=backend, seed=3, num_workers=2)
+    uninterrupted = batches_of(make_loader(demo_shards["train"], **settings), 5)
+    first = make_loader(demo_shards["train"], **settings)
+    batches_of(first, 2)
+    resumed = make_loader(demo_shards["train"], **settings)
+    resumed.load_state_dict(first.state_dict())
+    for expected, got in zip(uninterrupted[2:], batches_of(resumed, 3), strict=True):
+        assert got.keys == expected.keys
+        for name in ("global_crops", "local_crops", "ibot_masks", "tokens"):
+            torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=0, msg=name)
+
+
+def test_dali_batches_on_two_ranks_are_the_one_rank_batch_split(demo_shards):
+    """Elastic determinism on the default backend: the same samples with the same crops on 1 or 2 ranks."""
+    whole = batches_of(make_loader(demo_shards["train"], SMALL, 8, backend="dali", seed=4), 2)
+    halves = [batches_of(make_loader(demo_shards["train"], SMALL, 4, backend="dali", seed=4, rank=rank,
+                                     world_size=2), 2) for rank in range(2)]
+    for number, expected in enumerate(whole):
+        first, second = halves[0][number], halves[1][number]
+        assert first.keys + second.keys == expected.keys
+        torch.testing.assert_close(torch.cat([first.global_crops, second.global_crops], dim=1), expected.global_crops,
+                                   rtol=0, atol=0)
+
+
 def test_backends_read_the_same_samples_in_the_same_order(demo_shards):
     keys = [keys_of(make_loader(demo_shards["train"], SMALL, 8, backend=backend, seed=1), limit=4)
             for backend in BACKENDS]
@@ -74,10 +119,32 @@ def test_two_ranks_split_the_epoch(demo_shards):
     assert not set(per_rank[0]) & set(per_rank[1]) and len(per_rank[0]) == len(per_rank[1])
 
 
-def test_resume_refuses_a_different_world_size(demo_shards):
-    loader = make_loader(demo_shards["train"], SMALL, 8, rank=0, world_size=2)
-    with pytest.raises(ValueError, match="world_size"):
-        make_loader(demo_shards["train"], SMALL, 8).load_state_dict(loader.state_dict())
+def test_resume_on_other_ranks_needs_the_same_global_batch(demo_shards):
+    two_ranks = make_loader(demo_shards["train"], SMALL, 4, rank=0, world_size=2)
+    batches_of(two_ranks, 2)
+    one_rank = make_loader(demo_shards["train"], SMALL, 8)
+    one_rank.load_state_dict(two_ranks.state_dict())  # 2 x 4 = 1 x 8: accepted
+    assert one_rank.batches_done == 2
+    with pytest.raises(ValueError, match="global_batch_size=8.*batch_size x world_size"):
+        make_loader(demo_shards["train"], SMALL, 4).load_state_dict(two_ranks.state_dict())
+    with pytest.raises(ValueError, match="seed"):
+        make_loader(demo_shards["train"], SMALL, 8, seed=1).load_state_dict(two_ranks.state_dict())
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(batch_size=0), "batch_size=0"), (dict(batch_size=-3), "batch_size=-3"),
+    (dict(rank=2, world_size=2), "rank must be in 0 .. world_size - 1"), (dict(rank=0, world_size=0), "rank"),
+])
+def test_impossible_loader_values_are_refused(demo_shards, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        make_loader(demo_shards["train"], SMALL, **{"batch_size": 8, **arguments})
+
+
+def test_iterating_again_starts_the_next_epoch(demo_shards):
+    loader = make_loader(demo_shards["train"], SMALL, 32, backend="dali")
+    first = keys_of(loader)
+    second = keys_of(loader)
+    assert len(second) == len(first) > 0 and second != first and loader.epoch == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,19 +160,36 @@ def test_batch_contract_and_training_dtype(demo_shards, backend):
     assert single.ibot_masks.shape[0] == 0
 
 
+def damage(jpeg, kind):
+    """A JPEG damaged as a disk or a copy can damage it."""
+    if kind == "start_marker":
+        return b"\0\0" + jpeg[2:]
+    if kind == "header":  # the frame header (SOF0) says the image is 0 x 0
+        sof = jpeg.index(b"\xff\xc0")
+        return jpeg[:sof + 5] + b"\0\0\0\0" + jpeg[sof + 9:]
+    return jpeg[:len(jpeg) // 2]  # the body cut short: the header parses, the decoder fails
+
+
+REASONS = {"start_marker": "jpg does not start with a JPEG marker", "header": "jpg header does not parse",
+           "body": "jpg does not decode"}
+
+
+@pytest.mark.parametrize("kind", ["start_marker", "header", "body"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unreadable_sample_is_replaced_counted_and_reported(tmp_path, backend, caplog):
-    images = [np.full((48, 48, 3), number * 10 % 250, dtype=np.uint8) for number in range(20)]
+def test_unreadable_sample_is_replaced_counted_and_reported(tmp_path, backend, kind, caplog):
+    images = [np.random.default_rng(number).integers(0, 256, (48, 48, 3), dtype=np.uint8) for number in range(20)]
     train = write_training_shards(tmp_path / "train", images, samples_per_shard=10)
-    key, components = read_dali_index(train / "000001.idx")[4]
-    offset, _ = components["jpg"]
-    with open(train / "000001.tar", "r+b") as tar:  # overwrite the JPEG start marker
-        tar.seek(offset)
-        tar.write(b"\0\0")
+    samples = list(shard_io.read_samples([train / "000001.tar"]))
+    key = samples[4]["__key__"]
+    samples[4]["jpg"] = damage(samples[4]["jpg"], kind)
+    shard_io.write_tar(train / "000001.tar", [{name: value for name, value in sample.items() if name != "__url__"}
+                                              for sample in samples])
+    shard_io.write_dali_index(train / "000001.tar", train / "000001.idx")
     loader = make_loader(train, SMALL, 6, backend=backend, num_workers=0)
     keys = keys_of(loader)
-    assert len(keys) == 18 and f"000001/{key}" not in keys  # 3 full batches: a reserve sample stood in
-    assert loader.skipped == [(f"000001/{key}", "jpg does not start with a JPEG marker")]
+    assert len(keys) == 18 and f"000001/{key}" not in keys  # 3 full batches: another sample stood in
+    assert [skipped_key for skipped_key, _ in loader.skipped] == [f"000001/{key}"]
+    assert loader.skipped[0][1].startswith(REASONS[kind]), loader.skipped
     assert f"000001/{key}" in caplog.text
 
 
