@@ -16,7 +16,7 @@ def test_two_ranks_all_reduce_each_gradient_byte_once_per_step():
     assert result["groups"] == ["ibot", "clip", "text", "mae"]
     assert result["gradient_bytes_all_reduced_vs_model_gradient_bytes"] == 1.0
     sent = result["bytes_sent_per_rank_per_step"]
-    assert sent["finiteness check / all_reduce"] == 4  # one float
+    assert sent["finiteness and stop check / all_reduce"] == 8  # two floats
     assert 0 < result["other_bytes_vs_model_gradient_bytes"] < 0.01  # CLIP gathers and centres
 
 
@@ -40,7 +40,8 @@ def test_report_writes_each_measured_section_with_its_verdict_and_charts(tmp_pat
     results.mkdir()
     (results / "communication.json").write_text(json.dumps({
         "world_size": 2, "preset": "demo", "groups": ["ibot", "clip", "text", "mae"], "model_gradient_bytes": 2**20,
-        "bytes_sent_per_rank_per_step": {"gradient average / all_reduce": 2**20, "finiteness check / all_reduce": 4},
+        "bytes_sent_per_rank_per_step": {"gradient average / all_reduce": 2**20,
+                                         "finiteness and stop check / all_reduce": 8},
         "gradient_bytes_all_reduced_vs_model_gradient_bytes": 1.0,
         "official_ddp_per_backward_vs_model_gradient_bytes": 4,
         "other_bytes_vs_model_gradient_bytes": 4 / 2**20}))

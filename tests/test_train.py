@@ -111,7 +111,7 @@ def one_step_parameters(shards, run_dir, batch, rank, world_size):
                   batch["ibot_masks"][:, share], keys=[])
     values = trainer.schedules.at(len(trainer.loader) // 2)  # soft CLIP targets on, lr > 0
     values["lr"] = 1e-3
-    _, applied = trainer.train_step(local, values)
+    _, applied, _ = trainer.train_step(local, values)
     assert applied
     state = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
     state.update({f"grad:{name}": param.grad.clone() for name, param in trainer.model.named_parameters()
@@ -153,7 +153,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_inta
     train(tiny_config(demo_shards["train"], run, "run.max_steps=2", "run.checkpoint_every=2"))
     with pytest.raises(FloatingPointError, match="non-finite"):  # lr = inf makes the weights, then losses, NaN
         train(tiny_config(demo_shards["train"], run, "run.max_steps=20", "optim.lr=.inf", "optim.warmup_epochs=0",
-                          "run.max_nonfinite_steps=2", "run.checkpoint_every=1000"))
+                          "run.max_nonfinite_steps=2", "run.checkpoint_every=1000", "run.accept_config_changes=true"))
     intact = checkpoint.load(checkpoint.latest_checkpoint(run))
     assert intact["step"] == 2 and all(torch.isfinite(value).all() for value in intact["model"].values()
                                        if value.is_floating_point())

@@ -61,13 +61,23 @@ class RunConfig:
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp16 | fp32
     log_every: int = 10  # steps
-    checkpoint_every: int = 500  # steps; one is also written at the end
+    checkpoint_every: int = 500  # steps; one is also written at the end and on SIGTERM/SIGUSR1
+    keep_checkpoints: int = 3  # the newest K are kept, so a damaged one is survivable
     resume: str = "auto"  # auto | none | a checkpoint path
+    accept_config_changes: bool = False  # resume even when settings that change the run differ
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     max_steps: int = 0  # stop early after this many steps in total (0 = run every epoch)
+    collective_timeout_s: int = 600  # a rank that stops answering makes every rank fail after this long
 
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+BACKENDS = ("auto", "dali", "torch")
+# Settings a resume may change without changing the run: how often to log and save, where to stop,
+# how long to wait, how many loader workers, where the shards are (their content is checked by the
+# loader), and data.batch_size, whose product with the number of ranks (the global batch) is checked.
+RESUME_MAY_CHANGE = {"run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.resume",
+                     "run.accept_config_changes", "run.max_nonfinite_steps", "run.max_steps",
+                     "run.collective_timeout_s", "data.num_workers", "data.shards", "data.batch_size"}
 
 
 @dataclass
@@ -80,6 +90,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.run.precision not in PRECISIONS:
             raise ValueError(f"run.precision={self.run.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.data.backend not in BACKENDS:
+            raise ValueError(f"data.backend={self.data.backend!r}: choose one of {', '.join(BACKENDS)}")
+        at_least = {"data.batch_size": 1, "data.num_workers": 0, "data.shuffle_window": 1,
+                    "data.local_crops_number": 0, "optim.epochs": 1, "optim.lr": 0, "optim.min_lr": 0,
+                    "optim.warmup_epochs": 0, "optim.weight_decay": 0, "optim.weight_decay_end": 0,
+                    "optim.clip_grad": 0, "run.log_every": 1, "run.checkpoint_every": 1, "run.keep_checkpoints": 1,
+                    "run.max_nonfinite_steps": 1, "run.max_steps": 0, "run.collective_timeout_s": 1}
+        for key, minimum in at_least.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if not isinstance(value, int | float) or value < minimum:
+                raise ValueError(f"{key}={value!r}: it must be a number, at least {minimum}")
 
     @property
     def run_dir(self):
@@ -142,3 +164,21 @@ def load_config(preset="demo", overrides=()):
 
 def to_dict(config):
     return dataclasses.asdict(config)
+
+
+def flatten(values, prefix=""):
+    """{"optim.lr": 0.004, ...} from a nested config dict."""
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def differences(saved, current):
+    """[(key, saved value, current value)] of two config dicts, every key that differs."""
+    saved, current = flatten(saved), flatten(current)
+    return [(key, saved.get(key), current.get(key)) for key in sorted(saved.keys() | current.keys())
+            if saved.get(key) != current.get(key)]

@@ -7,6 +7,7 @@ NCCL on GPU, gloo on CPU. Gradients accumulate locally over the per-objective ba
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,15 +27,18 @@ class World:
         return self.rank == 0
 
 
-def init_distributed():
-    """Join the process group when launched by torchrun (WORLD_SIZE set); otherwise a world of one."""
+def init_distributed(timeout_s=600):
+    """Join the process group when launched by torchrun (WORLD_SIZE set); otherwise a world of one.
+
+    timeout_s bounds how long a collective waits for a rank that stopped answering: every rank then
+    raises instead of hanging."""
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return World(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size(), local_rank,
                  torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
@@ -46,10 +50,22 @@ def free_loopback_port():
         return probe.getsockname()[1]
 
 
-def close_distributed():
+def close_distributed(failed=False):
+    """Leave the process group. After a failure there is no barrier: the other ranks may never reach it,
+    and closing our connections makes their pending collectives fail at once instead of hanging."""
     if dist.is_initialized():
-        dist.barrier()  # gloo aborts at exit if a rank leaves early
+        if not failed:
+            dist.barrier()  # gloo aborts at exit if a rank leaves early
         dist.destroy_process_group()
+
+
+def all_ranks_agree(flag, world):
+    """True on every rank when `flag` is True on every rank (one all-reduce)."""
+    if world.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 @torch.no_grad()

@@ -20,10 +20,19 @@ SCHEDULES = ("lr", "weight_decay", "teacher_momentum", "clip_hard_weight", "teac
 
 
 class MetricsLog:
-    def __init__(self, run_dir):
+    """Appends one row per logged step. A resumed run starts after `resume_step`: rows past it (logged
+    after the checkpoint it resumes from, by the run that stopped) are removed from metrics.jsonl and
+    hidden from TensorBoard, so every step is logged once."""
+
+    def __init__(self, run_dir, resume_step=0):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.path.is_file():
+            kept = [row for row in self.path.read_text().splitlines() if _step(row) <= resume_step]
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text("".join(row + "\n" for row in kept))
+            partial.replace(self.path)
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step, values):
         with open(self.path, "a") as stream:
@@ -34,6 +43,14 @@ class MetricsLog:
     def close(self):
         self.writer.close()
         return plot_run(self.run_dir)
+
+
+def _step(row):
+    """The step of a metrics.jsonl row; a row cut short by a killed process counts as past every step."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return float("inf")
 
 
 def read_metrics(run_dir):

@@ -7,11 +7,13 @@ head; the iBOT output layer stays frozen during the first epoch; AdamW; then the
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 import tqdm
@@ -21,10 +23,13 @@ from datapipe import MultiCrop, SingleCrop, make_loader
 from model.harmony import Harmony
 from model.text import trim_padding
 from train import checkpoint
-from train.config import load_config, to_dict
-from train.distributed import average_gradients, close_distributed, init_distributed
+from train.checkpoint import CheckpointError
+from train.config import RESUME_MAY_CHANGE, differences, load_config, to_dict
+from train.distributed import all_ranks_agree, average_gradients, close_distributed, init_distributed
 from train.ema import update_teachers
 from train.log import MetricsLog
+from train.preemption import EXIT_PREEMPTED, StopRequest
+from train.run_folder import RunFolderBusy, RunLock, write_status
 from train.schedules import Schedules
 
 TEACHER_WEIGHTS = "teacher_weights.pt"
@@ -71,12 +76,15 @@ def clip_per_parameter(params, max_norm):
         torch._foreach_mul_(grads, [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms])
 
 
-def all_finite(loss, world_size):
-    """True when the loss is finite on every rank, so that all ranks skip or apply the step together."""
-    finite = torch.isfinite(loss).float().reshape(1)
+def step_flags(loss, stop_requested, world_size):
+    """(loss finite on every rank, stop requested on any rank): all ranks skip or apply the step together and
+    stop after the same step. One all-reduce and the step's one host read."""
+    flags = torch.stack([torch.isfinite(loss).float().reshape(()),
+                         torch.tensor(0.0 if stop_requested else 1.0, device=loss.device)])
     if world_size > 1:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite.item())
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+    finite, keep_going = flags.tolist()
+    return finite == 1.0, keep_going == 0.0
 
 
 def module_gradient_norms(model):
@@ -119,11 +127,13 @@ class Trainer:
             num_workers=config.data.num_workers, shuffle_window=config.data.shuffle_window)
         self.schedules = Schedules(optim, len(self.loader), config.data.batch_size * world.world_size)
         self.step = self.reduced_bytes = 0
+        self.saved_step = None
         self.nonfinite_in_a_row = self.nonfinite_total = 0
 
     # One training step.
 
-    def train_step(self, batch, values):
+    def train_step(self, batch, values, stop_requested=False):
+        """One step; returns (metrics, whether the step was applied, whether any rank asked to stop)."""
         config, model = self.config, self.model
         epoch = self.step // len(self.loader)
         self.optimizer.zero_grad(set_to_none=True)
@@ -149,8 +159,9 @@ class Trainer:
         if epoch < config.optim.freeze_last_layer_epochs:
             for param in self.last_layer:
                 param.grad = None  # AdamW skips them, weight decay included
-        if not all_finite(metrics["loss"], self.world.world_size):  # a host read, with the caption length
-            return metrics, False
+        finite, stopping = step_flags(metrics["loss"], stop_requested, self.world.world_size)  # a host read
+        if not finite:
+            return metrics, False, stopping
         for group in self.optimizer.param_groups:
             group["lr"] = values["lr"]
             if group["apply_weight_decay"]:
@@ -161,7 +172,7 @@ class Trainer:
         else:
             self.optimizer.step()
         update_teachers(self.teacher_params, self.student_params, values["teacher_momentum"])
-        return metrics, True
+        return metrics, True, stopping
 
     # Checkpoints.
 
@@ -177,23 +188,21 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
+        self.saved_step = self.step
         self.loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
 
     def save(self):
+        """Rank 0 writes checkpoint-<step>.pt (and the evaluation towers), then keeps the newest K; returns its path."""
         if not self.world.is_main:
             return None
         run_dir = self.config.run_dir
-        path = checkpoint.save_atomic(self.state_dict(), run_dir / "checkpoints" / f"checkpoint-{self.step:08d}.pt")
-        save_teacher_weights(self.model, run_dir / TEACHER_WEIGHTS)
-        return path
-
-    def resume(self):
-        choice = self.config.run.resume
-        path = checkpoint.latest_checkpoint(self.config.run_dir) if choice == "auto" else \
-            None if choice == "none" else choice
-        if path is not None:
-            self.load_state_dict(checkpoint.load(path))
+        path = run_dir / "checkpoints" / f"checkpoint-{self.step:08d}.pt"
+        if self.saved_step != self.step:
+            checkpoint.save_atomic(self.state_dict(), path)
+            save_teacher_weights(self.model, run_dir / TEACHER_WEIGHTS)
+            checkpoint.keep_latest(run_dir, self.config.run.keep_checkpoints)
+            self.saved_step = self.step
         return path
 
 
@@ -212,20 +221,87 @@ def log_values(trainer, metrics, values, images_per_s, data_wait):
     return scalars
 
 
+def lock_run_folder(config, world):
+    """Rank 0 takes the run folder's lock; every rank stops with the reason if it is taken."""
+    lock, busy = None, ""
+    if world.is_main:
+        try:
+            lock = RunLock(config.run_dir)
+        except RunFolderBusy as error:
+            busy = str(error)
+    if not all_ranks_agree(not busy, world):
+        raise RunFolderBusy(busy or f"{config.run_dir} is in use by another trainer (rank 0 says which)")
+    return lock
+
+
+def resume_point(config, world):
+    """(checkpoint path, its contents) to resume from, the same on every rank, or (None, None)."""
+    choice = config.run.resume
+    if choice == "none":
+        return None, None
+    if choice != "auto":
+        return Path(choice), checkpoint.load(choice)
+    path = None
+    if world.is_main:  # picks the newest checkpoint that verifies, reporting the ones it skips
+        path, _ = checkpoint.latest_good(config.run_dir)
+    if world.world_size > 1:
+        chosen = [str(path) if path else None]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        path = Path(chosen[0]) if chosen[0] else None
+    return (path, checkpoint.load(path)) if path else (None, None)
+
+
+def reconcile_with_checkpoint(config, state, world):
+    """The config to resume with: every value that differs from the checkpoint's is reported; those that
+    change the run are refused unless run.accept_config_changes; data.batch_size follows the number of ranks
+    so that the global batch stays the checkpoint's (elastic resume)."""
+    say = print if world.is_main else (lambda *_: None)
+    saved_global = state["loader"]["global_batch_size"]
+    if config.data.batch_size * world.world_size != saved_global:
+        if saved_global % world.world_size:
+            raise ValueError(f"cannot resume on {world.world_size} ranks: the checkpoint's global batch of "
+                             f"{saved_global} does not split evenly; use a number of ranks that divides it")
+        say(f"resuming on {world.world_size} rank(s): data.batch_size {config.data.batch_size} -> "
+            f"{saved_global // world.world_size}, keeping the checkpoint's global batch of {saved_global}")
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                     batch_size=saved_global // world.world_size))
+    changed = differences(json.loads(state["config"]), to_dict(config))
+    for key, before, now in changed:
+        say(f"resume: {key} was {before!r} in the checkpoint, now {now!r}")
+    refused = [key for key, _, _ in changed if key not in RESUME_MAY_CHANGE]
+    if refused and not config.run.accept_config_changes:
+        raise ValueError(f"resuming {config.run_dir} with other values for {', '.join(refused)} would not continue "
+                         f"the run the checkpoint belongs to. Resume with the checkpoint's values, start a new run "
+                         f"(run.name=... or run.resume=none), or accept the change with run.accept_config_changes=true")
+    return config
+
+
 def train(config):
-    """Run (or resume) the training described by `config`; returns the run directory."""
-    world = init_distributed()
+    """Run (or resume) the training described by `config`; returns the run directory.
+
+    A stop request (SIGTERM, SIGUSR1, torchrun gone) ends the current step on every rank, rank 0 checkpoints
+    it, and the process exits with EXIT_PREEMPTED. An error on any rank stops every rank: this one leaves the
+    process group at once, which fails the others' pending collectives (or they time out after
+    run.collective_timeout_s)."""
+    world = init_distributed(config.run.collective_timeout_s)
+    stop, lock, failed = StopRequest(), None, True
+    run_dir = config.run_dir
     try:
+        lock = lock_run_folder(config, world)
+        resumed_from, state = resume_point(config, world)
+        if state is not None:
+            config = reconcile_with_checkpoint(config, state, world)
         trainer = Trainer(config, world)
-        resumed_from = trainer.resume()
-        run_dir = config.run_dir
+        if state is not None:
+            trainer.load_state_dict(state)
+            del state
         if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
             print(yaml.safe_dump(to_dict(config), sort_keys=False))
             if resumed_from:
                 print(f"resumed from {resumed_from} at step {trainer.step}")
-        log = MetricsLog(run_dir) if world.is_main else None
+            write_status(run_dir, "running", trainer.step)
+        log = MetricsLog(run_dir, resume_step=trainer.step) if world.is_main else None
         per_epoch = len(trainer.loader)
         total = config.optim.epochs * per_epoch
         if config.run.max_steps:
@@ -241,7 +317,7 @@ def train(config):
             for batch in trainer.loader:
                 data_wait += time.perf_counter() - before_data
                 values = trainer.schedules.at(trainer.step)
-                metrics, applied = trainer.train_step(batch, values)
+                metrics, applied, stopping = trainer.train_step(batch, values, stop.reason is not None)
                 trainer.step += 1
                 window_steps += 1
                 if applied:
@@ -255,7 +331,7 @@ def train(config):
                             f"{trainer.step}); stopped. The last good checkpoint is intact in {run_dir}/checkpoints. "
                             f"Lower optim.lr, or try run.precision=bf16 or fp32.")
                 bar.update(1)
-                if trainer.step % config.run.log_every == 0 or trainer.step == total:
+                if trainer.step % config.run.log_every == 0 or trainer.step == total or stopping:
                     elapsed = time.perf_counter() - window_start
                     scalars = log_values(trainer, metrics, values, window_steps * global_batch / elapsed,
                                          data_wait / elapsed)
@@ -263,22 +339,50 @@ def train(config):
                         log.write(trainer.step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}", img_s=f"{scalars['images_per_s']:.0f}")
                     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                if trainer.step % config.run.checkpoint_every == 0:
-                    trainer.save()
+                if trainer.step % config.run.checkpoint_every == 0 or stopping:
+                    path = trainer.save()
+                if stopping:
+                    bar.close()
+                    if world.is_main:
+                        reason = stop.reason or "a stop request on another rank"
+                        write_status(run_dir, "preempted", trainer.step, checkpoint=str(path), reason=reason)
+                        print(f"stopped after step {trainer.step} ({reason}); checkpoint {path}. Run the same "
+                              f"command again to continue (run.resume=auto).", flush=True)
+                    failed = False
+                    raise SystemExit(EXIT_PREEMPTED)
                 if trainer.step >= total:
                     break
                 before_data = time.perf_counter()
         bar.close()
-        trainer.save()
+        path = trainer.save()
         if log:
+            write_status(run_dir, "finished", trainer.step, checkpoint=str(path))
             plots = log.close()
             elapsed = time.perf_counter() - started
             print(f"trained {trainer.step} steps ({trainer.step * global_batch} images, {elapsed:.0f} s, "
                   f"{trainer.nonfinite_total} skipped as non-finite); run in {run_dir}: checkpoints, metrics.jsonl, "
                   f"tensorboard/, {', '.join(str(path.name) for path in plots)}")
+        failed = False
         return run_dir
+    except (Exception, KeyboardInterrupt) as error:
+        report_failure(error, world, run_dir, lock)
+        raise
     finally:
-        close_distributed()
+        stop.restore()
+        close_distributed(failed)
+        if lock:
+            lock.release()
+
+
+def report_failure(error, world, run_dir, lock):
+    """Say which rank stopped and why, before the process group goes; rank 0 records it in status.json."""
+    collective = isinstance(error, torch.distributed.DistError) or "gloo" in str(error).lower()
+    hint = " (a collective failed: another rank has most likely stopped; its error is printed above it)" \
+        if collective else ""
+    print(f"rank {world.rank}: stopped by {type(error).__name__}: {error}{hint}", file=sys.stderr, flush=True)
+    if lock is not None:  # rank 0, holding the run folder
+        with contextlib.suppress(OSError, CheckpointError):
+            write_status(run_dir, "failed", None, error=f"{type(error).__name__}: {error}")
 
 
 def main(argv=None):
@@ -290,7 +394,10 @@ def main(argv=None):
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError, TypeError) as error:
         raise SystemExit(f"config error: {error}") from None
-    train(config)
+    try:
+        train(config)
+    except (CheckpointError, RunFolderBusy, ValueError) as error:  # said by report_failure; no traceback
+        raise SystemExit(1) from error
 
 
 if __name__ == "__main__":

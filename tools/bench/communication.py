@@ -27,7 +27,7 @@ from model.harmony import Harmony
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from train.config import load_config
 from train.distributed import average_gradients, free_loopback_port
-from train.pretrain import all_finite
+from train.pretrain import step_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -93,8 +93,8 @@ def rank_main(rank, port, steps, result_path):
                 pass  # each group's forward and backward ran
             counter.purpose = "gradient average"
             average_gradients(trainable, WORLD_SIZE)
-            counter.purpose = "finiteness check"
-            all_finite(torch.zeros(()), WORLD_SIZE)
+            counter.purpose = "finiteness and stop check"
+            step_flags(torch.zeros(()), False, WORLD_SIZE)
     gradient_bytes = sum(param.numel() * param.element_size() for param in trainable)
     if rank == 0:
         per_step = {f"{purpose} / {name}": value / steps for (purpose, name), value in counter.bytes.items()}

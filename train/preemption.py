@@ -1,0 +1,38 @@
+"""Stopping on request: SIGTERM (sent before preemption, and by torchrun when it is stopped) or SIGUSR1
+(slurm's `--signal`), and the death of torchrun itself.
+
+The handler only records the request; the trainer reads it once per step, all ranks agree on it in
+the step's one host-synchronising all-reduce, finish that step together, rank 0 writes a checkpoint
+at it, and every rank exits with EXIT_PREEMPTED. A signal may arrive twice (from slurm and again
+from torchrun, which forwards it): that is one request.
+"""
+
+import os
+import signal
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on request, checkpoint written; run again to continue
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self):
+        self.signal_name = None
+        # torchrun starts each worker in a session of its own: if torchrun is killed, nobody signals us.
+        self.launcher_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self.previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
+
+    def _handle(self, number, frame):
+        self.signal_name = signal.Signals(number).name
+
+    @property
+    def reason(self):
+        """Why this process should stop after the current step, or None."""
+        if self.signal_name:
+            return f"received {self.signal_name}"
+        if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            return "torchrun, which launched this process, has gone"
+        return None
+
+    def restore(self):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
