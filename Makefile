@@ -22,6 +22,8 @@ $(error ARGS is split in two: DOWNLOAD_ARGS="..." for make download (any img2dat
 endif
 CONFIG ?= demo
 NPROC ?= 1
+# torchrun forwards SIGUSR1 (slurm's --signal) as well as SIGTERM to the trainer, then waits for its checkpoint.
+TORCHRUN_ARGS ?= --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
 # `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty).
@@ -67,7 +69,7 @@ data: setup
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
 # The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train.pretrain --config $(CONFIG) \
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) $(TORCHRUN_ARGS) -m train.pretrain --config $(CONFIG) \
 		"data.shards=$(OUT)/train" "run.out_dir=$$(dirname "$(RUN)")" "run.name=$$(basename "$(RUN)")" $(TRAIN_ARGS)
 	@if [ -n "$(ZEROSHOT_DATA)$(RETRIEVAL_SHARDS)$(PROBE_TRAIN)" ]; then $(MAKE) --no-print-directory eval; fi
 

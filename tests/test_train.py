@@ -77,14 +77,22 @@ def losses_logged(run_dir):
     return [row["loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_exact_resume_equals_an_uninterrupted_run(demo_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_exact_resume_equals_an_uninterrupted_run(demo_shards, tmp_path, backend):
+    """Killed after step 6 with its last checkpoint at step 4, resumed: every later loss is the uninterrupted
+    run's, and metrics.jsonl holds each step once."""
     from train.pretrain import train
 
     whole, split = tmp_path / "whole", tmp_path / "split"
-    common = ("run.checkpoint_every=4", "model.drop_path_rate=0.1")
+    common = ("run.checkpoint_every=4", "model.drop_path_rate=0.1", f"data.backend={backend}")
     train(tiny_config(demo_shards["train"], whole, "run.max_steps=8", *common))
-    train(tiny_config(demo_shards["train"], split, "run.max_steps=4", *common))
-    train(tiny_config(demo_shards["train"], split, "run.max_steps=8", *common))  # resume=auto
+    train(tiny_config(demo_shards["train"], split, "run.max_steps=6", *common))
+    killed = checkpoint.latest_checkpoint(split)  # step 6: as if the process died before writing it
+    killed.unlink()
+    checkpoint.sidecar(killed).unlink()
+    train(tiny_config(demo_shards["train"], split, "run.max_steps=8", *common))  # resume=auto, from step 4
+    assert [row["step"] for row in map(json.loads, (split / "metrics.jsonl").read_text().splitlines())] == \
+        list(range(1, 9))
     assert losses_logged(split) == losses_logged(whole)
     final_whole = checkpoint.load(checkpoint.latest_checkpoint(whole))
     final_split = checkpoint.load(checkpoint.latest_checkpoint(split))

@@ -1,0 +1,248 @@
+"""Training on clusters: preemption signals, elastic resume, no silent hang, checkpoints you can trust, one
+trainer per run folder, resumes that say what changed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY_MODEL, tiny_config
+
+from train import checkpoint
+from train.checkpoint import CheckpointError
+from train.config import load_config
+from train.distributed import free_loopback_port
+from train.preemption import EXIT_PREEMPTED
+from train.run_folder import RunFolderBusy, RunLock, read_status
+
+REPO = Path(__file__).parents[1]
+
+
+def overrides(shards, run_dir, *extra):
+    return [*TINY_MODEL, f"data.shards={shards}", f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}",
+            "data.backend=dali", "data.num_workers=1", *extra]
+
+
+TORCHRUN_ARGS = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=120"]  # Makefile's
+
+
+def torchrun(nproc, arguments):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *TORCHRUN_ARGS, "-m", "train.pretrain", "--config", "demo", *arguments]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(row)["step"] for row in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_steps(process, run_dir, steps, timeout_s=180):
+    deadline = time.monotonic() + timeout_s
+    while len(logged_steps(run_dir)) < steps:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no {steps} steps after {timeout_s} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_torchrun_checkpoints_the_step_and_resume_continues(demo_shards, tmp_path, stop_signal):
+    """SIGTERM (preemption) or SIGUSR1 (slurm's --signal) to torchrun, which forwards it to both ranks."""
+    run = tmp_path / "run"
+    arguments = overrides(demo_shards["train"], run, "data.batch_size=4", "optim.epochs=100",
+                          "run.checkpoint_every=1000")
+    process = torchrun(2, arguments)
+    wait_for_steps(process, run, 3)
+    signalled = time.monotonic()
+    process.send_signal(stop_signal)
+    _, errors = process.communicate(timeout=120)
+    assert time.monotonic() - signalled < 30, errors[-3000:]
+    status = read_status(run)
+    assert status["state"] == "preempted" and stop_signal.name in status["reason"], status
+    assert logged_steps(run) == list(range(1, status["step"] + 1))  # nothing after the checkpointed step
+    assert checkpoint.load(checkpoint.latest_checkpoint(run))["step"] == status["step"]  # no step lost
+    resumed = torchrun(2, [*arguments, f"run.max_steps={status['step'] + 2}"])
+    output, errors = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, errors[-3000:]
+    assert f"resumed from {checkpoint.latest_checkpoint(run).parent}" in output
+    assert logged_steps(run) == list(range(1, status["step"] + 3)) and read_status(run)["state"] == "finished"
+
+
+def test_sigusr1_stops_a_single_process_run_with_the_documented_exit_code(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "train.pretrain", "--config", "demo",
+                                *overrides(demo_shards["train"], run, "optim.epochs=100")],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(process, run, 2)
+    process.send_signal(signal.SIGUSR1)  # slurm's --signal
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, errors[-3000:]
+    status = read_status(run)
+    assert status["state"] == "preempted" and "SIGUSR1" in status["reason"]
+    assert checkpoint.load(checkpoint.latest_checkpoint(run))["step"] == status["step"] == logged_steps(run)[-1]
+    assert "Run the same command again to continue" in output
+
+
+def test_elastic_resume_two_ranks_to_one_and_back(demo_shards, tmp_path, capsys):
+    """A job requeued on another number of ranks continues with the same global batch and sample sequence."""
+    from train.pretrain import train
+
+    run = tmp_path / "run"
+    first = torchrun(2, overrides(demo_shards["train"], run, "data.batch_size=4", "run.max_steps=3"))
+    _, errors = first.communicate(timeout=300)
+    assert first.returncode == 0, errors[-3000:]
+    train(load_config("demo", overrides(demo_shards["train"], run, "data.batch_size=4", "run.max_steps=6")))
+    assert "data.batch_size 4 -> 8, keeping the checkpoint's global batch of 8" in capsys.readouterr().out
+    state = checkpoint.load(checkpoint.latest_checkpoint(run))
+    assert state["step"] == 6 and state["loader"]["batches_done"] == 6 and state["loader"]["world_size"] == 1
+    back = torchrun(2, overrides(demo_shards["train"], run, "data.batch_size=8", "run.max_steps=9"))
+    output, errors = back.communicate(timeout=300)
+    assert back.returncode == 0, errors[-3000:]
+    assert "data.batch_size 8 -> 4" in output
+    state = checkpoint.load(checkpoint.latest_checkpoint(run))
+    assert state["loader"]["batches_done"] == 9 and state["loader"]["global_batch_size"] == 8
+    assert logged_steps(run) == list(range(1, 10))
+
+
+RANK_SCRIPT = """
+import sys
+from train import pretrain
+
+failing_rank, failing_step = int(sys.argv[1]), int(sys.argv[2])
+original = pretrain.Trainer.train_step
+
+def train_step(self, *arguments, **keywords):
+    if self.world.rank == failing_rank and self.step == failing_step:
+        raise RuntimeError(f"injected failure on rank {failing_rank}")
+    return original(self, *arguments, **keywords)
+
+pretrain.Trainer.train_step = train_step
+pretrain.main(sys.argv[3:])
+"""
+
+
+def two_ranks(tmp_path, arguments, failing_rank=-1, failing_step=-1):
+    """Two gloo ranks started by hand (no torchrun to clean up after them); returns [(exit code, stderr)]."""
+    script = tmp_path / "rank_script.py"
+    script.write_text(RANK_SCRIPT)
+    port = free_loopback_port()
+    processes = [subprocess.Popen(
+        [sys.executable, str(script), str(failing_rank), str(failing_step), "--config", "demo", *arguments],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+             "RANK": str(rank), "LOCAL_RANK": str(rank), "PYTHONPATH": str(REPO)}) for rank in range(2)]
+    return [(process.wait(timeout=240), process.stderr.read()) for process in processes]
+
+
+def test_an_exception_on_one_rank_stops_every_rank_with_the_error(demo_shards, tmp_path):
+    started = time.monotonic()
+    results = two_ranks(tmp_path, overrides(demo_shards["train"], tmp_path / "run", "data.batch_size=4",
+                                            "run.collective_timeout_s=60", "optim.epochs=100"),
+                        failing_rank=1, failing_step=2)
+    assert time.monotonic() - started < 120
+    (code_0, errors_0), (code_1, errors_1) = results
+    assert code_0 != 0 and code_1 != 0
+    assert "rank 1: stopped by RuntimeError: injected failure on rank 1" in errors_1
+    assert "rank 0: stopped by" in errors_0, errors_0[-2000:]
+    assert read_status(tmp_path / "run")["state"] == "failed"
+
+
+def test_a_checkpoint_write_that_fails_stops_every_rank_with_a_disk_full_message(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-00000002.pt.partial").symlink_to("/dev/full")  # writes fail: ENOSPC
+    started = time.monotonic()
+    results = two_ranks(tmp_path, overrides(demo_shards["train"], run, "data.batch_size=4",
+                                            "run.collective_timeout_s=60", "run.checkpoint_every=2",
+                                            "optim.epochs=100"))
+    assert time.monotonic() - started < 120
+    (code_0, errors_0), (code_1, errors_1) = results
+    assert code_0 != 0 and code_1 != 0
+    assert "the disk is full" in errors_0 and "Traceback" not in errors_0, errors_0[-2000:]
+    assert "rank 1: stopped by" in errors_1
+    assert not list((run / "checkpoints").glob("*.partial"))
+
+
+# --- checkpoints, the run folder, resumed configs (one process) ---------------------------------------
+
+def train_tiny(shards, run, *extra):
+    from train.pretrain import train
+
+    return train(tiny_config(shards, run, *extra))
+
+
+def test_damaged_checkpoints_are_reported_and_the_previous_one_is_used(demo_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_tiny(demo_shards["train"], run, "run.max_steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=3")
+    steps = [step for step, _ in checkpoint.checkpoints(run)]
+    assert steps == [6, 4, 2]
+    (run / "checkpoints" / "checkpoint-best.pt").write_bytes(b"a file of the user's")  # ignored
+    newest = checkpoint.latest_checkpoint(run)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one flipped bit: torch.load alone would not notice
+    newest.write_bytes(bytes(data))
+    middle = run / "checkpoints" / "checkpoint-00000004.pt"
+    middle.write_bytes(middle.read_bytes()[:1000])  # truncated
+    capsys.readouterr()
+    train_tiny(demo_shards["train"], run, "run.max_steps=8", "run.checkpoint_every=2")
+    output = capsys.readouterr().out
+    assert "checkpoint-00000006.pt is damaged" in output and "checkpoint-00000004.pt is damaged" in output
+    assert "resumed from" in output and "checkpoint-00000002.pt at step 2" in output
+    assert [step for step, _ in checkpoint.checkpoints(run)] == [8, 6, 4]  # the newest 3 kept
+    assert (run / "checkpoints" / "checkpoint-best.pt").is_file()
+
+
+def test_disk_full_while_checkpointing_is_a_clear_error(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-00000002.pt.partial").symlink_to("/dev/full")
+    with pytest.raises(CheckpointError, match="the disk is full .* earlier checkpoints are intact"):
+        train_tiny(demo_shards["train"], run, "run.max_steps=2")
+    assert not list((run / "checkpoints").iterdir())
+
+
+def test_a_second_trainer_on_the_same_run_folder_is_refused(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    lock = RunLock(run)
+    try:
+        with pytest.raises(RunFolderBusy, match="in use by another trainer .*pid"):
+            train_tiny(demo_shards["train"], run, "run.max_steps=1")
+    finally:
+        lock.release()
+    train_tiny(demo_shards["train"], run, "run.max_steps=1")  # free again
+
+
+def test_resume_reports_every_difference_and_refuses_those_that_change_the_run(demo_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_tiny(demo_shards["train"], run, "run.max_steps=2")
+    with pytest.raises(ValueError, match="optim.lr, run.precision would not continue"):
+        train_tiny(demo_shards["train"], run, "run.max_steps=3", "optim.lr=0.001", "run.precision=bf16",
+                   "run.log_every=2")
+    output = capsys.readouterr().out
+    assert "run.log_every was 1 in the checkpoint, now 2" in output and "optim.lr was 0.004" in output
+    train_tiny(demo_shards["train"], run, "run.max_steps=3", "optim.lr=0.001", "run.accept_config_changes=true")
+    assert checkpoint.load(checkpoint.latest_checkpoint(run))["step"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", "data.batch_size=0"), ("optim.lr=-0.1", "optim.lr=-0.1"),
+    ("run.keep_checkpoints=0", "run.keep_checkpoints=0"), ("data.backend=jax", "data.backend"),
+])
+def test_impossible_config_values_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("demo", [override])
+
+
+def test_checkpoint_load_verifies_its_checksum(tmp_path):
+    path = checkpoint.save_atomic({"weights": torch.arange(1000.0)}, tmp_path / "checkpoint-00000001.pt")
+    assert checkpoint.load(path)["weights"].sum() == 499500
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        checkpoint.load(path)
