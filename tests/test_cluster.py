@@ -88,6 +88,28 @@ def test_sigusr1_stops_a_single_process_run_with_the_documented_exit_code(demo_s
     assert "Run the same command again to continue" in output
 
 
+def test_killing_torchrun_stops_its_trainer_after_a_checkpoint(demo_shards, tmp_path):
+    """torchrun starts workers in sessions of their own; killed with SIGKILL it cannot stop them, so they notice."""
+    run = tmp_path / "run"
+    with open(tmp_path / "output.txt", "w") as output:  # not a pipe: nobody reads it once torchrun is gone
+        process = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *TORCHRUN_ARGS,
+             "-m", "train.pretrain", "--config", "demo",
+             *overrides(demo_shards["train"], run, "optim.epochs=100", "run.checkpoint_every=1000")],
+            cwd=REPO, stdout=output, stderr=output)
+        wait_for_steps(process, run, 2)
+        trainer_pid = int((run / ".lock").read_text().split()[1])
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{trainer_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not Path(f"/proc/{trainer_pid}").exists(), "the trainer outlived torchrun"
+    status = read_status(run)
+    assert status["state"] == "preempted" and "torchrun" in status["reason"], status
+    assert checkpoint.load(checkpoint.latest_checkpoint(run))["step"] == status["step"]
+
+
 def test_elastic_resume_two_ranks_to_one_and_back(demo_shards, tmp_path, capsys):
     """A job requeued on another number of ranks continues with the same global batch and sample sequence."""
     from train.pretrain import train
