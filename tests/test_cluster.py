@@ -3,6 +3,7 @@ trainer per run folder, resumes that say what changed."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,12 +14,13 @@ import pytest
 import torch
 from test_train import TINY_MODEL, tiny_config
 
+from datapipe.folder_lock import FolderBusy
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.config import load_config
 from train.distributed import free_loopback_port
 from train.preemption import EXIT_PREEMPTED
-from train.run_folder import RunFolderBusy, RunLock, read_status
+from train.run_folder import lock_run, read_status
 
 REPO = Path(__file__).parents[1]
 
@@ -98,7 +100,7 @@ def test_killing_torchrun_stops_its_trainer_after_a_checkpoint(demo_shards, tmp_
              *overrides(demo_shards["train"], run, "optim.epochs=100", "run.checkpoint_every=1000")],
             cwd=REPO, stdout=output, stderr=output)
         wait_for_steps(process, run, 2)
-        trainer_pid = int((run / ".lock").read_text().split()[1])
+        trainer_pid = int(re.search(r"pid (\d+)", (run / ".lock").read_text())[1])
         process.kill()
         process.wait()
         deadline = time.monotonic() + 60
@@ -230,9 +232,9 @@ def test_disk_full_while_checkpointing_is_a_clear_error(demo_shards, tmp_path):
 
 def test_a_second_trainer_on_the_same_run_folder_is_refused(demo_shards, tmp_path):
     run = tmp_path / "run"
-    lock = RunLock(run)
+    lock = lock_run(run)
     try:
-        with pytest.raises(RunFolderBusy, match="in use by another trainer .*pid"):
+        with pytest.raises(FolderBusy, match="in use by another trainer .*pid"):
             train_tiny(demo_shards["train"], run, "run.max_steps=1")
     finally:
         lock.release()

@@ -20,6 +20,7 @@ import tqdm
 import yaml
 
 from datapipe import MultiCrop, SingleCrop, make_loader
+from datapipe.folder_lock import FolderBusy
 from model.harmony import Harmony
 from model.text import trim_padding
 from train import checkpoint
@@ -29,7 +30,7 @@ from train.distributed import all_ranks_agree, average_gradients, close_distribu
 from train.ema import update_teachers
 from train.log import MetricsLog
 from train.preemption import EXIT_PREEMPTED, StopRequest
-from train.run_folder import RunFolderBusy, RunLock, write_status
+from train.run_folder import lock_run, write_status
 from train.schedules import Schedules
 
 TEACHER_WEIGHTS = "teacher_weights.pt"
@@ -226,11 +227,11 @@ def lock_run_folder(config, world):
     lock, busy = None, ""
     if world.is_main:
         try:
-            lock = RunLock(config.run_dir)
-        except RunFolderBusy as error:
+            lock = lock_run(config.run_dir)
+        except FolderBusy as error:
             busy = str(error)
     if not all_ranks_agree(not busy, world):
-        raise RunFolderBusy(busy or f"{config.run_dir} is in use by another trainer (rank 0 says which)")
+        raise FolderBusy(busy or f"{config.run_dir} is in use by another trainer (rank 0 says which)")
     return lock
 
 
@@ -396,7 +397,7 @@ def main(argv=None):
         raise SystemExit(f"config error: {error}") from None
     try:
         train(config)
-    except (CheckpointError, RunFolderBusy, ValueError) as error:  # said by report_failure; no traceback
+    except (CheckpointError, FolderBusy, ValueError) as error:  # said by report_failure; no traceback
         raise SystemExit(1) from error
 
 
