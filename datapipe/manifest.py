@@ -1,9 +1,7 @@
 """What `make shards` writes beside the shards: manifest.json, rejected.jsonl.zst, report.md."""
 
-import io
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 import zstandard
@@ -28,11 +26,14 @@ def write_atomic(path, data):
 
 
 def write_rejected(path, rejections):
-    """One JSON line per dropped sample (stage, key, url, reason, detail), zstd-compressed."""
-    lines = io.BytesIO()
-    for rejection in rejections:
-        lines.write((json.dumps(rejection, ensure_ascii=False) + "\n").encode())
-    write_atomic(path, zstandard.ZstdCompressor(level=10).compress(lines.getvalue()))
+    """One JSON line per dropped sample (stage, key, url, reason, detail), zstd-compressed, streamed from the
+    iterable `rejections` (never all in memory), written atomically."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as raw, zstandard.ZstdCompressor(level=10).stream_writer(raw) as compressed:
+        for rejection in rejections:
+            compressed.write((json.dumps(rejection, ensure_ascii=False) + "\n").encode())
+    os.replace(partial, path)
 
 
 def read_rejected(path):
@@ -41,10 +42,9 @@ def read_rejected(path):
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
-def reconciliation(url_list_rows, download_failures, in_raw, kept, rejections):
-    """Counts that must add up: every url is downloaded or failed, every download kept or rejected."""
-    rejected = Counter(r["reason"] for r in rejections if r["stage"] == "shards")
-    failed = Counter(r["reason"] for r in download_failures)
+def reconciliation(url_list_rows, failed, in_raw, kept, rejected):
+    """Counts that must add up: every url is downloaded or failed, every download kept or rejected.
+    `failed` and `rejected` count download failures and make shards' rejections by reason."""
     return {
         "url_list_rows": url_list_rows,
         "download_failed": dict(sorted(failed.items())),

@@ -4,44 +4,89 @@
     python -m datapipe.shards verify shards/demo/train
 
 Three passes. (1) In parallel, one raw shard per task: decode every image, normalize it to an
-RGB JPEG, clean and tokenize its caption, or reject it with a reason; results go to
-<out>/_work. (2) Drop exact duplicate images (same decoded pixels), keeping the first in key
-order, and plan fixed-size output shards. (3) In parallel, write each training shard, its DALI
-index, then manifest.json, rejected.jsonl.zst and report.md.
+RGB JPEG, clean and tokenize its caption, or reject it with a reason; the cleaned samples go to
+<out>/_work/<raw>.tar and one record per sample (sorted by key) to <out>/_work/<raw>.jsonl.
+(2) Drop exact duplicate images (same decoded pixels), keeping the first in key order, and plan
+fixed-size output shards. (3) In parallel, write each training shard and its DALI index; a work tar
+is deleted as soon as every shard that reads it is written. Then manifest.json, rejected.jsonl.zst
+and report.md.
 
-Re-running is safe: finished work and output shards are verified by hash and skipped; files
-are written under a '.partial' name and renamed when complete.
+Never stale: each raw shard's work records what it was made from (the raw tar's sha256 and the
+rules); work made from other bytes or rules is redone, and a training shard is rewritten unless
+it was made from the same work, keys and settings. Files the new manifest does not list (shards of
+an earlier build with another SAMPLES_PER_SHARD, work of raw shards that are gone) are removed.
+While anything is rewritten there is no manifest.json, so nothing half-built looks complete.
+
+Bounded: disk holds at most raw/ + about one copy of the training shards at any time, and only the
+small per-sample records remain in _work/ afterwards; memory holds one 40-byte entry per sample
+for de-duplication, never the records themselves. One build at a time per output folder (a lock).
 """
 
 import argparse
 import dataclasses
+import errno
+import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from datapipe import manifest, shard_io, text
+from datapipe.folder_lock import FolderBusy, FolderLock
 from datapipe.validate import ImageRules, Rejected, clean_image
 
 WORK_DIR = "_work"
 TOKENIZE_BATCH = 256  # captions tokenized per call: open_clip's per-call overhead is large
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+WORK_VERSION = 2  # raise when pass 1 gives other output for the same input
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices, and jpeg
+EXTENSIONS = ("jpg", "json", "tokens", "txt")  # what a training sample holds
+
+
+class BuildError(SystemExit):
+    """A build that cannot go on; the message says why and what to do."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+def rules_fingerprint(rules):
+    """What pass 1's output depends on besides the raw bytes."""
+    settings = {**dataclasses.asdict(rules), "context_length": text.CONTEXT_LENGTH, "work_version": WORK_VERSION}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def raw_fingerprint(raw_tar):
+    return {"name": Path(raw_tar).name, "bytes": Path(raw_tar).stat().st_size,
+            "sha256": shard_io.sha256_file(raw_tar)}
+
+
+def work_paths(work_dir, stem):
+    """(cleaned samples tar, records, what they were made from) of one raw shard."""
+    work_dir = Path(work_dir)
+    return work_dir / f"{stem}.tar", work_dir / f"{stem}.jsonl", work_dir / f"{stem}.made-from.json"
+
+
+def read_records(records_path):
+    with open(records_path) as lines:
+        for line in lines:
+            yield json.loads(line)
 
 
 # --- pass 1: one raw shard -> cleaned samples + a record per sample -------------------------
 
 class UnreadableShard(Exception):
     """A raw tar that cannot be read to the end; carries only a message, so it crosses processes."""
-
-
-IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices, and jpeg
 
 
 def _clean_sample(raw, url, rules):
@@ -56,12 +101,15 @@ def _clean_sample(raw, url, rules):
     return dict(__key__=raw["__key__"], jpg=image.jpeg, txt=caption.encode()), info, image.pixel_digest
 
 
-def clean_raw_shard(raw_tar, work_dir, rules):
-    """Pass 1 for one raw tar; returns the path of its record file (skipped if already done)."""
-    work_dir = Path(work_dir)
-    records_path = work_dir / f"{Path(raw_tar).stem}.jsonl"
-    if records_path.exists():
+def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True):
+    """Pass 1 for one raw tar; returns its records path. Earlier work is reused only when it was made from
+    the same bytes under the same rules (and, with `need_samples`, its cleaned samples are still there)."""
+    samples_path, records_path, made_from_path = work_paths(work_dir, Path(raw_tar).stem)
+    made_from = {"raw": raw_fingerprint(raw_tar), "rules": rules_fingerprint(rules)}
+    if (made_from_path.exists() and json.loads(made_from_path.read_text()) == made_from and records_path.exists()
+            and (samples_path.exists() or not need_samples)):
         return records_path
+    made_from_path.unlink(missing_ok=True)  # until the new work is complete
     records = []
 
     def tokenized(batch):
@@ -86,135 +134,290 @@ def clean_raw_shard(raw_tar, work_dir, rules):
                 if len(batch) == TOKENIZE_BATCH:
                     yield from tokenized(batch)
                     batch = []
-        except (tarfile.TarError, OSError, ValueError) as error:
+        except (tarfile.TarError, ValueError) as error:
             raise UnreadableShard(f"{type(error).__name__}: {error.args[0] if error.args else error}") from None
         if batch:
             yield from tokenized(batch)
 
-    shard_io.write_tar(work_dir / f"{Path(raw_tar).stem}.tar", cleaned_samples())
+    shard_io.write_tar(samples_path, cleaned_samples())
+    records.sort(key=lambda record: record["key"])  # tar order is download-completion order; keys are list order
     manifest.write_atomic(records_path, "".join(json.dumps(r) + "\n" for r in records))
+    manifest.write_atomic(made_from_path, json.dumps(made_from))
     return records_path
 
 
 # --- pass 2: de-duplicate and plan ---------------------------------------------------------
 
-def plan_shards(records_by_raw_shard, samples_per_shard):
-    """(list of output shards, each a list of (work tar stem, key)), duplicate rejections)."""
-    first_key_of_digest, kept, duplicates = {}, [], []
-    for raw_stem, records in records_by_raw_shard:
-        for record in records:
-            if record["reason"] is not None:
-                continue
-            original = first_key_of_digest.setdefault(record["digest"], record["key"])
-            if original != record["key"]:
-                duplicates.append(dict(stage="shards", key=record["key"], url=record["url"],
-                                       reason="duplicate", detail=f"same pixels as {original}"))
-                continue
-            kept.append((raw_stem, record["key"]))
-    planned = [kept[start:start + samples_per_shard] for start in range(0, len(kept), samples_per_shard)]
-    return planned, duplicates
+def find_duplicates(records_paths):
+    """Exact duplicates among the accepted samples ("candidates"), in order: raw shards in name order, keys in
+    order within each. Returns (candidates per raw shard, first (n,) int64: the candidate each one duplicates,
+    itself for the first of its pixels). 24 bytes per candidate, plus the sort's temporaries."""
+    counts, digests = [], []
+    for records_path in records_paths:
+        shard = [bytes.fromhex(r["digest"])[:16] for r in read_records(records_path) if r["reason"] is None]
+        counts.append(len(shard))
+        digests.append(np.frombuffer(b"".join(shard), dtype=np.uint64).reshape(-1, 2))  # 128 bits of sha256
+    digests = np.concatenate(digests) if digests else np.empty((0, 2), dtype=np.uint64)
+    order = np.lexsort((digests[:, 1], digests[:, 0]))  # stable: equal digests stay in candidate order
+    sorted_digests = digests[order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = (sorted_digests[1:] != sorted_digests[:-1]).any(axis=1)
+    first = np.empty(len(order), dtype=np.int64)
+    first[order] = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+    return np.asarray(counts, dtype=np.int64), first
+
+
+def candidate_keys(records_paths, counts, wanted):
+    """{candidate index: (key, url)} for the candidate indices in `wanted` (a sorted array)."""
+    found, offsets = {}, np.concatenate([[0], np.cumsum(counts)])
+    for number, records_path in enumerate(records_paths):
+        local = wanted[(wanted >= offsets[number]) & (wanted < offsets[number + 1])] - offsets[number]
+        if len(local):
+            accepted = [(r["key"], r["url"]) for r in read_records(records_path) if r["reason"] is None]
+            found.update({int(offsets[number] + index): accepted[index] for index in local})
+    return found
 
 
 # --- pass 3: write one training shard -------------------------------------------------------
 
-def write_output_shard(out_dir, shard_name, members, extensions, compress):
-    """Write one training shard from work tars; `members` is [(work tar, key)]. Returns its entry."""
-    out_dir = Path(out_dir)
-    suffix = ".tar.zst" if compress else ".tar"
-    tar_path = out_dir / f"{shard_name}{suffix}"
-    index_path = out_dir / f"{shard_name}.idx"
-    done_path = out_dir / WORK_DIR / f"{shard_name}.done.json"
-    keys = [key for _, key in members]
-    if tar_path.exists() and done_path.exists():
-        done = json.loads(done_path.read_text())
-        if (done["keys"] == keys and shard_io.sha256_file(tar_path) == done["sha256"]
-                and (compress or index_path.exists())):
-            return done["entry"]
+def shard_members(records_paths, counts, candidates):
+    """[(work tar, key)] of the candidate indices `candidates` (sorted), in order; `records_paths` and `counts`
+    cover every raw shard, in candidate order."""
+    members, offsets = [], np.concatenate([[0], np.cumsum(counts)])
+    for number in np.unique(np.searchsorted(offsets, candidates, side="right") - 1):
+        records_path = Path(records_paths[number])
+        local = set((candidates[(candidates >= offsets[number]) & (candidates < offsets[number + 1])]
+                     - offsets[number]).tolist())
+        accepted = (r["key"] for r in read_records(records_path) if r["reason"] is None)
+        samples_path = records_path.with_suffix(".tar")
+        members += [(str(samples_path), key) for index, key in enumerate(accepted) if index in local]
+    return members
+
+
+def done_record(out_dir, shard_name):
+    return Path(out_dir) / WORK_DIR / f"{shard_name}.done.json"
+
+
+def output_path(out_dir, shard_name, compress):
+    return Path(out_dir) / f"{shard_name}{'.tar.zst' if compress else '.tar'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedShard:
+    """One training shard of the plan: its name, its samples (candidate indices) and what it is made from."""
+
+    name: str
+    candidates: np.ndarray
+    made_from: dict  # the work it reads (each with what that work was made from), the hash of its keys, settings
+
+
+def plan_shard(out_dir, shard, records_paths, counts, compress):
+    """(the shard with its keys' hash, whether the file on disk was written from exactly that)."""
+    keys = [key for _, key in shard_members(records_paths, counts, shard.candidates)]
+    shard = dataclasses.replace(shard, made_from={**shard.made_from, "compress": compress,
+                                                  "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest()})
+    tar_path, done_path = output_path(out_dir, shard.name, compress), done_record(out_dir, shard.name)
+    written = (tar_path.exists() and done_path.exists() and (compress or tar_path.with_suffix(".idx").exists())
+               and json.loads(done_path.read_text())["made_from"] == shard.made_from
+               and shard_io.sha256_file(tar_path) == json.loads(done_path.read_text())["entry"]["sha256"])
+    return shard, written
+
+
+def write_output_shard(out_dir, shard, records_paths, counts, compress):
+    """Write one training shard (and its DALI index) from the work tars. Returns its manifest entry."""
+    members = shard_members(records_paths, counts, shard.candidates)
+    tar_path = output_path(out_dir, shard.name, compress)
 
     def samples():
-        # A work tar's members are contiguous in the plan: open and index each tar once.
-        for work_tar, run in itertools.groupby(members, key=lambda member: member[0]):
+        for work_tar in dict.fromkeys(path for path, _ in members):  # each work tar opened and indexed once
             offsets = shard_io.member_offsets(work_tar)
             with open(work_tar, "rb") as stream:
-                for _, key in run:
+                for _, key in (member for member in members if member[0] == work_tar):
                     sample = {"__key__": key}
-                    for extension in extensions:
+                    for extension in EXTENSIONS:
                         offset, size = offsets[f"{key}.{extension}"]
                         stream.seek(offset)
                         sample[extension] = stream.read(size)
                     yield sample
 
     shard_io.write_tar(tar_path, samples())
-    entry = dict(name=tar_path.name, samples=len(keys), bytes=tar_path.stat().st_size,
-                 sha256=shard_io.sha256_file(tar_path), first_key=keys[0], last_key=keys[-1])
+    entry = dict(name=tar_path.name, samples=len(members), bytes=tar_path.stat().st_size,
+                 sha256=shard_io.sha256_file(tar_path), first_key=members[0][1], last_key=members[-1][1])
     if not compress:
-        shard_io.write_dali_index(tar_path, index_path)
-        entry["index"] = index_path.name
-    manifest.write_atomic(done_path, json.dumps(dict(keys=keys, sha256=entry["sha256"], entry=entry)))
+        shard_io.write_dali_index(tar_path, tar_path.with_suffix(".idx"))
+        entry["index"] = tar_path.with_suffix(".idx").name
+    manifest.write_atomic(done_record(out_dir, shard.name), json.dumps(dict(made_from=shard.made_from, entry=entry)))
     return entry
 
 
 # --- the whole build ------------------------------------------------------------------------
 
-def _download_records(raw_dir):
-    """(rows in the url list, download failures) from img2dataset's per-shard parquet files."""
-    rows, failures = 0, []
+def _download_failures(raw_dir):
+    """Each url img2dataset could not fetch, as a rejection row, streamed from its per-shard parquet files."""
     for parquet in sorted(Path(raw_dir).glob("*.parquet")):
-        table = pq.read_table(parquet, columns=["key", "url", "status", "error_message"]).to_pylist()
-        rows += len(table)
-        failures += [dict(stage="download", key=row["key"], url=row["url"], reason="download_failed",
-                          detail=row["error_message"] or "") for row in table if row["status"] != "success"]
-    return rows, failures
+        for row in pq.read_table(parquet, columns=["key", "url", "status", "error_message"]).to_pylist():
+            if row["status"] != "success":
+                yield dict(stage="download", key=row["key"], url=row["url"], reason="download_failed",
+                           detail=row["error_message"] or "")
 
 
-def _count_raw_samples(raw_tars):
-    total = 0
+def _shards_rejections(records_paths, counts, first):
+    """Each sample make shards dropped (with its reason), streamed: records in order, then the duplicates."""
+    for records_path in records_paths:
+        for record in read_records(records_path):
+            if record["reason"] is not None:
+                yield dict(stage="shards", key=record["key"], url=record["url"], reason=record["reason"],
+                           detail=record["detail"])
+    candidates = np.arange(len(first))
+    duplicate_rows = candidate_keys(records_paths, counts, candidates[first != candidates])
+    originals = candidate_keys(records_paths, counts, np.unique(first[first != candidates]))
+    for index in sorted(duplicate_rows):
+        key, url = duplicate_rows[index]
+        yield dict(stage="shards", key=key, url=url, reason="duplicate",
+                   detail=f"same pixels as {originals[int(first[index])][0]}")
+
+
+def _check_raw_shards(raw_dir, raw_tars):
+    if not raw_tars:
+        raise BuildError(f"no .tar shards in '{raw_dir}'; run `make download` first "
+                         "(or point RAW at img2dataset's webdataset output)")
     for raw_tar in raw_tars:
-        stats = Path(raw_tar).with_name(Path(raw_tar).stem + "_stats.json")
-        total += json.loads(stats.read_text())["successes"] if stats.exists() else 0
-    return total
+        expected = (raw_tar.with_name(f"{raw_tar.stem}_stats.json"), raw_tar.with_suffix(".parquet"))
+        missing = [path.name for path in expected if not path.exists()]
+        if missing:
+            raise BuildError(f"raw shard '{raw_tar}' has no {' or '.join(missing)}: img2dataset did not finish it (a "
+                             f"download stopped while writing it). Delete {raw_tar.name} and run `make download` "
+                             "again: its incremental mode fetches just that shard.")
+
+
+def _disk_full(error, folder, needed_bytes):
+    free = shutil.disk_usage(folder).free
+    return BuildError(f"the disk holding '{folder}' is full ({error.filename or error}). This build needs about "
+                      f"{needed_bytes / 2**30:.1f} GiB free there ({free / 2**30:.1f} GiB is). Free space and run "
+                      "`make shards` again: finished work is kept and nothing half-written looks complete.")
+
+
+def _remove_other_files(out_dir, shard_names, raw_stems, compress):
+    """Delete what this build's manifest does not list: shards of other builds, work of raw shards now gone."""
+    keep = {f"{name}{'.tar.zst' if compress else '.tar'}" for name in shard_names}
+    keep |= set() if compress else {f"{name}.idx" for name in shard_names}
+    for path in out_dir.iterdir():
+        if path.is_file() and path.name.endswith((".tar", ".tar.zst", ".idx", ".partial")) and path.name not in keep:
+            path.unlink()
+    for path in (out_dir / WORK_DIR).iterdir():
+        stem = path.name.split(".")[0]
+        if path.name.endswith(".partial") or (stem not in shard_names and stem not in raw_stems):
+            path.unlink()
 
 
 def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=ImageRules(), compress=False):
     """Build training shards from img2dataset output; returns the manifest dict."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     raw_tars = sorted(raw_dir.glob("*.tar"))
-    if not raw_tars:
-        raise SystemExit(f"error: no .tar shards in '{raw_dir}'; run `make download` first "
-                         "(or point at img2dataset's webdataset output)")
+    _check_raw_shards(raw_dir, raw_tars)
+    try:
+        lock = FolderLock(out_dir, "another `make shards`", "wait for it to end, or build into another OUT")
+    except FolderBusy as error:
+        raise BuildError(str(error)) from None
+    try:
+        return _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes or os.cpu_count(), rules, compress)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(error, out_dir, sum(raw_tar.stat().st_size for raw_tar in raw_tars)) from None
+    finally:
+        lock.release()
+
+
+def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, compress):
     work_dir = out_dir / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    processes = processes or os.cpu_count()
     # spawn, not fork: a caller that already imported torch (its thread pools) would deadlock forked workers.
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        # Pass 1
-        futures = [pool.submit(clean_raw_shard, raw_tar, work_dir, rules) for raw_tar in raw_tars]
-        with tqdm(total=_count_raw_samples(raw_tars), desc="validate", unit="img") as progress:
-            records_by_raw_shard = []
-            for raw_tar, future in zip(raw_tars, futures, strict=True):
-                try:
-                    records_path = future.result()
-                except UnreadableShard as error:
-                    raise SystemExit(
-                        f"error: raw shard '{raw_tar}' cannot be read ({error}). "
-                        f"Delete it and {raw_tar.stem}_stats.json, then run `make download` again: "
-                        "img2dataset's incremental mode fetches just that shard.") from None
-                records = [json.loads(line) for line in records_path.read_text().splitlines()]
-                records_by_raw_shard.append((str(work_dir / f"{raw_tar.stem}.tar"), records))
-                progress.update(len(records))
-        # Pass 2
-        planned, duplicates = plan_shards(records_by_raw_shard, samples_per_shard)
-        # Pass 3
-        extensions = ("jpg", "json", "tokens", "txt")
-        futures = [pool.submit(write_output_shard, out_dir, f"{index:06d}", members, extensions, compress)
-                   for index, members in enumerate(planned)]
-        entries = [future.result() for future in tqdm(futures, desc="write", unit="shard")]
-    rejections = [dict(stage="shards", key=r["key"], url=r["url"], reason=r["reason"], detail=r["detail"])
-                  for _, records in records_by_raw_shard for r in records if r["reason"] is not None]
-    rejections += duplicates
-    url_list_rows, download_failures = _download_records(raw_dir)
-    in_raw = sum(len(records) for _, records in records_by_raw_shard)
+        # Pass 1: the records of every raw shard (its cleaned samples are made again later if a shard needs them).
+        records_paths = _pass_1(pool, raw_tars, work_dir, rules, need_samples=False)
+        # Pass 2: duplicates, then the plan: fixed-size runs of the kept candidates.
+        counts, first = find_duplicates(records_paths)
+        kept = np.flatnonzero(first == np.arange(len(first)))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        stems = [Path(path).stem for path in records_paths]
+        plan = []
+        for number, start in enumerate(range(0, len(kept), samples_per_shard)):
+            candidates = kept[start:start + samples_per_shard]
+            reads = np.unique(np.searchsorted(offsets, candidates, side="right") - 1)
+            plan.append(PlannedShard(f"{number:06d}", candidates, {"work": {
+                stems[index]: json.loads(work_paths(work_dir, stems[index])[2].read_text()) for index in reads}}))
+        futures = [pool.submit(plan_shard, out_dir, shard, records_paths, counts, compress) for shard in plan]
+        planned = [future.result() for future in tqdm(futures, desc="check", unit="shard", leave=False)]
+        plan = [shard for shard, _ in planned]
+        to_write = [shard for shard, written in planned if not written]
+        entries = {}
+        if to_write:
+            (out_dir / manifest.MANIFEST).unlink(missing_ok=True)  # nothing looks complete while shards change
+            needed = sorted({stem for shard in to_write for stem in shard.made_from["work"]})
+            _pass_1(pool, [raw_dir / f"{stem}.tar" for stem in needed], work_dir, rules, need_samples=True)
+            entries = _pass_3(pool, out_dir, to_write, records_paths, counts, compress)
+        for shard in plan:
+            if shard.name not in entries:
+                entries[shard.name] = json.loads(done_record(out_dir, shard.name).read_text())["entry"]
+    _remove_other_files(out_dir, {shard.name for shard in plan}, set(stems), compress)
+    return _write_results(raw_dir, out_dir, raw_tars, records_paths, counts, first,
+                          [entries[shard.name] for shard in plan], samples_per_shard, rules, compress, processes,
+                          started)
+
+
+def _pass_1(pool, raw_tars, work_dir, rules, need_samples):
+    futures = [pool.submit(clean_raw_shard, raw_tar, work_dir, rules, need_samples) for raw_tar in raw_tars]
+    total = sum(json.loads(raw_tar.with_name(f"{raw_tar.stem}_stats.json").read_text()).get("successes", 0)
+                for raw_tar in raw_tars)
+    records_paths = []
+    with tqdm(total=total, desc="validate" if not need_samples else "clean again", unit="img") as progress:
+        for raw_tar, future in zip(raw_tars, futures, strict=True):
+            try:
+                records_paths.append(future.result())
+            except UnreadableShard as error:
+                raise BuildError(
+                    f"raw shard '{raw_tar}' cannot be read ({error}). Delete it and {raw_tar.stem}_stats.json, then "
+                    "run `make download` again: img2dataset's incremental mode fetches just that shard.") from None
+            progress.update(sum(1 for _ in open(records_paths[-1])))  # noqa: SIM115 (closed when read)
+    return records_paths
+
+
+def _pass_3(pool, out_dir, to_write, records_paths, counts, compress):
+    """Write the planned shards `to_write`; a work tar is deleted once every shard that reads it is written,
+    so the disk never holds two copies of the cleaned samples."""
+    readers = {}
+    for shard in to_write:
+        for stem in shard.made_from["work"]:
+            readers[stem] = readers.get(stem, 0) + 1
+    futures = {pool.submit(write_output_shard, out_dir, shard, records_paths, counts, compress): shard
+               for shard in to_write}
+    entries = {}
+    for future in tqdm(as_completed(futures), total=len(futures), desc="write", unit="shard"):
+        shard = futures[future]
+        entries[shard.name] = future.result()
+        for stem in shard.made_from["work"]:
+            readers[stem] -= 1
+            if readers[stem] == 0:
+                work_paths(out_dir / WORK_DIR, stem)[0].unlink()
+    return entries
+
+
+def _write_results(raw_dir, out_dir, raw_tars, records_paths, counts, first, entries, samples_per_shard, rules,
+                   compress, processes, started):
+    tally, examples = {"download": Counter(), "shards": Counter()}, {}
+
+    def counted(rejections):
+        for rejection in rejections:
+            tally[rejection["stage"]][rejection["reason"]] += 1
+            examples.setdefault((rejection["stage"], rejection["reason"]), rejection)
+            yield rejection
+
+    manifest.write_rejected(out_dir / manifest.REJECTED, counted(itertools.chain(
+        _download_failures(raw_dir), _shards_rejections(records_paths, counts, first))))
+    url_list_rows = sum(pq.read_metadata(parquet).num_rows for parquet in sorted(raw_dir.glob("*.parquet")))
+    in_raw = sum(1 for records_path in records_paths for _ in open(records_path))  # noqa: SIM115
     kept = sum(entry["samples"] for entry in entries)
     result = dict(
         version=MANIFEST_VERSION,
@@ -226,16 +429,14 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
         rules={**dataclasses.asdict(rules),
                "duplicates": "same decoded RGB pixels; the first in key order is kept",
                "context_length": text.CONTEXT_LENGTH},
+        made_from={"raw_shards": [json.loads(work_paths(out_dir / WORK_DIR, raw_tar.stem)[2].read_text())["raw"]
+                                  for raw_tar in raw_tars], "rules": rules_fingerprint(rules)},
         shards=entries,
         totals=dict(shards=len(entries), samples=kept, bytes=sum(e["bytes"] for e in entries)),
-        reconciliation=manifest.reconciliation(url_list_rows, download_failures, in_raw, kept, rejections),
+        reconciliation=manifest.reconciliation(url_list_rows, tally["download"], in_raw, kept, tally["shards"]),
     )
-    manifest.write_rejected(out_dir / manifest.REJECTED, download_failures + rejections)
-    manifest.write_atomic(out_dir / manifest.MANIFEST, json.dumps(result, indent=2, ensure_ascii=False))
-    examples = {}
-    for rejection in download_failures + rejections:
-        examples.setdefault((rejection["stage"], rejection["reason"]), rejection)
     manifest.write_report(out_dir / manifest.REPORT, result, examples)
+    manifest.write_atomic(out_dir / manifest.MANIFEST, json.dumps(result, indent=2, ensure_ascii=False))  # last
     elapsed_s = time.perf_counter() - started
     counts = result["reconciliation"]
     print(f"shards done: {in_raw} downloaded -> {kept} kept in {len(entries)} shards, "
