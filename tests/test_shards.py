@@ -106,3 +106,80 @@ def test_corrupt_raw_shard_is_a_clear_error(tmp_path):
     (raw / "00000.tar").write_bytes(data[:1000])  # a download killed while writing
     with pytest.raises(SystemExit, match=r"raw shard '.*00000.tar' cannot be read.*make download"):
         shards.build(raw, tmp_path / "train", processes=1)
+
+
+# --- never stale, never silent ---------------------------------------------------------------------
+
+def keys_and_captions(train):
+    return [(s["__key__"], s["txt"].decode()) for s in shard_io.read_samples(sorted(train.glob("*.tar")))]
+
+
+def test_a_new_download_in_raw_replaces_the_old_samples(tmp_path):
+    raw, _ = build_small(tmp_path)
+    for path in raw.iterdir():
+        path.unlink()
+    write_raw_shard(raw, 0, [(jpeg_bytes(120 + i, 90, color=(10, 200, 10)), f"new picture {i}") for i in range(5)])
+    result = shards.build(raw, tmp_path / "train", samples_per_shard=3, processes=2)
+    assert [caption for _, caption in keys_and_captions(tmp_path / "train")] == [f"new picture {i}" for i in range(5)]
+    assert result["reconciliation"]["in_raw"] == 5 and shards.verify(tmp_path / "train") == []
+    assert sorted(p.name for p in (tmp_path / "train").glob("*.tar")) == ["000000.tar", "000001.tar"]
+
+
+def test_changed_rules_change_the_decisions(tmp_path):
+    raw, before = build_small(tmp_path)
+    assert before["totals"]["samples"] == 7
+    after = shards.build(raw, tmp_path / "train", samples_per_shard=3, processes=2,
+                         rules=shards.ImageRules(max_aspect_ratio=1.25))  # 101 x 80 and 102 x 80 now too wide
+    assert after["rules"]["max_aspect_ratio"] == 1.25
+    assert after["reconciliation"]["rejected"]["aspect_ratio"] == 3 and after["totals"]["samples"] == 5
+    kept = [json.loads(s["json"]) for s in shard_io.read_samples(sorted((tmp_path / "train").glob("*.tar")))]
+    assert len(kept) == 5 and all(info["width_px"] / info["height_px"] <= 1.25 for info in kept)
+
+
+def test_resharding_leaves_only_what_the_manifest_lists(tmp_path):
+    raw, _ = build_small(tmp_path)
+    result = shards.build(raw, tmp_path / "train", samples_per_shard=5, processes=2)
+    listed = {entry["name"] for entry in result["shards"]} | {entry["index"] for entry in result["shards"]}
+    on_disk = {p.name for p in (tmp_path / "train").iterdir() if p.is_file() and p.suffix in (".tar", ".idx")}
+    assert on_disk == listed and len(result["shards"]) == 2
+    assert not list((tmp_path / "train" / shards.WORK_DIR).glob("*.tar"))  # no second copy of the samples left
+
+
+def test_duplicates_keep_the_first_in_key_order_whatever_the_tar_order(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw_shard(raw, 0, [(jpeg_bytes(100, 80), "the original"), (jpeg_bytes(100, 80), "a later copy")])
+    samples = list(shard_io.read_samples([raw / "00000.tar"]))  # img2dataset writes in completion order
+    shard_io.write_tar(raw / "00000.tar", [{k: v for k, v in s.items() if k != "__url__"} for s in reversed(samples)])
+    shards.build(raw, tmp_path / "train", processes=1)
+    assert keys_and_captions(tmp_path / "train") == [("000000000", "the original")]
+
+
+def test_a_raw_shard_without_its_stats_is_refused(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw_shard(raw, 0, [(jpeg_bytes(100, 80), "a picture")])
+    (raw / "00000_stats.json").unlink()  # the download stopped before img2dataset finished the shard
+    with pytest.raises(SystemExit, match="has no 00000_stats.json: img2dataset did not finish it"):
+        shards.build(raw, tmp_path / "train", processes=1)
+
+
+def test_a_second_build_of_the_same_output_is_refused(tmp_path):
+    from datapipe.folder_lock import FolderLock
+
+    raw = tmp_path / "raw"
+    write_raw_shard(raw, 0, [(jpeg_bytes(100, 80), "a picture")])
+    with FolderLock(tmp_path / "train", "a test", ""), pytest.raises(SystemExit, match="in use by another `make shards`"):
+        shards.build(raw, tmp_path / "train", processes=1)
+
+
+def test_disk_full_stops_with_the_folder_and_space_and_the_build_resumes(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw_shard(raw, 0, [(jpeg_bytes(100 + i, 80), f"picture {i}") for i in range(4)])
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "000001.tar.partial").symlink_to("/dev/full")  # writing the second shard hits a full disk
+    with pytest.raises(SystemExit, match=r"the disk holding '.*train' is full .* needs about .* GiB free"):
+        shards.build(raw, train, samples_per_shard=2, processes=1)
+    assert not (train / manifest.MANIFEST).exists()  # nothing looks complete
+    (train / "000001.tar.partial").unlink()  # space freed
+    result = shards.build(raw, train, samples_per_shard=2, processes=1)
+    assert result["totals"]["samples"] == 4 and shards.verify(train) == []
