@@ -167,9 +167,9 @@ def test_a_second_build_of_the_same_output_is_refused(tmp_path):
 
     raw = tmp_path / "raw"
     write_raw_shard(raw, 0, [(jpeg_bytes(100, 80), "a picture")])
-    with FolderLock(tmp_path / "train", "a test", ""):
-        with pytest.raises(SystemExit, match="in use by another `make shards`"):
-            shards.build(raw, tmp_path / "train", processes=1)
+    busy = pytest.raises(SystemExit, match="in use by another `make shards`")
+    with FolderLock(tmp_path / "train", "a test", ""), busy:
+        shards.build(raw, tmp_path / "train", processes=1)
 
 
 def test_disk_full_stops_with_the_folder_and_space_and_the_build_resumes(tmp_path):
