@@ -5,6 +5,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps
 
 JPEG_QUALITY = 95
@@ -36,8 +37,25 @@ class CleanImage:
     converted: str  # what was done to it: "" (stored as downloaded), or e.g. "CMYK->RGB"
 
 
+def _to_8_bit(image):
+    """Images of more than 8 bits per pixel as 8-bit grey ('L'). Pillow's own conversion clips them at 255,
+    which turns a 16-bit photo near-white. Scales: 16-bit and 32-bit integers within 0-65535 by 1/257,
+    floats within 0-1 by 255; other ranges cannot be read without knowing what they mean: rejected."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values, top, scale = np.asarray(image, dtype=np.float64), 65535, 1 / 257
+    elif image.mode == "F":
+        values, top, scale = np.asarray(image, dtype=np.float64), 1.0, 255.0
+    else:
+        return image
+    if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > top):
+        raise Rejected("unsupported_mode", f"{image.mode} pixels from {values.min():g} to {values.max():g}: "
+                                           f"only 0-{top:g} can be converted to 8 bits")
+    return Image.fromarray(np.rint(values * scale).astype(np.uint8), "L")
+
+
 def _to_rgb(image):
     """RGB pixels; transparency is composited over white, as img2dataset does."""
+    image = _to_8_bit(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -65,7 +83,10 @@ def clean_image(data, rules=ImageRules()):
     source_format, source_mode = image.format, image.mode
     orientation = image.getexif().get(0x0112, 1)
     image = ImageOps.exif_transpose(image)
-    rgb = _to_rgb(image)
+    try:
+        rgb = _to_rgb(image)
+    except (ValueError, OSError) as error:  # a mode Pillow opens but cannot convert
+        raise Rejected("unsupported_mode", f"{source_mode}: {error}") from None
     width_px, height_px = rgb.size
     if min(width_px, height_px) < rules.min_side_px:
         raise Rejected("too_small", f"{width_px}x{height_px}, shorter side below {rules.min_side_px} px")
