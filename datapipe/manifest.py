@@ -42,10 +42,18 @@ def read_rejected(path):
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
-def reconciliation(url_list_rows, failed, in_raw, kept, rejected):
-    """Counts that must add up: every url is downloaded or failed, every download kept or rejected.
-    `failed` and `rejected` count download failures and make shards' rejections by reason."""
-    return {
+def reconciliation(url_list_rows, failed, in_raw, kept, rejected, url_list=None, url_list_rejected=None):
+    """Counts that must add up: every row of the url list is usable or set aside, every usable row was given
+    to img2dataset, every url is downloaded or failed, every download kept or rejected. `failed`,
+    `rejected` and `url_list_rejected` count by reason; `url_list` is what `make download` recorded of the
+    list (None for a download made elsewhere)."""
+    listed = {}
+    if url_list is not None:
+        listed = {"url_list": url_list["source"], "url_list_usable_rows": url_list["rows"],
+                  "url_list_rejected": dict(sorted((url_list_rejected or {}).items())),
+                  "url_list_balanced": url_list["rows"] == url_list_rows
+                  and dict(url_list_rejected or {}) == url_list["rejected"]}
+    return {**listed,
         "url_list_rows": url_list_rows,
         "download_failed": dict(sorted(failed.items())),
         "in_raw": in_raw,
@@ -66,12 +74,16 @@ def write_report(path, manifest, examples):
         "",
         "| stage | samples |",
         "|---|---|",
-        f"| rows in the url list | {counts['url_list_rows']} |",
+        *([f"| rows of the url list set aside (unusable) | {sum(counts['url_list_rejected'].values())} |"]
+          if "url_list" in counts else []),
+        f"| rows in the url list given to img2dataset | {counts['url_list_rows']} |",
         f"| failed to download | {sum(counts['download_failed'].values())} |",
         f"| downloaded (in raw shards) | {counts['in_raw']} |",
         f"| rejected by `make shards` | {sum(counts['rejected'].values())} |",
         f"| **kept, in {len(manifest['shards'])} training shards** | **{counts['kept']}** |",
         "",
+        *([f"Every usable row of `{counts['url_list']}` was given to img2dataset: "
+           f"{'yes' if counts['url_list_balanced'] else 'NO'}. "] if "url_list" in counts else []),
         f"Every url is accounted for: {'yes' if counts['download_balanced'] else 'NO'}. "
         f"Every download is kept or rejected: {'yes' if counts['shards_balanced'] else 'NO'}.",
         "",
@@ -80,7 +92,8 @@ def write_report(path, manifest, examples):
         "| stage | reason | samples | example |",
         "|---|---|---|---|",
     ]
-    for stage, reasons in (("download", counts["download_failed"]), ("shards", counts["rejected"])):
+    for stage, reasons in (("url_list", counts.get("url_list_rejected", {})), ("download", counts["download_failed"]),
+                           ("shards", counts["rejected"])):
         for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
             example = examples.get((stage, reason), {})
             detail = str(example.get("detail", "")).replace("|", "/")[:80]

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from datapipe import manifest, shard_io, text
+from datapipe.download import URL_LIST_RECORD, URL_LIST_REJECTED
 from datapipe.folder_lock import FolderBusy, FolderLock
 from datapipe.validate import ImageRules, Rejected, clean_image
 
@@ -252,6 +253,14 @@ def write_output_shard(out_dir, shard, records_paths, counts, compress):
 
 # --- the whole build ------------------------------------------------------------------------
 
+def _url_list_rejections(raw_dir):
+    """Each row of the url list that `make download` set aside (with its line number), streamed."""
+    path = Path(raw_dir).parent / URL_LIST_REJECTED
+    if path.is_file():
+        with open(path) as lines:
+            yield from map(json.loads, lines)
+
+
 def _download_failures(raw_dir):
     """Each url img2dataset could not fetch, as a rejection row, streamed from its per-shard parquet files."""
     for parquet in sorted(Path(raw_dir).glob("*.parquet")):
@@ -406,7 +415,7 @@ def _pass_3(pool, out_dir, to_write, records_paths, counts, compress):
 
 def _write_results(raw_dir, out_dir, raw_tars, records_paths, counts, first, entries, samples_per_shard, rules,
                    compress, processes, started):
-    tally, examples = {"download": Counter(), "shards": Counter()}, {}
+    tally, examples = {"url_list": Counter(), "download": Counter(), "shards": Counter()}, {}
 
     def counted(rejections):
         for rejection in rejections:
@@ -415,8 +424,10 @@ def _write_results(raw_dir, out_dir, raw_tars, records_paths, counts, first, ent
             yield rejection
 
     manifest.write_rejected(out_dir / manifest.REJECTED, counted(itertools.chain(
-        _download_failures(raw_dir), _shards_rejections(records_paths, counts, first))))
+        _url_list_rejections(raw_dir), _download_failures(raw_dir), _shards_rejections(records_paths, counts, first))))
     url_list_rows = sum(pq.read_metadata(parquet).num_rows for parquet in sorted(raw_dir.glob("*.parquet")))
+    record = raw_dir.parent / URL_LIST_RECORD
+    url_list = json.loads(record.read_text()) if record.is_file() else None
     in_raw = sum(1 for records_path in records_paths for _ in open(records_path))  # noqa: SIM115
     kept = sum(entry["samples"] for entry in entries)
     result = dict(
@@ -433,7 +444,8 @@ def _write_results(raw_dir, out_dir, raw_tars, records_paths, counts, first, ent
                                   for raw_tar in raw_tars], "rules": rules_fingerprint(rules)},
         shards=entries,
         totals=dict(shards=len(entries), samples=kept, bytes=sum(e["bytes"] for e in entries)),
-        reconciliation=manifest.reconciliation(url_list_rows, tally["download"], in_raw, kept, tally["shards"]),
+        reconciliation=manifest.reconciliation(url_list_rows, tally["download"], in_raw, kept, tally["shards"],
+                                               url_list, tally["url_list"]),
     )
     manifest.write_report(out_dir / manifest.REPORT, result, examples)
     manifest.write_atomic(out_dir / manifest.MANIFEST, json.dumps(result, indent=2, ensure_ascii=False))  # last
@@ -469,7 +481,7 @@ def verify(out_dir):
         if "index" in entry:
             problems += _verify_index(tar_path, out_dir / entry["index"], keys)
     counts = recorded["reconciliation"]
-    if not (counts["download_balanced"] and counts["shards_balanced"]):
+    if not (counts["download_balanced"] and counts["shards_balanced"] and counts.get("url_list_balanced", True)):
         problems.append(f"{manifest_path}: the counts do not reconcile: {counts}")
     if sum(entry["samples"] for entry in recorded["shards"]) != recorded["totals"]["samples"]:
         problems.append(f"{manifest_path}: shard sample counts do not add up to totals.samples")

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import jpeg_bytes, write_raw_shard
 
 from datapipe import download
 
@@ -52,3 +53,33 @@ def test_pyspark_distributor_in_local_mode(tmp_path, monkeypatch):
         "demo", tmp_path / "raw", processes=1, threads=4, distributor="pyspark",
         demo_root=tmp_path / "source", demo_size=20)
     assert totals["count"] == 20 + 15 and totals["successes"] == totals["count"] - sum(failures.values())
+
+
+def write_list(path, rows):
+    path.write_text("".join(f"caption {i}\thttp://127.0.0.1:9/{i}.jpg\n" for i in rows))
+    return path
+
+
+def test_a_new_url_list_into_an_existing_download_is_refused(tmp_path):
+    """img2dataset's incremental mode would keep the old shards: the download must say so, not pass."""
+    raw = tmp_path / "out" / "raw"
+    raw.mkdir(parents=True)
+    source = download.get_source("cc3m")
+    columns = dict(url_column="url", caption_column="caption")
+    first = download.prepare_url_list(write_list(tmp_path / "a.tsv", range(5)), raw, source, columns, ("http",))
+    (raw / "00000_stats.json").write_text("{}")  # a shard of it was downloaded
+    again = download.prepare_url_list(write_list(tmp_path / "a.tsv", range(5)), raw, source, columns, ("http",))
+    assert again.fingerprint == first.fingerprint  # the same list again: resume
+    before = (tmp_path / "out" / "urls.parquet").read_bytes()
+    with pytest.raises(SystemExit, match=r"holds another url list \(.*a.tsv, 5 rows\); .*b.tsv \(6 rows\) differs"):
+        download.prepare_url_list(write_list(tmp_path / "b.tsv", range(6)), raw, source, columns, ("http",))
+    assert (tmp_path / "out" / "urls.parquet").read_bytes() == before  # the record still says what raw/ holds
+
+
+def test_a_full_disk_during_download_stops_and_removes_what_it_spoiled(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw_shard(raw, 0, [(jpeg_bytes(), "saved")] * 3)
+    write_raw_shard(raw, 1, [(jpeg_bytes(), "saved")], failures=["[Errno 28] No space left on device"] * 2)
+    with pytest.raises(SystemExit, match=r"disk holding .*raw is full: 2 images could not be saved.*GiB"):
+        download.check_disk_full(raw)
+    assert sorted(path.name for path in raw.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]

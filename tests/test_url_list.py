@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 import pytest
 import zstandard
@@ -46,7 +48,8 @@ def test_csv_and_parquet_with_headers(tmp_path):
     ("", "is empty"),
     ("url\tcaption\n", "no rows"),
     ("link\ttext\nhttp://example.invalid/a.jpg\thi\n", "has no column 'url'"),
-    ("a\tb\thttp://example.invalid/a.jpg\n", "expects 2"),
+    ("a\tb\thttp://example.invalid/a.jpg\n", "3 fields, the list has 2"),
+    ("\n\n   \n\n", "no rows"),
 ])
 def test_clear_errors(tmp_path, content, message):
     path = tmp_path / "list.tsv"
@@ -62,3 +65,46 @@ def test_unknown_format(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(SystemExit, match="use .tsv, .csv"):
         normalized(tmp_path, path)
+
+
+def test_bad_rows_are_set_aside_with_their_line_and_reason(tmp_path):
+    """A handful of bad rows in a long list: counted and logged with their line numbers; the job goes on."""
+    good = [f"caption {i}\thttp://example.invalid/{i}.jpg\n".encode() for i in range(20)]
+    bad = [b"one\ttwo\thttp://example.invalid/x.jpg\n",  # an extra column
+           "caf\xe9 in latin-1\thttp://example.invalid/y.jpg\n".encode("latin-1"),  # not UTF-8
+           b"no url here\t\n",  # missing url
+           b"a local file\tfile:///etc/passwd\n"]  # a scheme we do not fetch
+    path = tmp_path / "list.tsv"
+    path.write_bytes(b"".join(good[:5] + bad + [b"\n"] + good[5:]))
+    out, rejections = tmp_path / "out" / "urls.parquet", tmp_path / "rejected.jsonl"
+    summary = url_list.normalize(path, out, SOURCES["cc3m"].headerless_columns, "url", "caption",
+                                 rejections_file=rejections)
+    assert summary.rows == 20 and len(pd.read_parquet(out)) == 20
+    assert dict(summary.rejected) == {"wrong_column_count": 1, "not_utf8": 1, "missing_url": 1, "url_scheme": 1}
+    logged = [json.loads(line) for line in rejections.read_text().splitlines()]
+    assert [row["key"] for row in logged] == ["line 6", "line 7", "line 8", "line 9"]
+    assert all(row["stage"] == "url_list" and "list.tsv line" in row["detail"] for row in logged)
+
+
+def test_a_broken_quote_in_a_csv_is_one_bad_row(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_text('url,caption\nhttp://example.invalid/a.jpg,fine\nhttp://example.invalid/b.jpg,"unterminated\n'
+                    'http://example.invalid/c.jpg,"quoted, with a comma"\n')
+    summary = url_list.normalize(path, tmp_path / "urls.parquet", ("url", "caption"), "url", "caption")
+    assert summary.rows == 2 and dict(summary.rejected) == {"bad_quoting": 1}
+    assert pd.read_parquet(tmp_path / "urls.parquet")["caption"].tolist() == ["fine", "quoted, with a comma"]
+
+
+def test_other_schemes_only_when_allowed(tmp_path):
+    path = tmp_path / "list.tsv"
+    path.write_text("a\tfile:///tmp/a.jpg\nb\thttp://example.invalid/b.jpg\n")
+    allowed = url_list.normalize(path, tmp_path / "urls.parquet", ("caption", "url"), "url", "caption",
+                                 schemes=("http", "https", "file"))
+    assert allowed.rows == 2
+
+
+def test_swapped_columns_are_named_as_the_problem(tmp_path):
+    path = tmp_path / "list.tsv"
+    path.write_text(CC12M_ROWS)  # url<TAB>caption, read as cc3m (caption<TAB>url)
+    with pytest.raises(SystemExit, match="columns look swapped"):
+        url_list.normalize(path, tmp_path / "urls.parquet", SOURCES["cc3m"].headerless_columns, "url", "caption")
