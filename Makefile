@@ -36,7 +36,7 @@ RETRIEVAL_SHARDS ?= $(call existing,$(EVAL_DATA)/heldout_pairs)
 PROBE_TRAIN ?= $(call existing,$(EVAL_DATA)/probe_train)
 PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
 
-.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm crops data plot clean
+.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale crops data plot clean
 
 setup: $(STAMP)
 
@@ -105,6 +105,11 @@ bench-step: setup
 
 bench-comm: setup
 	$(PY) -m tools.bench.communication --out runs/bench
+
+# make shards and the loader at CC3M-like scale: N url-list rows (about 80% downloaded), generated locally.
+N ?= 60000
+bench-scale: setup
+	$(PY) -m tools.bench.scale --rows $(N) --out runs/bench
 
 crops: data
 	$(PY) -m tools.show_crops --shards "$(OUT)/train" --out runs/crops.png

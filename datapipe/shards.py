@@ -5,7 +5,9 @@
 
 Three passes. (1) In parallel, one raw shard per task: decode every image, normalize it to an
 RGB JPEG, clean and tokenize its caption, or reject it with a reason; the cleaned samples go to
-<out>/_work/<raw>.tar and one record per sample (sorted by key) to <out>/_work/<raw>.jsonl.
+<out>/_work/<raw>.tar (captions, tokens, info, and only the images that had to be converted: an
+RGB JPEG is read again from the raw tar when its shard is written) and one record per sample
+(sorted by key) to <out>/_work/<raw>.jsonl.
 (2) Drop exact duplicate images (same decoded pixels), keeping the first in key order, and plan
 fixed-size output shards. (3) In parallel, write each training shard and its DALI index; a work tar
 is deleted as soon as every shard that reads it is written. Then manifest.json, rejected.jsonl.zst
@@ -17,8 +19,8 @@ it was made from the same work, keys and settings. Files the new manifest does n
 an earlier build with another SAMPLES_PER_SHARD, work of raw shards that are gone) are removed.
 While anything is rewritten there is no manifest.json, so nothing half-built looks complete.
 
-Bounded: disk holds at most raw/ + about one copy of the training shards at any time, and only the
-small per-sample records remain in _work/ afterwards; memory holds one 40-byte entry per sample
+Bounded: disk holds raw/, the training shards and the small work tars (converted images and text)
+at any time, and only the per-sample records remain in _work/ afterwards; memory holds one 40-byte entry per sample
 for de-duplication, never the records themselves. One build at a time per output folder (a lock).
 """
 
@@ -91,15 +93,18 @@ class UnreadableShard(Exception):
 
 
 def _clean_sample(raw, url, rules):
-    """(sample to store, its info, pixel digest) for one raw img2dataset sample; raises Rejected."""
-    image = clean_image(next((raw[name] for name in IMAGE_MEMBERS if name in raw), b""), rules)
+    """(sample to store, its info, pixel digest, the raw member holding the image when it is stored as it
+    came, else None) for one raw img2dataset sample; raises Rejected."""
+    member = next((name for name in IMAGE_MEMBERS if name in raw), None)
+    image = clean_image(raw[member] if member else b"", rules)
     original_caption = raw.get("txt", b"").decode("utf-8", errors="replace")
     caption = text.clean_caption(original_caption)
     if not caption:
         raise Rejected("empty_caption", f"caption {original_caption!r} is empty after cleaning")
     info = dict(key=raw["__key__"], url=url, caption_original=original_caption,
                 width_px=image.width_px, height_px=image.height_px, converted=image.converted)
-    return dict(__key__=raw["__key__"], jpg=image.jpeg, txt=caption.encode()), info, image.pixel_digest
+    stored_as_is = f"{raw['__key__']}.{member}" if not image.converted else None
+    return dict(__key__=raw["__key__"], jpg=image.jpeg, txt=caption.encode()), info, image.pixel_digest, stored_as_is
 
 
 def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True):
@@ -112,6 +117,10 @@ def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True):
         return records_path
     made_from_path.unlink(missing_ok=True)  # until the new work is complete
     records = []
+    try:  # where each member's bytes are: images stored as they came are read from raw/ again in pass 3
+        raw_members = shard_io.member_offsets(raw_tar)
+    except (tarfile.TarError, EOFError) as error:
+        raise UnreadableShard(f"{type(error).__name__}: {error}") from None
 
     def tokenized(batch):
         for sample, tokens in zip(batch, text.tokenize([s["txt"].decode() for s in batch]), strict=True):
@@ -125,12 +134,16 @@ def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True):
                 key = raw["__key__"]
                 url = json.loads(raw.get("json", b"{}") or b"{}").get("url", "")
                 try:
-                    sample, info, digest = _clean_sample(raw, url, rules)
+                    sample, info, digest, stored_as_is = _clean_sample(raw, url, rules)
                 except Rejected as rejection:
                     records.append(dict(key=key, url=url, reason=rejection.reason, detail=rejection.detail))
                     continue
                 sample["json"] = json.dumps({**info, "source": Path(raw_tar).name}, ensure_ascii=False).encode()
-                records.append(dict(key=key, url=url, reason=None, digest=digest))
+                record = dict(key=key, url=url, reason=None, digest=digest)
+                if stored_as_is:  # no second copy: pass 3 reads these bytes from the raw tar
+                    del sample["jpg"]
+                    record["jpg_in_raw"] = raw_members[stored_as_is]
+                records.append(record)
                 batch.append(sample)
                 if len(batch) == TOKENIZE_BATCH:
                     yield from tokenized(batch)
@@ -182,16 +195,16 @@ def candidate_keys(records_paths, counts, wanted):
 # --- pass 3: write one training shard -------------------------------------------------------
 
 def shard_members(records_paths, counts, candidates):
-    """[(work tar, key)] of the candidate indices `candidates` (sorted), in order; `records_paths` and `counts`
-    cover every raw shard, in candidate order."""
+    """[(work tar, key, (offset, size) of its JPEG in the raw tar or None)] of the candidate indices `candidates`
+    (sorted), in order; `records_paths` and `counts` cover every raw shard, in candidate order."""
     members, offsets = [], np.concatenate([[0], np.cumsum(counts)])
     for number in np.unique(np.searchsorted(offsets, candidates, side="right") - 1):
         records_path = Path(records_paths[number])
         local = set((candidates[(candidates >= offsets[number]) & (candidates < offsets[number + 1])]
                      - offsets[number]).tolist())
-        accepted = (r["key"] for r in read_records(records_path) if r["reason"] is None)
-        samples_path = records_path.with_suffix(".tar")
-        members += [(str(samples_path), key) for index, key in enumerate(accepted) if index in local]
+        accepted = ((r["key"], r.get("jpg_in_raw")) for r in read_records(records_path) if r["reason"] is None)
+        samples_path = str(records_path.with_suffix(".tar"))
+        members += [(samples_path, key, raw) for index, (key, raw) in enumerate(accepted) if index in local]
     return members
 
 
@@ -214,7 +227,7 @@ class PlannedShard:
 
 def plan_shard(out_dir, shard, records_paths, counts, compress):
     """(the shard with its keys' hash, whether the file on disk was written from exactly that)."""
-    keys = [key for _, key in shard_members(records_paths, counts, shard.candidates)]
+    keys = [key for _, key, _ in shard_members(records_paths, counts, shard.candidates)]
     shard = dataclasses.replace(shard, made_from={**shard.made_from, "compress": compress,
                                                   "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest()})
     tar_path, done_path = output_path(out_dir, shard.name, compress), done_record(out_dir, shard.name)
@@ -224,22 +237,26 @@ def plan_shard(out_dir, shard, records_paths, counts, compress):
     return shard, written
 
 
-def write_output_shard(out_dir, shard, records_paths, counts, compress):
-    """Write one training shard (and its DALI index) from the work tars. Returns its manifest entry."""
+def write_output_shard(out_dir, shard, records_paths, counts, compress, raw_dir):
+    """Write one training shard (and its DALI index) from the work tars, and from the raw tars for images stored
+    as they came. Returns its manifest entry."""
     members = shard_members(records_paths, counts, shard.candidates)
     tar_path = output_path(out_dir, shard.name, compress)
 
+    def read(stream, location):
+        stream.seek(location[0])
+        return stream.read(location[1])
+
     def samples():
-        for work_tar in dict.fromkeys(path for path, _ in members):  # each work tar opened and indexed once
+        for work_tar in dict.fromkeys(path for path, _, _ in members):  # each work tar opened and indexed once
             offsets = shard_io.member_offsets(work_tar)
-            with open(work_tar, "rb") as stream:
-                for _, key in (member for member in members if member[0] == work_tar):
-                    sample = {"__key__": key}
-                    for extension in EXTENSIONS:
-                        offset, size = offsets[f"{key}.{extension}"]
-                        stream.seek(offset)
-                        sample[extension] = stream.read(size)
-                    yield sample
+            raw_tar = Path(raw_dir) / Path(work_tar).name
+            with open(work_tar, "rb") as work, open(raw_tar, "rb") as raw:
+                for _, key, jpg_in_raw in (member for member in members if member[0] == work_tar):
+                    sample = {extension: read(work, offsets[f"{key}.{extension}"])
+                              for extension in EXTENSIONS if extension != "jpg"}
+                    sample["jpg"] = read(raw, jpg_in_raw) if jpg_in_raw else read(work, offsets[f"{key}.jpg"])
+                    yield {"__key__": key, **sample}
 
     shard_io.write_tar(tar_path, samples())
     entry = dict(name=tar_path.name, samples=len(members), bytes=tar_path.stat().st_size,
@@ -366,7 +383,7 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
             (out_dir / manifest.MANIFEST).unlink(missing_ok=True)  # nothing looks complete while shards change
             needed = sorted({stem for shard in to_write for stem in shard.made_from["work"]})
             _pass_1(pool, [raw_dir / f"{stem}.tar" for stem in needed], work_dir, rules, need_samples=True)
-            entries = _pass_3(pool, out_dir, to_write, records_paths, counts, compress)
+            entries = _pass_3(pool, out_dir, to_write, records_paths, counts, compress, raw_dir)
         for shard in plan:
             if shard.name not in entries:
                 entries[shard.name] = json.loads(done_record(out_dir, shard.name).read_text())["entry"]
@@ -393,14 +410,14 @@ def _pass_1(pool, raw_tars, work_dir, rules, need_samples):
     return records_paths
 
 
-def _pass_3(pool, out_dir, to_write, records_paths, counts, compress):
+def _pass_3(pool, out_dir, to_write, records_paths, counts, compress, raw_dir):
     """Write the planned shards `to_write`; a work tar is deleted once every shard that reads it is written,
     so the disk never holds two copies of the cleaned samples."""
     readers = {}
     for shard in to_write:
         for stem in shard.made_from["work"]:
             readers[stem] = readers.get(stem, 0) + 1
-    futures = {pool.submit(write_output_shard, out_dir, shard, records_paths, counts, compress): shard
+    futures = {pool.submit(write_output_shard, out_dir, shard, records_paths, counts, compress, raw_dir): shard
                for shard in to_write}
     entries = {}
     for future in tqdm(as_completed(futures), total=len(futures), desc="write", unit="shard"):
