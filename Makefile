@@ -88,7 +88,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
-bench: bench-shards bench-data bench-memory bench-step bench-comm
+bench: bench-shards bench-scale bench-data bench-memory bench-step bench-comm
 	$(PY) -m tools.bench.report --results runs/bench --out BENCHMARKS.md --charts docs/benchmarks
 
 bench-shards: setup

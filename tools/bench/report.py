@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "timm", "open_clip_torch", "webdataset", "img2dataset")
-GOALS = {"time": 3.0, "memory": 1.8, "communication": 1.0, "dali_vs_torch": 2.0}
+GOALS = {"time": 3.0, "memory": 1.8, "communication": 1.0, "dali_vs_torch": 2.0, "output_peak": 1.1,
+         "rss_bytes_per_sample": 80}
 
 
 def cpu_model():
@@ -120,8 +121,33 @@ def section_communication(result):
             "![communication](docs/benchmarks/communication.png)", ""]
 
 
-SECTIONS = (("shards", section_shards), ("datapipe", section_datapipe), ("backward_memory", section_memory),
-            ("step", section_step), ("communication", section_communication))
+def section_scale(result):
+    large, small = result["two_processes"], result["small"]
+    growth = result["rss_growth_bytes_per_sample"]
+    growth_verdict = verdict(growth, GOALS["rss_bytes_per_sample"]).replace("x:", " bytes:")
+    return [
+        "## make shards and the loader at scale", "",
+        f"Generated CC3M-like raw shards in img2dataset's format: {result['url_list_rows']} url-list rows, "
+        f"{large['samples_in_raw']} downloaded samples (JPEGs of {result['mean_jpeg_bytes'] / 1024:.0f} KB on "
+        f"average, {result['raw_bytes'] / 2**30:.2f} GiB), a few percent broken, empty or duplicate.", "",
+        f"- `make shards`: {result['samples_per_s_per_core_1_process']:.0f} samples/s per core on 1 process, "
+        f"{result['samples_per_s_per_core_2_processes']:.0f} per core on 2 (start-up included).",
+        f"- Memory: the main process's peak RSS grows by **{growth:.0f} bytes per sample** between "
+        f"{small['samples_in_raw']} and {large['samples_in_raw']} samples "
+        f"({growth_verdict}); "
+        f"its peak is {large['peak_rss_bytes'] / 2**20:.0f} MiB, a worker's "
+        f"{large['peak_worker_rss_bytes'] / 2**20:.0f} MiB (one raw shard at a time).",
+        f"- Disk: the output folder's peak during the build = **{result['peak_output_vs_final_shards']:.2f}x** the "
+        f"final training shards ({verdict(result['peak_output_vs_final_shards'], GOALS['output_peak'])}); "
+        f"{result['left_in_output_vs_final_shards']:.3f}x is left after the build (records and indexes).",
+        f"- One loader epoch over the result (DALI, CPU threads, SingleCrop 224 px): "
+        f"{result['loader_epoch']['samples_per_s']:.0f} samples/s, peak RSS "
+        f"{result['loader_epoch']['peak_rss_bytes'] / 2**20:.0f} MiB.", "",
+        "![scale](docs/benchmarks/scale.png)", ""]
+
+
+SECTIONS = (("shards", section_shards), ("scale", section_scale), ("datapipe", section_datapipe),
+            ("backward_memory", section_memory), ("step", section_step), ("communication", section_communication))
 
 
 def report(results_dir, out_path, charts_dir):
