@@ -51,3 +51,19 @@ def test_report_writes_each_measured_section_with_its_verdict_and_charts(tmp_pat
     assert sections == ["communication"] and "## make shards" not in text
     assert "**1.00x** (goal <= 1x: met" in text and "gives 4x" in text
     assert "torch " in text and (tmp_path / "charts" / "communication.png").read_bytes() == b"png"
+
+
+def test_scale_bench_writes_raw_shards_make_shards_accepts(tmp_path):
+    """The generated raw shards are img2dataset's format, with CC3M-sized JPEGs and a few bad samples."""
+    from datapipe import shards
+    from tools.bench import scale
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    scale.write_raw_shard(raw, 0, 300, seed=1)
+    stats = json.loads((raw / "00000_stats.json").read_text())
+    assert stats["count"] == 300 and 0.7 < stats["successes"] / 300 < 0.9  # about 20% failed downloads
+    assert 25_000 < (raw / "00000.tar").stat().st_size / stats["successes"] < 50_000
+    result = shards.build(raw, tmp_path / "train", processes=1)
+    assert result["reconciliation"]["shards_balanced"] and result["reconciliation"]["download_balanced"]
+    assert 0 < sum(result["reconciliation"]["rejected"].values()) < 0.1 * stats["successes"]
