@@ -166,18 +166,21 @@ def find_duplicates(records_paths):
     """Exact duplicates among the accepted samples ("candidates"), in order: raw shards in name order, keys in
     order within each. Returns (candidates per raw shard, first (n,) int64: the candidate each one duplicates,
     itself for the first of its pixels). 24 bytes per candidate, plus the sort's temporaries."""
-    counts, digests = [], []
+    counts, digests = [], bytearray()
     for records_path in records_paths:
-        shard = [bytes.fromhex(r["digest"])[:16] for r in read_records(records_path) if r["reason"] is None]
-        counts.append(len(shard))
-        digests.append(np.frombuffer(b"".join(shard), dtype=np.uint64).reshape(-1, 2))  # 128 bits of sha256
-    digests = np.concatenate(digests) if digests else np.empty((0, 2), dtype=np.uint64)
+        before = len(digests)
+        for record in read_records(records_path):
+            if record["reason"] is None:
+                digests += bytes.fromhex(record["digest"])[:16]  # 128 bits of sha256
+        counts.append((len(digests) - before) // 16)
+    digests = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
     order = np.lexsort((digests[:, 1], digests[:, 0]))  # stable: equal digests stay in candidate order
-    sorted_digests = digests[order]
     starts = np.ones(len(order), dtype=bool)
-    starts[1:] = (sorted_digests[1:] != sorted_digests[:-1]).any(axis=1)
+    starts[1:] = (digests[order[1:]] != digests[order[:-1]]).any(axis=1)
+    del digests
+    group = np.cumsum(starts) - 1  # the group (distinct digest) of each sorted position
     first = np.empty(len(order), dtype=np.int64)
-    first[order] = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+    first[order] = order[np.flatnonzero(starts)][group]
     return np.asarray(counts, dtype=np.int64), first
 
 
@@ -281,10 +284,12 @@ def _url_list_rejections(raw_dir):
 def _download_failures(raw_dir):
     """Each url img2dataset could not fetch, as a rejection row, streamed from its per-shard parquet files."""
     for parquet in sorted(Path(raw_dir).glob("*.parquet")):
-        for row in pq.read_table(parquet, columns=["key", "url", "status", "error_message"]).to_pylist():
-            if row["status"] != "success":
-                yield dict(stage="download", key=row["key"], url=row["url"], reason="download_failed",
-                           detail=row["error_message"] or "")
+        columns = ["key", "url", "status", "error_message"]
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096, columns=columns):
+            for row in batch.to_pylist():
+                if row["status"] != "success":
+                    yield dict(stage="download", key=row["key"], url=row["url"], reason="download_failed",
+                               detail=row["error_message"] or "")
 
 
 def _shards_rejections(records_paths, counts, first):
