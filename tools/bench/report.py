@@ -123,7 +123,7 @@ def section_communication(result):
 
 def section_scale(result):
     large, small = result["two_processes"], result["small"]
-    growth = result["rss_growth_bytes_per_sample"]
+    growth = result["heap_growth_bytes_per_sample"]
     growth_verdict = verdict(growth, GOALS["rss_bytes_per_sample"]).replace("x:", " bytes:")
     return [
         "## make shards and the loader at scale", "",
@@ -132,11 +132,12 @@ def section_scale(result):
         f"average, {result['raw_bytes'] / 2**30:.2f} GiB), a few percent broken, empty or duplicate.", "",
         f"- `make shards`: {result['samples_per_s_per_core_1_process']:.0f} samples/s per core on 1 process, "
         f"{result['samples_per_s_per_core_2_processes']:.0f} per core on 2 (start-up included).",
-        f"- Memory: the main process's peak RSS grows by **{growth:.0f} bytes per sample** between "
-        f"{small['samples_in_raw']} and {large['samples_in_raw']} samples "
-        f"({growth_verdict}); "
-        f"its peak is {large['peak_rss_bytes'] / 2**20:.0f} MiB, a worker's "
-        f"{large['peak_worker_rss_bytes'] / 2**20:.0f} MiB (one raw shard at a time).",
+        f"- Memory: the main process's heap peak (tracemalloc: what it holds for the data) grows by **{growth:.0f} "
+        f"bytes per sample** between {small['samples_in_raw']} and {large['samples_in_raw']} samples "
+        f"({growth_verdict}). Its peak RSS is {large['peak_rss_bytes'] / 2**20:.0f} MiB "
+        f"({small['peak_rss_bytes'] / 2**20:.0f} MiB at {small['samples_in_raw']} samples: "
+        f"{result['rss_growth_bytes_per_sample']:.0f} bytes per sample, within the tens of MB that RSS varies by "
+        f"from run to run), a worker's {large['peak_worker_rss_bytes'] / 2**20:.0f} MiB (one raw shard at a time).",
         f"- Disk: the output folder's peak during the build = **{result['peak_output_vs_final_shards']:.2f}x** the "
         f"final training shards ({verdict(result['peak_output_vs_final_shards'], GOALS['output_peak'])}); "
         f"{result['left_in_output_vs_final_shards']:.3f}x is left after the build (records and indexes).",
