@@ -344,6 +344,8 @@ def train(config):
                     path = trainer.save()
                 if stopping:
                     bar.close()
+                    if log:
+                        log.close()  # flush TensorBoard and redraw the plots up to this step
                     if world.is_main:
                         reason = stop.reason or "a stop request on another rank"
                         write_status(run_dir, "preempted", trainer.step, checkpoint=str(path), reason=reason)
