@@ -232,16 +232,16 @@ class EpochPlan:
         self.reserve_start = self.num_batches * world_size * batch_size  # the tail replaces unreadable samples
         self.found_unreadable = {}  # (shard, sample) -> reason, found by a backend after reading (decoding)
 
-    def _candidates(self, position):
-        """The sample at `position`, then reserve samples in an order fixed by the position."""
-        yield position
+    def _candidates(self, position, location):
+        """The sample at `position` (its `location`), then reserve samples in an order fixed by the position."""
+        yield location
         reserve = self.order.total - self.reserve_start
         for step in range(reserve):
-            yield self.reserve_start + (position + step) % reserve
+            yield tuple(self.order[self.reserve_start + (position + step) % reserve][0].tolist())
 
-    def _read(self, position):
-        """(key, location, jpeg, size, tokens) of the sample at `position`; raises UnreadableSample(key, reason)."""
-        location = tuple(int(number) for number in self.order[position][0])
+    def _read(self, location):
+        """(key, location, jpeg, size, tokens) of the sample at `location` (shard number, sample number);
+        raises UnreadableSample(key, reason)."""
         key = self.reader.key(*location)
         if location in self.found_unreadable:
             raise UnreadableSample(key, self.found_unreadable[location])
@@ -256,9 +256,11 @@ class EpochPlan:
 
     def read_batch(self, index):
         keys, locations, jpegs, sizes, tokens, skipped = [], [], [], [], [], []
-        positions = rank_positions(index, self.rank, self.world_size, self.batch_size).tolist()
-        for position in positions:
-            for candidate in self._candidates(position):
+        positions = rank_positions(index, self.rank, self.world_size, self.batch_size)
+        first_choices = self.order[positions].tolist()  # one look-up for the whole batch
+        positions = positions.tolist()
+        for position, location in zip(positions, first_choices, strict=True):
+            for candidate in self._candidates(position, tuple(location)):
                 try:
                     key, location, jpeg, size_px, sample_tokens = self._read(candidate)
                 except UnreadableSample as problem:

@@ -234,10 +234,10 @@ def plan_shard(out_dir, shard, records_paths, counts, compress):
     shard = dataclasses.replace(shard, made_from={**shard.made_from, "compress": compress,
                                                   "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest()})
     tar_path, done_path = output_path(out_dir, shard.name, compress), done_record(out_dir, shard.name)
-    written = (tar_path.exists() and done_path.exists() and (compress or tar_path.with_suffix(".idx").exists())
-               and json.loads(done_path.read_text())["made_from"] == shard.made_from
-               and shard_io.sha256_file(tar_path) == json.loads(done_path.read_text())["entry"]["sha256"])
-    return shard, written
+    if not (tar_path.exists() and done_path.exists() and (compress or tar_path.with_suffix(".idx").exists())):
+        return shard, False
+    done = json.loads(done_path.read_text())
+    return shard, done["made_from"] == shard.made_from and shard_io.sha256_file(tar_path) == done["entry"]["sha256"]
 
 
 def write_output_shard(out_dir, shard, records_paths, counts, compress, raw_dir):
@@ -386,7 +386,9 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
         entries = {}
         if to_write:
             (out_dir / manifest.MANIFEST).unlink(missing_ok=True)  # nothing looks complete while shards change
-            needed = sorted({stem for shard in to_write for stem in shard.made_from["work"]})
+            # Work tars deleted by an earlier build are made again; the rest was checked in pass 1 just now.
+            needed = sorted({stem for shard in to_write for stem in shard.made_from["work"]
+                             if not work_paths(work_dir, stem)[0].exists()})
             _pass_1(pool, [raw_dir / f"{stem}.tar" for stem in needed], work_dir, rules, need_samples=True)
             entries = _pass_3(pool, out_dir, to_write, records_paths, counts, compress, raw_dir)
         for shard in plan:
