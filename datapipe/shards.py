@@ -184,15 +184,23 @@ def find_duplicates(records_paths):
     return np.asarray(counts, dtype=np.int64), first
 
 
+def accepted_records(records_paths, counts, candidates):
+    """(raw shard number, candidate index, its record) for the candidate indices `candidates` (sorted), in order;
+    `records_paths` and `counts` cover every raw shard, in candidate order. Reads only the shards they are in."""
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    for number in np.unique(np.searchsorted(offsets, candidates, side="right") - 1):
+        wanted = set((candidates[(candidates >= offsets[number]) & (candidates < offsets[number + 1])]
+                      - offsets[number]).tolist())
+        accepted = (record for record in read_records(records_paths[number]) if record["reason"] is None)
+        for index, record in enumerate(accepted):
+            if index in wanted:
+                yield int(number), int(offsets[number] + index), record
+
+
 def candidate_keys(records_paths, counts, wanted):
     """{candidate index: (key, url)} for the candidate indices in `wanted` (a sorted array)."""
-    found, offsets = {}, np.concatenate([[0], np.cumsum(counts)])
-    for number, records_path in enumerate(records_paths):
-        local = wanted[(wanted >= offsets[number]) & (wanted < offsets[number + 1])] - offsets[number]
-        if len(local):
-            accepted = [(r["key"], r["url"]) for r in read_records(records_path) if r["reason"] is None]
-            found.update({int(offsets[number] + index): accepted[index] for index in local})
-    return found
+    return {index: (record["key"], record["url"])
+            for _, index, record in accepted_records(records_paths, counts, wanted)}
 
 
 # --- pass 3: write one training shard -------------------------------------------------------
@@ -200,15 +208,8 @@ def candidate_keys(records_paths, counts, wanted):
 def shard_members(records_paths, counts, candidates):
     """[(work tar, key, (offset, size) of its JPEG in the raw tar or None)] of the candidate indices `candidates`
     (sorted), in order; `records_paths` and `counts` cover every raw shard, in candidate order."""
-    members, offsets = [], np.concatenate([[0], np.cumsum(counts)])
-    for number in np.unique(np.searchsorted(offsets, candidates, side="right") - 1):
-        records_path = Path(records_paths[number])
-        local = set((candidates[(candidates >= offsets[number]) & (candidates < offsets[number + 1])]
-                     - offsets[number]).tolist())
-        accepted = ((r["key"], r.get("jpg_in_raw")) for r in read_records(records_path) if r["reason"] is None)
-        samples_path = str(records_path.with_suffix(".tar"))
-        members += [(samples_path, key, raw) for index, (key, raw) in enumerate(accepted) if index in local]
-    return members
+    return [(str(Path(records_paths[number]).with_suffix(".tar")), record["key"], record.get("jpg_in_raw"))
+            for number, _, record in accepted_records(records_paths, counts, candidates)]
 
 
 def done_record(out_dir, shard_name):
@@ -373,12 +374,13 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
         kept = np.flatnonzero(first == np.arange(len(first)))
         offsets = np.concatenate([[0], np.cumsum(counts)])
         stems = [Path(path).stem for path in records_paths]
+        made_from = {stem: json.loads(work_paths(work_dir, stem)[2].read_text()) for stem in stems}
         plan = []
         for number, start in enumerate(range(0, len(kept), samples_per_shard)):
             candidates = kept[start:start + samples_per_shard]
             reads = np.unique(np.searchsorted(offsets, candidates, side="right") - 1)
-            plan.append(PlannedShard(f"{number:06d}", candidates, {"work": {
-                stems[index]: json.loads(work_paths(work_dir, stems[index])[2].read_text()) for index in reads}}))
+            plan.append(PlannedShard(f"{number:06d}", candidates,
+                                     {"work": {stems[index]: made_from[stems[index]] for index in reads}}))
         futures = [pool.submit(plan_shard, out_dir, shard, records_paths, counts, compress) for shard in plan]
         planned = [future.result() for future in tqdm(futures, desc="check", unit="shard", leave=False)]
         plan = [shard for shard, _ in planned]
@@ -395,7 +397,7 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
             if shard.name not in entries:
                 entries[shard.name] = json.loads(done_record(out_dir, shard.name).read_text())["entry"]
     _remove_other_files(out_dir, {shard.name for shard in plan}, set(stems), compress)
-    return _write_results(raw_dir, out_dir, raw_tars, records_paths, counts, first,
+    return _write_results(raw_dir, out_dir, made_from, records_paths, counts, first,
                           [entries[shard.name] for shard in plan], samples_per_shard, rules, compress, processes,
                           started)
 
@@ -437,7 +439,7 @@ def _pass_3(pool, out_dir, to_write, records_paths, counts, compress, raw_dir):
     return entries
 
 
-def _write_results(raw_dir, out_dir, raw_tars, records_paths, counts, first, entries, samples_per_shard, rules,
+def _write_results(raw_dir, out_dir, made_from, records_paths, counts, first, entries, samples_per_shard, rules,
                    compress, processes, started):
     tally, examples = {"url_list": Counter(), "download": Counter(), "shards": Counter()}, {}
 
@@ -464,8 +466,7 @@ def _write_results(raw_dir, out_dir, raw_tars, records_paths, counts, first, ent
         rules={**dataclasses.asdict(rules),
                "duplicates": "same decoded RGB pixels; the first in key order is kept",
                "context_length": text.CONTEXT_LENGTH},
-        made_from={"raw_shards": [json.loads(work_paths(out_dir / WORK_DIR, raw_tar.stem)[2].read_text())["raw"]
-                                  for raw_tar in raw_tars], "rules": rules_fingerprint(rules)},
+        made_from={"raw_shards": [work["raw"] for work in made_from.values()], "rules": rules_fingerprint(rules)},
         shards=entries,
         totals=dict(shards=len(entries), samples=kept, bytes=sum(e["bytes"] for e in entries)),
         reconciliation=manifest.reconciliation(url_list_rows, tally["download"], in_raw, kept, tally["shards"],

@@ -7,10 +7,10 @@ stops at once with a message instead of interleaving metrics and overwriting che
 """
 
 import json
-import os
 from pathlib import Path
 
 from datapipe.folder_lock import FolderLock
+from datapipe.manifest import write_atomic
 from train.checkpoint import CheckpointError
 
 STATUS_FILE = "status.json"
@@ -24,10 +24,8 @@ def lock_run(run_dir):
 def write_status(run_dir, state, step, **details):
     """<run>/status.json, written atomically: {"state": ..., "step": ..., **details}."""
     path = Path(run_dir) / STATUS_FILE
-    partial = path.with_name(path.name + ".partial")
     try:
-        partial.write_text(json.dumps({"state": state, "step": step, **details}, indent=2))
-        os.replace(partial, path)
+        write_atomic(path, json.dumps({"state": state, "step": step, **details}, indent=2))
     except OSError as error:
         raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
 
