@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 from open_clip.transformer import QuickGELU, Transformer
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -33,7 +34,11 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.Sequential(*[Block(width, num_heads, 4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.predict = nn.Linear(width, patch_size * patch_size * 3)
-        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)  # the official code's initializer is never called: zero there
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
 
     def forward(self, encoded, keep_indices, num_patches):
         """-> (B, num_patches, p*p*3) predictions in patch order."""
@@ -42,7 +47,11 @@ class MAEDecoder(nn.Module):
         patches = self.mask_token.expand(batch, num_patches, width).to(tokens.dtype).clone()
         patches.scatter_(1, keep_indices[..., None].expand(-1, -1, width), tokens[:, 1:])  # un-shuffle
         tokens = torch.cat([tokens[:, :1], patches], dim=1) + self.position_embedding.to(tokens.dtype)
-        return self.predict(self.norm(self.blocks(tokens)))[:, 1:]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint_seq(self.blocks, tokens, use_reentrant=False)
+        else:
+            tokens = self.blocks(tokens)
+        return self.predict(self.norm(tokens))[:, 1:]
 
 
 class MLMDecoder(nn.Module):
@@ -56,10 +65,12 @@ class MLMDecoder(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.predict = nn.Linear(width, vocab_size)
 
-    def forward(self, token_features, selected=None):
-        """(B, T, width) -> (B, T, vocab) logits, or (n, vocab) at the n positions where `selected` (B, T) is True.
+    def set_grad_checkpointing(self, enable=True):
+        self.transformer.grad_checkpointing = enable
 
-        The loss reads masked positions only, so predicting just those skips the (B, T, vocab) logits."""
+    def forward(self, token_features):
+        """(B, T, width) -> (B, T, width) states after the final norm; `predict` maps them to vocabulary logits.
+
+        The loss reads masked positions only, so the caller predicts just those (see losses.mlm_loss)."""
         length = token_features.shape[1]  # T <= context_length (captions may be trimmed)
-        hidden = self.norm(self.transformer(token_features, attn_mask=self.attn_mask[:length, :length]))
-        return self.predict(hidden if selected is None else hidden[selected])
+        return self.norm(self.transformer(token_features, attn_mask=self.attn_mask[:length, :length]))

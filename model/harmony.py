@@ -1,9 +1,16 @@
 """Harmony: the students, their EMA teachers, and one method per backward group.
 
-The trainer calls, per step: `forward_teachers` once (no grad), then `ibot_step`, `clip_step`,
-`text_step`, `mae_step` in that order (HARMONY.md 4.1), each followed by its own backward, so
-only one group's activations are alive at a time. Each returns (weighted loss, metrics); the
-metrics are detached tensors, read by the caller at log intervals (no host sync here).
+The trainer calls, per step: `forward_teachers` once (no grad), then the passes of the iBOT, CLIP,
+text and MAE groups in that order (HARMONY.md 4.1, `group_passes`), each pass followed by its own
+backward, so only one pass's activations are alive at a time. A group is split into passes where its
+terms read only constant teacher targets, so the gradients are those of one backward per group:
+iBOT runs each global view, then the local views in groups of at most one global view's tokens;
+MAE runs each global crop. Each pass yields (weighted loss, metrics); a group's metrics are the sum
+of its passes'; they are detached tensors, read by the caller at log intervals (no host sync here).
+
+The teachers' outputs are a dict from which each group pops what it reads (every output has one
+reader), so nothing a teacher computed outlives its reader. The teacher iBOT head runs its last
+layer only where the loss and the centres read: CLS tokens, masked patches, the mean patch.
 
 Ownership (HARMONY.md 3.8): one image student shared by iBOT, CLIP and MAE; one text student
 shared by CLIP, MLM and text distillation. `teachers[name]` is the EMA copy of the student module
@@ -15,7 +22,6 @@ and MLM decoders and the logit scale have no teacher.
 import copy
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +30,14 @@ from torch import nn
 from model.collectives import all_reduce_sum, gather_with_gradient, rank_and_world_size
 from model.decoders import MAEDecoder, MLMDecoder
 from model.heads import ibot_head, text_distillation_head
-from model.losses import clip_loss, ibot_loss, mae_loss, mlm_loss, text_distillation_loss
+from model.losses import clip_loss, ibot_loss_share, mae_loss, mlm_loss, teacher_probs, text_distillation_loss
 from model.masking import MASK_ID, mask_captions, random_keep_indices, real_token_mask
 from model.text import TextEncoder
 from model.vit import VIT_SIZES, VisionTransformer
 
 BACKWARD_GROUPS = ("ibot", "clip", "text", "mae")  # the official order
 NOT_IN_EMA = ("mask_token",)  # the image teacher never masks; its copy of the token is never used
+MLM_LOGIT_CHUNKS = 8  # the MLM logits of a step in 8 parts: (n, 49409) floats would be the text group's peak
 
 
 @dataclass
@@ -72,6 +79,9 @@ class HarmonyConfig:
     logit_scale_init: float = math.log(1 / 0.07)
     mae_mask_ratio: float = 0.75
     mlm_probability: float = 0.2
+    # Recompute each student transformer block (image, text, MAE and MLM decoders) in the backward instead of
+    # keeping its activations: less memory, about one more forward of time. Same values.
+    activation_checkpointing: bool = False
 
     ibot_weight: float = 1.0
     clip_weight: float = 1.0
@@ -94,14 +104,6 @@ class HarmonyConfig:
     @property
     def uses_text(self):
         return self.clip or self.mlm or self.text_distillation
-
-
-class TeacherOutputs(NamedTuple):
-    """What the teachers computed once per step, shared by the groups that need it."""
-
-    image_tokens: torch.Tensor | None  # (G, B, 1 + N, D) image teacher on the unmasked global crops
-    text_embedding: torch.Tensor | None  # (B, clip_dim) text teacher on raw captions
-    text_features: torch.Tensor | None  # (B, 77, width) before the final norm
 
 
 class Harmony(nn.Module):
@@ -133,6 +135,8 @@ class Harmony(nn.Module):
                 config.head_bottleneck_dim)
             self.register_buffer("text_center", torch.zeros(1, 1, config.text_distillation_out_dim))
         self.teachers = self._build_teachers()
+        if config.activation_checkpointing:
+            self._checkpoint_student_blocks()
 
     def _build_teachers(self):
         config, teachers = self.config, nn.ModuleDict()
@@ -148,6 +152,12 @@ class Harmony(nn.Module):
         if config.text_distillation:
             teachers["text_distillation_head"] = copy.deepcopy(self.text_distillation_head)
         return teachers.requires_grad_(False)
+
+    def _checkpoint_student_blocks(self):
+        """Per-block activation checkpointing in every trained transformer (the teachers run without grad)."""
+        for name in ("image_student", "text_student", "mae_decoder", "mlm_decoder"):
+            if hasattr(self, name):
+                getattr(self, name).set_grad_checkpointing()
 
     @property
     def backward_groups(self):
@@ -190,91 +200,127 @@ class Harmony(nn.Module):
     # Teachers, once per step.
 
     @torch.no_grad()
-    def forward_teachers(self, global_crops, tokens):
-        """global_crops: (G, B, 3, H, W); tokens: (B, 77). Computes only what the enabled objectives read."""
-        image_tokens = text_embedding = text_features = None
+    def forward_teachers(self, global_crops, tokens, ibot_masks):
+        """global_crops: (G, B, 3, H, W); tokens: (B, T); ibot_masks: (G, B, H/p, W/p) bool.
+
+        Returns {name: tensor} of what the enabled objectives read, each popped by its one reader:
+        ibot_cls (G, B, K), ibot_masked_patches (n, K), ibot_patch_mean (1, 1, K) for iBOT; clip_image and
+        clip_text (B, clip_dim), L2-normalized, for soft CLIP; text_features (B, T, width) for text distillation.
+        """
+        config, outputs = self.config, {}
         if "image_student" in self.teachers:
-            batch = global_crops.shape[1]
-            crops = global_crops if self.config.ibot else global_crops[:1]  # soft CLIP reads crop 1 only
-            image_tokens = self.teachers["image_student"](crops.flatten(0, 1)).unflatten(0, (crops.shape[0], batch))
+            image_teacher, batch = self.teachers["image_student"], global_crops.shape[1]
+            crops = global_crops if config.ibot else global_crops[:1]  # soft CLIP reads crop 1 only
+            image_tokens = image_teacher(crops.flatten(0, 1)).unflatten(0, (crops.shape[0], batch))  # (G, B, 1 + N, D)
+            if config.soft_clip:
+                cls = image_tokens[0, :, 0]  # (B, D)
+                outputs["clip_image"] = F.normalize(cls @ image_teacher.contrastive_projection, dim=-1)
+            if config.ibot:
+                outputs.update(self._teacher_ibot_logits(image_tokens, ibot_masks.flatten(2)))
         if "text_student" in self.teachers:
             text_embedding, text_features = self.teachers["text_student"](tokens)
-        return TeacherOutputs(image_tokens, text_embedding, text_features)
+            if config.soft_clip:
+                outputs["clip_text"] = F.normalize(text_embedding, dim=-1)
+            if config.text_distillation:
+                outputs["text_features"] = text_features
+        return outputs
 
-    # The four backward groups.
+    def _teacher_ibot_logits(self, image_tokens, masks):
+        """The teacher iBOT head where the loss and centres read it, instead of K logits for every patch.
 
-    def group_step(self, group, global_crops, local_crops, ibot_masks, tokens, teacher, *, teacher_cls_temp,
-                   teacher_patch_temp, clip_hard_weight):
-        """The (loss, metrics) of one backward group by name, from a step's views and schedule values."""
+        image_tokens: (G, B, 1 + N, D); masks: (G, B, N). The head's last layer is linear without bias, so the
+        patch centre's statistic (the mean logit over every patch) is the last layer of the mean bottleneck."""
+        head = self.teachers["ibot_head"]
+        bottleneck = head.bottleneck(image_tokens)  # (G, B, 1 + N, bottleneck_dim)
+        patches = bottleneck[:, :, 1:]
+        return {"ibot_cls": head.last_layer(bottleneck[:, :, 0]),  # (G, B, K)
+                "ibot_masked_patches": head.last_layer(patches[masks]),  # (n, K), in masks.nonzero() order
+                "ibot_patch_mean": head.last_layer(patches.mean(dim=(0, 1, 2)))[None, None]}  # (1, 1, K)
+
+    # The four backward groups, each in one or more backward passes.
+
+    def group_passes(self, group, global_crops, local_crops, ibot_masks, tokens, teacher, *, teacher_cls_temp,
+                     teacher_patch_temp, clip_hard_weight):
+        """The backward passes of one group by name: an iterator of (loss, metrics), to be backwarded in turn."""
         if group == "ibot":
-            return self.ibot_step(global_crops, local_crops, ibot_masks, teacher, teacher_cls_temp,
-                                  teacher_patch_temp)
+            return self.ibot_passes(global_crops, local_crops, ibot_masks, teacher, teacher_cls_temp,
+                                    teacher_patch_temp)
         if group == "clip":
-            return self.clip_step(global_crops, tokens, teacher, clip_hard_weight)
+            return self.clip_passes(global_crops, tokens, teacher, clip_hard_weight)
         if group == "text":
-            return self.text_step(tokens, teacher, teacher_patch_temp)
+            return self.text_passes(tokens, teacher, teacher_patch_temp)
         if group == "mae":
-            return self.mae_step(global_crops)
+            return self.mae_passes(global_crops)
         raise ValueError(f"unknown backward group {group!r}; groups: {BACKWARD_GROUPS}")
 
-    def ibot_step(self, global_crops, local_crops, ibot_masks, teacher, teacher_cls_temp, teacher_patch_temp):
-        """global_crops: (2, B, 3, Hg, Wg); local_crops: (L, B, 3, Hl, Wl); ibot_masks: (2, B, Hg/p, Wg/p)."""
-        config = self.config
-        views, batch = global_crops.shape[:2]
-        with torch.no_grad():
-            teacher_logits = self.teachers["ibot_head"](teacher.image_tokens)  # (2, B, 1 + N, K)
-        global_tokens = self.image_student(global_crops.flatten(0, 1), patch_mask=ibot_masks.flatten(0, 1))
-        # The head reads only what the loss reads: every CLS and the masked patches (none of the locals'
-        # patches, none of the unmasked ones), in one call.
-        head_inputs = [global_tokens[:, 0]]  # (2*B, D)
-        if local_crops.shape[0]:
-            head_inputs.append(self.image_student(local_crops.flatten(0, 1))[:, 0])  # (L*B, D)
-        head_inputs.append(global_tokens[:, 1:][ibot_masks.flatten(0, 1).flatten(1)])  # (n, D), masks' order
-        student_cls, student_masked_patches = self.ibot_head(torch.cat(head_inputs)).split(
-            [(views + local_crops.shape[0]) * batch, head_inputs[-1].shape[0]])
-        loss, stats = ibot_loss(
-            student_cls.unflatten(0, (-1, batch)), student_masked_patches, teacher_logits[:, :, 0],
-            teacher_logits[:, :, 1:], ibot_masks.flatten(2), self.ibot_cls_center, self.ibot_patch_center,
-            teacher_cls_temp, teacher_patch_temp, config.student_temp, config.ibot_cls_weight,
-            config.ibot_patch_weight)
-        self._update_center(self.ibot_cls_center, stats.pop("teacher_cls_mean"), divide_by=None)
-        self._update_center(self.ibot_patch_center, stats.pop("teacher_patch_mean"), divide_by=None)
-        stats["ibot"] = loss.detach()
-        return config.ibot_weight * loss, stats
+    def ibot_passes(self, global_crops, local_crops, ibot_masks, teacher, teacher_cls_temp, teacher_patch_temp):
+        """global_crops: (2, B, 3, Hg, Wg); local_crops: (L, B, 3, Hl, Wl); ibot_masks: (2, B, Hg/p, Wg/p).
 
-    def clip_step(self, global_crops, tokens, teacher, hard_weight):
+        One pass per global view (the student head on its CLS and masked patches), then the local views (CLS
+        only) in near-equal groups of at most one global view's tokens. The centres are updated once, first."""
+        config = self.config
+        views, batch, local_views = global_crops.shape[0], global_crops.shape[1], local_crops.shape[0]
+        masks = ibot_masks.flatten(2)  # (2, B, N)
+        teacher_cls = teacher.pop("ibot_cls")
+        cls_probs = teacher_probs(teacher_cls, self.ibot_cls_center, teacher_cls_temp)  # (2, B, K)
+        patch_probs = teacher_probs(teacher.pop("ibot_masked_patches"), self.ibot_patch_center[0],
+                                    teacher_patch_temp).split(masks.sum(dim=(1, 2)).tolist())  # per view (n_v, K)
+        self._update_center(self.ibot_cls_center, teacher_cls.flatten(0, 1).mean(0, keepdim=True), divide_by=None)
+        self._update_center(self.ibot_patch_center, teacher.pop("ibot_patch_mean"), divide_by=None)
+        cls_pairs = views * (views + local_views - 1)  # (teacher view, other student view) pairs
+
+        def share(student_cls, student_views, masked_patches, view_patch_probs, view_masks):
+            loss, stats = ibot_loss_share(student_cls, student_views, masked_patches, cls_probs, view_patch_probs,
+                                          view_masks, cls_pairs, config.student_temp, config.ibot_cls_weight,
+                                          config.ibot_patch_weight)
+            return config.ibot_weight * loss, {**stats, "ibot": loss.detach()}
+
+        for view in range(views):
+            tokens = self.image_student(global_crops[view], patch_mask=ibot_masks[view])  # (B, 1 + N, D)
+            logits = self.ibot_head(torch.cat([tokens[:, 0], tokens[:, 1:][masks[view]]]))  # (B + n_v, K)
+            yield share(logits[None, :batch], (view,), logits[batch:], patch_probs[view], masks[view:view + 1])
+        global_tokens = masks.shape[-1] + 1
+        local_tokens = (local_crops.shape[-2] // config.patch_size) * (local_crops.shape[-1] // config.patch_size) + 1
+        per_pass = max(1, global_tokens // local_tokens)
+        for group in torch.arange(local_views).tensor_split(-(-local_views // per_pass) or 1):
+            if not len(group):
+                break  # no local views
+            first, last = int(group[0]), int(group[-1]) + 1
+            tokens = self.image_student(local_crops[first:last].flatten(0, 1))  # ((last - first) * B, 1 + n, D)
+            cls = self.ibot_head(tokens[:, 0]).unflatten(0, (last - first, batch))  # (views in group, B, K)
+            yield share(cls, range(views + first, views + last), None, None, masks[:0])
+
+    def clip_passes(self, global_crops, tokens, teacher, hard_weight):
         """CLIP on global crop 1 and raw captions; soft targets mix in when hard_weight < 1."""
         config = self.config
         image = F.normalize(self.image_student.embed_image(global_crops[0]), dim=-1)  # (B, clip_dim)
         text = F.normalize(self.text_student(tokens)[0], dim=-1)
+        teacher_image, teacher_text = teacher.pop("clip_image", None), teacher.pop("clip_text", None)
         soft_targets = None
         if config.soft_clip and hard_weight != 1.0:
-            with torch.no_grad():
-                projection = self.teachers["image_student"].contrastive_projection
-                teacher_image = F.normalize(teacher.image_tokens[0, :, 0] @ projection, dim=-1)
-                teacher_text = F.normalize(teacher.text_embedding, dim=-1)
             soft_targets = (teacher_image, teacher_text,
                             gather_with_gradient(teacher_image), gather_with_gradient(teacher_text))
         rank, _ = rank_and_world_size()
         loss, stats = clip_loss(image, text, gather_with_gradient(image), gather_with_gradient(text),
                                 self.logit_scale, rank, hard_weight, soft_targets, config.soft_clip_temperature)
         stats["clip"] = loss.detach()
-        return config.clip_weight * loss, stats
+        yield config.clip_weight * loss, stats
 
-    def text_step(self, tokens, teacher, teacher_temp):
+    def text_passes(self, tokens, teacher, teacher_temp):
         """MLM and text distillation share one student forward on the masked captions (one backward)."""
         config = self.config
         masked_tokens, labels, masked = mask_captions(tokens, config.mlm_probability)
-        _, features = self.text_student(masked_tokens)  # (B, 77, width), before the final norm
+        _, features = self.text_student(masked_tokens)  # (B, T, width), before the final norm
         losses, stats = [], {}
         if config.mlm:
-            # Logits at the masked positions only: the same loss without the (B, 77, 49409) tensor.
-            loss, mlm_stats = mlm_loss(self.mlm_decoder(features, selected=masked), labels[masked])
+            # Logits at the masked positions only, a chunk at a time: the same loss without the (B, T, 49409) tensor.
+            loss, mlm_stats = mlm_loss(self.mlm_decoder(features)[masked], labels[masked], self.mlm_decoder.predict,
+                                       MLM_LOGIT_CHUNKS)
             losses.append(config.mlm_weight * loss)
             stats.update(mlm_stats)
         if config.text_distillation:
             with torch.no_grad():
-                teacher_tokens = self.teachers["text_distillation_head"](teacher.text_features)  # (B, 77, K)
+                teacher_tokens = self.teachers["text_distillation_head"](teacher.pop("text_features"))  # (B, T, K)
             loss, distillation_stats = text_distillation_loss(
                 self.text_distillation_head(features), teacher_tokens, masked, real_token_mask(tokens),
                 self.text_center, teacher_temp, config.student_temp)
@@ -282,19 +328,18 @@ class Harmony(nn.Module):
                                 divide_by=distillation_stats.pop("teacher_token_count"))
             losses.append(config.text_distillation_weight * loss)
             stats.update(distillation_stats)
-        return sum(losses), stats
+        yield sum(losses), stats
 
-    def mae_step(self, global_crops):
-        """MAE on every global crop, losses summed over crops (the official code)."""
+    def mae_passes(self, global_crops):
+        """MAE on each global crop in its own pass, losses summed over crops (the official code)."""
         config = self.config
         views, batch = global_crops.shape[:2]
-        crops = global_crops.flatten(0, 1)  # (G*B, 3, H, W): both crops in one encoder pass
-        num_patches = (crops.shape[-2] // config.patch_size) * (crops.shape[-1] // config.patch_size)
-        keep, removed = random_keep_indices(views * batch, num_patches, config.mae_mask_ratio, crops.device)
-        predictions = self.mae_decoder(self.image_student(crops, keep_indices=keep), keep, num_patches)
-        loss, stats = mae_loss(predictions, crops, removed, config.patch_size)
-        # Every crop removes the same number of patches, so the sum of per-crop means is G x the joint mean.
-        return config.mae_weight * views * loss, stats
+        num_patches = (global_crops.shape[-2] // config.patch_size) * (global_crops.shape[-1] // config.patch_size)
+        for crop in global_crops:  # (B, 3, H, W)
+            keep, removed = random_keep_indices(batch, num_patches, config.mae_mask_ratio, crop.device)
+            predictions = self.mae_decoder(self.image_student(crop, keep_indices=keep), keep, num_patches)
+            loss, stats = mae_loss(predictions, crop, removed, config.patch_size)
+            yield config.mae_weight * loss, {"mae": stats["mae"] / views}  # the metric: the mean over crops
 
     @torch.no_grad()
     def _update_center(self, center, local_statistic, divide_by):

@@ -29,9 +29,14 @@ class DistillationHead(nn.Module):
         magnitude.data.fill_(1.0)
         magnitude.requires_grad = False
 
+    def bottleneck(self, tokens):
+        """(..., in_dim) -> (..., bottleneck_dim), L2-normalized: the last layer's input."""
+        return F.normalize(self.mlp(tokens), dim=-1)
+
     def forward(self, tokens):
-        """(..., in_dim) -> (..., out_dim) logits."""
-        return self.last_layer(F.normalize(self.mlp(tokens), dim=-1))
+        """(..., in_dim) -> (..., out_dim) logits. The last layer is linear without bias, so the mean of the
+        logits is the last layer of the mean bottleneck."""
+        return self.last_layer(self.bottleneck(tokens))
 
 
 def ibot_head(embed_dim, out_dim=8192, hidden_dim=2048, bottleneck_dim=256):

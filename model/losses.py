@@ -42,42 +42,42 @@ def clip_loss(image_local, text_local, image_all, text_all, logit_scale, rank=0,
     return hard_weight * hard + (1 - hard_weight) * soft, stats
 
 
-def _teacher_probs(teacher_logits, center, temperature):
+def teacher_probs(teacher_logits, center, temperature):
+    """softmax((logits - center) / temperature), detached: the distillation targets."""
     return F.softmax((teacher_logits - center) / temperature, dim=-1).detach()
 
 
-def ibot_loss(student_cls, student_masked_patches, teacher_cls, teacher_patches, masks, cls_center, patch_center,
-              teacher_cls_temp, teacher_patch_temp, student_temp=0.1, cls_weight=0.5, patch_weight=0.5):
-    """iBOT: CLS distillation across views and masked-patch distillation within a view.
+def ibot_loss_share(student_cls, student_views, student_masked_patches, teacher_cls_probs, teacher_patch_probs,
+                    masks, cls_pairs, student_temp=0.1, cls_weight=0.5, patch_weight=0.5):
+    """The part of the iBOT loss that some student views contribute; the parts over all views add up to the loss.
 
-    student_cls: (Vs, B, K) for Vs = 2 global + L local views; teacher_cls: (2, B, K).
-    student_masked_patches: (n, K) student logits at the n masked patches of the global views, in
-    `masks.nonzero()` order: unmasked patches carry no loss, so the student head skips them.
-    teacher_patches: (2, B, N, K), all patches (the centre reads them all); masks: (2, B, N) bool.
-    cls_center: (1, K); patch_center: (1, 1, K).
-    Each image's patch term is the mean over its masked patches (0 with none); each view's term is the mean
-    over its B images. Statistics include the centre updates' batch means (of raw teacher logits) for the
-    caller to all-reduce: teacher_cls_mean (1, K) and teacher_patch_mean (1, 1, K).
+    iBOT is CLS distillation across views and masked-patch distillation within a global view. Every term reads
+    one student view and constant teacher targets, so the views can be split into backward passes.
+    student_cls: (V, B, K) student CLS logits of the views numbered `student_views` (0 and 1 are the global
+    views, 2.. the local ones). teacher_cls_probs: (T, B, K) over the T = 2 teacher (global) views.
+    student_masked_patches: (n, K) student logits at the masked patches of the global views among them, in
+    `masks.nonzero()` order (unmasked patches carry no loss); masks: (G, B, N) bool for those G global views
+    (G = 0 for local views only); teacher_patch_probs: (n, K), the matching targets.
+    cls_pairs: the number of (teacher view, other student view) pairs in the whole loss, 2 * (2 + locals - 1).
+    The CLS loss is the mean over all pairs of the mean over images; the patch loss the mean over the T global
+    views and their images of each image's mean over its masked patches (0 with none).
     """
-    views, batch = masks.shape[:2]
-    masked = masks.nonzero(as_tuple=True)  # (view, image, patch) of each masked patch
-    teacher_cls_probs = _teacher_probs(teacher_cls, cls_center, teacher_cls_temp)  # (2, B, K)
-    teacher_patch_probs = _teacher_probs(teacher_patches[masked], patch_center[0], teacher_patch_temp)  # (n, K)
-    student_cls_logp = F.log_softmax(student_cls / student_temp, dim=-1)  # (Vs, B, K)
-    per_patch = -(teacher_patch_probs * F.log_softmax(student_masked_patches / student_temp, dim=-1)).sum(-1)
-    image_share = (masks.float() / masks.sum(-1, keepdim=True).clamp(min=1))[masked]  # 1 / masked patches of its image
-    patch = (per_patch * image_share).sum() / (views * batch)  # mean over views of the mean over images
-    cls_terms = [-(teacher_cls_probs[teacher_view] * student_cls_logp[student_view]).sum(-1).mean()
-                 for teacher_view in range(teacher_cls.shape[0]) for student_view in range(student_cls.shape[0])
+    views, batch = teacher_cls_probs.shape[:2]
+    if student_cls.shape[:2] != (len(student_views), batch):
+        raise ValueError(f"student_cls has shape {tuple(student_cls.shape)}: expected ({len(student_views)} views, "
+                         f"{batch} images, K) for student_views={list(student_views)}")
+    student_cls_logp = F.log_softmax(student_cls / student_temp, dim=-1)  # (V, B, K)
+    cls_terms = [-(teacher_cls_probs[teacher_view] * student_cls_logp[index]).sum(-1).mean()
+                 for teacher_view in range(views) for index, student_view in enumerate(student_views)
                  if student_view != teacher_view]
-    cls = torch.stack(cls_terms).mean()
-    stats = {
-        "ibot_cls": cls.detach(),
-        "ibot_patch": patch.detach(),
-        "teacher_cls_mean": teacher_cls.detach().flatten(0, 1).mean(0, keepdim=True),  # (1, K)
-        # Mean over the patches of each image, then over images: (1, 1, K).
-        "teacher_patch_mean": teacher_patches.detach().flatten(0, 1).mean(1).mean(0, keepdim=True)[None],
-    }
+    cls = torch.stack(cls_terms).sum() / cls_pairs
+    patch = student_cls.new_zeros(())
+    if masks.shape[0]:
+        masked = masks.nonzero(as_tuple=True)  # (view, image, patch) of each masked patch
+        per_patch = -(teacher_patch_probs * F.log_softmax(student_masked_patches / student_temp, dim=-1)).sum(-1)
+        image_share = (masks.float() / masks.sum(-1, keepdim=True).clamp(min=1))[masked]  # 1 / its image's masked
+        patch = (per_patch * image_share).sum() / (views * batch)
+    stats = {"ibot_cls": cls.detach(), "ibot_patch": patch.detach()}
     return cls_weight * cls + patch_weight * patch, stats
 
 
@@ -106,12 +106,54 @@ def mae_loss(predictions, images, removed, patch_size):
     return loss, {"mae": loss.detach()}
 
 
-def mlm_loss(logits, labels):
-    """Mean cross entropy over masked positions (labels -100 elsewhere); 0, not NaN, when none is masked.
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(states @ weight.T + bias, labels), ignoring labels -100, with the logits made
+    `chunks` rows at a time in the forward and again in the backward, where each chunk's gradients are added into
+    one buffer per input. (Checkpointing each chunk would also bound the logits, but autograd would then hold one
+    weight-sized gradient per chunk before summing them.)"""
 
-    logits: (..., V); labels: (...), e.g. (B, T, V) and (B, T), or only the masked positions (n, V) and (n,)."""
-    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.flatten(), ignore_index=-100,
-                             reduction="sum")
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, states, weight, bias, labels, chunks):
+        ctx.save_for_backward(states, weight, bias, labels)
+        ctx.chunks = chunks
+        return sum(F.cross_entropy(F.linear(part, weight, bias).float(), part_labels, ignore_index=-100,
+                                   reduction="sum")
+                   for part, part_labels in zip(states.tensor_split(chunks), labels.tensor_split(chunks), strict=True))
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_summed):
+        states, weight, bias, labels = ctx.saved_tensors
+        grad_states = torch.empty_like(states)
+        grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+        for rows in torch.arange(len(states), device=states.device).tensor_split(ctx.chunks):
+            part, part_labels = states[rows], labels[rows]
+            # d(summed)/d(logits) = softmax(logits) - one-hot(labels), 0 on ignored rows: (rows, V)
+            grad_logits = torch.softmax(F.linear(part.to(weight.dtype), weight, bias).float(), dim=-1)
+            labelled = (part_labels != -100).nonzero()[:, 0]
+            grad_logits[labelled, part_labels[labelled]] -= 1.0
+            grad_logits[part_labels == -100] = 0.0
+            grad_logits *= grad_summed
+            grad_states[rows] = (grad_logits @ weight.float()).to(states.dtype)
+            grad_weight.addmm_(grad_logits.T.to(weight.dtype), part.to(weight.dtype))
+            grad_bias += grad_logits.sum(dim=0).to(bias.dtype)
+        return grad_states, grad_weight, grad_bias, None, None
+
+
+def mlm_loss(states, labels, predict, chunks=1):
+    """Mean cross entropy of predict(states) over the labelled positions (labels -100 elsewhere); 0, not NaN, when
+    none is labelled.
+
+    states: (n, width) the states at the masked positions (or any rows) and labels (n,); predict: the vocabulary
+    projection, an nn.Linear (width -> V). With chunks > 1 the (n, V) logits, MLM's largest tensors (49409
+    per row), are made that many rows at a time, in the forward and the backward, and never exist at once.
+    Same value and gradients."""
+    if chunks == 1:
+        logits = predict(states)
+        summed = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    else:
+        summed = _ChunkedLinearCrossEntropy.apply(states, predict.weight, predict.bias, labels, chunks)
     loss = summed / (labels != -100).sum().clamp(min=1)
     return loss, {"mlm": loss.detach()}
 
@@ -125,8 +167,8 @@ def text_distillation_loss(student_tokens, teacher_tokens, masked, real_tokens, 
     Statistics for the centre (decision #2, teacher logits over real tokens): the local
     teacher_token_sum (K,) and teacher_token_count, which the caller all-reduces and divides.
     """
-    teacher_probs = _teacher_probs(teacher_tokens, center, teacher_temp)
-    per_token = -(teacher_probs * F.log_softmax(student_tokens / student_temp, dim=-1)).sum(-1)  # (B, T)
+    targets = teacher_probs(teacher_tokens, center, teacher_temp)
+    per_token = -(targets * F.log_softmax(student_tokens / student_temp, dim=-1)).sum(-1)  # (B, T)
     masked = masked.float()
     per_caption = (per_token * masked).sum(-1) / masked.sum(-1).clamp(min=1.0)  # (B,)
     loss = per_caption.mean()

@@ -40,6 +40,9 @@ class TextEncoder(nn.Module):
             context_length=CONTEXT_LENGTH, vocab_size=MASK_ID + 1, width=width, heads=heads, layers=layers,
             output_dim=clip_dim, act_layer=nn.GELU, pool_type="argmax")
 
+    def set_grad_checkpointing(self, enable=True):
+        self.transformer.set_grad_checkpointing(enable)
+
     def forward(self, tokens):
         """tokens: (B, T) ids, T <= 77 -> (embedding (B, clip_dim), token features before ln_final (B, T, width))."""
         text, length = self.transformer, tokens.shape[1]

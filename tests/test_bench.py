@@ -3,8 +3,11 @@
 import dataclasses
 import json
 
+import torch
+
 from model.harmony import HarmonyConfig
 from tools.bench import communication, report, step
+from tools.bench.live_bytes import LiveTensorBytes
 
 TINY = HarmonyConfig(vit_size="micro", patch_size=8, global_crop_px=32, clip_dim=32, text_width=64, text_layers=2,
                      text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,
@@ -33,6 +36,25 @@ def test_step_bench_counts_more_flops_for_more_objectives_and_fewer_for_trimmed_
     # 21 ids: 32 of 77 columns; the MLM vocabulary projection at masked positions does not shrink.
     assert untrimmed["flops_per_part"]["text"] > 1.5 * harmony["flops_per_part"]["text"]
     assert untrimmed["flops_per_part"]["ibot"] == harmony["flops_per_part"]["ibot"]
+    assert harmony["live_peak_bytes_per_part"].keys() == harmony["flops_per_part"].keys()
+    assert min(harmony["live_peak_bytes_per_part"].values()) > 0
+    assert harmony["activation_peak_bytes"] == max(harmony["live_peak_bytes_per_part"].values())
+
+
+def test_live_bytes_counts_what_a_step_makes_until_it_is_freed():
+    weight = torch.randn(256, 256, requires_grad=True)  # 256 KiB, made before: not counted
+    weight.grad = torch.zeros_like(weight)
+    with LiveTensorBytes() as memory:
+        hidden = weight @ weight  # 256 KiB
+        activated = hidden.relu()  # 256 KiB, saved for backward
+        del hidden
+        assert memory.live == 2**18
+        activated.t().sum().backward()  # a view adds nothing; the gradient accumulates in place
+        assert memory.peak >= 2 * 2**18
+        del activated
+        assert memory.live < 2**10  # only the scalar loss's leftovers
+        memory.reset_peak()
+        assert memory.peak == memory.live
 
 
 def test_report_writes_each_measured_section_with_its_verdict_and_charts(tmp_path):

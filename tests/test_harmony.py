@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import model.harmony as harmony
+from model import losses
 from model.harmony import Harmony, HarmonyConfig
-from model.masking import mask_captions
+from model.masking import mask_captions, random_keep_indices
 from model.text import trim_padding
 
 TINY = dict(vit_size="micro", patch_size=8, global_crop_px=32, drop_path_rate=0.1, clip_dim=32, text_width=64,
@@ -36,10 +37,19 @@ def tiny_batch(batch=4, seed=1):
     )
 
 
-def run_group(model, group, batch, hard_weight=0.5):
-    """The loss of one backward group, computed as the trainer does."""
-    teacher = model.forward_teachers(batch["global_crops"], batch["tokens"])
-    return model.group_step(group, **batch, teacher=teacher, **TEMPS, clip_hard_weight=hard_weight)
+def run_group(model, group, batch, hard_weight=0.5, backward=True, teacher=None):
+    """(loss, metrics) of one backward group, computed as the trainer does: each pass's loss backwarded in turn
+    (backward=False: none), the losses and metrics summed over the passes."""
+    if teacher is None:
+        teacher = model.forward_teachers(batch["global_crops"], batch["tokens"], batch["ibot_masks"])
+    total, metrics = 0, {}
+    for loss, stats in model.group_passes(group, **batch, teacher=teacher, **TEMPS, clip_hard_weight=hard_weight):
+        if backward:
+            loss.backward()
+        total = total + loss
+        for name, value in stats.items():
+            metrics[name] = metrics.get(name, 0) + value
+    return total, metrics
 
 
 def names_with_gradient(model):
@@ -70,7 +80,6 @@ def expected_gradients(model, group):
 def test_each_group_trains_exactly_the_student_parameters_it_uses(group):
     model, batch = tiny_model(), tiny_batch()
     loss, metrics = run_group(model, group, batch)
-    loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(value).all() for value in metrics.values())
     assert names_with_gradient(model) == expected_gradients(model, group)
     assert all(param.grad is None for param in model.teachers.parameters())
@@ -105,10 +114,8 @@ def test_per_group_backward_equals_one_combined_backward():
         torch.manual_seed(5)  # the MLM and MAE masks are drawn in the same order in both runs
         total = 0
         for group in model.backward_groups:
-            loss, _ = run_group(model, group, batch)
-            if per_group:
-                loss.backward()
-            else:
+            loss, _ = run_group(model, group, batch, backward=per_group)
+            if not per_group:
                 total = total + loss
         if not per_group:
             total.backward()
@@ -120,22 +127,22 @@ def test_per_group_backward_equals_one_combined_backward():
         torch.testing.assert_close(separate[name], combined[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_ibot_step_updates_centres_with_teacher_logit_means():
+def test_ibot_updates_centres_with_teacher_logit_means():
     model, batch = tiny_model(), tiny_batch()
-    teacher = model.forward_teachers(batch["global_crops"], batch["tokens"])
     with torch.no_grad():
-        logits = model.teachers["ibot_head"](teacher.image_tokens)  # (2, B, 1 + N, K)
-    model.ibot_step(batch["global_crops"], batch["local_crops"], batch["ibot_masks"], teacher, **TEMPS)
+        tokens = model.teachers["image_student"](batch["global_crops"].flatten(0, 1)).unflatten(0, (2, 4))
+        logits = model.teachers["ibot_head"](tokens)  # (2, B, 1 + N, K)
+    run_group(model, "ibot", batch)
     torch.testing.assert_close(model.ibot_cls_center, 0.1 * logits[:, :, 0].mean(dim=(0, 1))[None])
     torch.testing.assert_close(model.ibot_patch_center, 0.1 * logits[:, :, 1:].mean(dim=(0, 1, 2))[None, None])
 
 
 def test_text_step_updates_centre_over_real_tokens_only():
     model, batch = tiny_model(mlm=False), tiny_batch()
-    teacher = model.forward_teachers(batch["global_crops"], batch["tokens"])
     with torch.no_grad():
-        logits = model.teachers["text_distillation_head"](teacher.text_features)  # (B, 77, K)
-    model.text_step(batch["tokens"], teacher, teacher_temp=0.07)
+        features = model.teachers["text_student"](batch["tokens"])[1]
+        logits = model.teachers["text_distillation_head"](features)  # (B, 77, K)
+    run_group(model, "text", batch)
     real = torch.zeros(4, 77, dtype=torch.bool)
     for row in range(4):
         real[row, :7 + row] = True  # SOT, 5 + row words, EOT
@@ -184,7 +191,6 @@ def test_all_groups_under_bf16_autocast():
     for group in model.backward_groups:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = run_group(model, group, batch)
-        loss.backward()
         assert torch.isfinite(loss), group
     assert all(torch.isfinite(param.grad).all() for param in model.parameters() if param.grad is not None)
 
@@ -197,7 +203,6 @@ def test_all_groups_on_gpu_under_bf16_autocast():
     for group in model.backward_groups:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = run_group(model, group, batch)
-        loss.backward()
         assert torch.isfinite(loss), group
 
 
@@ -219,7 +224,6 @@ def test_trimmed_captions_give_the_same_text_and_clip_losses_and_gradients(monke
     for inputs in (batch, trimmed):
         model = tiny_model(drop_path_rate=0.0)
         losses = [run_group(model, group, inputs)[0] for group in ("clip", "text")]
-        sum(losses).backward()
         results.append((losses, {name: param.grad for name, param in model.named_parameters()
                                  if param.grad is not None}))
     (full_losses, full_grads), (trimmed_losses, trimmed_grads) = results
@@ -239,3 +243,92 @@ def test_trim_padding_keeps_every_caption_id():
     long = torch.full((1, 77), 7)
     assert trim_padding(long).shape == (1, 77)
     assert trim_padding(tokens, multiple=1).shape == (3, 20)
+
+
+def previous_ibot_group(model, batch):
+    """iBOT as one backward before it was split into passes: the teacher head on every token, both global views
+    and all local views through the student at once, the loss over all views in one share. (loss, centres)."""
+    views, size = batch["global_crops"].shape[:2]
+    masks = batch["ibot_masks"].flatten(2)
+    with torch.no_grad():
+        tokens = model.teachers["image_student"](batch["global_crops"].flatten(0, 1)).unflatten(0, (views, size))
+        teacher_logits = model.teachers["ibot_head"](tokens)  # (2, B, 1 + N, K)
+    global_tokens = model.image_student(batch["global_crops"].flatten(0, 1),
+                                        patch_mask=batch["ibot_masks"].flatten(0, 1))
+    local_tokens = model.image_student(batch["local_crops"].flatten(0, 1))
+    student_cls = model.ibot_head(torch.cat([global_tokens[:, 0], local_tokens[:, 0]])).unflatten(0, (-1, size))
+    student_patches = model.ibot_head(global_tokens[:, 1:][masks.flatten(0, 1)])
+    cls_probs = losses.teacher_probs(teacher_logits[:, :, 0], model.ibot_cls_center, TEMPS["teacher_cls_temp"])
+    patch_probs = losses.teacher_probs(teacher_logits[:, :, 1:][masks], model.ibot_patch_center[0],
+                                       TEMPS["teacher_patch_temp"])
+    all_views = student_cls.shape[0]
+    loss, _ = losses.ibot_loss_share(student_cls, range(all_views), student_patches, cls_probs, patch_probs, masks,
+                                     views * (all_views - 1))
+    centres = (0.1 * teacher_logits[:, :, 0].mean(dim=(0, 1))[None],
+               0.1 * teacher_logits[:, :, 1:].flatten(0, 1).mean(1).mean(0)[None, None])
+    return loss, centres
+
+
+def previous_mae_group(model, batch):
+    """MAE as one backward before it was split per crop: both crops in one encoder pass, G x the joint mean."""
+    crops = batch["global_crops"].flatten(0, 1)  # (G*B, 3, H, W)
+    num_patches = (crops.shape[-1] // model.config.patch_size) ** 2
+    keep, removed = random_keep_indices(crops.shape[0], num_patches, model.config.mae_mask_ratio)
+    predictions = model.mae_decoder(model.image_student(crops, keep_indices=keep), keep, num_patches)
+    return 2 * losses.mae_loss(predictions, crops, removed, model.config.patch_size)[0]
+
+
+def gradients_of(model):
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+@pytest.mark.parametrize("group", ["ibot", "mae"])
+def test_passes_equal_the_previous_one_backward_group(group):
+    """iBOT per view group and MAE per crop give the loss, gradients and centres of the group in one backward
+    (drop path off: its draws are per forward). The local views are split into two passes here."""
+    batch = {**tiny_batch(), "local_crops": torch.randn(4, 4, 3, 16, 16, generator=torch.Generator().manual_seed(4))}
+    model = tiny_model(drop_path_rate=0.0)
+    torch.manual_seed(7)
+    if group == "ibot":
+        loss, centres = previous_ibot_group(model, batch)
+    else:
+        loss, centres = previous_mae_group(model, batch), ()
+    loss.backward()
+    previous = gradients_of(model)
+    model = tiny_model(drop_path_rate=0.0)
+    torch.manual_seed(7)  # the MAE masks: one draw of (2B, N) equals two of (B, N)
+    passes = list(model.group_passes(group, **batch, teacher=model.forward_teachers(
+        batch["global_crops"], batch["tokens"], batch["ibot_masks"]), **TEMPS, clip_hard_weight=0.5))
+    assert len(passes) == (4 if group == "ibot" else 2)
+    sum(loss for loss, _ in passes).backward()
+    torch.testing.assert_close(sum(loss for loss, _ in passes), loss)
+    now = gradients_of(model)
+    assert now.keys() == previous.keys() and len(now) > 20
+    for name, grad in now.items():
+        torch.testing.assert_close(grad, previous[name], rtol=1e-4, atol=1e-6, msg=name)
+    if centres:
+        torch.testing.assert_close(model.ibot_cls_center, centres[0])
+        torch.testing.assert_close(model.ibot_patch_center, centres[1])
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients():
+    """Every group with per-block checkpointing in the students (drop path on: the recompute replays its draws)."""
+    batch = tiny_batch()
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(drop_path_rate=0.3, activation_checkpointing=checkpointing)
+        torch.manual_seed(11)
+        step_losses = [run_group(model, group, batch)[0].detach() for group in model.backward_groups]
+        results.append((step_losses, gradients_of(model), torch.rand(3)))
+    (plain_losses, plain_grads, plain_next), (losses_now, grads_now, next_now) = results
+    torch.testing.assert_close(losses_now, plain_losses)
+    assert grads_now.keys() == plain_grads.keys()
+    for name, grad in grads_now.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(next_now, plain_next)  # the random stream goes on as without checkpointing
+    model = tiny_model(activation_checkpointing=True)
+    assert model.image_student.grad_checkpointing and model.mae_decoder.grad_checkpointing
+    assert model.text_student.transformer.transformer.grad_checkpointing
+    assert model.mlm_decoder.transformer.grad_checkpointing
+    assert not model.teachers["image_student"].grad_checkpointing
+    assert not model.teachers["text_student"].transformer.transformer.grad_checkpointing

@@ -5,7 +5,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_harmony import TEMPS, tiny_batch, tiny_model
+from test_harmony import run_group, tiny_batch, tiny_model
 
 from train.distributed import free_loopback_port
 
@@ -16,11 +16,9 @@ def ibot_and_clip_gradients(batch, rank=0, world_size=1):
     share = batch["tokens"].shape[0] // world_size
     rows = slice(rank * share, (rank + 1) * share)
     local = {name: tensor[rows] if name == "tokens" else tensor[:, rows] for name, tensor in batch.items()}
-    teacher = model.forward_teachers(local["global_crops"], local["tokens"])
-    loss, _ = model.ibot_step(local["global_crops"], local["local_crops"], local["ibot_masks"], teacher, **TEMPS)
-    loss.backward()
-    loss, _ = model.clip_step(local["global_crops"], local["tokens"], teacher, hard_weight=0.5)
-    loss.backward()
+    teacher = model.forward_teachers(local["global_crops"], local["tokens"], local["ibot_masks"])
+    for group in ("ibot", "clip"):
+        run_group(model, group, local, hard_weight=0.5, teacher=teacher)
     result = {}
     for name, param in model.named_parameters():
         if param.grad is not None:

@@ -74,10 +74,24 @@ def ibot_inputs(batch=3, patches=4, dim=5, local_views=2):
                 patch_center=torch.randn(1, 1, dim) * 0.1, teacher_cls_temp=0.04, teacher_patch_temp=0.07)
 
 
-def ibot_loss_on(inputs):
-    """ibot_loss with the student's patch logits selected at the masked positions, as Harmony.ibot_step does."""
-    arguments = {name: value for name, value in inputs.items() if name != "student_patches"}
-    return losses.ibot_loss(**arguments, student_masked_patches=inputs["student_patches"][inputs["masks"]])
+def ibot_loss_on(inputs, view_groups=None):
+    """The iBOT loss from the shares of the student views in `view_groups` (default: all in one share), as Harmony's
+    passes compute it: student patch logits at the masked positions, teacher targets computed once."""
+    masks, student_cls = inputs["masks"], inputs["student_cls"]
+    views, local_views = masks.shape[0], student_cls.shape[0] - masks.shape[0]
+    cls_probs = losses.teacher_probs(inputs["teacher_cls"], inputs["cls_center"], inputs["teacher_cls_temp"])
+    patch_probs = losses.teacher_probs(inputs["teacher_patches"], inputs["patch_center"][0],
+                                       inputs["teacher_patch_temp"])  # (2, B, N, K)
+    total, stats = 0, {}
+    for group in view_groups or [range(student_cls.shape[0])]:
+        global_views = [view for view in group if view < views]
+        group_masks = masks[global_views]
+        loss, share = losses.ibot_loss_share(
+            student_cls[list(group)], list(group), inputs["student_patches"][global_views][group_masks],
+            cls_probs, patch_probs[global_views][group_masks], group_masks, views * (views + local_views - 1))
+        total = total + loss
+        stats = {name: stats.get(name, 0) + value for name, value in share.items()}
+    return total, stats
 
 
 def test_ibot_uniform_outputs_give_log_k():
@@ -116,19 +130,28 @@ def test_ibot_matches_the_written_out_formula():
     torch.testing.assert_close(stats["ibot_cls"], torch.tensor(expected_cls), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stats["ibot_patch"], torch.tensor(expected_patch), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, torch.tensor(0.5 * expected_cls + 0.5 * expected_patch), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(stats["teacher_cls_mean"], t_cls.reshape(-1, t_cls.shape[-1]).mean(0)[None])
-    assert stats["teacher_patch_mean"].shape == (1, 1, t_cls.shape[-1])
+
+
+def test_ibot_shares_of_any_split_of_the_views_add_up_to_the_loss():
+    inputs = ibot_inputs(local_views=3)
+    whole, whole_stats = ibot_loss_on(inputs)
+    for split in ([[0], [1], [2, 3, 4]], [[0], [1], [2], [3, 4]], [[1, 3], [0, 2, 4]]):
+        parts, part_stats = ibot_loss_on(inputs, split)
+        torch.testing.assert_close(parts, whole)
+        for name in ("ibot_cls", "ibot_patch"):
+            torch.testing.assert_close(part_stats[name], whole_stats[name])
 
 
 def test_ibot_ignores_unmasked_patches_and_gives_teachers_no_gradient():
     inputs = ibot_inputs()
     inputs["student_patches"].requires_grad_(True)
     inputs["teacher_patches"].requires_grad_(True)
+    inputs["teacher_cls"].requires_grad_(True)
     loss, _ = ibot_loss_on(inputs)
     loss.backward()
     unmasked_grad = inputs["student_patches"].grad[~inputs["masks"]]
     assert unmasked_grad.abs().max() == 0 and inputs["student_patches"].grad[inputs["masks"]].abs().max() > 0
-    assert inputs["teacher_patches"].grad is None
+    assert inputs["teacher_patches"].grad is None and inputs["teacher_cls"].grad is None
 
 
 def test_patchify_orders_row_col_channel():
@@ -181,18 +204,42 @@ def test_mlm_masking_never_touches_sot_eot_or_padding():
 
 
 def test_mlm_loss_is_cross_entropy_over_masked_positions():
-    logits, labels = torch.randn(2, 5, 11), torch.full((2, 5), -100)
-    labels[0, 2], labels[1, 4] = 3, 7
-    loss, _ = losses.mlm_loss(logits, labels)
-    first = F.cross_entropy(logits[0, 2][None], torch.tensor([3]))
-    second = F.cross_entropy(logits[1, 4][None], torch.tensor([7]))
+    logits, labels = torch.randn(5, 11), torch.full((5,), -100)
+    labels[2], labels[4] = 3, 7
+    loss, _ = losses.mlm_loss(logits, labels, predict=torch.nn.Identity())
+    first = F.cross_entropy(logits[2][None], torch.tensor([3]))
+    second = F.cross_entropy(logits[4][None], torch.tensor([7]))
     expected = (first + second) / 2
     torch.testing.assert_close(loss, expected)
 
 
 def test_mlm_loss_without_masked_tokens_is_zero_not_nan():
-    loss, _ = losses.mlm_loss(torch.randn(2, 5, 11, requires_grad=True), torch.full((2, 5), -100))
-    assert loss.item() == 0.0
+    predict = torch.nn.Linear(8, 11)
+    for chunks in (1, 4):
+        for rows in (5, 0):
+            loss, _ = losses.mlm_loss(torch.randn(rows, 8, requires_grad=True), torch.full((rows,), -100), predict,
+                                      chunks)
+            assert loss.item() == 0.0
+
+
+def test_mlm_loss_in_chunks_equals_the_whole_in_value_and_gradients():
+    """The chunked linear + cross entropy (logits made a chunk at a time, again in the backward) is the same loss."""
+    torch.manual_seed(3)
+    states, labels = torch.randn(13, 16), torch.randint(0, 50, (13,))
+    labels[[1, 6]] = -100  # ignored rows get no gradient
+    results = []
+    for chunks in (1, 4, 13, 20):
+        predict = torch.nn.Linear(16, 50)
+        torch.nn.init.normal_(predict.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.normal_(predict.bias, generator=torch.Generator().manual_seed(1))
+        leaf = states.clone().requires_grad_(True)
+        loss, _ = losses.mlm_loss(leaf, labels, predict, chunks)
+        (3.0 * loss).backward()  # a loss scale reaches every gradient
+        results.append((loss, leaf.grad, predict.weight.grad, predict.bias.grad))
+    for chunked in results[1:]:
+        for ours, whole in zip(chunked, results[0], strict=True):
+            torch.testing.assert_close(ours, whole)
+    assert results[0][1][[1, 6]].abs().max() == 0
 
 
 def test_text_distillation_masked_tokens_only_and_centre_over_real_tokens():

@@ -1,8 +1,12 @@
 """Networks: sizes, timm compatibility, iBOT masking, MAE token dropping, causality, precision."""
 
+import math
+
+import numpy as np
 import pytest
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 
 from model.decoders import MAEDecoder, MLMDecoder
 from model.heads import ibot_head, text_distillation_head
@@ -103,13 +107,6 @@ def test_mlm_decoder_is_causal():
         torch.testing.assert_close(decoder(features)[:, :10], decoder(changed)[:, :10])
 
 
-def test_mlm_decoder_predicts_selected_positions_only():
-    decoder = MLMDecoder(vocab_size=50, width=32, depth=1, heads=4).eval()
-    features, selected = torch.randn(2, 77, 32), torch.rand(2, 77) < 0.2
-    with torch.no_grad():
-        torch.testing.assert_close(decoder(features, selected), decoder(features)[selected])
-
-
 def test_heads_output_shapes_and_frozen_norm():
     head = ibot_head(96, out_dim=512)
     assert head(torch.randn(4, 5, 96)).shape == (4, 5, 512)
@@ -134,3 +131,43 @@ def test_compiled_student_matches_eager_on_gpu():
     images = torch.randn(4, 3, 64, 64, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         torch.testing.assert_close(torch.compile(vit)(images), vit(images), atol=2e-2, rtol=2e-2)
+
+
+def bicubic_weights(in_size, out_size, scale):
+    """(out_size, in_size) matrix of PyTorch's bicubic resize (A = -0.75, align_corners=False, edges clamped,
+    no antialias) sampling with the given scale factor, written out."""
+    def cubic(distance):
+        distance, a = abs(distance), -0.75
+        if distance <= 1:
+            return (a + 2) * distance ** 3 - (a + 3) * distance ** 2 + 1
+        if distance < 2:
+            return a * distance ** 3 - 5 * a * distance ** 2 + 8 * a * distance - 4 * a
+        return 0.0
+
+    weights = np.zeros((out_size, in_size))
+    for out in range(out_size):
+        source = (out + 0.5) / scale - 0.5
+        first = math.floor(source)
+        for tap in range(first - 1, first + 3):
+            weights[out, min(max(tap, 0), in_size - 1)] += cubic(source - tap)
+    return weights
+
+
+def test_local_crop_positions_are_resized_as_the_official_code():
+    """DINO's interpolate_pos_encoding: bicubic with scale (6 + 0.1) / 14 for 96-px crops of a 224-px ViT/16."""
+    vit = VisionTransformer("micro", 16, 224)
+    table = vit.pos_embed.detach()[0, 1:].reshape(14, 14, -1).double().numpy()  # (rows, cols, D)
+    weights = bicubic_weights(14, 6, 6.1 / 14)
+    expected = np.einsum("ir,jc,rcd->ijd", weights, weights, table).reshape(36, -1)
+    with torch.no_grad():
+        ours = vit.position_embedding((6, 6))[0]
+    assert ours.shape == (37, vit.embed_dim)
+    torch.testing.assert_close(ours[0], vit.pos_embed[0, 0])  # CLS position unchanged
+    np.testing.assert_allclose(ours[1:].numpy(), expected, rtol=1e-5, atol=1e-6)
+    # timm's resize (exact size, antialias) is measurably different on a smooth table
+    smooth = torch.linspace(0, 1, 14)
+    vit.pos_embed.data[0, 1:] = (smooth[:, None] * smooth[None, :]).reshape(196, 1)
+    with torch.no_grad():
+        timm_table = resample_abs_pos_embed(vit.pos_embed, [6, 6], [14, 14], num_prefix_tokens=1)
+        difference = (vit.position_embedding((6, 6)) - timm_table)[0, 1:].norm() / timm_table[0, 1:].norm()
+    assert difference > 0.01

@@ -77,7 +77,8 @@ BACKENDS = ("auto", "dali", "torch")
 # loader), and data.batch_size, whose product with the number of ranks (the global batch) is checked.
 RESUME_MAY_CHANGE = {"run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.resume",
                      "run.accept_config_changes", "run.max_nonfinite_steps", "run.max_steps",
-                     "run.collective_timeout_s", "data.num_workers", "data.shards", "data.batch_size"}
+                     "run.collective_timeout_s", "data.num_workers", "data.shards", "data.batch_size",
+                     "model.activation_checkpointing"}  # recomputing activations changes no value
 
 
 @dataclass

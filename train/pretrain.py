@@ -68,6 +68,17 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def forwards_under_autocast(passes, device, precision):
+    """Runs each backward pass's forward (the iterator's next item) under autocast; the caller's backward runs
+    outside it, as torch recommends."""
+    while True:
+        with autocast(device, precision):
+            item = next(passes, None)
+        if item is None:
+            return
+        yield item
+
+
 @torch.no_grad()
 def clip_per_parameter(params, max_norm):
     """Scale each gradient to norm <= max_norm on its own (DINO style), without a host sync."""
@@ -140,18 +151,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         tokens = trim_padding(batch.tokens) if model.config.uses_text else batch.tokens  # (B, T <= 77)
         with autocast(self.world.device, config.run.precision):
-            teacher = model.forward_teachers(batch.global_crops, tokens)
+            teacher = model.forward_teachers(batch.global_crops, tokens, batch.ibot_masks)
         losses, metrics = [], {}
         for group in model.backward_groups:
-            with autocast(self.world.device, config.run.precision):
-                loss, stats = model.group_step(
-                    group, batch.global_crops, batch.local_crops, batch.ibot_masks, tokens, teacher,
-                    teacher_cls_temp=values["teacher_cls_temp"], teacher_patch_temp=values["teacher_patch_temp"],
-                    clip_hard_weight=values["clip_hard_weight"])
-            (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this group's graph
-            losses.append(loss.detach())
-            metrics.update(stats)
-        del teacher
+            passes = model.group_passes(
+                group, batch.global_crops, batch.local_crops, batch.ibot_masks, tokens, teacher,
+                teacher_cls_temp=values["teacher_cls_temp"], teacher_patch_temp=values["teacher_patch_temp"],
+                clip_hard_weight=values["clip_hard_weight"])
+            for loss, stats in forwards_under_autocast(passes, self.world.device, config.run.precision):
+                (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this pass's graph
+                losses.append(loss.detach())
+                for name, value in stats.items():  # a group's metrics are the sum of its passes'
+                    metrics[name] = metrics[name] + value if name in metrics else value
         metrics["loss"] = torch.stack(losses).sum()
         self.reduced_bytes = average_gradients(self.trainable, self.world.world_size)  # the step's one sync
         if self.scaler:

@@ -1,8 +1,8 @@
 """Activation memory of Harmony's per-objective backward against one combined backward.
 
-Counts the bytes each backward group saves for its backward pass (saved-tensor hooks, each storage
-once). Per-group backward frees a group's graph before the next forward, so its peak is the largest
-group; one combined backward keeps every group's graph alive until the end, so its peak is the sum.
+Counts the bytes each backward pass saves for its backward (saved-tensor hooks, each storage once).
+A pass's backward frees its graph before the next pass's forward, so the peak is the largest pass; one
+combined backward keeps every pass's graph alive until the end, so its peak is the sum.
 Writes <out>/backward_memory.json and .png. On a GPU, torch.cuda.max_memory_allocated is added.
 
     python -m tools.bench.backward_memory --out runs/bench
@@ -53,28 +53,33 @@ BENCH_SCHEDULE = dict(teacher_cls_temp=0.04, teacher_patch_temp=0.07, clip_hard_
 
 
 def backward_each_group(model, inputs, trim=True):
-    """One step as the trainer runs it. Yields ("teachers", 0) once the teachers ran (they save nothing for
-    backward), then (group, bytes saved for its backward) after each group's backward. trim=False keeps the
-    captions' padding (before/after figures)."""
+    """One step as the trainer runs it. Yields ("teachers", []) once the teachers ran (they save nothing for
+    backward), then (group, [bytes each of its passes saved for backward]) after each group's backward passes.
+    trim=False keeps the captions' padding (before/after figures)."""
     if trim:
         inputs = {**inputs, "tokens": trim_padding(inputs["tokens"])}  # as the trainer
-    teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"])
-    yield "teachers", 0
+    teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"], inputs["ibot_masks"])
+    yield "teachers", []
     for group in model.backward_groups:
-        (loss, _), saved = saved_bytes(
-            lambda group=group: model.group_step(group, **inputs, teacher=teacher, **BENCH_SCHEDULE))
-        loss.backward()
-        yield group, saved
+        passes, saved_per_pass = model.group_passes(group, **inputs, teacher=teacher, **BENCH_SCHEDULE), []
+        while True:
+            item, saved = saved_bytes(lambda passes=passes: next(passes, None))
+            if item is None:
+                break
+            item[0].backward()
+            saved_per_pass.append(saved)
+        yield group, saved_per_pass
 
 
 def measure(name, config, batch, local_px, locals_number, device):
     torch.manual_seed(0)
     model = Harmony(config).to(device)
     inputs = synthetic_batch(config, batch, local_px, locals_number, device)
-    per_group = {group: saved for group, saved in backward_each_group(model, inputs) if group != "teachers"}
-    result = {"shape": name, "batch": batch, "saved_bytes_per_group": per_group,
+    per_pass = {group: saved for group, saved in backward_each_group(model, inputs) if group != "teachers"}
+    per_group = {group: max(saved) for group, saved in per_pass.items()}
+    result = {"shape": name, "batch": batch, "saved_bytes_per_group": per_group, "saved_bytes_per_pass": per_pass,
               "per_group_backward_peak_bytes": max(per_group.values()),
-              "combined_backward_peak_bytes": sum(per_group.values())}
+              "combined_backward_peak_bytes": sum(sum(saved) for saved in per_pass.values())}
     result["per_group_vs_combined"] = round(result["per_group_backward_peak_bytes"] /
                                             result["combined_backward_peak_bytes"], 3)
     return result

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "timm", "open_clip_torch", "webdataset", "img2dataset")
-GOALS = {"time": 3.0, "memory": 1.8, "communication": 1.0, "dali_vs_torch": 2.0, "output_peak": 1.1,
+# Per-group activation peaks measured by tools/bench/step.py on the code before the passes (kept for the table).
+BEFORE_PASSES_FILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "step_memory_before.json"
+BEFORE_PASSES = json.loads(BEFORE_PASSES_FILE.read_text()) if BEFORE_PASSES_FILE.exists() else {}
+GOALS = {"time": 3.0, "memory": 1.8, "memory_checkpointed": 1.2, "time_checkpointed": 1.35, "communication": 1.0, "dali_vs_torch": 2.0, "output_peak": 1.1,
          "rss_bytes_per_sample": 80}
 
 
@@ -103,7 +106,26 @@ def section_step(result):
             lines.append(f"  MFU: Harmony {100 * row['harmony']['model_flops_utilisation']:.1f}%, CLIP-only "
                          f"{100 * row['clip_only']['model_flops_utilisation']:.1f}%; "
                          f"{row['harmony']['images_per_s']:.0f} images/s (forward + backward, no optimizer).")
-    return lines + ["", "![step](docs/benchmarks/step.png)", ""]
+    lines += ["", "Activation memory (the most bytes of tensors a step made alive at once; tools/bench/live_bytes.py): "
+              "each group's peak, MiB. Before: the same measure at commit "
+              f"{BEFORE_PASSES.get('commit', '?')}, before iBOT, MAE and the MLM logits were split into passes and "
+              "chunks and the teacher iBOT head cut to what its readers use.", ""]
+    for row in result["results"]:
+        before = BEFORE_PASSES.get("results", {}).get(row["shape"], {}).get("harmony", {})
+        lines += [f"{row['shape']}, batch {row['harmony']['batch']}:", "",
+                  "| group | before | now | with activation checkpointing |", "|---|---:|---:|---:|"]
+        for part, now in row["harmony"]["live_peak_bytes_per_part"].items():
+            earlier = f"{before[part] / 2**20:.0f}" if part in before else "-"
+            lines.append(f"| {part} | {earlier} | {now / 2**20:.0f} | "
+                         f"{row['harmony_checkpointed']['live_peak_bytes_per_part'][part] / 2**20:.0f} |")
+        lines += [f"| CLIP-only step | | {row['clip_only']['activation_peak_bytes'] / 2**20:.0f} | |", "",
+                  f"- Harmony / CLIP-only: **{row['memory_harmony_vs_clip']:.2f}x** "
+                  f"({verdict(row['memory_harmony_vs_clip'], GOALS['memory'])}); with activation checkpointing "
+                  f"**{row['memory_checkpointed_vs_clip']:.2f}x** "
+                  f"({verdict(row['memory_checkpointed_vs_clip'], GOALS['memory_checkpointed'])}) at "
+                  f"**{row['time_checkpointed_vs_harmony']:.2f}x** the time of the step without it "
+                  f"({verdict(row['time_checkpointed_vs_harmony'], GOALS['time_checkpointed'])}).", ""]
+    return lines + ["![step](docs/benchmarks/step.png)", ""]
 
 
 def section_communication(result):

@@ -3,8 +3,9 @@
 For each shape (the `demo` preset, and ViT-S/16 at the paper's 224 + 8 x 96 px crops) it times
 forward + backward of every enabled group, teachers included, for Harmony and for the same model with
 only CLIP, on synthetic batches. It reports each group's share of the step, the FLOPs of each
-(torch's FlopCounterMode, attention counted through the math kernel), the activation memory ratio
-(bytes saved for backward, per-group peak; torch.cuda.max_memory_allocated on a GPU), and before/after
+(torch's FlopCounterMode, attention counted through the math kernel), each group's activation memory
+peak (the most bytes of tensors the step made alive at once: tools/bench/live_bytes.py; and
+torch.cuda.max_memory_allocated on a GPU), with and without activation checkpointing, and before/after
 figures for trimming caption padding. The optimizer step is left out: it is the same AdamW over more
 parameters. On a GPU the groups run under bf16 autocast and model FLOPs utilisation is reported against
 the GPU's bf16 peak. Writes <out>/step.json and .png.
@@ -25,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.harmony import Harmony, HarmonyConfig
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
+from tools.bench.live_bytes import LiveTensorBytes
 from train.config import load_config
 from train.pretrain import autocast
 
@@ -53,8 +55,20 @@ def one_step(model, inputs, device, trim):
             if device == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            seconds[part], saved_per_part[part], started = now - started, saved, now
+            seconds[part], saved_per_part[part], started = now - started, max(saved, default=0), now
     return seconds, saved_per_part
+
+
+def live_peak_per_part(model, inputs, device, trim):
+    """{part: the most bytes of step-made tensors alive at once during it}: activations, saved tensors, teacher
+    outputs still held, transients. Parameters, gradients (accumulated in place after the warm-up) and the
+    batch are not counted."""
+    peaks = {}
+    with LiveTensorBytes() as memory, autocast(torch.device(device), PRECISION[device]):
+        for part, _ in backward_each_group(model, inputs, trim=trim):
+            peaks[part] = memory.peak
+            memory.reset_peak()
+    return peaks
 
 
 def flops_per_part(model, inputs, device, trim):
@@ -73,7 +87,8 @@ def measure(config, batch, local_px, locals_number, repeats, device, trim=True):
     model = Harmony(config).to(device)
     inputs = synthetic_batch(config, batch, local_px, locals_number if config.ibot else 0, device)
     flops = flops_per_part(model, inputs, device, trim)
-    one_step(model, inputs, device, trim)  # warm-up
+    one_step(model, inputs, device, trim)  # warm-up: gradients exist from here on
+    live_peaks = live_peak_per_part(model, inputs, device, trim)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds, peak_saved = {part: 0.0 for part in flops}, 0
@@ -84,7 +99,8 @@ def measure(config, batch, local_px, locals_number, repeats, device, trim=True):
         peak_saved = max(peak_saved, *saved.values())
     result = {"batch": batch, "trim_caption_padding": trim, "step_s": sum(seconds.values()),
               "seconds_per_part": seconds, "flops_per_part": flops, "step_flops": sum(flops.values()),
-              "peak_saved_bytes": peak_saved}
+              "peak_saved_bytes": peak_saved, "live_peak_bytes_per_part": live_peaks,
+              "activation_peak_bytes": max(live_peaks.values())}
     result["achieved_tflops"] = result["step_flops"] / result["step_s"] / 1e12
     result["images_per_s"] = batch / result["step_s"]
     if device == "cuda":
@@ -104,6 +120,8 @@ def peak_tflops(device, override):
 def compare(name, config, batch, local_px, locals_number, repeats, device, peak):
     clip_config = dataclasses.replace(config, **CLIP_ONLY)
     runs = {"harmony": measure(config, batch, local_px, locals_number, repeats, device),
+            "harmony_checkpointed": measure(dataclasses.replace(config, activation_checkpointing=True), batch,
+                                            local_px, locals_number, repeats, device),
             "clip_only": measure(clip_config, batch, local_px, 0, repeats, device),
             "harmony_untrimmed": measure(config, batch, local_px, locals_number, repeats, device, trim=False),
             "clip_only_untrimmed": measure(clip_config, batch, local_px, 0, repeats, device, trim=False)}
@@ -111,7 +129,12 @@ def compare(name, config, batch, local_px, locals_number, repeats, device, peak)
     result = {"shape": name, **runs,
               "time_harmony_vs_clip": harmony["step_s"] / clip["step_s"],
               "flops_harmony_vs_clip": harmony["step_flops"] / clip["step_flops"],
-              "memory_harmony_vs_clip": harmony["peak_saved_bytes"] / clip["peak_saved_bytes"],
+              "memory_harmony_vs_clip": harmony["activation_peak_bytes"] / clip["activation_peak_bytes"],
+              "saved_for_backward_harmony_vs_clip": harmony["peak_saved_bytes"] / clip["peak_saved_bytes"],
+              # Activation checkpointing in Harmony's students against the plain CLIP-only step, and its time cost.
+              "memory_checkpointed_vs_clip": runs["harmony_checkpointed"]["activation_peak_bytes"] /
+              clip["activation_peak_bytes"],
+              "time_checkpointed_vs_harmony": runs["harmony_checkpointed"]["step_s"] / harmony["step_s"],
               "share_of_harmony_step": {part: value / harmony["step_s"]
                                         for part, value in harmony["seconds_per_part"].items()},
               "share_of_harmony_flops": {part: value / harmony["step_flops"]
@@ -128,20 +151,34 @@ def compare(name, config, batch, local_px, locals_number, repeats, device, peak)
 
 
 def plot(results, device, path):
-    figure, axes = plt.subplots(len(results), 1, figsize=(7, 2.6 * len(results)), squeeze=False)
-    for axis, result in zip(axes[:, 0], results, strict=True):
+    figure, axes = plt.subplots(len(results), 2, figsize=(13, 2.8 * len(results)), squeeze=False)
+    for (time_axis, memory_axis), result in zip(axes, results, strict=True):
         left = 0.0
         for part, share in result["share_of_harmony_step"].items():
             width = share * result["time_harmony_vs_clip"]
-            axis.barh(["Harmony step"], [width], left=left, label=part)
+            time_axis.barh(["Harmony step"], [width], left=left, label=part)
             left += width
-        axis.barh(["FLOPs ratio"], [result["flops_harmony_vs_clip"]], color="#cccccc")
-        axis.barh(["CLIP step"], [1.0], color="#999999")
-        axis.set_xlabel("relative to a CLIP-only step")
-        axis.set_title(f"{result['shape']}, batch {result['harmony']['batch']} on {device}: "
-                       f"{result['time_harmony_vs_clip']:.2f}x time, {result['flops_harmony_vs_clip']:.2f}x FLOPs, "
-                       f"{result['memory_harmony_vs_clip']:.2f}x activation memory", fontsize=8)
-        axis.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+        time_axis.barh(["FLOPs ratio"], [result["flops_harmony_vs_clip"]], color="#cccccc")
+        time_axis.barh(["CLIP step"], [1.0], color="#999999")
+        time_axis.set_xlabel("relative to a CLIP-only step")
+        time_axis.set_title(f"{result['shape']}, batch {result['harmony']['batch']} on {device}: "
+                            f"{result['time_harmony_vs_clip']:.2f}x time, {result['flops_harmony_vs_clip']:.2f}x FLOPs",
+                            fontsize=8)
+        time_axis.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+        parts = list(result["harmony"]["live_peak_bytes_per_part"])
+        positions = range(len(parts))
+        for offset, (run, label) in enumerate((("harmony", "Harmony"),
+                                               ("harmony_checkpointed", "with activation checkpointing"))):
+            peaks = result[run]["live_peak_bytes_per_part"]
+            memory_axis.bar([x + 0.4 * offset for x in positions], [peaks[part] / 2**20 for part in parts], 0.4,
+                            label=label)
+        memory_axis.axhline(result["clip_only"]["activation_peak_bytes"] / 2**20, color="#b04040", linestyle="--",
+                            label="CLIP-only step")
+        memory_axis.set_xticks([x + 0.2 for x in positions], parts, fontsize=7)
+        memory_axis.set_ylabel("MiB alive at the peak")
+        memory_axis.set_title(f"activation memory: {result['memory_harmony_vs_clip']:.2f}x CLIP's, "
+                              f"{result['memory_checkpointed_vs_clip']:.2f}x with checkpointing", fontsize=8)
+        memory_axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -166,8 +203,14 @@ def main(argv=None):
         shares = ", ".join(f"{part} {100 * share:.0f}%" for part, share in result["share_of_harmony_step"].items())
         print(f"bench step ({device}, {result['shape']}): Harmony = {result['time_harmony_vs_clip']:.2f}x a CLIP-only "
               f"step ({result['flops_harmony_vs_clip']:.2f}x its FLOPs), {result['memory_harmony_vs_clip']:.2f}x its "
-              f"activation memory; shares {shares}; trimming caption padding made Harmony "
+              f"activation memory ({result['memory_checkpointed_vs_clip']:.2f}x with activation checkpointing, at "
+              f"{result['time_checkpointed_vs_harmony']:.2f}x the time); shares {shares}; trimming caption padding "
+              f"made Harmony "
               f"{result['trim_speedup_harmony']:.2f}x and CLIP {result['trim_speedup_clip_only']:.2f}x faster")
+        for run in ("harmony", "harmony_checkpointed", "clip_only"):
+            peaks = ", ".join(f"{part} {value / 2**20:.0f}" for part, value in
+                              result[run]["live_peak_bytes_per_part"].items())
+            print(f"  activation peaks of {run} (MiB): {peaks}")
     print(f"written to {out_dir / 'step.json'} and step.png")
 
 
