@@ -20,6 +20,9 @@ SHARDS_ARGS ?=
 ifneq ($(strip $(ARGS)),)
 $(error ARGS is split in two: DOWNLOAD_ARGS="..." for make download (any img2dataset option, by its own name) and SHARDS_ARGS="..." for make shards)
 endif
+# Evaluation images the training shards must not contain: folders, images or .tar shards, ':' between them.
+# The demo excludes its own held-out splits.
+EXCLUDE ?= $(if $(filter demo,$(DATASET)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
 CONFIG ?= demo
 NPROC ?= 1
 # torchrun forwards SIGUSR1 (slurm's --signal) as well as SIGTERM to the trainer, then waits for its checkpoint.
@@ -36,7 +39,7 @@ RETRIEVAL_SHARDS ?= $(call existing,$(EVAL_DATA)/heldout_pairs)
 PROBE_TRAIN ?= $(call existing,$(EVAL_DATA)/probe_train)
 PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
 
-.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale crops data plot clean
+.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean
 
 setup: $(STAMP)
 
@@ -56,7 +59,7 @@ download: setup
 
 shards: setup
 	$(PY) -m datapipe.shards build "$(RAW)" "$(OUT)/train" --processes $(PROCESSES) \
-	  --samples-per-shard $(SAMPLES_PER_SHARD) $(SHARDS_ARGS)
+	  --samples-per-shard $(SAMPLES_PER_SHARD) $(if $(EXCLUDE),--exclude "$(EXCLUDE)") $(SHARDS_ARGS)
 
 verify: setup
 	$(PY) -m datapipe.shards verify "$(OUT)/train"
@@ -88,7 +91,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
-bench: bench-shards bench-scale bench-data bench-memory bench-step bench-comm
+bench: bench-shards bench-scale bench-dedup bench-data bench-memory bench-step bench-comm
 	$(PY) -m tools.bench.report --results runs/bench --out BENCHMARKS.md --charts docs/benchmarks
 
 bench-shards: setup
@@ -108,6 +111,9 @@ bench-comm: setup
 
 # make shards and the loader at CC3M-like scale: N url-list rows (about 80% downloaded), generated locally.
 N ?= 60000
+bench-dedup: setup
+	$(PY) -m tools.bench.near_duplicates --out runs/bench
+
 bench-scale: setup
 	$(PY) -m tools.bench.scale --rows $(N) --out runs/bench
 

@@ -98,6 +98,12 @@ def write_report(path, manifest, examples):
             example = examples.get((stage, reason), {})
             detail = str(example.get("detail", "")).replace("|", "/")[:80]
             lines.append(f"| {stage} | {reason} | {count} | `{example.get('key', '')}` {detail} |")
+    if manifest.get("exclude"):
+        lines += ["", "## Evaluation sets excluded (EXCLUDE)", ""]
+        for excluded in manifest["exclude"]:
+            unreadable = f" ({excluded['unreadable']} could not be read)" if excluded["unreadable"] else ""
+            lines.append(f"- `{excluded['path']}`: {excluded['images']} images{unreadable}, "
+                         f"{excluded['overlapping_samples']} training samples dropped as `eval_overlap`")
     lines += [
         "",
         f"All dropped samples, one JSON line each: `{REJECTED}`.",

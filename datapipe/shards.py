@@ -8,9 +8,11 @@ RGB JPEG, clean and tokenize its caption, or reject it with a reason; the cleane
 <out>/_work/<raw>.tar (captions, tokens, info, and only the images that had to be converted: an
 RGB JPEG is read again from the raw tar when its shard is written) and one record per sample
 (sorted by key) to <out>/_work/<raw>.jsonl.
-(2) Drop exact duplicate images (same decoded pixels), keeping the first in key order, and plan
-fixed-size output shards. (3) In parallel, write each training shard and its DALI index; a work tar
-is deleted as soon as every shard that reads it is written. Then manifest.json, rejected.jsonl.zst
+(2) Drop exact duplicate images (same decoded pixels), then images within `eval_overlap_bits` of an
+evaluation image (EXCLUDE), then near duplicates (perceptual hashes within `near_duplicate_bits`),
+keeping the first in key order (datapipe/near_duplicates.py), and plan fixed-size output shards.
+(3) In parallel, write each training shard and its DALI index; a work tar is deleted as soon as
+every shard that reads it is written. Then manifest.json, rejected.jsonl.zst
 and report.md.
 
 Never stale: each raw shard's work records what it was made from (the raw tar's sha256 and the
@@ -43,7 +45,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from datapipe import manifest, shard_io, text
+from datapipe import exclusions, manifest, near_duplicates, shard_io, text
 from datapipe.download import URL_LIST_RECORD, URL_LIST_REJECTED
 from datapipe.folder_lock import FolderBusy, FolderLock
 from datapipe.validate import ImageRules, Rejected, clean_image
@@ -54,6 +56,7 @@ MANIFEST_VERSION = 2
 WORK_VERSION = 2  # raise when pass 1 gives other output for the same input
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices, and jpeg
 EXTENSIONS = ("jpg", "json", "tokens", "txt")  # what a training sample holds
+MAX_HASH_BITS_APART = 10
 
 
 class BuildError(SystemExit):
@@ -63,9 +66,42 @@ class BuildError(SystemExit):
         super().__init__(f"error: {message}")
 
 
-def rules_fingerprint(rules):
+@dataclasses.dataclass(frozen=True)
+class DuplicateRules:
+    """Pass 2's screening beyond exact duplicates; every one is a command-line option."""
+
+    near_duplicate_bits: int = 8  # pHash bits apart that still count as the same picture; -1 keeps near duplicates
+    eval_overlap_bits: int = 8  # the same, against the EXCLUDE images
+    exclude: tuple[str, ...] = ()  # folders, images or .tar shards of evaluation images
+
+    def __post_init__(self):
+        # Unrelated photos are rarely under 12 bits apart; the exact search's tables multiply with the bits (for
+        # 12M images: 84 at 6 bits, 495 at 8, 3003 at 10).
+        limit = MAX_HASH_BITS_APART
+        if not (-1 <= self.near_duplicate_bits <= limit and 0 <= self.eval_overlap_bits <= limit):
+            raise ValueError(f"--near-duplicate-bits must be -1 (off) to {MAX_HASH_BITS_APART} and "
+                             f"--eval-overlap-bits 0 to {MAX_HASH_BITS_APART} (got {self.near_duplicate_bits} and "
+                             f"{self.eval_overlap_bits})")
+
+    @property
+    def hashing(self):
+        """Whether pass 1 computes perceptual hashes (off only when nothing reads them)."""
+        return self.near_duplicate_bits >= 0 or bool(self.exclude)
+
+    def describe(self):
+        confirmation = (f"confirmed by a 256-bit pHash within {near_duplicates.FINE_BITS_APART} bits and colour layout "
+                        f"within {near_duplicates.COLOUR_TOLERANCE}")
+        near = (f"perceptual hash (64-bit pHash) within {self.near_duplicate_bits} bits {confirmation} of an earlier "
+                "kept sample; the first in key order is kept") if self.near_duplicate_bits >= 0 else "kept"
+        overlap = (f"perceptual hash within {self.eval_overlap_bits} bits {confirmation} of an image in "
+                   f"{list(self.exclude)}" if self.exclude else "no EXCLUDE given")
+        return {"near_duplicates": near, "eval_overlap": overlap}
+
+
+def rules_fingerprint(rules, hashing):
     """What pass 1's output depends on besides the raw bytes."""
-    settings = {**dataclasses.asdict(rules), "context_length": text.CONTEXT_LENGTH, "work_version": WORK_VERSION}
+    settings = {**dataclasses.asdict(rules), "context_length": text.CONTEXT_LENGTH, "work_version": WORK_VERSION,
+                "perceptual_hash": hashing}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -92,11 +128,11 @@ class UnreadableShard(Exception):
     """A raw tar that cannot be read to the end; carries only a message, so it crosses processes."""
 
 
-def _clean_sample(raw, url, rules):
-    """(sample to store, its info, pixel digest, the raw member holding the image when it is stored as it
+def _clean_sample(raw, url, rules, hashing):
+    """(sample to store, its info, the cleaned image, the raw member holding the image when it is stored as it
     came, else None) for one raw img2dataset sample; raises Rejected."""
     member = next((name for name in IMAGE_MEMBERS if name in raw), None)
-    image = clean_image(raw[member] if member else b"", rules)
+    image = clean_image(raw[member] if member else b"", rules, hashing)
     original_caption = raw.get("txt", b"").decode("utf-8", errors="replace")
     caption = text.clean_caption(original_caption)
     if not caption:
@@ -104,14 +140,15 @@ def _clean_sample(raw, url, rules):
     info = dict(key=raw["__key__"], url=url, caption_original=original_caption,
                 width_px=image.width_px, height_px=image.height_px, converted=image.converted)
     stored_as_is = f"{raw['__key__']}.{member}" if not image.converted else None
-    return dict(__key__=raw["__key__"], jpg=image.jpeg, txt=caption.encode()), info, image.pixel_digest, stored_as_is
+    return dict(__key__=raw["__key__"], jpg=image.jpeg, txt=caption.encode()), info, image, stored_as_is
 
 
-def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True):
+def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True, hashing=True):
     """Pass 1 for one raw tar; returns its records path. Earlier work is reused only when it was made from
-    the same bytes under the same rules (and, with `need_samples`, its cleaned samples are still there)."""
+    the same bytes under the same rules (and, with `need_samples`, its cleaned samples are still there).
+    `hashing`: give each record the image's perceptual hash."""
     samples_path, records_path, made_from_path = work_paths(work_dir, Path(raw_tar).stem)
-    made_from = {"raw": raw_fingerprint(raw_tar), "rules": rules_fingerprint(rules)}
+    made_from = {"raw": raw_fingerprint(raw_tar), "rules": rules_fingerprint(rules, hashing)}
     if (made_from_path.exists() and json.loads(made_from_path.read_text()) == made_from and records_path.exists()
             and (samples_path.exists() or not need_samples)):
         return records_path
@@ -134,12 +171,15 @@ def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True):
                 key = raw["__key__"]
                 url = json.loads(raw.get("json", b"{}") or b"{}").get("url", "")
                 try:
-                    sample, info, digest, stored_as_is = _clean_sample(raw, url, rules)
+                    sample, info, image, stored_as_is = _clean_sample(raw, url, rules, hashing)
                 except Rejected as rejection:
                     records.append(dict(key=key, url=url, reason=rejection.reason, detail=rejection.detail))
                     continue
                 sample["json"] = json.dumps({**info, "source": Path(raw_tar).name}, ensure_ascii=False).encode()
-                record = dict(key=key, url=url, reason=None, digest=digest)
+                record = dict(key=key, url=url, reason=None, digest=image.pixel_digest)
+                if hashing:
+                    phash, details = image.signature
+                    record.update(phash=f"{phash:016x}", details=details.hex())
                 if stored_as_is:  # no second copy: pass 3 reads these bytes from the raw tar
                     del sample["jpg"]
                     record["jpg_in_raw"] = raw_members[stored_as_is]
@@ -162,16 +202,19 @@ def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True):
 
 # --- pass 2: de-duplicate and plan ---------------------------------------------------------
 
-def find_duplicates(records_paths):
+def find_duplicates(records_paths, hashing):
     """Exact duplicates among the accepted samples ("candidates"), in order: raw shards in name order, keys in
     order within each. Returns (candidates per raw shard, first (n,) int64: the candidate each one duplicates,
-    itself for the first of its pixels). 24 bytes per candidate, plus the sort's temporaries."""
-    counts, digests = [], bytearray()
+    itself for the first of its pixels, and with `hashing` their perceptual hashes (n,) uint64, else None).
+    32 bytes per candidate, plus the sort's temporaries."""
+    counts, digests, hashes = [], bytearray(), bytearray()
     for records_path in records_paths:
         before = len(digests)
         for record in read_records(records_path):
             if record["reason"] is None:
                 digests += bytes.fromhex(record["digest"])[:16]  # 128 bits of sha256
+                if hashing:
+                    hashes += bytes.fromhex(record["phash"])
         counts.append((len(digests) - before) // 16)
     digests = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
     order = np.lexsort((digests[:, 1], digests[:, 0]))  # stable: equal digests stay in candidate order
@@ -181,7 +224,58 @@ def find_duplicates(records_paths):
     group = np.cumsum(starts) - 1  # the group (distinct digest) of each sorted position
     first = np.empty(len(order), dtype=np.int64)
     first[order] = order[np.flatnonzero(starts)][group]
-    return np.asarray(counts, dtype=np.int64), first
+    return (np.asarray(counts, dtype=np.int64), first,
+            np.frombuffer(hashes, dtype=">u8").astype(np.uint64) if hashing else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Screened:
+    """Candidates dropped after the exact duplicates: as eval_overlap or near_duplicate (sorted by index)."""
+
+    index: np.ndarray  # candidate indices
+    outcome: np.ndarray  # near_duplicates.EVAL_OVERLAP or NEAR_DUPLICATE
+    matched: np.ndarray  # the candidate it looks like, or the evaluation image (index into `references`)
+    distance: np.ndarray  # perceptual hash bits apart
+    references: list  # (EXCLUDE path, image name) of each evaluation image
+
+    @classmethod
+    def nothing(cls):
+        return cls(*(np.empty(0, dtype=np.int64) for _ in range(4)), [])
+
+
+def screen_near_duplicates(pool, work_dir, records_paths, counts, hashes, candidates, exclusion_sets, duplicates):
+    """Screen the exact-duplicate survivors `candidates` (sorted indices) against the evaluation images and each
+    other (datapipe/near_duplicates.py); returns a Screened with candidate indices."""
+    if not (duplicates.near_duplicate_bits >= 0 or exclusion_sets) or not len(candidates):
+        return Screened.nothing()
+    count = len(candidates)
+    combined = np.concatenate([hashes[candidates], *(excluded.hashes for excluded in exclusion_sets)])
+    threshold = max(duplicates.near_duplicate_bits, duplicates.eval_overlap_bits if exclusion_sets else -1)
+    first, second, distances = near_duplicates.near_pairs(combined, threshold, count, pool,
+                                                          Path(work_dir) / "perceptual_hashes.npy")
+    (Path(work_dir) / "perceptual_hashes.npy").unlink(missing_ok=True)
+    to_reference = second >= count
+    close = np.where(to_reference, distances <= duplicates.eval_overlap_bits,
+                     distances <= duplicates.near_duplicate_bits)
+    first, second, distances = first[close], second[close], distances[close]
+    # Each pair confirmed by the details of its images, read for these images only (the candidates' from records).
+    involved = np.unique(np.concatenate([first, second[second < count]]))
+    details = np.zeros((len(involved) + len(combined) - count, near_duplicates.DETAIL_BYTES), dtype=np.uint8)
+    for _, index, record in accepted_records(records_paths, counts, candidates[involved]):
+        details[np.searchsorted(involved, np.searchsorted(candidates, index))] = np.frombuffer(
+            bytes.fromhex(record["details"]), dtype=np.uint8)
+    if exclusion_sets:
+        details[len(involved):] = np.concatenate([excluded.details for excluded in exclusion_sets])
+
+    def row(indices):  # a combined index -> its row of `details`
+        return np.where(indices < count, np.searchsorted(involved, indices), indices - count + len(involved))
+
+    same = near_duplicates.confirmed(details[row(first)], details[row(second)])
+    index, outcome, matched, distance = near_duplicates.screen(first[same], second[same], distances[same], count)
+    matched = np.where(outcome == near_duplicates.NEAR_DUPLICATE, candidates[np.clip(matched, 0, count - 1)],
+                       matched - count)
+    references = [(excluded.path, name) for excluded in exclusion_sets for name in excluded.names]
+    return Screened(candidates[index], outcome, matched, distance, references)
 
 
 def accepted_records(records_paths, counts, candidates):
@@ -293,20 +387,34 @@ def _download_failures(raw_dir):
                                detail=row["error_message"] or "")
 
 
-def _shards_rejections(records_paths, counts, first):
-    """Each sample make shards dropped (with its reason), streamed: records in order, then the duplicates."""
+def _shards_rejections(records_paths, counts, first, screened):
+    """Each sample make shards dropped (with its reason), streamed: records in order, then the exact duplicates,
+    then the evaluation overlaps and near duplicates."""
     for records_path in records_paths:
         for record in read_records(records_path):
             if record["reason"] is not None:
                 yield dict(stage="shards", key=record["key"], url=record["url"], reason=record["reason"],
                            detail=record["detail"])
     candidates = np.arange(len(first))
-    duplicate_rows = candidate_keys(records_paths, counts, candidates[first != candidates])
-    originals = candidate_keys(records_paths, counts, np.unique(first[first != candidates]))
-    for index in sorted(duplicate_rows):
-        key, url = duplicate_rows[index]
-        yield dict(stage="shards", key=key, url=url, reason="duplicate",
-                   detail=f"same pixels as {originals[int(first[index])][0]}")
+    looks_like = screened.matched[screened.outcome == near_duplicates.NEAR_DUPLICATE]
+    dropped_rows = candidate_keys(records_paths, counts, np.union1d(candidates[first != candidates], screened.index))
+    originals = candidate_keys(records_paths, counts, np.union1d(first[first != candidates], looks_like))
+    for index in np.flatnonzero(first != candidates).tolist():
+        key, url = dropped_rows[index]
+        original = originals[int(first[index])][0]
+        yield dict(stage="shards", key=key, url=url, reason="duplicate", matches=original,
+                   detail=f"same pixels as {original}")
+    for index, outcome, matched, distance in zip(*(array.tolist() for array in (
+            screened.index, screened.outcome, screened.matched, screened.distance)), strict=True):
+        key, url = dropped_rows[index]
+        if outcome == near_duplicates.EVAL_OVERLAP:
+            eval_set, name = screened.references[matched]
+            yield dict(stage="shards", key=key, url=url, reason="eval_overlap", eval_set=eval_set, matches=name,
+                       detail=f"looks like {name} of {eval_set} (perceptual hashes {distance} of 64 bits apart)")
+        else:
+            original = originals[matched][0]
+            yield dict(stage="shards", key=key, url=url, reason="near_duplicate", matches=original,
+                       detail=f"looks like {original} (perceptual hashes {distance} of 64 bits apart)")
 
 
 def _check_raw_shards(raw_dir, raw_tars):
@@ -342,7 +450,8 @@ def _remove_other_files(out_dir, shard_names, raw_stems, compress):
             path.unlink()
 
 
-def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=ImageRules(), compress=False):
+def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=ImageRules(), compress=False,
+          duplicates=DuplicateRules()):
     """Build training shards from img2dataset output; returns the manifest dict."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     raw_tars = sorted(raw_dir.glob("*.tar"))
@@ -352,7 +461,10 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
     except FolderBusy as error:
         raise BuildError(str(error)) from None
     try:
-        return _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes or os.cpu_count(), rules, compress)
+        return _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes or os.cpu_count(), rules, compress,
+                      duplicates)
+    except exclusions.ExclusionError as error:
+        raise BuildError(str(error)) from None
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -361,17 +473,23 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
         lock.release()
 
 
-def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, compress):
+def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, compress, duplicates):
     work_dir = out_dir / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     # spawn, not fork: a caller that already imported torch (its thread pools) would deadlock forked workers.
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         # Pass 1: the records of every raw shard (its cleaned samples are made again later if a shard needs them).
-        records_paths = _pass_1(pool, raw_tars, work_dir, rules, need_samples=False)
-        # Pass 2: duplicates, then the plan: fixed-size runs of the kept candidates.
-        counts, first = find_duplicates(records_paths)
+        records_paths = _pass_1(pool, raw_tars, work_dir, rules, need_samples=False, hashing=duplicates.hashing)
+        # Pass 2: exact duplicates, evaluation overlaps and near duplicates, then the plan: fixed-size runs of the
+        # kept candidates.
+        counts, first, hashes = find_duplicates(records_paths, duplicates.hashing)
         kept = np.flatnonzero(first == np.arange(len(first)))
+        exclusion_sets = exclusions.load(duplicates.exclude, pool)
+        screened = screen_near_duplicates(pool, work_dir, records_paths, counts, hashes, kept, exclusion_sets,
+                                          duplicates)
+        del hashes
+        kept = np.setdiff1d(kept, screened.index, assume_unique=True)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         stems = [Path(path).stem for path in records_paths]
         made_from = {stem: json.loads(work_paths(work_dir, stem)[2].read_text()) for stem in stems}
@@ -391,19 +509,20 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
             # Work tars deleted by an earlier build are made again; the rest was checked in pass 1 just now.
             needed = sorted({stem for shard in to_write for stem in shard.made_from["work"]
                              if not work_paths(work_dir, stem)[0].exists()})
-            _pass_1(pool, [raw_dir / f"{stem}.tar" for stem in needed], work_dir, rules, need_samples=True)
+            _pass_1(pool, [raw_dir / f"{stem}.tar" for stem in needed], work_dir, rules, need_samples=True,
+                    hashing=duplicates.hashing)
             entries = _pass_3(pool, out_dir, to_write, records_paths, counts, compress, raw_dir)
         for shard in plan:
             if shard.name not in entries:
                 entries[shard.name] = json.loads(done_record(out_dir, shard.name).read_text())["entry"]
     _remove_other_files(out_dir, {shard.name for shard in plan}, set(stems), compress)
-    return _write_results(raw_dir, out_dir, made_from, records_paths, counts, first,
-                          [entries[shard.name] for shard in plan], samples_per_shard, rules, compress, processes,
-                          started)
+    return _write_results(raw_dir, out_dir, made_from, records_paths, counts, first, screened, exclusion_sets,
+                          [entries[shard.name] for shard in plan], samples_per_shard, rules, duplicates, compress,
+                          processes, started)
 
 
-def _pass_1(pool, raw_tars, work_dir, rules, need_samples):
-    futures = [pool.submit(clean_raw_shard, raw_tar, work_dir, rules, need_samples) for raw_tar in raw_tars]
+def _pass_1(pool, raw_tars, work_dir, rules, need_samples, hashing):
+    futures = [pool.submit(clean_raw_shard, raw_tar, work_dir, rules, need_samples, hashing) for raw_tar in raw_tars]
     total = sum(json.loads(raw_tar.with_name(f"{raw_tar.stem}_stats.json").read_text()).get("successes", 0)
                 for raw_tar in raw_tars)
     records_paths = []
@@ -439,8 +558,8 @@ def _pass_3(pool, out_dir, to_write, records_paths, counts, compress, raw_dir):
     return entries
 
 
-def _write_results(raw_dir, out_dir, made_from, records_paths, counts, first, entries, samples_per_shard, rules,
-                   compress, processes, started):
+def _write_results(raw_dir, out_dir, made_from, records_paths, counts, first, screened, exclusion_sets, entries,
+                   samples_per_shard, rules, duplicates, compress, processes, started):
     tally, examples = {"url_list": Counter(), "download": Counter(), "shards": Counter()}, {}
 
     def counted(rejections):
@@ -450,7 +569,11 @@ def _write_results(raw_dir, out_dir, made_from, records_paths, counts, first, en
             yield rejection
 
     manifest.write_rejected(out_dir / manifest.REJECTED, counted(itertools.chain(
-        _url_list_rejections(raw_dir), _download_failures(raw_dir), _shards_rejections(records_paths, counts, first))))
+        _url_list_rejections(raw_dir), _download_failures(raw_dir),
+        _shards_rejections(records_paths, counts, first, screened))))
+    overlaps = Counter(screened.references[matched][0] for outcome, matched in
+                       zip(screened.outcome.tolist(), screened.matched.tolist(), strict=True)
+                       if outcome == near_duplicates.EVAL_OVERLAP)
     url_list_rows = sum(pq.read_metadata(parquet).num_rows for parquet in sorted(raw_dir.glob("*.parquet")))
     record = raw_dir.parent / URL_LIST_RECORD
     url_list = json.loads(record.read_text()) if record.is_file() else None
@@ -465,8 +588,12 @@ def _write_results(raw_dir, out_dir, made_from, records_paths, counts, first, en
         fields=manifest.FIELDS,
         rules={**dataclasses.asdict(rules),
                "duplicates": "same decoded RGB pixels; the first in key order is kept",
+               **duplicates.describe(),
+               "near_duplicate_bits": duplicates.near_duplicate_bits, "eval_overlap_bits": duplicates.eval_overlap_bits,
                "context_length": text.CONTEXT_LENGTH},
-        made_from={"raw_shards": [work["raw"] for work in made_from.values()], "rules": rules_fingerprint(rules)},
+        exclude=[{**excluded.summary(), "overlapping_samples": overlaps[excluded.path]} for excluded in exclusion_sets],
+        made_from={"raw_shards": [work["raw"] for work in made_from.values()],
+                   "rules": rules_fingerprint(rules, duplicates.hashing)},
         shards=entries,
         totals=dict(shards=len(entries), samples=kept, bytes=sum(e["bytes"] for e in entries)),
         reconciliation=manifest.reconciliation(url_list_rows, tally["download"], in_raw, kept, tally["shards"],
@@ -475,6 +602,10 @@ def _write_results(raw_dir, out_dir, made_from, records_paths, counts, first, en
     manifest.write_report(out_dir / manifest.REPORT, result, examples)
     manifest.write_atomic(out_dir / manifest.MANIFEST, json.dumps(result, indent=2, ensure_ascii=False))  # last
     elapsed_s = time.perf_counter() - started
+    for excluded, entry in zip(exclusion_sets, result["exclude"], strict=True):
+        print(f"EXCLUDE {excluded.path}: {entry['images']} images, {entry['overlapping_samples']} training samples "
+              "dropped as eval_overlap" + (f"; {len(excluded.unreadable)} could not be read and were not checked: "
+                                          f"{'; '.join(excluded.unreadable[:5])}" if excluded.unreadable else ""))
     counts = result["reconciliation"]
     print(f"shards done: {in_raw} downloaded -> {kept} kept in {len(entries)} shards, "
           f"{in_raw - kept} rejected ({', '.join(f'{n} {r}' for r, n in counts['rejected'].items()) or 'none'}); "
@@ -543,12 +674,27 @@ def main(argv=None):
     for field in dataclasses.fields(ImageRules):
         build_parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
                                   default=field.default, help=f"default {field.default}")
+    defaults = DuplicateRules()
+    build_parser.add_argument("--near-duplicate-bits", type=int, default=defaults.near_duplicate_bits,
+                              help="drop images whose perceptual hash is within this many of 64 bits of an earlier "
+                                   f"kept image; -1 keeps near duplicates (default {defaults.near_duplicate_bits})")
+    build_parser.add_argument("--eval-overlap-bits", type=int, default=defaults.eval_overlap_bits,
+                              help="the same against the --exclude images (default "
+                                   f"{defaults.eval_overlap_bits})")
+    build_parser.add_argument("--exclude", default="",
+                              help="evaluation images training must not contain: folders, images or .tar shards, "
+                                   "separated by ':' (make shards EXCLUDE=...)")
     verify_parser = commands.add_parser("verify", help="re-check hashes, counts and indexes")
     verify_parser.add_argument("out_dir")
     args = parser.parse_args(argv)
     if args.command == "build":
         rules = ImageRules(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ImageRules)})
-        build(args.raw_dir, args.out_dir, args.samples_per_shard, args.processes, rules, args.compress)
+        try:
+            duplicates = DuplicateRules(args.near_duplicate_bits, args.eval_overlap_bits,
+                                        tuple(path for path in args.exclude.split(os.pathsep) if path))
+        except ValueError as error:
+            raise BuildError(str(error)) from None
+        build(args.raw_dir, args.out_dir, args.samples_per_shard, args.processes, rules, args.compress, duplicates)
     else:
         problems = verify(args.out_dir)
         for problem in problems:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from datapipe import near_duplicates
+
 JPEG_QUALITY = 95
 
 
@@ -34,6 +36,7 @@ class CleanImage:
     width_px: int
     height_px: int
     pixel_digest: str  # sha256 of the decoded RGB pixels, for exact-duplicate detection
+    signature: tuple | None  # (64-bit pHash, details) for near duplicates (datapipe.near_duplicates)
     converted: str  # what was done to it: "" (stored as downloaded), or e.g. "CMYK->RGB"
 
 
@@ -64,8 +67,8 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def clean_image(data, rules=ImageRules()):
-    """Returns a CleanImage or raises Rejected."""
+def decode_rgb(data, max_pixels=ImageRules.max_pixels):
+    """(RGB image with EXIF orientation applied, source format, source mode, EXIF orientation) or raises Rejected."""
     if not data:
         raise Rejected("missing_image", "the sample has no image bytes")
     try:
@@ -73,8 +76,8 @@ def clean_image(data, rules=ImageRules()):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width_px, height_px = image.size
-            if width_px * height_px > rules.max_pixels:
-                raise Rejected("too_large", f"{width_px}x{height_px} exceeds {rules.max_pixels} pixels")
+            if width_px * height_px > max_pixels:
+                raise Rejected("too_large", f"{width_px}x{height_px} exceeds {max_pixels} pixels")
             image.load()
     except Rejected:
         raise
@@ -82,11 +85,16 @@ def clean_image(data, rules=ImageRules()):
         raise Rejected("undecodable", f"{type(error).__name__}: {error}") from None
     source_format, source_mode = image.format, image.mode
     orientation = image.getexif().get(0x0112, 1)
-    image = ImageOps.exif_transpose(image)
     try:
-        rgb = _to_rgb(image)
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
     except (ValueError, OSError) as error:  # a mode Pillow opens but cannot convert
         raise Rejected("unsupported_mode", f"{source_mode}: {error}") from None
+    return rgb, source_format, source_mode, orientation
+
+
+def clean_image(data, rules=ImageRules(), hashing=True):
+    """Returns a CleanImage (with its near-duplicate signature if `hashing`, else None) or raises Rejected."""
+    rgb, source_format, source_mode, orientation = decode_rgb(data, rules.max_pixels)
     width_px, height_px = rgb.size
     if min(width_px, height_px) < rules.min_side_px:
         raise Rejected("too_small", f"{width_px}x{height_px}, shorter side below {rules.min_side_px} px")
@@ -94,6 +102,7 @@ def clean_image(data, rules=ImageRules()):
     if aspect > rules.max_aspect_ratio:
         raise Rejected("aspect_ratio", f"{width_px}x{height_px} has aspect {aspect:.1f} > {rules.max_aspect_ratio}")
     digest = hashlib.sha256(f"{width_px}x{height_px}:".encode() + rgb.tobytes()).hexdigest()
+    signature = near_duplicates.signature(rgb) if hashing else None
     changes = []
     if source_format != "JPEG":
         changes.append(f"{source_format}->JPEG")
@@ -102,7 +111,7 @@ def clean_image(data, rules=ImageRules()):
     if orientation != 1:
         changes.append(f"EXIF orientation {orientation} applied")
     if not changes:
-        return CleanImage(data, width_px, height_px, digest, "")
+        return CleanImage(data, width_px, height_px, digest, signature, "")
     encoded = io.BytesIO()
     rgb.save(encoded, format="JPEG", quality=JPEG_QUALITY)
-    return CleanImage(encoded.getvalue(), width_px, height_px, digest, ", ".join(changes))
+    return CleanImage(encoded.getvalue(), width_px, height_px, digest, signature, ", ".join(changes))

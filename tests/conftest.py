@@ -44,9 +44,11 @@ def larger_demo_shards(tmp_path_factory):
 
 def jpeg_bytes(width_px=96, height_px=80, color=(200, 30, 30), mode="RGB", fmt="JPEG", **save):
     image = Image.new("RGB", (width_px, height_px), color)
-    # A gradient so that two images of the same colour but different size differ in pixels.
+    # A coarse random pattern in green, drawn from the size and colour: two sizes are two different pictures
+    # (not near duplicates of each other), and the same arguments give the same pixels.
+    pattern = np.random.default_rng([width_px, height_px, *color]).integers(0, 256, (4, 4), dtype=np.uint8)
     pixels = np.asarray(image).copy()
-    pixels[:, :, 1] = np.linspace(0, 255, width_px, dtype=np.uint8)[None, :]
+    pixels[:, :, 1] = np.asarray(Image.fromarray(pattern).resize((width_px, height_px), Image.Resampling.NEAREST))
     image = Image.fromarray(pixels).convert(mode)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save)

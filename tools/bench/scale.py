@@ -3,7 +3,8 @@
 Generates CC3M-like raw shards in img2dataset's output format (unique JPEGs of 384 px on the
 short side at about 30-40 KB, captions of CC3M's length, a few percent failed downloads and bad
 samples), then measures, each build in a fresh output folder:
-- `make shards` samples/s at 1 and at 2 processes (per core);
+- `make shards` samples/s at 1 and at 2 processes (per core), and at 2 processes without near-duplicate
+  removal (`--near-duplicate-bits -1`: no perceptual hashes, no search) side by side;
 - peak RSS of the build's main process (which holds the de-duplication table) at N/4 and at N, whose
   difference per sample is what memory grows by; and of its largest worker (one raw shard at a time);
 - peak bytes in the output folder against the raw bytes and the final training shards;
@@ -152,10 +153,10 @@ def measured(command, watch_folder=None, interval_s=0.25):
     return time.perf_counter() - started, peaks
 
 
-def build(raw_dir, out_dir, processes):
+def build(raw_dir, out_dir, processes, options=()):
     shutil.rmtree(out_dir, ignore_errors=True)
     seconds, peaks = measured([sys.executable, "-m", "datapipe.shards", "build", str(raw_dir), str(out_dir),
-                               "--processes", str(processes)], watch_folder=out_dir)
+                               "--processes", str(processes), *options], watch_folder=out_dir)
     result = json.loads((out_dir / "manifest.json").read_text())
     return dict(processes=processes, seconds=round(seconds, 1), samples_in_raw=result["reconciliation"]["in_raw"],
                 samples_per_s=round(result["reconciliation"]["in_raw"] / seconds, 1),
@@ -210,6 +211,8 @@ def run(rows, out, work_root=None):
         small = build(root / "small" / "raw", root / "small" / "train", processes=2)
         small["traced_heap_peak_bytes"] = traced_heap_peak(root / "small" / "raw", root / "small" / "train")
         one = build(root / "large" / "raw", root / "large" / "train", processes=1)
+        without_near = build(root / "large" / "raw", root / "large" / "train", processes=2,
+                             options=("--near-duplicate-bits", "-1"))  # make shards before near duplicates
         two = build(root / "large" / "raw", root / "large" / "train", processes=2)
         two["traced_heap_peak_bytes"] = traced_heap_peak(root / "large" / "raw", root / "large" / "train")
         epoch = loader_epoch(root / "large" / "train")
@@ -221,7 +224,8 @@ def run(rows, out, work_root=None):
     result = dict(
         url_list_rows=rows, raw_bytes=raw_bytes, small=dict(url_list_rows=small_rows, raw_bytes=small_raw_bytes,
                                                             **small),
-        one_process=one, two_processes=two, loader_epoch=epoch,
+        one_process=one, two_processes=two, two_processes_without_near_duplicates=without_near, loader_epoch=epoch,
+        near_duplicates_time_ratio=round(two["seconds"] / without_near["seconds"], 3),
         samples_per_s_per_core_1_process=one["samples_per_s"],
         samples_per_s_per_core_2_processes=round(two["samples_per_s"] / 2, 1),
         rss_growth_bytes_per_sample=round(growth, 1),
