@@ -20,9 +20,6 @@ SHARDS_ARGS ?=
 ifneq ($(strip $(ARGS)),)
 $(error ARGS is split in two: DOWNLOAD_ARGS="..." for make download (any img2dataset option, by its own name) and SHARDS_ARGS="..." for make shards)
 endif
-# Evaluation images the training shards must not contain: folders, images or .tar shards, ':' between them.
-# The demo excludes its own held-out splits.
-EXCLUDE ?= $(if $(filter demo,$(DATASET)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
 CONFIG ?= demo
 NPROC ?= 1
 # torchrun forwards SIGUSR1 (slurm's --signal) as well as SIGTERM to the trainer, then waits for its checkpoint.
@@ -38,6 +35,9 @@ ZEROSHOT_DATA ?= $(call existing,$(EVAL_DATA)/heldout)
 RETRIEVAL_SHARDS ?= $(call existing,$(EVAL_DATA)/heldout_pairs)
 PROBE_TRAIN ?= $(call existing,$(EVAL_DATA)/probe_train)
 PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
+# Evaluation images the training shards must not contain: folders, images or .tar shards, ':' between them.
+# The demo excludes its own held-out splits (once `make download` has made them).
+EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
 
 .PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean
 

@@ -1,14 +1,17 @@
 """Near-duplicate images: a 64-bit perceptual hash per image to find candidate pairs without comparing all
 pairs, and a finer signature to confirm each one.
 
-The hash is imagehash's pHash: the signs of the 8 x 8 lowest DCT frequencies of a 32 x 32 grey copy against
-their median. It stays put under re-encoding, resizing, brightness changes and small overlays, and moves under
-crops (measured in tests/test_near_duplicates.py and BENCHMARKS.md). At 64 bits it only sees the coarse layout:
-a red circle and a blue cross at the same place on the same background look alike. So each pair it finds is
-confirmed by the image's `details`: a 256-bit pHash (16 x 16 frequencies of a 64 x 64 copy; at most
-FINE_BITS_APART bits apart) and a colour layout (the chromaticity, r and g over r + g + b so that brightness
-cancels, of a 4 x 4 grid; at most COLOUR_TOLERANCE apart on average). The image is first shrunk by a whole factor
-(Pillow's box `reduce`) to at least 64 px a side, so all of it costs about the same for any image size.
+The hash is a pHash (Krawetz's "Looks like it"): a 64 x 64 grey copy of the image, its 2-D DCT, and one bit per
+coefficient of the 8 x 8 lowest frequencies: above their median or not. It stays put under re-encoding, resizing,
+brightness changes and small overlays, and moves under crops (measured in tests/test_near_duplicates.py and
+BENCHMARKS.md). At 64 bits it only sees the coarse layout: a red circle and a blue cross at the same place on
+the same background look alike. So each pair it finds is confirmed by the image's `details`: the same test on the
+16 x 16 lowest frequencies (256 bits; at most FINE_BITS_APART apart) and a colour layout (the chromaticity, r
+and g over r + g + b so that brightness cancels, of a 4 x 4 grid; at most COLOUR_TOLERANCE apart on average and
+CELL_COLOUR_TOLERANCE in any cell). The image is first shrunk by a whole factor (Pillow's box `reduce`) to at
+least 64 px a side, and both hashes come from one DCT (two 64 x 64 matrix products), so a signature costs a
+fraction of decoding the image at any size. (imagehash's phash computes the same kind of hash but resizes and
+transforms once per hash size, through scipy: 4x the time here.)
 
 The search is exact and bounded (Manku, Jain and Das Sarma, WWW 2007): the 64 bits are cut into m = t + a
 blocks, so two hashes at most t bits apart agree on at least a whole blocks. For each of the C(m, a) choices of
@@ -21,41 +24,45 @@ read for the pairs found only.
 import itertools
 import math
 
-import imagehash
 import numpy as np
 from PIL import Image
 
 HASH_BITS = 64
-REDUCED_SIDE_PX = 64  # shrink (box filter) to at least this before pHash's own resize
+HASH_SIDE = 8  # 8 x 8 = 64 bits
+GREY_SIDE_PX = 64  # the grey copy the DCT transforms; images are box-reduced to at least this first
 BUCKET_BITS_BELOW_LOG2_N = 3  # a table key of log2(n) - 3 bits: about 8 hashes per bucket
-FINE_HASH_SIZE = 16  # the confirming pHash: 16 x 16 = 256 bits
-FINE_BITS_APART = 40  # re-encoding and resizing stay under 26 of 256 bits (99%), a shape changed moves it 36+
+FINE_HASH_SIDE = 16  # the confirming hash: 16 x 16 = 256 bits
+FINE_BITS_APART = 40  # re-encoding and resizing stay under 26 of 256 bits (99%), another shape moves it 36+
 LAYOUT_GRID = 4
 COLOUR_TOLERANCE = 0.015  # mean |chromaticity difference| over the grid: re-encoding and resizing stay under
 #                           0.009, brightness changes under 0.015 (99%), a 10% crop under 0.05
 CELL_COLOUR_TOLERANCE = 0.06  # and in every cell: an object of another colour moves its cell more
-DETAIL_BYTES = FINE_HASH_SIZE ** 2 // 8 + LAYOUT_GRID ** 2 * 2  # 32 + 32
+DETAIL_BYTES = FINE_HASH_SIDE ** 2 // 8 + LAYOUT_GRID ** 2 * 2  # 32 + 32
+# DCT-II basis: row k holds cos(pi * k * (2n + 1) / 2N) over the N = 64 samples n.
+_DCT = np.cos(np.pi * np.arange(GREY_SIDE_PX)[:, None] * (2 * np.arange(GREY_SIDE_PX)[None, :] + 1)
+              / (2 * GREY_SIDE_PX))
 
 
-def _packed(bits):
-    return np.packbits(bits.flatten()).tobytes()
+def _bits_above_median(coefficients):
+    return np.packbits((coefficients > np.median(coefficients)).flatten()).tobytes()
 
 
 def signature(rgb):
     """(64-bit pHash as an int, details: 64 bytes, the 256-bit pHash then the colour layout) of a PIL RGB image."""
-    factor = min(rgb.size) // REDUCED_SIDE_PX
+    factor = min(rgb.size) // GREY_SIDE_PX
     small = rgb.reduce(factor) if factor > 1 else rgb
-    grey = small.convert("L")
+    grey = np.asarray(small.convert("L").resize((GREY_SIDE_PX, GREY_SIDE_PX), Image.Resampling.LANCZOS),
+                      dtype=np.float64)
+    frequencies = _DCT[:FINE_HASH_SIDE] @ grey @ _DCT[:FINE_HASH_SIDE].T  # (16, 16): the lowest only
     cells = np.asarray(small.resize((LAYOUT_GRID, LAYOUT_GRID), Image.Resampling.BOX), dtype=np.float64)
     chromaticity = cells[..., :2] / (cells.sum(axis=-1, keepdims=True) + 1.0)  # (4, 4, 2) r and g shares
-    details = _packed(imagehash.phash(grey, hash_size=FINE_HASH_SIZE).hash)
-    details += np.rint(chromaticity * 255).astype(np.uint8).tobytes()
-    return int.from_bytes(_packed(imagehash.phash(grey).hash), "big"), details
+    details = _bits_above_median(frequencies) + np.rint(chromaticity * 255).astype(np.uint8).tobytes()
+    return int.from_bytes(_bits_above_median(frequencies[:HASH_SIDE, :HASH_SIDE]), "big"), details
 
 
 def confirmed(first, second):
     """Whether pairs of details ((k, 64) uint8 arrays) are the same picture: (k,) bool."""
-    fine = FINE_HASH_SIZE ** 2 // 8
+    fine = FINE_HASH_SIDE ** 2 // 8
     bits_apart = np.unpackbits(first[:, :fine] ^ second[:, :fine], axis=1).sum(axis=1)
     colours = np.abs(first[:, fine:].astype(np.int16) - second[:, fine:].astype(np.int16)) / 255  # (k, 32)
     return ((bits_apart <= FINE_BITS_APART) & (colours.mean(axis=1) <= COLOUR_TOLERANCE)

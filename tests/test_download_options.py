@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import os
 import shlex
 import subprocess
@@ -93,6 +94,14 @@ def test_readme_data_examples_run_as_written(tmp_path):
                 arguments["URL_LIST"] = str(base / "lists" / Path(arguments["URL_LIST"]).name)
                 write_url_list(Path(arguments["URL_LIST"]), dataset, arguments, rows)
             arguments["OUT"] = str(base / arguments.get("OUT", f"shards/{dataset}"))
+            if "EXCLUDE" in arguments:  # evaluation folders, each with a copy of a training image built above
+                folders = [base / "eval" / Path(path).name for path in arguments["EXCLUDE"].split(":")]
+                built = sorted((base / f"shards/{dataset}/train").glob("*.tar"))
+                for folder, sample in zip(folders, shard_io.read_samples(built), strict=False):
+                    folder.mkdir(parents=True, exist_ok=True)
+                    image = Image.open(io.BytesIO(sample["jpg"]))
+                    image.resize((image.width // 2, image.height // 2)).save(folder / "copy.png")
+                arguments["EXCLUDE"] = ":".join(map(str, folders))
             if "RAW" in arguments:  # an img2dataset download the user already has: the cc3m one above
                 arguments["RAW"] = str(base / "shards" / "cc3m" / "raw")
                 arguments["OUT"] += "-from-raw"
@@ -102,7 +111,9 @@ def test_readme_data_examples_run_as_written(tmp_path):
                                   env={**os.environ, "CI": os.environ.get("CI", "")})
             assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
             if "shards" in targets:
-                assert (Path(arguments["OUT"]) / "train" / "manifest.json").is_file(), command
+                result = json.loads((Path(arguments["OUT"]) / "train" / "manifest.json").read_text())
+                if "EXCLUDE" in arguments:
+                    assert [entry["overlapping_samples"] for entry in result["exclude"]] == [1] * len(folders)
 
 
 def test_make_refuses_the_old_args_variable():
