@@ -332,3 +332,21 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients():
     assert model.mlm_decoder.transformer.grad_checkpointing
     assert not model.teachers["image_student"].grad_checkpointing
     assert not model.teachers["text_student"].transformer.transformer.grad_checkpointing
+
+
+def test_each_teacher_output_is_let_go_by_its_one_reader():
+    """forward_teachers computes only what the enabled groups read; each group pops what it read, so nothing a
+    teacher made outlives its reader (the iBOT head's logits only at CLS and masked patches)."""
+    model, batch = tiny_model(), tiny_batch()
+    teacher = model.forward_teachers(batch["global_crops"], batch["tokens"], batch["ibot_masks"])
+    masked = int(batch["ibot_masks"].sum())
+    assert teacher["ibot_cls"].shape == (2, 4, 64) and teacher["ibot_masked_patches"].shape == (masked, 64)
+    held = {"ibot": {"ibot_cls", "ibot_masked_patches", "ibot_patch_mean"}, "clip": {"clip_image", "clip_text"},
+            "text": {"text_features"}, "mae": set()}
+    for group in model.backward_groups:
+        before = set(teacher)
+        run_group(model, group, batch, teacher=teacher)
+        assert before - set(teacher) == held[group], group
+    assert teacher == {}
+    clip_only = tiny_model(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
+    assert clip_only.forward_teachers(batch["global_crops"], batch["tokens"], batch["ibot_masks"]) == {}
