@@ -331,8 +331,13 @@ def plan_shard(out_dir, shard, records_paths, counts, compress):
     tar_path, done_path = output_path(out_dir, shard.name, compress), done_record(out_dir, shard.name)
     if not (tar_path.exists() and done_path.exists() and (compress or tar_path.with_suffix(".idx").exists())):
         return shard, False
-    done = json.loads(done_path.read_text())
-    return shard, done["made_from"] == shard.made_from and shard_io.sha256_file(tar_path) == done["entry"]["sha256"]
+    try:
+        done = json.loads(done_path.read_text())
+    except json.JSONDecodeError:
+        return shard, False  # a record cut short: write the shard again
+    # A record written by an earlier version of this code may lack fields: then the shard is written again.
+    return shard, (done.get("made_from") == shard.made_from
+                   and shard_io.sha256_file(tar_path) == done.get("entry", {}).get("sha256"))
 
 
 def write_output_shard(out_dir, shard, records_paths, counts, compress, raw_dir):

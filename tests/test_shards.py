@@ -184,3 +184,14 @@ def test_disk_full_stops_with_the_folder_and_space_and_the_build_resumes(tmp_pat
     (train / "000001.tar.partial").unlink()  # space freed
     result = shards.build(raw, train, samples_per_shard=2, processes=1)
     assert result["totals"]["samples"] == 4 and shards.verify(train) == []
+
+
+def test_done_records_of_an_earlier_version_or_cut_short_mean_the_shard_is_written_again(tmp_path):
+    raw, _ = build_small(tmp_path)
+    train = tmp_path / "train"
+    (train / shards.WORK_DIR / "000000.done.json").write_text(json.dumps({"keys": ["000000000"]}))  # older layout
+    (train / shards.WORK_DIR / "000001.done.json").write_text('{"made_from": {"wo')  # a write cut short
+    written = {p.name: p.stat().st_mtime_ns for p in train.glob("*.tar")}
+    shards.build(raw, train, samples_per_shard=3, processes=1)
+    rewritten = {p.name for p in train.glob("*.tar") if p.stat().st_mtime_ns != written[p.name]}
+    assert rewritten == {"000000.tar", "000001.tar"} and shards.verify(train) == []
