@@ -20,6 +20,7 @@ and MLM decoders and the logit scale have no teacher.
 """
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -281,11 +282,9 @@ class Harmony(nn.Module):
             yield share(logits[None, :batch], (view,), logits[batch:], patch_probs[view], masks[view:view + 1])
         global_tokens = masks.shape[-1] + 1
         local_tokens = (local_crops.shape[-2] // config.patch_size) * (local_crops.shape[-1] // config.patch_size) + 1
-        per_pass = max(1, global_tokens // local_tokens)
-        for group in torch.arange(local_views).tensor_split(-(-local_views // per_pass) or 1):
-            if not len(group):
-                break  # no local views
-            first, last = int(group[0]), int(group[-1]) + 1
+        passes = -(-local_views // max(1, global_tokens // local_tokens))  # ceil; 0 without local views
+        bounds = [local_views * index // passes for index in range(passes + 1)] if passes else []
+        for first, last in itertools.pairwise(bounds):  # near-equal groups
             tokens = self.image_student(local_crops[first:last].flatten(0, 1))  # ((last - first) * B, 1 + n, D)
             cls = self.ibot_head(tokens[:, 0]).unflatten(0, (last - first, batch))  # (views in group, B, K)
             yield share(cls, range(views + first, views + last), None, None, masks[:0])
