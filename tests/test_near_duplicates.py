@@ -228,3 +228,16 @@ def test_the_command_line_takes_exclude_paths_and_refuses_thresholds_out_of_rang
     for option, value in itertools.product(("--near-duplicate-bits", "--eval-overlap-bits"), ("-2", "11")):
         with pytest.raises(SystemExit, match="must be -1 .off. to 10"):
             shards.main(["build", str(tmp_path / "raw"), str(tmp_path / "train"), option, value])
+
+
+def test_exclude_works_with_near_duplicates_kept(tmp_path):
+    rng = np.random.default_rng(14)
+    images = [original(rng, rng.integers(0, 256, (3, 3))) for _ in range(5)]
+    images.append(images[4].resize((images[4].width // 2, images[4].height // 2)))  # a near duplicate of image 4
+    write_raw_shard(tmp_path / "raw", 0, [(_jpeg(image), f"picture {number}") for number, image in enumerate(images)])
+    evaluation_folder(tmp_path / "eval", images, rng)
+    result = shards.build(tmp_path / "raw", tmp_path / "train", processes=1, duplicates=shards.DuplicateRules(
+        near_duplicate_bits=-1, exclude=(str(tmp_path / "eval"),)))
+    kept = [s["txt"].decode() for s in shard_io.read_samples(sorted((tmp_path / "train").glob("*.tar")))]
+    assert kept == ["picture 3", "picture 4", "picture 5"]
+    assert result["reconciliation"]["rejected"] == {"eval_overlap": 3}
