@@ -55,29 +55,27 @@ def _signature(data):
     return signature(rgb)
 
 
+def _images(root, image_names, tar_names):
+    """(name, bytes) of each image file and each image member of the tar shards, read one at a time."""
+    for name in image_names:
+        yield name, (root / name).read_bytes()
+    for tar_name in tar_names:
+        for sample in shard_io.read_samples([root / tar_name]):
+            for extension, data in sample.items():
+                if f".{extension}".lower().endswith(IMAGE_SUFFIXES):
+                    yield f"{tar_name}/{sample['__key__']}.{extension}", data
+
+
 def hash_images(root, image_names, tar_names):
     """[(name, signature or None, why it could not be read)] of image files and of the image members of tar
     shards."""
     results = []
-    sources = [(name, lambda name=name: (root / name).read_bytes()) for name in image_names]
-    for tar_name in tar_names:
-        tar_path = root / tar_name
-        for member, (offset, size) in shard_io.member_offsets(tar_path).items():
-            if member.lower().endswith(IMAGE_SUFFIXES):
-                sources.append((f"{tar_name}/{member}", lambda path=tar_path, at=offset, size=size:
-                                _read_at(path, at, size)))
-    for name, read in sources:
+    for name, data in _images(root, image_names, tar_names):
         try:
-            results.append((name, _signature(read()), ""))
+            results.append((name, _signature(data), ""))
         except Rejected as rejection:
             results.append((name, None, f"{rejection.reason}: {rejection.detail}"))
     return results
-
-
-def _read_at(path, offset, size):
-    with open(path, "rb") as stream:
-        stream.seek(offset)
-        return stream.read(size)
 
 
 class ExclusionError(ValueError):

@@ -23,6 +23,7 @@ read for the pairs found only.
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -108,14 +109,17 @@ def pairs_in_table(hashes, mask, threshold, first_reference):
 def near_pairs(hashes, threshold, first_reference, pool=None, hashes_path=None):
     """Every pair i < j of `hashes` ((n,) uint64) at most `threshold` bits apart, once: (i, j, distance) sorted by
     (j, i). Indices >= first_reference are reference images (evaluation sets), never paired with each other.
-    With a process pool the tables run in parallel, reading the hashes saved at `hashes_path`."""
+    With a process pool the tables run in parallel, reading the hashes saved at `hashes_path` (removed after)."""
     masks = table_masks(threshold, len(hashes))
     if pool is None:
         results = [pairs_in_table(hashes, mask, threshold, first_reference) for mask in masks]
     else:
         np.save(hashes_path, hashes)
-        results = list(pool.map(pairs_in_table, itertools.repeat(str(hashes_path)), masks,
-                                itertools.repeat(threshold), itertools.repeat(first_reference)))
+        try:
+            results = list(pool.map(pairs_in_table, itertools.repeat(str(hashes_path)), masks,
+                                    itertools.repeat(threshold), itertools.repeat(first_reference)))
+        finally:
+            Path(hashes_path).unlink(missing_ok=True)
     first, second, distances = (np.concatenate(parts) for parts in zip(*results, strict=True))
     codes, unique = np.unique(second * len(hashes) + first, return_index=True)  # a pair found by several tables
     return codes % len(hashes), codes // len(hashes), distances[unique]

@@ -253,7 +253,6 @@ def screen_near_duplicates(pool, work_dir, records_paths, counts, hashes, candid
     threshold = max(duplicates.near_duplicate_bits, duplicates.eval_overlap_bits if exclusion_sets else -1)
     first, second, distances = near_duplicates.near_pairs(combined, threshold, count, pool,
                                                           Path(work_dir) / "perceptual_hashes.npy")
-    (Path(work_dir) / "perceptual_hashes.npy").unlink(missing_ok=True)
     to_reference = second >= count
     close = np.where(to_reference, distances <= duplicates.eval_overlap_bits,
                      distances <= duplicates.near_duplicate_bits)

@@ -3,9 +3,10 @@
 import numpy as np
 import torch
 from open_clip.transformer import QuickGELU, Transformer
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
+
+from model.vit import run_blocks
 
 
 def sincos_2d_position_embedding(dim, grid):
@@ -47,11 +48,7 @@ class MAEDecoder(nn.Module):
         patches = self.mask_token.expand(batch, num_patches, width).to(tokens.dtype).clone()
         patches.scatter_(1, keep_indices[..., None].expand(-1, -1, width), tokens[:, 1:])  # un-shuffle
         tokens = torch.cat([tokens[:, :1], patches], dim=1) + self.position_embedding.to(tokens.dtype)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            tokens = checkpoint_seq(self.blocks, tokens, use_reentrant=False)
-        else:
-            tokens = self.blocks(tokens)
-        return self.predict(self.norm(tokens))[:, 1:]
+        return self.predict(self.norm(run_blocks(self.blocks, tokens, self.grad_checkpointing)))[:, 1:]
 
 
 class MLMDecoder(nn.Module):

@@ -40,6 +40,14 @@ VIT_SIZES = {
 NOT_IN_TIMM = ("mask_token", "contrastive_projection")
 
 
+def run_blocks(blocks, tokens, checkpointing):
+    """tokens through the nn.Sequential `blocks`; with `checkpointing` while gradients are on, each block is run
+    again in the backward instead of keeping its activations (timm's checkpoint_seq)."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint_seq(blocks, tokens, use_reentrant=False)
+    return blocks(tokens)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, size="base", patch_size=16, img_size=224, clip_dim=512, drop_path_rate=0.0,
                  mlp_ratio=4.0):
@@ -105,9 +113,7 @@ class VisionTransformer(nn.Module):
             tokens = torch.gather(tokens, 1, keep_indices[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, N', D)
         cls = (self.cls_token + positions[:, :1]).expand(tokens.shape[0], -1, -1)
         tokens = torch.cat([cls, tokens], dim=1)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return self.norm(checkpoint_seq(self.blocks, tokens, use_reentrant=False))
-        return self.norm(self.blocks(tokens))
+        return self.norm(run_blocks(self.blocks, tokens, self.grad_checkpointing))
 
     def embed_image(self, images):
         """CLIP image embedding (not normalized): CLS token times the projection, (B, clip_dim)."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from datapipe import manifest, near_duplicates, shard_io, shards
 from tests.conftest import jpeg_bytes, write_raw_shard
-from tools.bench.near_duplicates import original, quality_set, scores, variant, write_raw
+from tools.bench.near_duplicates import jpeg, original, quality_set, scores, variant, write_raw
 
 
 def planted_hashes(count, threshold, seed=0):
@@ -91,21 +91,15 @@ def test_the_details_confirm_variants_and_tell_apart_images_of_the_same_layout_i
     rng = np.random.default_rng(3)
     palette = rng.integers(0, 256, (3, 3))
     image = original(rng, palette)
-    base = signature_of(_jpeg(image))
+    base = signature_of(jpeg(image, 90))
     for kind in ("reencode", "resize", "text"):
-        changed = signature_of(_jpeg(variant(image, kind, rng)[0]))
+        changed = signature_of(jpeg(variant(image, kind, rng)[0], 90))
         assert near_duplicates.confirmed(*_rows(base, changed))[0], kind
     recoloured = image.copy()
     pixels = np.asarray(recoloured).copy()
     pixels[40:120, 40:120] = 255 - pixels[40:120, 40:120]  # one region in other colours, same grey layout
-    other = signature_of(_jpeg(Image.fromarray(pixels)))
+    other = signature_of(jpeg(Image.fromarray(pixels), 90))
     assert not near_duplicates.confirmed(*_rows(base, other))[0]
-
-
-def _jpeg(image, quality=90):
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def _rows(*signatures):
@@ -133,7 +127,7 @@ def test_the_first_in_key_order_is_kept_and_minus_one_keeps_near_duplicates(tmp_
     rng = np.random.default_rng(7)
     image = original(rng, rng.integers(0, 256, (3, 3)))
     smaller = image.resize((image.width // 2, image.height // 2))
-    write_raw_shard(tmp_path / "raw", 0, [(_jpeg(smaller), "the small copy"), (_jpeg(image), "the large one")])
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(smaller, 90), "the small copy"), (jpeg(image, 90), "the large one")])
     shards.build(tmp_path / "raw", tmp_path / "train", processes=1)
     kept = [s["txt"].decode() for s in shard_io.read_samples(sorted((tmp_path / "train").glob("*.tar")))]
     assert kept == ["the small copy"]
@@ -150,21 +144,21 @@ def evaluation_folder(root, training_images, rng):
     a webdataset shard holding image 2, unrelated images, and one file that is not an image at all."""
     (root / "val" / "n01").mkdir(parents=True)
     copy = training_images[0].resize((training_images[0].width * 3 // 4, training_images[0].height * 3 // 4))
-    (root / "val" / "n01" / "copy.JPEG").write_bytes(_jpeg(copy, quality=60))
+    (root / "val" / "n01" / "copy.JPEG").write_bytes(jpeg(copy, 60))
     training_images[1].save(root / "val" / "as_png.png")
     for number in range(3):
-        (root / "val" / "n01" / f"other{number}.jpg").write_bytes(_jpeg(original(rng, rng.integers(0, 256, (3, 3)))))
+        (root / "val" / "n01" / f"other{number}.jpg").write_bytes(jpeg(original(rng, rng.integers(0, 256, (3, 3))), 90))
     (root / "val" / "broken.jpg").write_bytes(b"not a jpeg")
     (root / "val" / "labels.txt").write_text("n01 something\n")
     (root / "pairs").mkdir()
-    shard_io.write_tar(root / "pairs" / "000000.tar", [{"__key__": "pair0", "jpg": _jpeg(training_images[2]),
+    shard_io.write_tar(root / "pairs" / "000000.tar", [{"__key__": "pair0", "jpg": jpeg(training_images[2], 90),
                                                        "txt": b"a caption"}])
 
 
 def test_exclude_drops_training_samples_that_look_like_evaluation_images(tmp_path, capsys):
     rng = np.random.default_rng(11)
     images = [original(rng, rng.integers(0, 256, (3, 3))) for _ in range(8)]
-    write_raw_shard(tmp_path / "raw", 0, [(_jpeg(image), f"training picture {number}")
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(image, 90), f"training picture {number}")
                                           for number, image in enumerate(images)])
     evaluation_folder(tmp_path / "eval", images, rng)
     exclude = (str(tmp_path / "eval" / "val"), str(tmp_path / "eval" / "pairs"))
@@ -190,7 +184,7 @@ def test_exclude_drops_training_samples_that_look_like_evaluation_images(tmp_pat
 def test_changing_exclude_rewrites_the_shards_it_changes(tmp_path):
     rng = np.random.default_rng(12)
     images = [original(rng, rng.integers(0, 256, (3, 3))) for _ in range(6)]
-    write_raw_shard(tmp_path / "raw", 0, [(_jpeg(image), f"training picture {number}")
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(image, 90), f"training picture {number}")
                                           for number, image in enumerate(images)])
     evaluation_folder(tmp_path / "eval", images, rng)
     train = tmp_path / "train"
@@ -217,7 +211,7 @@ def test_an_unusable_exclude_path_is_a_clear_error(tmp_path, make_path, message)
 def test_the_command_line_takes_exclude_paths_and_refuses_thresholds_out_of_range(tmp_path):
     rng = np.random.default_rng(13)
     images = [original(rng, rng.integers(0, 256, (3, 3))) for _ in range(4)]
-    write_raw_shard(tmp_path / "raw", 0, [(_jpeg(image), f"picture {n}") for n, image in enumerate(images)])
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(image, 90), f"picture {n}") for n, image in enumerate(images)])
     evaluation_folder(tmp_path / "eval", images, rng)
     exclude = f"{tmp_path / 'eval' / 'val'}:{tmp_path / 'eval' / 'pairs'}"
     shards.main(["build", str(tmp_path / "raw"), str(tmp_path / "train"), "--processes", "1",
@@ -234,7 +228,8 @@ def test_exclude_works_with_near_duplicates_kept(tmp_path):
     rng = np.random.default_rng(14)
     images = [original(rng, rng.integers(0, 256, (3, 3))) for _ in range(5)]
     images.append(images[4].resize((images[4].width // 2, images[4].height // 2)))  # a near duplicate of image 4
-    write_raw_shard(tmp_path / "raw", 0, [(_jpeg(image), f"picture {number}") for number, image in enumerate(images)])
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(image, 90), f"picture {number}")
+                                          for number, image in enumerate(images)])
     evaluation_folder(tmp_path / "eval", images, rng)
     result = shards.build(tmp_path / "raw", tmp_path / "train", processes=1, duplicates=shards.DuplicateRules(
         near_duplicate_bits=-1, exclude=(str(tmp_path / "eval"),)))
