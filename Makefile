@@ -39,7 +39,7 @@ PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
 # The demo excludes its own held-out splits (once `make download` has made them).
 EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
 
-.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean
+.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean gpu-kit gpu-check
 
 setup: $(STAMP)
 
@@ -108,6 +108,15 @@ bench-step: setup
 
 bench-comm: setup
 	$(PY) -m tools.bench.communication --out runs/bench
+
+# Validating on a bare, offline GPU machine (README "Validating on a GPU machine"): make gpu-kit here
+# downloads and packs what that machine lacks; make gpu-check runs there with its own python3 (no .venv).
+gpu-kit: setup
+	$(PY) -m tools.gpu.kit
+
+OUT_DIR ?= runs/gpu-check
+gpu-check:
+	python3 -m tools.gpu.check --out "$(OUT_DIR)"
 
 # make shards and the loader at CC3M-like scale: N url-list rows (about 80% downloaded), generated locally.
 N ?= 60000

@@ -1,5 +1,6 @@
 """Shared fixtures. `demo_shards` runs the real pipeline once per test session:
-generate a small demo set, serve it on 127.0.0.1, download it with img2dataset, build shards."""
+generate a small demo set, serve it on 127.0.0.1, download it with img2dataset, build shards
+(tools/demo_set.py; on a machine without img2dataset, a copy of sets built elsewhere)."""
 
 import io
 import json
@@ -14,32 +15,19 @@ from PIL import Image
 
 from datapipe import shard_io
 from model.harmony import Harmony, HarmonyConfig
+from tools import demo_set
 from train.pretrain import TEACHER_WEIGHTS, save_teacher_weights
-
-DEMO_TRAIN_PAIRS = 120
-LARGER_DEMO_PAIRS = 2000
-
-
-def build_demo(root, pairs, samples_per_shard):
-    from datapipe import download, shards
-    from tools import demo_data
-
-    demo_root, raw_dir, train_dir = root / "source", root / "raw", root / "train"
-    download.download_dataset("demo", raw_dir, processes=2, threads=8, demo_root=demo_root, demo_size=pairs)
-    manifest = shards.build(raw_dir, train_dir, samples_per_shard=samples_per_shard, processes=2)
-    return dict(root=root, raw=raw_dir, train=train_dir, manifest=manifest, heldout=demo_root / "heldout",
-                items=demo_data.load_items(demo_root))
 
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"), DEMO_TRAIN_PAIRS, samples_per_shard=50)
+    return demo_set.build_or_copy(tmp_path_factory.mktemp("demo"), *demo_set.TEST_SETS["small"])
 
 
 @pytest.fixture(scope="session")
 def larger_demo_shards(tmp_path_factory):
     """Enough pairs for a short training run to learn something."""
-    return build_demo(tmp_path_factory.mktemp("demo_larger"), LARGER_DEMO_PAIRS, samples_per_shard=250)
+    return demo_set.build_or_copy(tmp_path_factory.mktemp("demo_larger"), *demo_set.TEST_SETS["larger"])
 
 
 def jpeg_bytes(width_px=96, height_px=80, color=(200, 30, 30), mode="RGB", fmt="JPEG", **save):

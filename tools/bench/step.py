@@ -38,13 +38,23 @@ PRECISION = {"cuda": "bf16", "cpu": "fp32"}  # the trainer's autocast: bf16 on a
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 
-def shapes(vit_s_batch):
-    """name -> (Harmony config, batch, local crop px, local crops)."""
+def shapes(vit_s_batch, vit_b_batch):
+    """key -> (name, Harmony config, batch, local crop px, local crops)."""
     demo = load_config("demo")
     return {
-        "demo": (demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number),
-        "ViT-S/16, 224 + 8 x 96 px": (HarmonyConfig(vit_size="small"), vit_s_batch, 96, 8),
+        "demo": ("demo", demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number),
+        "vit_s": ("ViT-S/16, 224 + 8 x 96 px", HarmonyConfig(vit_size="small"), vit_s_batch, 96, 8),
+        "vit_b": ("ViT-B/16, 224 + 8 x 96 px", HarmonyConfig(vit_size="base"), vit_b_batch, 96, 8),
     }
+
+
+def compile_blocks(model, backend):
+    """torch.compile each transformer block of the students and teachers (ViT, MAE decoder, text tower, MLM
+    decoder): the blocks are the step's time, and per-block graphs need no change to the per-pass step."""
+    blocks = [module for module in model.modules() if type(module).__name__ in ("Block", "ResidualAttentionBlock")]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
 
 
 def one_step(model, inputs, device, trim):
@@ -82,13 +92,18 @@ def flops_per_part(model, inputs, device, trim):
     return counts
 
 
-def measure(config, batch, local_px, locals_number, repeats, device, trim=True):
+def measure(config, batch, local_px, locals_number, repeats, device, trim=True, compile_backend=None):
+    """With compile_backend, FLOPs and activation peaks are counted on the eager model (counting modes do not see
+    inside compiled code), then the blocks are compiled for the warm-up (which compiles) and the timed steps."""
     torch.manual_seed(0)
     model = Harmony(config).to(device)
     inputs = synthetic_batch(config, batch, local_px, locals_number if config.ibot else 0, device)
     flops = flops_per_part(model, inputs, device, trim)
     one_step(model, inputs, device, trim)  # warm-up: gradients exist from here on
     live_peaks = live_peak_per_part(model, inputs, device, trim)
+    if compile_backend:
+        compile_blocks(model, compile_backend)
+        one_step(model, inputs, device, trim)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds, peak_saved = {part: 0.0 for part in flops}, 0
@@ -117,30 +132,37 @@ def peak_tflops(device, override):
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
-def compare(name, config, batch, local_px, locals_number, repeats, device, peak):
+def compare(name, config, batch, local_px, locals_number, repeats, device, peak, compile_backend=None):
+    """Harmony against CLIP-only on one shape; eager, also with checkpointing and with caption padding kept.
+    Compiled (compile_backend), Harmony and CLIP-only alone: each variant would compile again."""
     clip_config = dataclasses.replace(config, **CLIP_ONLY)
-    runs = {"harmony": measure(config, batch, local_px, locals_number, repeats, device),
-            "harmony_checkpointed": measure(dataclasses.replace(config, activation_checkpointing=True), batch,
-                                            local_px, locals_number, repeats, device),
-            "clip_only": measure(clip_config, batch, local_px, 0, repeats, device),
-            "harmony_untrimmed": measure(config, batch, local_px, locals_number, repeats, device, trim=False),
-            "clip_only_untrimmed": measure(clip_config, batch, local_px, 0, repeats, device, trim=False)}
+    runs = {"harmony": measure(config, batch, local_px, locals_number, repeats, device,
+                               compile_backend=compile_backend),
+            "clip_only": measure(clip_config, batch, local_px, 0, repeats, device, compile_backend=compile_backend)}
     harmony, clip = runs["harmony"], runs["clip_only"]
     result = {"shape": name, **runs,
               "time_harmony_vs_clip": harmony["step_s"] / clip["step_s"],
               "flops_harmony_vs_clip": harmony["step_flops"] / clip["step_flops"],
               "memory_harmony_vs_clip": harmony["activation_peak_bytes"] / clip["activation_peak_bytes"],
               "saved_for_backward_harmony_vs_clip": harmony["peak_saved_bytes"] / clip["peak_saved_bytes"],
-              # Activation checkpointing in Harmony's students against the plain CLIP-only step, and its time cost.
-              "memory_checkpointed_vs_clip": runs["harmony_checkpointed"]["activation_peak_bytes"] /
-              clip["activation_peak_bytes"],
-              "time_checkpointed_vs_harmony": runs["harmony_checkpointed"]["step_s"] / harmony["step_s"],
               "share_of_harmony_step": {part: value / harmony["step_s"]
                                         for part, value in harmony["seconds_per_part"].items()},
               "share_of_harmony_flops": {part: value / harmony["step_flops"]
-                                         for part, value in harmony["flops_per_part"].items()},
-              "trim_speedup_harmony": runs["harmony_untrimmed"]["step_s"] / harmony["step_s"],
-              "trim_speedup_clip_only": runs["clip_only_untrimmed"]["step_s"] / clip["step_s"]}
+                                         for part, value in harmony["flops_per_part"].items()}}
+    if not compile_backend:
+        runs.update(harmony_checkpointed=measure(dataclasses.replace(config, activation_checkpointing=True), batch,
+                                                 local_px, locals_number, repeats, device),
+                    harmony_untrimmed=measure(config, batch, local_px, locals_number, repeats, device, trim=False),
+                    clip_only_untrimmed=measure(clip_config, batch, local_px, 0, repeats, device, trim=False))
+        result.update({name: runs[name] for name in ("harmony_checkpointed", "harmony_untrimmed",
+                                                     "clip_only_untrimmed")})
+        result.update(
+            # Activation checkpointing in Harmony's students against the plain CLIP-only step, and its time cost.
+            memory_checkpointed_vs_clip=runs["harmony_checkpointed"]["activation_peak_bytes"] /
+            clip["activation_peak_bytes"],
+            time_checkpointed_vs_harmony=runs["harmony_checkpointed"]["step_s"] / harmony["step_s"],
+            trim_speedup_harmony=runs["harmony_untrimmed"]["step_s"] / harmony["step_s"],
+            trim_speedup_clip_only=runs["clip_only_untrimmed"]["step_s"] / clip["step_s"])
     if "max_memory_allocated_bytes" in harmony:
         result["max_memory_allocated_harmony_vs_clip"] = (harmony["max_memory_allocated_bytes"] /
                                                           clip["max_memory_allocated_bytes"])
@@ -167,8 +189,10 @@ def plot(results, device, path):
         time_axis.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35))
         parts = list(result["harmony"]["live_peak_bytes_per_part"])
         positions = range(len(parts))
-        for offset, (run, label) in enumerate((("harmony", "Harmony"),
-                                               ("harmony_checkpointed", "with activation checkpointing"))):
+        drawn = [(run, label) for run, label in (("harmony", "Harmony"),
+                                                 ("harmony_checkpointed", "with activation checkpointing"))
+                 if run in result]
+        for offset, (run, label) in enumerate(drawn):
             peaks = result[run]["live_peak_bytes_per_part"]
             memory_axis.bar([x + 0.4 * offset for x in positions], [peaks[part] / 2**20 for part in parts], 0.4,
                             label=label)
@@ -176,42 +200,61 @@ def plot(results, device, path):
                             label="CLIP-only step")
         memory_axis.set_xticks([x + 0.2 for x in positions], parts, fontsize=7)
         memory_axis.set_ylabel("MiB alive at the peak")
-        memory_axis.set_title(f"activation memory: {result['memory_harmony_vs_clip']:.2f}x CLIP's, "
-                              f"{result['memory_checkpointed_vs_clip']:.2f}x with checkpointing", fontsize=8)
+        checkpointed = (f", {result['memory_checkpointed_vs_clip']:.2f}x with checkpointing"
+                        if "memory_checkpointed_vs_clip" in result else "")
+        memory_axis.set_title(f"activation memory: {result['memory_harmony_vs_clip']:.2f}x CLIP's{checkpointed}",
+                              fontsize=8)
         memory_axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def summary_line(result, device):
+    shares = ", ".join(f"{part} {100 * share:.0f}%" for part, share in result["share_of_harmony_step"].items())
+    line = (f"bench step ({device}, {result['shape']}): Harmony = {result['time_harmony_vs_clip']:.2f}x a CLIP-only "
+            f"step ({result['flops_harmony_vs_clip']:.2f}x its FLOPs), {result['memory_harmony_vs_clip']:.2f}x its "
+            f"activation memory")
+    if "memory_checkpointed_vs_clip" in result:
+        line += (f" ({result['memory_checkpointed_vs_clip']:.2f}x with activation checkpointing, at "
+                 f"{result['time_checkpointed_vs_harmony']:.2f}x the time); shares {shares}; trimming caption padding "
+                 f"made Harmony {result['trim_speedup_harmony']:.2f}x and CLIP {result['trim_speedup_clip_only']:.2f}x "
+                 "faster")
+    else:
+        line += f"; shares {shares}"
+    return line
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", nargs="+", choices=("demo", "vit_s", "vit_b"), default=["demo", "vit_s"])
     parser.add_argument("--vit-s-batch", type=int, default=8)
+    parser.add_argument("--vit-b-batch", type=int, default=96)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every transformer block; writes step_compiled.json and .png")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: tracing only)")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak, for MFU (GPUs are looked up)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = peak_tflops(device, args.peak_tflops)
-    results = [compare(name, *shape, args.repeats, device, peak)
-               for name, shape in shapes(args.vit_s_batch).items()]
+    compile_backend = args.compile_backend if args.compile else None
+    available = shapes(args.vit_s_batch, args.vit_b_batch)
+    results = [compare(*available[key], args.repeats, device, peak, compile_backend) for key in args.shapes]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "step.json").write_text(json.dumps({"device": device, "peak_tflops": peak, "results": results},
-                                                  indent=2))
-    plot(results, device, out_dir / "step.png")
+    name = "step_compiled" if args.compile else "step"
+    (out_dir / f"{name}.json").write_text(json.dumps({"device": device, "peak_tflops": peak,
+                                                      "compile": compile_backend, "results": results}, indent=2))
+    plot(results, device, out_dir / f"{name}.png")
     for result in results:
-        shares = ", ".join(f"{part} {100 * share:.0f}%" for part, share in result["share_of_harmony_step"].items())
-        print(f"bench step ({device}, {result['shape']}): Harmony = {result['time_harmony_vs_clip']:.2f}x a CLIP-only "
-              f"step ({result['flops_harmony_vs_clip']:.2f}x its FLOPs), {result['memory_harmony_vs_clip']:.2f}x its "
-              f"activation memory ({result['memory_checkpointed_vs_clip']:.2f}x with activation checkpointing, at "
-              f"{result['time_checkpointed_vs_harmony']:.2f}x the time); shares {shares}; trimming caption padding "
-              f"made Harmony "
-              f"{result['trim_speedup_harmony']:.2f}x and CLIP {result['trim_speedup_clip_only']:.2f}x faster")
+        print(summary_line(result, device))
         for run in ("harmony", "harmony_checkpointed", "clip_only"):
-            peaks = ", ".join(f"{part} {value / 2**20:.0f}" for part, value in
-                              result[run]["live_peak_bytes_per_part"].items())
-            print(f"  activation peaks of {run} (MiB): {peaks}")
-    print(f"written to {out_dir / 'step.json'} and step.png")
+            if run in result:
+                peaks = ", ".join(f"{part} {value / 2**20:.0f}" for part, value in
+                                  result[run]["live_peak_bytes_per_part"].items())
+                print(f"  activation peaks of {run} (MiB): {peaks}")
+    print(f"written to {out_dir / name}.json and {name}.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Validating on a bare, offline GPU machine: `make gpu-kit` here, then receive and `make gpu-check` there."""

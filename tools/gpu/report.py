@@ -1,0 +1,73 @@
+"""The GPU check's figures as a markdown section for BENCHMARKS.md, each set against its goal (issue 26)."""
+
+
+def stage_figures(results, stage):
+    return results["stages"].get(stage, {}).get("figures") or {}
+
+
+def vit_b(results, stage="bench_step"):
+    """The ViT-B/16 shape's figures of a step benchmark stage ({} if it did not run)."""
+    shapes = stage_figures(results, stage).get("shapes", {})
+    return next((shape for name, shape in shapes.items() if name.startswith("ViT-B")), {})
+
+
+GOALS = (  # (label, figure of the results or None, comparison, goal, format)
+    ("DALI GPU multi-crop (2 x 224 + 8 x 96 px, masks), samples/s",
+     lambda results: stage_figures(results, "bench_data").get("dali_gpu_samples_per_s"), ">=", 3000, "{:.0f}"),
+    ("MFU of a Harmony ViT-B/16 bf16 step, batch 96",
+     lambda results: vit_b(results).get("runs", {}).get("harmony", {}).get("model_flops_utilisation"),
+     ">=", 0.35, "{:.1%}"),
+    ("Harmony / CLIP-only memory, GPU allocator (max_memory_allocated)",
+     lambda results: vit_b(results).get("max_memory_allocated_harmony_vs_clip"), "<=", 1.8, "{:.2f}x"),
+    ("data-wait fraction, demo preset trained on DALI GPU",
+     lambda results: stage_figures(results, "train").get("data_wait_fraction"), "<", 0.05, "{:.1%}"),
+)
+
+
+def met(value, comparison, goal):
+    return {">=": value >= goal, "<=": value <= goal, "<": value < goal}[comparison]
+
+
+def step_rows(results, stage):
+    rows = []
+    for shape_name, shape in stage_figures(results, stage).get("shapes", {}).items():
+        for run_name, run in shape["runs"].items():
+            if run["images_per_s"] is None:
+                continue
+            mfu = run.get("model_flops_utilisation")
+            allocated = run.get("max_memory_allocated_bytes")
+            rows.append(f"| {stage} | {shape_name} | {run_name} | {run['images_per_s']:.0f} | "
+                        f"{'-' if mfu is None else f'{mfu:.1%}'} | "
+                        f"{'-' if allocated is None else f'{allocated / 2**30:.1f}'} | "
+                        f"{run['activation_peak_bytes'] / 2**30:.2f} |")
+    return rows
+
+
+def markdown(results):
+    environment = results.get("environment", {})
+    versions = ", ".join(f"{name} {version}" for name, version in environment.get("versions", {}).items())
+    lines = [f"## On a GPU: {environment.get('device', '?')} (`make gpu-check`, {results['started']})", "",
+             f"Driver {environment.get('driver')}, CUDA {environment.get('cuda_runtime')}, Python "
+             f"{environment.get('python')}, {environment.get('cpu_count')} CPU cores; {versions}.", "",
+             "| figure | measured | goal | met |", "|---|---|---|---|"]
+    for label, read, comparison, goal, number_format in GOALS:
+        value = read(results)
+        shown = "not measured" if value is None else number_format.format(value)
+        verdict = "" if value is None else ("yes" if met(value, comparison, goal) else "**no**")
+        lines.append(f"| {label} | {shown} | {comparison} {number_format.format(goal)} | {verdict} |")
+    lines += ["", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {entry['status']} | {entry['seconds']:.0f} |" for name, entry in results["stages"].items()]
+    tests = results["stages"].get("tests", {})
+    if tests.get("summary"):
+        lines += ["", f"Tests on the device: {tests['summary']}."] + [f"- {line}" for line in tests.get("failed", [])]
+    data = stage_figures(results, "bench_data")
+    if data:
+        lines += ["", f"Multi-crop samples/s: DALI GPU {data.get('dali_gpu_samples_per_s')}, DALI CPU "
+                      f"{data.get('dali_cpu_samples_per_s')} and torch reference "
+                      f"{data.get('torch_reference_samples_per_s')} "
+                      f"({data.get('workers_or_threads')} threads/workers)."]
+    rows = step_rows(results, "bench_step") + step_rows(results, "bench_step_compiled")
+    if rows:
+        lines += ["", "| stage | shape | run | images/s | MFU | max allocated GiB | activation peak GiB |",
+                  "|---|---|---|---|---|---|---|", *rows]
+    return "\n".join(lines) + "\n"
