@@ -1,6 +1,7 @@
 """Harmony's cost against CLIP alone, same backbone, batch and precision, side by side in one run.
 
-For each shape (the `demo` preset, and ViT-S/16 at the paper's 224 + 8 x 96 px crops) it times
+For each shape (`--shapes`: the `demo` preset and ViT-S/16 by default; ViT-B/16 at batch 96 for GPUs; all at
+the paper's 224 + 8 x 96 px crops but the demo) it times
 forward + backward of every enabled group, teachers included, for Harmony and for the same model with
 only CLIP, on synthetic batches. It reports each group's share of the step, the FLOPs of each
 (torch's FlopCounterMode, attention counted through the math kernel), each group's activation memory
@@ -8,9 +9,11 @@ peak (the most bytes of tensors the step made alive at once: tools/bench/live_by
 torch.cuda.max_memory_allocated on a GPU), with and without activation checkpointing, and before/after
 figures for trimming caption padding. The optimizer step is left out: it is the same AdamW over more
 parameters. On a GPU the groups run under bf16 autocast and model FLOPs utilisation is reported against
-the GPU's bf16 peak. Writes <out>/step.json and .png.
+the GPU's bf16 peak. Writes <out>/step.json and .png. With --compile, every transformer block is compiled with
+torch.compile and Harmony and CLIP-only are timed again (step_compiled.json and .png).
 
     python -m tools.bench.step --out runs/bench
+    python -m tools.bench.step --shapes vit_b --vit-b-batch 96 --compile     # on a GPU
 """
 
 import argparse
