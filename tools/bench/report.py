@@ -16,10 +16,14 @@ from pathlib import Path
 
 import torch
 
+from tools.gpu.report import markdown
+
 PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "timm", "open_clip_torch", "webdataset", "img2dataset")
 # Per-group activation peaks measured by tools/bench/step.py before the passes existed (for the table).
 BEFORE_PASSES_FILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "step_memory_before.json"
 BEFORE_PASSES = json.loads(BEFORE_PASSES_FILE.read_text()) if BEFORE_PASSES_FILE.exists() else {}
+# `make gpu-check` results recorded from borrowed GPU machines (README "Validating on a GPU machine").
+GPU_RESULTS_DIR = BEFORE_PASSES_FILE.parent / "gpu"
 GOALS = {"time": 3.0, "memory": 1.8, "memory_checkpointed": 1.2, "time_checkpointed": 1.35, "communication": 1.0,
          "dali_vs_torch": 2.0, "output_peak": 1.1, "rss_bytes_per_sample": 80, "dedup_time": 1.2}
 
@@ -213,8 +217,16 @@ def report(results_dir, out_path, charts_dir):
         chart = results_dir / f"{name}.png"
         if chart.is_file():
             shutil.copyfile(chart, charts_dir / chart.name)
+    lines += gpu_sections()
     out_path.write_text("\n".join(lines))
     return [name for name, _ in found]
+
+
+def gpu_sections():
+    """A section for each recorded GPU check (docs/benchmarks/gpu/*.json): measured there, not by make bench."""
+    sections = [markdown(json.loads(path.read_text())) for path in sorted(GPU_RESULTS_DIR.glob("*.json"))]
+    charts = [f"![{path.stem}](docs/benchmarks/gpu/{path.name})" for path in sorted(GPU_RESULTS_DIR.glob("*.png"))]
+    return sections + (["\n".join(charts) + "\n"] if charts else [])
 
 
 def main(argv=None):

@@ -92,9 +92,9 @@ def stages(python, data_dir, work, tiny):
                                                                       "--repeats", "5"]
     compile_args = ["--compile", "--compile-backend", "eager" if tiny else "inductor"]
     return [
-        Stage("gpu_tests", 40 * budget, [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+        Stage("gpu_tests", 60 * budget, [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
                                          *(("tests/test_model.py",) if tiny else TEST_FILES)]),
-        Stage("tests", 90 * budget, [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
+        Stage("tests", 80 * budget, [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
                                      "-m", "not gpu and not slow",
                                      *(("tests/test_model.py", "-k", "mae_keeps") if tiny else TEST_FILES)]),
         Stage("train", 80 * budget, [python, "-m", "train.pretrain", "--config", "demo",
@@ -184,7 +184,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f"{out_dir.name}-work" if args.tiny else Path("/tmp/harmony-gpu-work")
     work.mkdir(parents=True, exist_ok=True)
-    results = dict(started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tiny=args.tiny, stages={})
+    results = dict(started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tiny=args.tiny, only=args.only,
+                   stages={})
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.tiny:
         data_dir, python = args.data.resolve(), sys.executable

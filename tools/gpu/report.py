@@ -46,7 +46,8 @@ def step_rows(results, stage):
 def markdown(results):
     environment = results.get("environment", {})
     versions = ", ".join(f"{name} {version}" for name, version in environment.get("versions", {}).items())
-    lines = [f"## On a GPU: {environment.get('device', '?')} (`make gpu-check`, {results['started']})", "",
+    command = "make gpu-check" + (f" --only {' '.join(results['only'])}" if results.get("only") else "")
+    lines = [f"## On a GPU: {environment.get('device', '?')} (`{command}`, {results['started']})", "",
              f"Driver {environment.get('driver')}, CUDA {environment.get('cuda_runtime')}, Python "
              f"{environment.get('python')}, {environment.get('cpu_count')} CPU cores; {versions}.", "",
              "| figure | measured | goal | met |", "|---|---|---|---|"]
