@@ -48,6 +48,12 @@ def shapes(vit_s_batch, vit_b_batch):
         "demo": ("demo", demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number),
         "vit_s": ("ViT-S/16, 224 + 8 x 96 px", HarmonyConfig(vit_size="small"), vit_s_batch, 96, 8),
         "vit_b": ("ViT-B/16, 224 + 8 x 96 px", HarmonyConfig(vit_size="base"), vit_b_batch, 96, 8),
+        # The smallest model of every group, for a dry run of this benchmark (the tests' GPU-check stages).
+        "tiny": ("tiny (tests)", HarmonyConfig(
+            vit_size="micro", global_crop_px=32, clip_dim=32, text_width=64, text_layers=2, text_heads=4,
+            ibot_out_dim=64, ibot_head_hidden_dim=64, text_distillation_out_dim=32,
+            text_distillation_head_hidden_dim=32, head_bottleneck_dim=16, mae_decoder_width=32, mae_decoder_depth=1,
+            mae_decoder_heads=2, mlm_decoder_depth=1, mlm_decoder_heads=2), 4, 16, 2),
     }
 
 
@@ -231,7 +237,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shapes", nargs="+", choices=("demo", "vit_s", "vit_b"), default=["demo", "vit_s"])
+    parser.add_argument("--shapes", nargs="+", choices=("demo", "vit_s", "vit_b", "tiny"), default=["demo", "vit_s"])
     parser.add_argument("--vit-s-batch", type=int, default=8)
     parser.add_argument("--vit-b-batch", type=int, default=96)
     parser.add_argument("--compile", action="store_true",

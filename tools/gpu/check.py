@@ -88,7 +88,7 @@ def stages(python, data_dir, work, tiny):
     budget = 6 if tiny else 1
     run_dir = work / "runs" / "gpu_demo"
     cpus = str(1 if tiny else min(os.cpu_count() or 1, 16))
-    step_args = ["--shapes", "demo", "--repeats", "1"] if tiny else ["--shapes", "vit_b", "--vit-b-batch", "96",
+    step_args = ["--shapes", "tiny", "--repeats", "1"] if tiny else ["--shapes", "vit_b", "--vit-b-batch", "96",
                                                                       "--repeats", "5"]
     compile_args = ["--compile", "--compile-backend", "eager" if tiny else "inductor"]
     return [
