@@ -196,14 +196,21 @@ def test_changing_exclude_rewrites_the_shards_it_changes(tmp_path):
     assert kept == ["000000003", "000000004", "000000005"] and shards.verify(train) == []
 
 
+def not_a_tar(root):
+    (root / "eval").mkdir()
+    (root / "eval" / "000000.tar").write_bytes(b"this is not a tar file " * 40)
+    return root / "eval"
+
+
 @pytest.mark.parametrize("make_path, message", [
-    (lambda root: root / "missing", "does not exist"),
-    (lambda root: (root / "notes").mkdir() or root / "notes", "holds no images"),
+    (lambda root: root / "missing", "EXCLUDE path '{path}' does not exist"),
+    (lambda root: (root / "notes").mkdir() or root / "notes", "EXCLUDE path '{path}' holds no images"),
+    (not_a_tar, "EXCLUDE file '{path}/000000.tar' is not a readable tar shard .ReadError: .*Replace it"),
 ])
 def test_an_unusable_exclude_path_is_a_clear_error(tmp_path, make_path, message):
     write_raw_shard(tmp_path / "raw", 0, [(jpeg_bytes(100, 80), "a picture")])
     path = make_path(tmp_path)
-    with pytest.raises(SystemExit, match=f"EXCLUDE path '{path}' {message}"):
+    with pytest.raises(SystemExit, match=message.format(path=path)):
         shards.build(tmp_path / "raw", tmp_path / "train", processes=1,
                      duplicates=shards.DuplicateRules(exclude=(str(path),)))
 

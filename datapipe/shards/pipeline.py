@@ -3,17 +3,16 @@ what the new manifest does not list, then the results; a full disk stops it with
 
 import errno
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from datapipe import exclusions, manifest
 from datapipe.folder_lock import FolderBusy, FolderLock
+from datapipe.process_pool import ProcessPool
 from datapipe.shards.clean import clean_raw_shards
 from datapipe.shards.duplicates import find_duplicates
 from datapipe.shards.inputs import BuildError, check_raw_shards
@@ -72,8 +71,7 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
     work_dir = out_dir / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    # spawn, not fork: a caller that already imported torch (its thread pools) would deadlock forked workers.
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPool(processes) as pool:
         # Pass 1: the records of every raw shard (its cleaned samples are made again later if a shard needs them).
         records_paths = clean_raw_shards(pool, raw_tars, work_dir, rules, need_samples=False,
                                          hashing=duplicates.hashing)
