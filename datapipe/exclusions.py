@@ -96,7 +96,7 @@ def load(paths, pool):
         root = Path(path)
         if not root.exists():
             raise ExclusionError(f"EXCLUDE path '{path}' does not exist; give folders, images or .tar shards of "
-                                 "evaluation images, separated by ':'")
+                                 "evaluation images, separated by ':' (a ':' inside a path is written '\\:')")
         tasks = _tasks(root)
         if not tasks:
             raise ExclusionError(f"EXCLUDE path '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar "

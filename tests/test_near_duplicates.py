@@ -206,13 +206,30 @@ def not_a_tar(root):
     (lambda root: root / "missing", "EXCLUDE path '{path}' does not exist"),
     (lambda root: (root / "notes").mkdir() or root / "notes", "EXCLUDE path '{path}' holds no images"),
     (not_a_tar, "EXCLUDE file '{path}/000000.tar' is not a readable tar shard .ReadError: .*Replace it"),
-])
+], ids=["missing", "no_images", "not_a_tar"])
 def test_an_unusable_exclude_path_is_a_clear_error(tmp_path, make_path, message):
     write_raw_shard(tmp_path / "raw", 0, [(jpeg_bytes(100, 80), "a picture")])
     path = make_path(tmp_path)
     with pytest.raises(SystemExit, match=message.format(path=path)):
         shards.build(tmp_path / "raw", tmp_path / "train", processes=1,
                      duplicates=shards.DuplicateRules(exclude=(str(path),)))
+    assert not list((tmp_path / "train" / shards.WORK_DIR).glob("*.jsonl"))  # refused before pass 1
+
+
+def test_an_exclude_path_holding_a_colon_is_given_escaped(tmp_path):
+    rng = np.random.default_rng(15)
+    images = [original(rng, rng.integers(0, 256, (3, 3))) for _ in range(3)]
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(image, 90), f"picture {n}") for n, image in enumerate(images)])
+    (tmp_path / "eval:2024").mkdir()
+    (tmp_path / "eval:2024" / "copy.jpg").write_bytes(jpeg(images[1], 80))
+    command = ["build", str(tmp_path / "raw"), str(tmp_path / "train"), "--processes", "1", "--exclude"]
+    with pytest.raises(SystemExit, match=r"EXCLUDE path '.*/eval' does not exist, but '.*/eval:2024' does: .* "
+                                         r"write a ':' inside a path as '\\:' \(EXCLUDE='.*/eval\\:2024'\)"):
+        shards.main([*command, str(tmp_path / "eval:2024")])
+    shards.main([*command, f"{tmp_path / 'eval'}\\:2024"])
+    result = json.loads((tmp_path / "train" / manifest.MANIFEST).read_text())
+    assert [(entry["path"], entry["overlapping_samples"]) for entry in result["exclude"]] == [
+        (str(tmp_path / "eval:2024"), 1)]
 
 
 def test_the_command_line_takes_exclude_paths_and_refuses_thresholds_out_of_range(tmp_path):

@@ -5,7 +5,7 @@ import dataclasses
 import os
 
 from datapipe import shards
-from datapipe.shards.inputs import BuildError
+from datapipe.shards.inputs import BuildError, exclude_paths
 from datapipe.shards.pipeline import build
 from datapipe.shards.screen import DuplicateRules
 from datapipe.shards.verification import verify
@@ -34,15 +34,15 @@ def main(argv=None):
                                    f"{defaults.eval_overlap_bits})")
     build_parser.add_argument("--exclude", default="",
                               help="evaluation images training must not contain: folders, images or .tar shards, "
-                                   "separated by ':' (make shards EXCLUDE=...)")
+                                   "separated by ':'; write a ':' inside a path as '\\:' (make shards EXCLUDE=...)")
     verify_parser = commands.add_parser("verify", help="re-check hashes, counts and indexes")
     verify_parser.add_argument("out_dir")
     args = parser.parse_args(argv)
     if args.command == "build":
-        rules = ImageRules(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ImageRules)})
         try:
+            rules = ImageRules(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ImageRules)})
             duplicates = DuplicateRules(args.near_duplicate_bits, args.eval_overlap_bits,
-                                        tuple(path for path in args.exclude.split(os.pathsep) if path))
+                                        exclude_paths(args.exclude))
         except ValueError as error:
             raise BuildError(str(error)) from None
         build(args.raw_dir, args.out_dir, args.samples_per_shard, args.processes, rules, args.compress, duplicates)

@@ -15,7 +15,7 @@ from datapipe.folder_lock import FolderBusy, FolderLock
 from datapipe.process_pool import ProcessPool
 from datapipe.shards.clean import clean_raw_shards
 from datapipe.shards.duplicates import find_duplicates
-from datapipe.shards.inputs import BuildError, check_raw_shards
+from datapipe.shards.inputs import BuildError, check_raw_shards, check_settings
 from datapipe.shards.plan import done_record, plan_shards
 from datapipe.shards.results import write_results
 from datapipe.shards.screen import DuplicateRules, screen_near_duplicates
@@ -50,13 +50,14 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     raw_tars = sorted(raw_dir.glob("*.tar"))
     check_raw_shards(raw_dir, raw_tars)
+    processes = os.cpu_count() if processes is None else processes
+    check_settings(out_dir, samples_per_shard, processes)
     try:
         lock = FolderLock(out_dir, "another `make shards`", "wait for it to end, or build into another OUT")
     except FolderBusy as error:
         raise BuildError(str(error)) from None
     try:
-        return _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes or os.cpu_count(), rules, compress,
-                      duplicates)
+        return _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, compress, duplicates)
     except exclusions.ExclusionError as error:
         raise BuildError(str(error)) from None
     except OSError as error:
@@ -72,6 +73,8 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with ProcessPool(processes) as pool:
+        # The evaluation images first: an unusable EXCLUDE path stops the build before hours of pass 1.
+        exclusion_sets = exclusions.load(duplicates.exclude, pool)
         # Pass 1: the records of every raw shard (its cleaned samples are made again later if a shard needs them).
         records_paths = clean_raw_shards(pool, raw_tars, work_dir, rules, need_samples=False,
                                          hashing=duplicates.hashing)
@@ -79,7 +82,6 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
         # kept candidates.
         counts, first, hashes = find_duplicates(records_paths, duplicates.hashing)
         kept = np.flatnonzero(first == np.arange(len(first)))
-        exclusion_sets = exclusions.load(duplicates.exclude, pool)
         screened = screen_near_duplicates(pool, work_dir, records_paths, counts, hashes, kept, exclusion_sets,
                                           duplicates)
         del hashes
