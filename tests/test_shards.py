@@ -4,6 +4,7 @@ import os
 import pytest
 
 from datapipe import manifest, shard_io, shards, text
+from datapipe.byte_sizes import readable_bytes
 from tests.conftest import jpeg_bytes, write_raw_shard
 
 
@@ -202,12 +203,18 @@ def test_disk_full_stops_with_the_folder_and_space_and_the_build_resumes(tmp_pat
     train = tmp_path / "train"
     train.mkdir()
     (train / "000001.tar.partial").symlink_to("/dev/full")  # writing the second shard hits a full disk
-    with pytest.raises(SystemExit, match=r"the disk holding '.*train' is full .* needs about .* GiB free"):
+    # A small build says its needs in KiB, not "0.0 GiB".
+    with pytest.raises(SystemExit, match=r"the disk holding '.*train' is full .* needs about [1-9][0-9.]* KiB free"):
         shards.build(raw, train, samples_per_shard=2, processes=1)
     assert not (train / manifest.MANIFEST).exists()  # nothing looks complete
     (train / "000001.tar.partial").unlink()  # space freed
     result = shards.build(raw, train, samples_per_shard=2, processes=1)
     assert result["totals"]["samples"] == 4 and shards.verify(train) == []
+
+
+def test_byte_counts_read_in_the_unit_that_fits():
+    assert [readable_bytes(count) for count in (512, 3 * 2**10 + 400, 12 * 2**20, 5 * 2**29)] == [
+        "512 bytes", "3.4 KiB", "12.0 MiB", "2.5 GiB"]
 
 
 def test_done_records_of_an_earlier_version_or_cut_short_mean_the_shard_is_written_again(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from datapipe import exclusions, manifest
+from datapipe.byte_sizes import readable_bytes
 from datapipe.folder_lock import FolderBusy, FolderLock
 from datapipe.process_pool import ProcessPool
 from datapipe.shards.clean import clean_raw_shards
@@ -27,7 +28,7 @@ from datapipe.validate import ImageRules
 def _disk_full(error, folder, needed_bytes):
     free = shutil.disk_usage(folder).free
     return BuildError(f"the disk holding '{folder}' is full ({error.filename or error}). This build needs about "
-                      f"{needed_bytes / 2**30:.1f} GiB free there ({free / 2**30:.1f} GiB is). Free space and run "
+                      f"{readable_bytes(needed_bytes)} free there ({readable_bytes(free)} is). Free space and run "
                       "`make shards` again: finished work is kept and nothing half-written looks complete.")
 
 
