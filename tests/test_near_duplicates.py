@@ -260,3 +260,24 @@ def test_exclude_works_with_near_duplicates_kept(tmp_path):
     kept = [s["txt"].decode() for s in shard_io.read_samples(sorted((tmp_path / "train").glob("*.tar")))]
     assert kept == ["picture 3", "picture 4", "picture 5"]
     assert result["reconciliation"]["rejected"] == {"eval_overlap": 3}
+
+
+def test_exclude_catches_an_evaluation_image_resized_and_saved_at_low_jpeg_quality(tmp_path):
+    """Resized to 0.7-1x and saved at JPEG quality 30-60 (bench-dedup's eval_edit): this copy's 256-bit pHash is 48
+    bits from the training image's, past the 40 allowed between training images; against EXCLUDE 56 are."""
+    rng = np.random.default_rng(147)
+    image = original(rng, rng.integers(0, 256, (3, 3)))
+    copy, quality = variant(image, "eval_edit", rng)
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(image, 90), "the training image"), (jpeg_bytes(100, 80), "another")])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "copy.jpg").write_bytes(jpeg(copy, quality))
+    command = ["build", str(tmp_path / "raw"), str(tmp_path / "train"), "--processes", "1", "--exclude",
+               str(tmp_path / "eval")]
+    shards.main(command)
+    result = json.loads((tmp_path / "train" / manifest.MANIFEST).read_text())
+    assert result["reconciliation"]["rejected"] == {"eval_overlap": 1}
+    assert result["rules"]["eval_overlap_fine_bits"] == 56 and "within 56 bits" in result["rules"]["eval_overlap"]
+    shards.main([*command, "--eval-overlap-fine-bits", "40"])  # the tolerance shared with near duplicates: it leaks
+    assert json.loads((tmp_path / "train" / manifest.MANIFEST).read_text())["reconciliation"]["rejected"] == {}
+    with pytest.raises(SystemExit, match=r"--eval-overlap-fine-bits must be 0 to 256 \(got 257\)"):
+        shards.main([*command, "--eval-overlap-fine-bits", "257"])

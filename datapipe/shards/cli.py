@@ -32,6 +32,11 @@ def main(argv=None):
     build_parser.add_argument("--eval-overlap-bits", type=int, default=defaults.eval_overlap_bits,
                               help="the same against the --exclude images (default "
                                    f"{defaults.eval_overlap_bits})")
+    build_parser.add_argument("--eval-overlap-fine-bits", type=int, default=defaults.eval_overlap_fine_bits,
+                              help="how far (of 256 bits) the confirming fine pHash of a training image may be from "
+                                   "an --exclude image's: higher catches more edited copies, at some risk of "
+                                   "dropping look-alikes (make bench-dedup measures both; default "
+                                   f"{defaults.eval_overlap_fine_bits})")
     build_parser.add_argument("--exclude", default="",
                               help="evaluation images training must not contain: folders, images or .tar shards, "
                                    "separated by ':'; write a ':' inside a path as '\\:' (make shards EXCLUDE=...)")
@@ -42,7 +47,7 @@ def main(argv=None):
         try:
             rules = ImageRules(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ImageRules)})
             duplicates = DuplicateRules(args.near_duplicate_bits, args.eval_overlap_bits,
-                                        exclude_paths(args.exclude))
+                                        exclude_paths(args.exclude), args.eval_overlap_fine_bits)
         except ValueError as error:
             raise BuildError(str(error)) from None
         build(args.raw_dir, args.out_dir, args.samples_per_shard, args.processes, rules, args.compress, duplicates)

@@ -99,6 +99,7 @@ def write_results(raw_dir, out_dir, made_from, records_paths, counts, first, scr
                "duplicates": "same decoded RGB pixels; the first in key order is kept",
                **duplicates.describe(),
                "near_duplicate_bits": duplicates.near_duplicate_bits, "eval_overlap_bits": duplicates.eval_overlap_bits,
+               "eval_overlap_fine_bits": duplicates.eval_overlap_fine_bits,
                "context_length": text.CONTEXT_LENGTH},
         exclude=[{**excluded.summary(), "overlapping_samples": overlaps[excluded.path]} for excluded in exclusion_sets],
         made_from={"raw_shards": [work["raw"] for work in made_from.values()],
