@@ -11,7 +11,8 @@ with `make shards` twice side by side: with near-duplicate removal (the default)
 - precision: of all samples dropped as near duplicates, those that match an image of their own group;
 - the time of the two builds (pass 1 hashes every image; pass 2 searches the pairs);
 - the EXCLUDE curve: with the eval_edit copies as the evaluation set and the rest as training data, recall and
-  precision for each --eval-overlap-bits and --eval-overlap-fine-bits (same signatures and confirmation).
+  precision for each --eval-overlap-bits and --eval-overlap-fine-bits (same signatures and confirmation); and
+  the same for the demo's shape images, each with an eval_edit copy.
 Writes <out>/near_duplicates.json and .png.
 
     python -m tools.bench.near_duplicates --out runs/bench --originals 300
@@ -21,6 +22,7 @@ import argparse
 import io
 import itertools
 import json
+import random
 import shutil
 import tempfile
 import time
@@ -36,6 +38,7 @@ from tqdm import tqdm
 
 from datapipe import manifest, near_duplicates, shard_io, shards
 from datapipe.validate import decode_rgb
+from tools import demo_data
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -107,6 +110,17 @@ def quality_set(originals, seed=0):
     items += [(jpeg(original(rng, palette), 90), originals + number, "unrelated")
               for number, palette in enumerate(palettes)]
     return items
+
+
+def shapes_set(count, seed=0):
+    """[(JPEG bytes, group, kind)] of the demo's images (one flat shape on a texture, tools/demo_data.py) and an
+    eval_edit copy of each: a harder case for a perceptual hash than photos, little coarse layout to hold on to."""
+    rng, variant_rng = random.Random(seed), np.random.default_rng(seed)
+    images = [demo_data.render_sample(rng, rng.choice(list(demo_data.COLORS)), rng.choice(list(demo_data.SHAPES)))[0]
+              for _ in range(count)]
+    return ([(jpeg(image, 90), group, "original") for group, image in enumerate(images)]
+            + [(jpeg(*variant(image, "eval_edit", variant_rng)), group, "eval_edit")
+               for group, image in enumerate(images)])
 
 
 def write_raw(raw_dir, items, per_shard=1000):
@@ -183,11 +197,12 @@ def run(originals, processes, out):
         recall, precision, dropped = scores(manifest.read_rejected(work / "with" / manifest.REJECTED), truth)
         shutil.rmtree(work / "without")
     curve = exclude_curve(items)
+    shapes_curve = exclude_curve(shapes_set(originals))
     result = {"originals": originals, "images": len(truth), "processes": processes,
               "near_duplicate_bits": shards.DuplicateRules().near_duplicate_bits,
               "recall": recall, "precision": precision, "dropped_as_near_duplicates": dropped,
               "build_s_with": seconds_with, "build_s_without": seconds_without,
-              "exclude_curve": curve,
+              "exclude_curve": curve, "exclude_curve_demo_shapes": shapes_curve,
               "time_with_vs_without": seconds_with / seconds_without}
     out.mkdir(parents=True, exist_ok=True)
     (out / "near_duplicates.json").write_text(json.dumps(result, indent=2))
@@ -201,17 +216,19 @@ def run(originals, processes, out):
     axis.set_title(f"near duplicates of {originals} originals: precision {precision:.3f}; make shards "
                    f"{result['time_with_vs_without']:.2f}x the time without", fontsize=8)
     axis.legend(fontsize=7)
-    for hash_bits, style in zip(CURVE_HASH_BITS, ("-", "--"), strict=True):
-        points = [point for point in curve if point["eval_overlap_bits"] == hash_bits]
+    for (name, points), hash_bits in itertools.product((("photos", curve), ("demo shapes", shapes_curve)),
+                                                       CURVE_HASH_BITS):
+        points = [point for point in points if point["eval_overlap_bits"] == hash_bits]
         fine_bits = [point["eval_overlap_fine_bits"] for point in points]
-        curve_axis.plot(fine_bits, [point["recall"] for point in points], style, color="#6a9fd4", marker="o",
-                        label=f"recall, --eval-overlap-bits {hash_bits}")
-        curve_axis.plot(fine_bits, [point["precision"] for point in points], style, color="#b04040", marker="s",
-                        label=f"precision, --eval-overlap-bits {hash_bits}")
+        style = ("-" if hash_bits == CURVE_HASH_BITS[0] else "--") + ("o" if name == "photos" else "^")
+        curve_axis.plot(fine_bits, [point["recall"] for point in points], style, color="#6a9fd4",
+                        label=f"recall, {name}, bits {hash_bits}")
+        curve_axis.plot(fine_bits, [point["precision"] for point in points], style, color="#b04040",
+                        label=f"precision, {name}, bits {hash_bits}")
     curve_axis.axvline(shards.DuplicateRules().eval_overlap_fine_bits, color="grey", linewidth=0.8, label="default")
     curve_axis.set_xlabel("--eval-overlap-fine-bits (of 256)")
     curve_axis.set_title("EXCLUDE of eval_edit copies (resized 0.7-1x, JPEG 30-60)", fontsize=8)
-    curve_axis.legend(fontsize=6)
+    curve_axis.legend(fontsize=5, ncol=2)
     figure.tight_layout()
     figure.savefig(out / "near_duplicates.png", dpi=120)
     return result
@@ -226,12 +243,14 @@ def main(argv=None):
     result = run(args.originals, args.processes, Path(args.out))
     recall = ", ".join(f"{kind} {value:.3f}" for kind, value in result["recall"].items())
     defaults = shards.DuplicateRules()
-    at_default = next(point for point in result["exclude_curve"] if (point["eval_overlap_bits"], point[
+    at_default = [next(point for point in result[curve] if (point["eval_overlap_bits"], point[
         "eval_overlap_fine_bits"]) == (defaults.eval_overlap_bits, defaults.eval_overlap_fine_bits))
+                  for curve in ("exclude_curve", "exclude_curve_demo_shapes")]
     print(f"bench dedup: {result['images']} images; recall {recall}; precision {result['precision']:.3f} "
           f"({result['dropped_as_near_duplicates']} dropped); make shards with near-duplicate removal = "
           f"{result['time_with_vs_without']:.2f}x without; EXCLUDE of eval_edit copies at the defaults: recall "
-          f"{at_default['recall']:.3f}, precision {at_default['precision']:.3f}; written to "
+          f"{at_default[0]['recall']:.3f}, precision {at_default[0]['precision']:.3f} (photos), recall "
+          f"{at_default[1]['recall']:.3f}, precision {at_default[1]['precision']:.3f} (demo shapes); written to "
           f"{Path(args.out) / 'near_duplicates.json'}")
 
 
