@@ -9,6 +9,7 @@ them (and confirmed by the details) is dropped as `eval_overlap`. The images are
 
 import dataclasses
 import hashlib
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ from datapipe.validate import Rejected, decode_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FILES_PER_TASK = 256
+
+
+class ExclusionError(ValueError):
+    """An EXCLUDE path that cannot be used; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +65,16 @@ def _images(root, image_names, tar_names):
     for name in image_names:
         yield name, (root / name).read_bytes()
     for tar_name in tar_names:
-        for sample in shard_io.read_samples([root / tar_name]):
-            for extension, data in sample.items():
-                if f".{extension}".lower().endswith(IMAGE_SUFFIXES):
-                    yield f"{tar_name}/{sample['__key__']}.{extension}", data
+        try:
+            for sample in shard_io.read_samples([root / tar_name]):
+                for extension, data in sample.items():
+                    if f".{extension}".lower().endswith(IMAGE_SUFFIXES):
+                        yield f"{tar_name}/{sample['__key__']}.{extension}", data
+        except (tarfile.TarError, EOFError, ValueError) as error:  # webdataset adds the open stream to args
+            why = f"{type(error).__name__}: {error.args[0] if error.args else error}"
+            raise ExclusionError(f"EXCLUDE file '{root / tar_name}' is not a readable tar shard ({why}); the "
+                                 "evaluation images it may hold cannot be checked. Replace it with an intact copy, "
+                                 "or move it out of the EXCLUDE path if it holds no evaluation images.") from None
 
 
 def hash_images(root, image_names, tar_names):
@@ -78,10 +89,6 @@ def hash_images(root, image_names, tar_names):
     return results
 
 
-class ExclusionError(ValueError):
-    """An EXCLUDE path that cannot be used; the message says which and why."""
-
-
 def load(paths, pool):
     """An ExclusionSet per path, hashed in parallel on `pool` (a concurrent.futures executor)."""
     sets = []
@@ -89,7 +96,7 @@ def load(paths, pool):
         root = Path(path)
         if not root.exists():
             raise ExclusionError(f"EXCLUDE path '{path}' does not exist; give folders, images or .tar shards of "
-                                 "evaluation images, separated by ':'")
+                                 "evaluation images, separated by ':' (a ':' inside a path is written '\\:')")
         tasks = _tasks(root)
         if not tasks:
             raise ExclusionError(f"EXCLUDE path '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar "

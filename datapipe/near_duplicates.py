@@ -61,12 +61,13 @@ def signature(rgb):
     return int.from_bytes(_bits_above_median(frequencies[:HASH_SIDE, :HASH_SIDE]), "big"), details
 
 
-def confirmed(first, second):
-    """Whether pairs of details ((k, 64) uint8 arrays) are the same picture: (k,) bool."""
+def confirmed(first, second, fine_bits_apart=FINE_BITS_APART):
+    """Whether pairs of details ((k, 64) uint8 arrays) are the same picture: (k,) bool. `fine_bits_apart`: the
+    256-bit pHash tolerance, one for all pairs or (k,) one per pair."""
     fine = FINE_HASH_SIDE ** 2 // 8
     bits_apart = np.unpackbits(first[:, :fine] ^ second[:, :fine], axis=1).sum(axis=1)
     colours = np.abs(first[:, fine:].astype(np.int16) - second[:, fine:].astype(np.int16)) / 255  # (k, 32)
-    return ((bits_apart <= FINE_BITS_APART) & (colours.mean(axis=1) <= COLOUR_TOLERANCE)
+    return ((bits_apart <= fine_bits_apart) & (colours.mean(axis=1) <= COLOUR_TOLERANCE)
             & (colours.max(axis=1) <= CELL_COLOUR_TOLERANCE))
 
 

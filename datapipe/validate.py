@@ -21,6 +21,11 @@ class ImageRules:
     max_aspect_ratio: float = 4.0  # wider panoramas lose most of their content to square crops
     max_pixels: int = 8192 * 8192  # decompression-bomb limit: refuse before decoding
 
+    def __post_init__(self):
+        if self.min_side_px < 1 or self.max_pixels < 1 or not self.max_aspect_ratio >= 1:
+            raise ValueError(f"--min-side-px and --max-pixels must be at least 1 and --max-aspect-ratio at least 1.0 "
+                             f"(got {self.min_side_px}, {self.max_pixels} and {self.max_aspect_ratio})")
+
 
 class Rejected(Exception):
     """A sample that does not go into the training shards; `reason` is a short stable code."""

@@ -196,16 +196,40 @@ def test_changing_exclude_rewrites_the_shards_it_changes(tmp_path):
     assert kept == ["000000003", "000000004", "000000005"] and shards.verify(train) == []
 
 
+def not_a_tar(root):
+    (root / "eval").mkdir()
+    (root / "eval" / "000000.tar").write_bytes(b"this is not a tar file " * 40)
+    return root / "eval"
+
+
 @pytest.mark.parametrize("make_path, message", [
-    (lambda root: root / "missing", "does not exist"),
-    (lambda root: (root / "notes").mkdir() or root / "notes", "holds no images"),
-])
+    (lambda root: root / "missing", "EXCLUDE path '{path}' does not exist"),
+    (lambda root: (root / "notes").mkdir() or root / "notes", "EXCLUDE path '{path}' holds no images"),
+    (not_a_tar, "EXCLUDE file '{path}/000000.tar' is not a readable tar shard .ReadError: .*Replace it"),
+], ids=["missing", "no_images", "not_a_tar"])
 def test_an_unusable_exclude_path_is_a_clear_error(tmp_path, make_path, message):
     write_raw_shard(tmp_path / "raw", 0, [(jpeg_bytes(100, 80), "a picture")])
     path = make_path(tmp_path)
-    with pytest.raises(SystemExit, match=f"EXCLUDE path '{path}' {message}"):
+    with pytest.raises(SystemExit, match=message.format(path=path)):
         shards.build(tmp_path / "raw", tmp_path / "train", processes=1,
                      duplicates=shards.DuplicateRules(exclude=(str(path),)))
+    assert not list((tmp_path / "train" / shards.WORK_DIR).glob("*.jsonl"))  # refused before pass 1
+
+
+def test_an_exclude_path_holding_a_colon_is_given_escaped(tmp_path):
+    rng = np.random.default_rng(15)
+    images = [original(rng, rng.integers(0, 256, (3, 3))) for _ in range(3)]
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(image, 90), f"picture {n}") for n, image in enumerate(images)])
+    (tmp_path / "eval:2024").mkdir()
+    (tmp_path / "eval:2024" / "copy.jpg").write_bytes(jpeg(images[1], 80))
+    command = ["build", str(tmp_path / "raw"), str(tmp_path / "train"), "--processes", "1", "--exclude"]
+    with pytest.raises(SystemExit, match=r"EXCLUDE path '.*/eval' does not exist, but '.*/eval:2024' does: .* "
+                                         r"write a ':' inside a path as '\\:' \(EXCLUDE='.*/eval\\:2024'\)"):
+        shards.main([*command, str(tmp_path / "eval:2024")])
+    shards.main([*command, f"{tmp_path / 'eval'}\\:2024"])
+    result = json.loads((tmp_path / "train" / manifest.MANIFEST).read_text())
+    assert [(entry["path"], entry["overlapping_samples"]) for entry in result["exclude"]] == [
+        (str(tmp_path / "eval:2024"), 1)]
 
 
 def test_the_command_line_takes_exclude_paths_and_refuses_thresholds_out_of_range(tmp_path):
@@ -236,3 +260,24 @@ def test_exclude_works_with_near_duplicates_kept(tmp_path):
     kept = [s["txt"].decode() for s in shard_io.read_samples(sorted((tmp_path / "train").glob("*.tar")))]
     assert kept == ["picture 3", "picture 4", "picture 5"]
     assert result["reconciliation"]["rejected"] == {"eval_overlap": 3}
+
+
+def test_exclude_catches_an_evaluation_image_resized_and_saved_at_low_jpeg_quality(tmp_path):
+    """Resized to 0.7-1x and saved at JPEG quality 30-60 (bench-dedup's eval_edit): this copy's 256-bit pHash is 48
+    bits from the training image's, past the 40 allowed between training images; against EXCLUDE 56 are."""
+    rng = np.random.default_rng(147)
+    image = original(rng, rng.integers(0, 256, (3, 3)))
+    copy, quality = variant(image, "eval_edit", rng)
+    write_raw_shard(tmp_path / "raw", 0, [(jpeg(image, 90), "the training image"), (jpeg_bytes(100, 80), "another")])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "copy.jpg").write_bytes(jpeg(copy, quality))
+    command = ["build", str(tmp_path / "raw"), str(tmp_path / "train"), "--processes", "1", "--exclude",
+               str(tmp_path / "eval")]
+    shards.main(command)
+    result = json.loads((tmp_path / "train" / manifest.MANIFEST).read_text())
+    assert result["reconciliation"]["rejected"] == {"eval_overlap": 1}
+    assert result["rules"]["eval_overlap_fine_bits"] == 56 and "within 56 bits" in result["rules"]["eval_overlap"]
+    shards.main([*command, "--eval-overlap-fine-bits", "40"])  # the tolerance shared with near duplicates: it leaks
+    assert json.loads((tmp_path / "train" / manifest.MANIFEST).read_text())["reconciliation"]["rejected"] == {}
+    with pytest.raises(SystemExit, match=r"--eval-overlap-fine-bits must be 0 to 256 \(got 257\)"):
+        shards.main([*command, "--eval-overlap-fine-bits", "257"])

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from datapipe import manifest, shard_io, shards, text
+from datapipe.byte_sizes import readable_bytes
 from tests.conftest import jpeg_bytes, write_raw_shard
 
 
@@ -162,6 +163,30 @@ def test_a_raw_shard_without_its_stats_is_refused(tmp_path):
         shards.build(raw, tmp_path / "train", processes=1)
 
 
+@pytest.mark.parametrize("damage, settings, message", [
+    (lambda raw, train: (raw / "00000_stats.json").write_text('{"count": 1, "succ'), {},
+     r"'.*00000_stats.json' cannot be read \(JSONDecodeError: .*\): .* Delete 00000.tar and 00000_stats.json"),
+    (lambda raw, train: (raw / "00000.parquet").write_bytes(b"PAR1 cut short"), {},
+     r"'.*00000.parquet' cannot be read \(ArrowInvalid: .*Delete 00000.tar and 00000.parquet"),
+    (lambda raw, train: train.write_text("a file"), {}, r"OUT '.*train' is a file, not a folder"),
+    (None, {"samples_per_shard": 0}, r"--samples-per-shard \(SAMPLES_PER_SHARD\) must be .* at least 1 \(got 0\)"),
+    (None, {"processes": 0}, r"--processes \(PROCESSES\) must be a whole number of at least 1 \(got 0\)"),
+], ids=["stats_cut_short", "parquet_cut_short", "out_is_a_file", "no_samples_per_shard", "no_processes"])
+def test_bad_inputs_are_refused_before_any_work(tmp_path, damage, settings, message):
+    raw, train = tmp_path / "raw", tmp_path / "train"
+    write_raw_shard(raw, 0, [(jpeg_bytes(100, 80), "a picture")])
+    if damage:
+        damage(raw, train)
+    with pytest.raises(SystemExit, match=message):
+        shards.build(raw, train, **{"processes": 1, **settings})
+    assert not (train / shards.WORK_DIR).exists()  # refused before pass 1 started
+
+
+def test_image_rules_that_would_reject_everything_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"--max-aspect-ratio at least 1.0 \(got 64, 67108864 and 0.5\)"):
+        shards.main(["build", str(tmp_path / "raw"), str(tmp_path / "train"), "--max-aspect-ratio", "0.5"])
+
+
 def test_a_second_build_of_the_same_output_is_refused(tmp_path):
     from datapipe.folder_lock import FolderLock
 
@@ -178,12 +203,18 @@ def test_disk_full_stops_with_the_folder_and_space_and_the_build_resumes(tmp_pat
     train = tmp_path / "train"
     train.mkdir()
     (train / "000001.tar.partial").symlink_to("/dev/full")  # writing the second shard hits a full disk
-    with pytest.raises(SystemExit, match=r"the disk holding '.*train' is full .* needs about .* GiB free"):
+    # A small build says its needs in KiB, not "0.0 GiB".
+    with pytest.raises(SystemExit, match=r"the disk holding '.*train' is full .* needs about [1-9][0-9.]* KiB free"):
         shards.build(raw, train, samples_per_shard=2, processes=1)
     assert not (train / manifest.MANIFEST).exists()  # nothing looks complete
     (train / "000001.tar.partial").unlink()  # space freed
     result = shards.build(raw, train, samples_per_shard=2, processes=1)
     assert result["totals"]["samples"] == 4 and shards.verify(train) == []
+
+
+def test_byte_counts_read_in_the_unit_that_fits():
+    assert [readable_bytes(count) for count in (512, 3 * 2**10 + 400, 12 * 2**20, 5 * 2**29)] == [
+        "512 bytes", "3.4 KiB", "12.0 MiB", "2.5 GiB"]
 
 
 def test_done_records_of_an_earlier_version_or_cut_short_mean_the_shard_is_written_again(tmp_path):

@@ -6,9 +6,13 @@ all), brightness-shifted (0.7x-1.3x) and with a small text overlay; plus unrelat
 colours. Written as img2dataset raw shards (originals first in key order, so they are the ones kept) and built
 with `make shards` twice side by side: with near-duplicate removal (the default) and without it
 (`--near-duplicate-bits -1`, today's build before it existed). Reports, from the rejection log:
-- recall per variant kind: the variants dropped as near duplicates of their own original;
+- recall per variant kind: the variants dropped as near duplicates of their own original; `eval_edit` (resized
+  0.7x-1x and saved at JPEG quality 30-60) is how an evaluation image is edited on its way into a web crawl;
 - precision: of all samples dropped as near duplicates, those that match an image of their own group;
-- the time of the two builds (pass 1 hashes every image; pass 2 searches the pairs).
+- the time of the two builds (pass 1 hashes every image; pass 2 searches the pairs);
+- the EXCLUDE curve: with the eval_edit copies as the evaluation set and the rest as training data, recall and
+  precision for each --eval-overlap-bits and --eval-overlap-fine-bits (same signatures and confirmation); and
+  the same for the demo's shape images, each with an eval_edit copy.
 Writes <out>/near_duplicates.json and .png.
 
     python -m tools.bench.near_duplicates --out runs/bench --originals 300
@@ -16,7 +20,9 @@ Writes <out>/near_duplicates.json and .png.
 
 import argparse
 import io
+import itertools
 import json
+import random
 import shutil
 import tempfile
 import time
@@ -28,15 +34,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from tqdm import tqdm
 
-from datapipe import manifest, shard_io, shards
+from datapipe import manifest, near_duplicates, shard_io, shards
+from datapipe.validate import decode_rgb
+from tools import demo_data
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-VARIANT_KINDS = ("reencode", "resize", "crop", "brightness", "text")
-GOALS = {"reencode": 0.95, "resize": 0.95}  # recall; precision goal: 0.99
+VARIANT_KINDS = ("reencode", "resize", "crop", "brightness", "text", "eval_edit")
+GOALS = {"reencode": 0.95, "resize": 0.95, "eval_edit": 0.99}  # recall; precision goal: 0.99
 PRECISION_GOAL = 0.99
+CURVE_HASH_BITS = (8, 10)  # --eval-overlap-bits values the EXCLUDE curve measures
+CURVE_FINE_BITS = (32, 40, 48, 56, 64, 72)  # --eval-overlap-fine-bits values
 
 
 def original(rng, palette):
@@ -70,6 +81,10 @@ def variant(image, kind, rng):
                             round(image.width * (1 - total + left)), round(image.height * (1 - total + top))))
     elif kind == "brightness":
         image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
+    elif kind == "eval_edit":  # an evaluation image edited a little: resized 0.7x-1x, saved at JPEG 30-60
+        scale = rng.uniform(0.7, 1.0)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+        quality = int(rng.integers(30, 61))
     elif kind == "text":
         image = image.copy()
         ImageDraw.Draw(image).text((int(rng.integers(4, image.width // 2)), int(rng.integers(4, image.height - 20))),
@@ -95,6 +110,17 @@ def quality_set(originals, seed=0):
     items += [(jpeg(original(rng, palette), 90), originals + number, "unrelated")
               for number, palette in enumerate(palettes)]
     return items
+
+
+def shapes_set(count, seed=0):
+    """[(JPEG bytes, group, kind)] of the demo's images (one flat shape on a texture, tools/demo_data.py) and an
+    eval_edit copy of each: a harder case for a perceptual hash than photos, little coarse layout to hold on to."""
+    rng, variant_rng = random.Random(seed), np.random.default_rng(seed)
+    images = [demo_data.render_sample(rng, rng.choice(list(demo_data.COLORS)), rng.choice(list(demo_data.SHAPES)))[0]
+              for _ in range(count)]
+    return ([(jpeg(image, 90), group, "original") for group, image in enumerate(images)]
+            + [(jpeg(*variant(image, "eval_edit", variant_rng)), group, "eval_edit")
+               for group, image in enumerate(images)])
 
 
 def write_raw(raw_dir, items, per_shard=1000):
@@ -128,6 +154,33 @@ def scores(rejections, truth):
     return recall, (correct / len(matched) if matched else 1.0), len(matched)
 
 
+def exclude_curve(items):
+    """EXCLUDE on the quality set, from the same signatures and confirmation `make shards` uses: the eval_edit
+    copies are the evaluation images, everything else the training set. For each (--eval-overlap-bits,
+    --eval-overlap-fine-bits): recall (copies that match a training image of their own group) and precision
+    (training images dropped that match a copy of their own group, of all dropped)."""
+    signatures = [near_duplicates.signature(decode_rgb(data)[0])
+                  for data, _, _ in tqdm(items, desc="hash for the EXCLUDE curve", unit="img", leave=False)]
+    hashes = np.array([phash for phash, _ in signatures], dtype=np.uint64)
+    details = np.stack([np.frombuffer(details, np.uint8) for _, details in signatures])
+    groups = np.array([group for _, group, _ in items])
+    is_copy = np.array([kind == "eval_edit" for _, _, kind in items])
+    copies, training = np.flatnonzero(is_copy), np.flatnonzero(~is_copy)
+    distances = np.bitwise_count(hashes[copies][:, None] ^ hashes[training][None, :])  # (copies, training)
+    copy, train = np.nonzero(distances <= max(CURVE_HASH_BITS))
+    copy, train, bits = copies[copy], training[train], distances[copy, train]
+    same_group = groups[copy] == groups[train]
+    curve = []
+    for hash_bits, fine_bits in itertools.product(CURVE_HASH_BITS, CURVE_FINE_BITS):
+        match = (bits <= hash_bits) & near_duplicates.confirmed(details[copy], details[train], fine_bits)
+        dropped = np.unique(train[match])
+        curve.append({"eval_overlap_bits": hash_bits, "eval_overlap_fine_bits": fine_bits,
+                      "recall": len(np.unique(copy[match & same_group])) / len(copies),
+                      "precision": len(np.unique(train[match & same_group])) / len(dropped) if len(dropped) else 1.0,
+                      "dropped": len(dropped)})
+    return curve
+
+
 def timed_build(raw_dir, out_dir, processes, duplicates):
     started = time.perf_counter()
     shards.build(raw_dir, out_dir, samples_per_shard=1000, processes=processes, duplicates=duplicates)
@@ -137,26 +190,45 @@ def timed_build(raw_dir, out_dir, processes, duplicates):
 def run(originals, processes, out):
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        truth = write_raw(work / "raw", quality_set(originals))
+        items = quality_set(originals)
+        truth = write_raw(work / "raw", items)
         seconds_without = timed_build(work / "raw", work / "without", processes, shards.DuplicateRules(-1))
         seconds_with = timed_build(work / "raw", work / "with", processes, shards.DuplicateRules())
         recall, precision, dropped = scores(manifest.read_rejected(work / "with" / manifest.REJECTED), truth)
         shutil.rmtree(work / "without")
+    curve = exclude_curve(items)
+    shapes_curve = exclude_curve(shapes_set(originals))
     result = {"originals": originals, "images": len(truth), "processes": processes,
               "near_duplicate_bits": shards.DuplicateRules().near_duplicate_bits,
               "recall": recall, "precision": precision, "dropped_as_near_duplicates": dropped,
               "build_s_with": seconds_with, "build_s_without": seconds_without,
+              "exclude_curve": curve, "exclude_curve_demo_shapes": shapes_curve,
               "time_with_vs_without": seconds_with / seconds_without}
     out.mkdir(parents=True, exist_ok=True)
     (out / "near_duplicates.json").write_text(json.dumps(result, indent=2))
-    figure, axis = plt.subplots(figsize=(7, 3))
+    figure, (axis, curve_axis) = plt.subplots(1, 2, figsize=(11, 3.2))
     axis.bar(list(recall), list(recall.values()), color="#6a9fd4")
     axis.axhline(0.95, color="#b04040", linestyle="--", label="goal for reencode and resize")
+    axis.axhline(GOALS["eval_edit"], color="#40a040", linestyle=":", label="goal for eval_edit")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("recall")
+    axis.tick_params(axis="x", labelsize=7)
     axis.set_title(f"near duplicates of {originals} originals: precision {precision:.3f}; make shards "
                    f"{result['time_with_vs_without']:.2f}x the time without", fontsize=8)
     axis.legend(fontsize=7)
+    for (name, points), hash_bits in itertools.product((("photos", curve), ("demo shapes", shapes_curve)),
+                                                       CURVE_HASH_BITS):
+        points = [point for point in points if point["eval_overlap_bits"] == hash_bits]
+        fine_bits = [point["eval_overlap_fine_bits"] for point in points]
+        style = ("-" if hash_bits == CURVE_HASH_BITS[0] else "--") + ("o" if name == "photos" else "^")
+        curve_axis.plot(fine_bits, [point["recall"] for point in points], style, color="#6a9fd4",
+                        label=f"recall, {name}, bits {hash_bits}")
+        curve_axis.plot(fine_bits, [point["precision"] for point in points], style, color="#b04040",
+                        label=f"precision, {name}, bits {hash_bits}")
+    curve_axis.axvline(shards.DuplicateRules().eval_overlap_fine_bits, color="grey", linewidth=0.8, label="default")
+    curve_axis.set_xlabel("--eval-overlap-fine-bits (of 256)")
+    curve_axis.set_title("EXCLUDE of eval_edit copies (resized 0.7-1x, JPEG 30-60)", fontsize=8)
+    curve_axis.legend(fontsize=5, ncol=2)
     figure.tight_layout()
     figure.savefig(out / "near_duplicates.png", dpi=120)
     return result
@@ -170,9 +242,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = run(args.originals, args.processes, Path(args.out))
     recall = ", ".join(f"{kind} {value:.3f}" for kind, value in result["recall"].items())
+    defaults = shards.DuplicateRules()
+    at_default = [next(point for point in result[curve] if (point["eval_overlap_bits"], point[
+        "eval_overlap_fine_bits"]) == (defaults.eval_overlap_bits, defaults.eval_overlap_fine_bits))
+                  for curve in ("exclude_curve", "exclude_curve_demo_shapes")]
     print(f"bench dedup: {result['images']} images; recall {recall}; precision {result['precision']:.3f} "
           f"({result['dropped_as_near_duplicates']} dropped); make shards with near-duplicate removal = "
-          f"{result['time_with_vs_without']:.2f}x without; written to {Path(args.out) / 'near_duplicates.json'}")
+          f"{result['time_with_vs_without']:.2f}x without; EXCLUDE of eval_edit copies at the defaults: recall "
+          f"{at_default[0]['recall']:.3f}, precision {at_default[0]['precision']:.3f} (photos), recall "
+          f"{at_default[1]['recall']:.3f}, precision {at_default[1]['precision']:.3f} (demo shapes); written to "
+          f"{Path(args.out) / 'near_duplicates.json'}")
 
 
 if __name__ == "__main__":

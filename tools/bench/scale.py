@@ -16,8 +16,8 @@ table extrapolates to CC3M and CC12M.
 import argparse
 import contextlib
 import io
+import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datapipe import shard_io
+from datapipe.process_pool import ProcessPool
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -94,8 +95,8 @@ def generate(raw_dir, rows, processes, seed=0):
     """Raw shards holding `rows` url-list rows (about 80% of them downloaded)."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     sizes = [min(SAMPLES_PER_RAW_SHARD, rows - start) for start in range(0, rows, SAMPLES_PER_RAW_SHARD)]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        pool.starmap(write_raw_shard, [(raw_dir, number, size, seed) for number, size in enumerate(sizes)])
+    with ProcessPool(processes) as pool:
+        list(pool.map(write_raw_shard, itertools.repeat(raw_dir), range(len(sizes)), sizes, itertools.repeat(seed)))
     return sum(path.stat().st_size for path in raw_dir.glob("*.tar"))
 
 

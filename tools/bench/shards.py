@@ -17,6 +17,7 @@ import matplotlib
 from PIL import Image
 
 from datapipe import download, shard_io, shards, text
+from datapipe.shards.clean import clean_raw_shard
 from datapipe.validate import ImageRules
 
 matplotlib.use("Agg")
@@ -39,7 +40,7 @@ def steady_state_rate(raw_tars):
     work_dir = Path(tempfile.mkdtemp(prefix="bench-pass1-"))
     try:
         started = time.perf_counter()
-        count = sum(len(shards.clean_raw_shard(t, work_dir, ImageRules()).read_text().splitlines())
+        count = sum(len(clean_raw_shard(t, work_dir, ImageRules()).read_text().splitlines())
                     for t in raw_tars)
         return count / (time.perf_counter() - started)
     finally:

@@ -1,0 +1,3 @@
+from datapipe.shards.cli import main
+
+main()
