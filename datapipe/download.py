@@ -15,13 +15,16 @@ img2dataset honours the noai/noimageai opt-out headers by default, and so do we.
 """
 
 import argparse
+import errno
 import json
+import math
 import os
 import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datapipe import download_options, url_list
@@ -74,7 +77,12 @@ def run_img2dataset(urls_parquet, raw_dir, options):
     try:
         download(url_list=str(urls_parquet), input_format="parquet", url_col="url", caption_col="caption",
                  output_folder=str(raw_dir), output_format="webdataset", **options)
-    except (ValueError, KeyError, TypeError, AssertionError) as error:
+    except OSError as error:
+        if not _is_disk_full(error):
+            raise
+        raise SystemExit(f"error: the disk holding {raw_dir} is full ({error}); free space and run `make download` "
+                         f"again: finished shards are kept") from None
+    except Exception as error:  # noqa: BLE001 (any failure of img2dataset fails the command, in one line)
         given = " ".join(f"--{name} {value!r}" for name, value in options.items())
         raise SystemExit(f"error: img2dataset stopped ({type(error).__name__}: {error}); "
                          f"its options were: {given}") from None
@@ -117,30 +125,58 @@ def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignore
     return summary
 
 
-def check_disk_full(raw_dir):
-    """Stop when img2dataset could not save images because the disk was full: it counts them as failed
-    downloads. Their shards are removed, so that `make download` fetches them again once there is space."""
-    full, saved_bytes, saved, shards = 0, 0, 0, []
-    for parquet in sorted(raw_dir.glob("*.parquet")):
-        errors = pq.read_table(parquet, columns=["error_message"])["error_message"].to_pylist()
+def _is_disk_full(error):
+    return getattr(error, "errno", None) == errno.ENOSPC or DISK_FULL in str(error)
+
+
+def _size(size_bytes):
+    return f"{size_bytes / 2**30:.1f} GiB" if size_bytes >= 2**30 else f"{max(size_bytes / 2**20, 0.1):.1f} MiB"
+
+
+def _error_messages(parquet):
+    """img2dataset's error message per url of one shard; None when its parquet cannot be read (left spoiled)."""
+    try:
+        return pq.read_table(parquet, columns=["error_message"])["error_message"].to_pylist()
+    except (OSError, KeyError, pa.ArrowException):
+        return None
+
+
+def check_finished(raw_dir, rows, samples_per_shard, shard_digits=5):
+    """Stop when img2dataset left a shard unfinished (no _stats.json: its worker failed and img2dataset only
+    printed why), spoiled (a parquet that cannot be read) or without the images the disk had no room for
+    (img2dataset counts those as failed downloads). Those shards' files are removed, so that `make download`
+    fetches them again; finished shards stay."""
+    spoiled, full, saved_bytes, saved = {}, 0, 0, 0  # spoiled: shard name -> urls in it
+    for shard_id in range(math.ceil(rows / samples_per_shard)):
+        name = f"{shard_id:0{shard_digits}d}"
+        urls = min(samples_per_shard, rows - shard_id * samples_per_shard)
+        errors = _error_messages(raw_dir / f"{name}.parquet") if (raw_dir / f"{name}_stats.json").exists() else None
+        if errors is None:
+            spoiled[name] = urls
+            continue
         count = sum(DISK_FULL in (message or "") for message in errors)
-        tar = parquet.with_suffix(".tar")
         if count:
             full += count
-            shards.append(parquet.stem)
-        elif tar.exists():
-            saved_bytes += tar.stat().st_size
+            spoiled[name] = urls
+        elif (raw_dir / f"{name}.tar").exists():
+            saved_bytes += (raw_dir / f"{name}.tar").stat().st_size
             saved += sum(message is None for message in errors)
-    if not full:
+    if not spoiled:
         return
-    for stem in shards:
-        for path in (raw_dir / f"{stem}.tar", raw_dir / f"{stem}.parquet", raw_dir / f"{stem}_stats.json"):
+    for name in spoiled:
+        for path in (raw_dir / f"{name}.tar", raw_dir / f"{name}.parquet", raw_dir / f"{name}_stats.json"):
             path.unlink(missing_ok=True)
-    per_image = saved_bytes / saved if saved else 40_000
-    raise SystemExit(f"error: the disk holding {raw_dir} is full: {full} images could not be saved ({DISK_FULL}). "
-                     f"The {len(shards)} shard(s) they belong to were removed; they need about "
-                     f"{full * per_image / 2**30:.1f} GiB more ({shutil.disk_usage(raw_dir).free / 2**30:.1f} GiB "
-                     f"is free). Free space and run `make download` again: finished shards are kept.")
+    needed = sum(spoiled.values()) * (saved_bytes / saved if saved else 40_000)
+    free = shutil.disk_usage(raw_dir).free
+    names = ", ".join(sorted(spoiled)[:5]) + (", ..." if len(spoiled) > 5 else "")
+    if full or free < needed:
+        raise SystemExit(f"error: the disk holding {raw_dir} is full" + (f": {full} images could not be saved "
+                         f"({DISK_FULL})" if full else "") + f". The {len(spoiled)} shard(s) it spoiled ({names}) were "
+                         f"removed; they need about {_size(needed)} ({_size(free)} is free). Free space and run "
+                         "`make download` again: finished shards are kept.")
+    raise SystemExit(f"error: img2dataset did not finish {len(spoiled)} of {math.ceil(rows / samples_per_shard)} "
+                     f"shard(s) ({names}; its messages above say why) and they were removed. Fix the cause and run "
+                     "`make download` again: finished shards are kept.")
 
 
 def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
@@ -155,6 +191,7 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
     source = get_source(dataset)
     options = {**source.download_options, "processes_count": processes, "thread_count": threads,
                "distributor": distributor, **(img2dataset_options or {})}
+    download_options.check_values(options)
     _check_distributor(options["distributor"])
     raw_dir = Path(out)
     _check_writable(raw_dir)
@@ -180,7 +217,7 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                                  f"(get it from {source.homepage or 'your data provider'})")
             summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes)
             run_img2dataset(urls_parquet, raw_dir, options)
-        check_disk_full(raw_dir)
+        check_finished(raw_dir, summary.rows, options["number_sample_per_shard"], options.get("oom_shard_count", 5))
     totals, failures = summarize(raw_dir)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
     print(f"download done: {totals.get('successes', 0)} of {totals.get('count', 0)} urls "

@@ -1,9 +1,15 @@
 import json
+import os
+import subprocess
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes, write_raw_shard
+from PIL import Image
 
-from datapipe import download
+from datapipe import download, shard_io
+from tools import demo_server
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):
@@ -80,6 +86,70 @@ def test_a_full_disk_during_download_stops_and_removes_what_it_spoiled(tmp_path)
     raw = tmp_path / "raw"
     write_raw_shard(raw, 0, [(jpeg_bytes(), "saved")] * 3)
     write_raw_shard(raw, 1, [(jpeg_bytes(), "saved")], failures=["[Errno 28] No space left on device"] * 2)
-    with pytest.raises(SystemExit, match=r"disk holding .*raw is full: 2 images could not be saved.*GiB"):
-        download.check_disk_full(raw)
+    with pytest.raises(SystemExit, match=r"disk holding .*raw is full: 2 images could not be saved.*MiB"):
+        download.check_finished(raw, rows=6, samples_per_shard=3)
     assert sorted(path.name for path in raw.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+
+
+def test_a_shard_img2dataset_did_not_finish_fails_the_download(tmp_path):
+    """img2dataset only prints a failed worker's traceback and returns: the shard without its stats must fail."""
+    raw = tmp_path / "raw"
+    write_raw_shard(raw, 0, [(jpeg_bytes(), "saved")] * 3)
+    write_raw_shard(raw, 1, [(jpeg_bytes(), "saved")] * 3)
+    (raw / "00001_stats.json").unlink()
+    with pytest.raises(SystemExit, match=r"img2dataset did not finish 1 of 2 shard\(s\) \(00001; its messages"):
+        download.check_finished(raw, rows=6, samples_per_shard=3)
+    assert sorted(path.name for path in raw.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("thread_count", 0, r"--thread_count 0 cannot work \(make's THREADS, or --thread_count\): .*at least 1"),
+    ("processes_count", 0, r"--processes_count 0 cannot work \(make's PROCESSES"),
+    ("number_sample_per_shard", 0, "--number_sample_per_shard 0 cannot work"),
+    ("image_size", -5, "--image_size -5 cannot work: img2dataset needs at least 1"),
+    ("timeout", 0, "--timeout 0 cannot work: img2dataset needs more than 0"),
+    ("encode_format", "png", "--encode_quality 95 is outside 0-9, the range for --encode_format png"),
+])
+def test_values_img2dataset_cannot_work_with_are_refused_before_fetching(tmp_path, option, value, message):
+    url_list_path = write_list(tmp_path / "a.tsv", range(3))
+    with pytest.raises(SystemExit, match=message):
+        download.main(["--dataset", "cc3m", "--url-list", str(url_list_path), "--out", str(tmp_path / "out" / "raw"),
+                       f"--{option}", str(value)])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_url_list_download_onto_a_full_disk(tmp_path, small_disk):
+    www = tmp_path / "www"
+    www.mkdir()
+    for number in range(24):  # about 90 KB each: the 1 MiB disk holds about a dozen
+        noise = np.random.default_rng(number).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(www / f"{number}.jpg", quality=95)
+    raw = small_disk / "raw"
+    with demo_server.serve(www) as base_url:
+        url_list_path = tmp_path / "list.tsv"
+        url_list_path.write_text("".join(f"noise {number}\t{base_url}/{number}.jpg\n" for number in range(24)))
+        with pytest.raises(SystemExit, match=r"disk holding .*raw is full.* removed; they need about [0-9.]+ MiB"):
+            download.download_dataset("cc3m", raw, url_list_path, processes=1, threads=4,
+                                      img2dataset_options={"number_sample_per_shard": 6})
+    tars = sorted(raw.glob("*.tar"))
+    assert 0 < len(tars) < 4
+    for tar in tars:  # what is left is whole: stats, a readable parquet, every sample
+        assert tar.with_name(f"{tar.stem}_stats.json").exists()
+        assert pq.read_table(tar.with_suffix(".parquet")).num_rows == 6
+        assert len(list(shard_io.read_samples([tar]))) == 6
+    assert sorted(raw.glob("*.parquet")) == [tar.with_suffix(".parquet") for tar in tars]
