@@ -1,6 +1,8 @@
+import io
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,6 +12,8 @@ from PIL import Image
 
 from datapipe import download, shard_io
 from tools import demo_server
+
+REPO = Path(__file__).parents[1]
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):
@@ -153,3 +157,29 @@ def test_a_url_list_download_onto_a_full_disk(tmp_path, small_disk):
         assert pq.read_table(tar.with_suffix(".parquet")).num_rows == 6
         assert len(list(shard_io.read_samples([tar]))) == 6
     assert sorted(raw.glob("*.parquet")) == [tar.with_suffix(".parquet") for tar in tars]
+
+
+def test_16_bit_png_and_tiff_keep_their_tones_through_make_download(tmp_path):
+    """img2dataset's JPEG encoder clips 16-bit pixels at 255 (a mid-grey gradient came out near-white)."""
+    import cv2
+
+    www = tmp_path / "www"
+    www.mkdir()
+    ramp = np.linspace(0, 65535, 160).round().astype(np.uint16)  # mean 127.5 once scaled to 8 bits
+    grey = np.tile(ramp, (120, 1))  # (H, W)
+    images = {"rgb16.png": np.dstack([grey] * 3), "grey16.png": grey, "rgb16.tif": np.dstack([grey] * 3),
+              "grey16-large.tif": np.tile(np.linspace(0, 65535, 600).round().astype(np.uint16), (450, 1))}
+    for name, pixels in images.items():  # the large one is downscaled to 384 px by img2dataset
+        assert cv2.imwrite(str(www / name), pixels)
+    with demo_server.serve(www) as base_url:
+        url_list_path = tmp_path / "list.tsv"
+        url_list_path.write_text("".join(f"{name}\t{base_url}/{name}\n" for name in images))
+        done = subprocess.run(["make", "--no-print-directory", "download", "DATASET=cc3m", f"URL_LIST={url_list_path}",
+                               f"OUT={tmp_path / 'out'}", "PROCESSES=1", "THREADS=4"], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    means = {}
+    for sample in shard_io.read_samples(sorted((tmp_path / "out" / "raw").glob("*.tar"))):
+        means[sample["txt"].decode()] = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L")).mean()
+    assert means.keys() == images.keys()
+    assert all(abs(mean - 127.5) < 2 for mean in means.values()), means
