@@ -44,6 +44,8 @@ EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/hel
 export DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG NPROC
 export TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_SHARDS PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS
 RUN_WITH_ARGS := $(PY) -m tools.make_args
+# DATASET=demo without a URL_LIST: the built-in demo set, generated and served by tools/demo_download.py.
+DOWNLOADER = $(if $(and $(filter demo,$(DATASET)),$(if $(URL_LIST),,no-list)),tools.demo_download,datapipe.download)
 
 .PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean
 
@@ -59,7 +61,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 download: setup
-	$(RUN_WITH_ARGS) $(PY) -m datapipe.download --dataset "$$DATASET" --out "$$RAW" \
+	$(RUN_WITH_ARGS) $(PY) -m $(DOWNLOADER) --dataset "$$DATASET" --out "$$RAW" \
 	  $(if $(URL_LIST),--url-list "$$URL_LIST") --processes "$$PROCESSES" --threads "$$THREADS" \
 	  --distributor "$$DISTRIBUTOR" {DOWNLOAD_ARGS}
 

@@ -1,6 +1,6 @@
 """`make download`: fetch a url list into raw WebDataset shards with img2dataset.
 
-    python -m datapipe.download --dataset demo                      # built-in, offline
+    python -m tools.demo_download                                    # the built-in demo set, offline
     python -m datapipe.download --dataset cc3m --url-list Train_GCC-training.tsv
     python -m datapipe.download --dataset cc12m --url-list cc12m.tsv --distributor pyspark
     python -m datapipe.download --dataset cc3m --url-list x.tsv --image_size 256 --timeout 20   # img2dataset's options
@@ -184,42 +184,29 @@ def check_finished(raw_dir, rows, samples_per_shard, shard_digits=5):
 
 def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                      distributor="multiprocessing", url_col=None, caption_col=None,
-                     demo_root=None, demo_size=3000, img2dataset_options=None, allow_schemes=()):
+                     img2dataset_options=None, allow_schemes=(), fingerprint_ignores=""):
     """Runs the whole download; returns (totals, failures_by_reason).
 
     img2dataset_options: img2dataset keywords that override the preset's (and processes, threads,
     distributor when they name processes_count, thread_count, distributor).
-    demo_root: where the demo set is generated (default: `source/` beside the raw folder).
-    allow_schemes: url schemes fetched besides http and https (e.g. "file"; off by default)."""
+    allow_schemes: url schemes fetched besides http and https (e.g. "file"; off by default).
+    fingerprint_ignores: a url prefix that does not make the list another one (the demo server's address)."""
     source = get_source(dataset)
+    if url_list_path is None:
+        raise SystemExit(f"error: dataset '{dataset}' needs a url list: URL_LIST=<file> "
+                         f"(get it from {source.homepage or 'your data provider'})")
     options = {**source.download_options, "processes_count": processes, "thread_count": threads,
                "distributor": distributor, **(img2dataset_options or {})}
     download_options.check_values(options)
     _check_distributor(options["distributor"])
     raw_dir = Path(out)
     _check_writable(raw_dir)
-    urls_parquet = raw_dir.parent / "urls.parquet"
     columns = dict(url_column=url_col or source.url_column,
                    caption_column=caption_col or source.caption_column)
     schemes = (*url_list.DEFAULT_SCHEMES, *allow_schemes)
     with FolderLock(raw_dir.parent, "another `make download`", "wait for it to end, or download into another OUT"):
-        if dataset == "demo" and url_list_path is None:
-            from tools import demo_data, demo_server
-
-            demo_root = Path(demo_root) if demo_root else raw_dir.parent / "source"
-            items = demo_data.ensure_generated(demo_root, num_train=demo_size)
-            with demo_server.serve(Path(demo_root) / "www") as base_url:
-                tsv = demo_server.write_url_list(items, base_url, raw_dir.parent / "demo_urls.tsv")
-                # The server's port changes from run to run: the fingerprint leaves its address out.
-                summary = prepare_url_list(tsv, raw_dir, source, columns, schemes, fingerprint_ignores=base_url)
-                print(f"demo: serving {summary.rows} entries at {base_url}")
-                run_img2dataset(urls_parquet, raw_dir, options)
-        else:
-            if url_list_path is None:
-                raise SystemExit(f"error: dataset '{dataset}' needs a url list: URL_LIST=<file> "
-                                 f"(get it from {source.homepage or 'your data provider'})")
-            summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes)
-            run_img2dataset(urls_parquet, raw_dir, options)
+        summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes, fingerprint_ignores)
+        run_img2dataset(raw_dir.parent / "urls.parquet", raw_dir, options)
         check_finished(raw_dir, summary.rows, options["number_sample_per_shard"], options.get("oom_shard_count", 5))
     totals, failures = summarize(raw_dir)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
@@ -228,8 +215,8 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
     return totals, failures
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def command_parser(description=__doc__):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="demo", help="demo, cc3m, cc12m or custom")
     parser.add_argument("--url-list", help="url list file (.tsv/.csv[.gz|.zst] or .parquet)")
     parser.add_argument("--out", help="raw shard folder (default shards/<dataset>/raw)")
@@ -238,16 +225,23 @@ def main(argv=None):
     parser.add_argument("--distributor", default="multiprocessing", help="multiprocessing or pyspark")
     parser.add_argument("--url-col", help="url column name of a url list with a header")
     parser.add_argument("--caption-col", help="caption column name of a url list with a header")
-    parser.add_argument("--demo-size", type=int, default=3000, help="training pairs in the demo set")
     parser.add_argument("--allow-schemes", default="", help="url schemes to fetch besides http(s), e.g. file")
-    args, img2dataset_tokens = parser.parse_known_args(argv)
+    return parser
+
+
+def command_keywords(args, img2dataset_tokens):
+    """download_dataset's keywords from command_parser's arguments and the img2dataset options after them."""
     options = download_options.parse(img2dataset_tokens) if img2dataset_tokens else {}
     # img2dataset's names for the url list's columns mean ours: the list is normalized before img2dataset reads it.
     url_col, caption_col = options.pop("url_col", args.url_col), options.pop("caption_col", args.caption_col)
-    download_dataset(args.dataset, args.out or f"shards/{args.dataset}/raw", args.url_list,
-                     args.processes, args.threads, args.distributor, url_col, caption_col,
-                     demo_size=args.demo_size, img2dataset_options=options,
-                     allow_schemes=tuple(scheme for scheme in args.allow_schemes.split(",") if scheme))
+    return dict(dataset=args.dataset, out=args.out or f"shards/{args.dataset}/raw", url_list_path=args.url_list,
+                processes=args.processes, threads=args.threads, distributor=args.distributor, url_col=url_col,
+                caption_col=caption_col, img2dataset_options=options,
+                allow_schemes=tuple(scheme for scheme in args.allow_schemes.split(",") if scheme))
+
+
+def main(argv=None):
+    download_dataset(**command_keywords(*command_parser().parse_known_args(argv)))
 
 
 if __name__ == "__main__":

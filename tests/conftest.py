@@ -21,11 +21,11 @@ LARGER_DEMO_PAIRS = 2000
 
 
 def build_demo(root, pairs, samples_per_shard):
-    from datapipe import download, shards
-    from tools import demo_data
+    from datapipe import shards
+    from tools import demo_data, demo_download
 
     demo_root, raw_dir, train_dir = root / "source", root / "raw", root / "train"
-    download.download_dataset("demo", raw_dir, processes=2, threads=8, demo_root=demo_root, demo_size=pairs)
+    demo_download.download_demo(raw_dir, demo_root=demo_root, demo_size=pairs, processes=2, threads=8)
     manifest = shards.build(raw_dir, train_dir, samples_per_shard=samples_per_shard, processes=2)
     return dict(root=root, raw=raw_dir, train=train_dir, manifest=manifest, heldout=demo_root / "heldout",
                 items=demo_data.load_items(demo_root))

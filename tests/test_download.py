@@ -11,7 +11,7 @@ from conftest import jpeg_bytes, write_raw_shard
 from PIL import Image
 
 from datapipe import download, shard_io
-from tools import demo_server
+from tools import demo_download, demo_server
 
 REPO = Path(__file__).parents[1]
 
@@ -32,7 +32,7 @@ def test_unknown_dataset_and_distributor(tmp_path):
     with pytest.raises(SystemExit, match="unknown dataset 'imagenet'"):
         download.download_dataset("imagenet", tmp_path / "raw")
     with pytest.raises(SystemExit, match="unknown distributor"):
-        download.download_dataset("demo", tmp_path / "raw", distributor="ray")
+        download.download_dataset("demo", tmp_path / "raw", tmp_path / "x.tsv", distributor="ray")
 
 
 def test_demo_download_summary_counts_every_url(demo_shards):
@@ -59,9 +59,8 @@ def test_demo_raw_images_are_passed_through_unchanged(demo_shards):
 def test_pyspark_distributor_in_local_mode(tmp_path, monkeypatch):
     pytest.importorskip("pyspark")
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")  # keep Spark on loopback
-    totals, failures = download.download_dataset(
-        "demo", tmp_path / "raw", processes=1, threads=4, distributor="pyspark",
-        demo_root=tmp_path / "source", demo_size=20)
+    totals, failures = demo_download.download_demo(
+        tmp_path / "raw", demo_root=tmp_path / "source", demo_size=20, processes=1, threads=4, distributor="pyspark")
     assert totals["count"] == 20 + 15 and totals["successes"] == totals["count"] - sum(failures.values())
 
 
