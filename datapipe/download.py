@@ -74,10 +74,10 @@ def run_img2dataset(urls_parquet, raw_dir, options):
     """img2dataset on the normalized url list; `options` are img2dataset keywords (preset, then the user's)."""
     from img2dataset import download  # imported here: it is slow to import (download_options set its env)
 
-    from datapipe.img2dataset_resizer import in_img2dataset
+    from datapipe.img2dataset_parts import in_img2dataset
 
     try:
-        with in_img2dataset():  # 16-bit PNG and TIFF pixels scaled to 8 bits, not clipped
+        with in_img2dataset():  # 16-bit pixels scaled to 8 bits, not clipped; an overall deadline per image
             download(url_list=str(urls_parquet), input_format="parquet", url_col="url", caption_col="caption",
                      output_folder=str(raw_dir), output_format="webdataset", **options)
     except OSError as error:

@@ -1,7 +1,10 @@
+import http.server
 import io
 import json
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +185,39 @@ def test_16_bit_png_and_tiff_keep_their_tones_through_make_download(tmp_path):
         means[sample["txt"].decode()] = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L")).mean()
     assert means.keys() == images.keys()
     assert all(abs(mean - 127.5) < 2 for mean in means.values()), means
+
+
+class DrippingHandler(http.server.BaseHTTPRequestHandler):
+    """An image server that sends a byte every 0.25 s: img2dataset's per-read timeout never fires."""
+
+    def do_GET(self):  # the name http.server calls
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b"\0")
+                time.sleep(0.25)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, format, *args):
+        pass
+
+
+def test_a_dripping_server_is_given_an_overall_deadline_per_image(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrippingHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url_list_path = tmp_path / "list.tsv"
+        url_list_path.write_text("".join(f"slow {number}\thttp://127.0.0.1:{server.server_address[1]}/{number}.jpg\n"
+                                         for number in range(2)))
+        totals, failures = download.download_dataset("cc3m", tmp_path / "raw", url_list_path, processes=1, threads=2,
+                                                     img2dataset_options={"timeout": 1, "retries": 0})
+    finally:
+        server.shutdown()
+        server.server_close()
+    errors = pq.read_table(tmp_path / "raw" / "00000.parquet")["error_message"].to_pylist()
+    assert totals["successes"] == 0 and errors == ["the image took more than 3 s in all (3 x --timeout)"] * 2
