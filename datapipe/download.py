@@ -205,7 +205,16 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                    caption_column=caption_col or source.caption_column)
     schemes = (*url_list.DEFAULT_SCHEMES, *allow_schemes)
     with FolderLock(raw_dir.parent, "another `make download`", "wait for it to end, or download into another OUT"):
-        summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes, fingerprint_ignores)
+        try:
+            summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes, fingerprint_ignores)
+        except OSError as error:
+            if not _is_disk_full(error):
+                raise
+            for partial in (*raw_dir.parent.glob("urls.parquet.new*"), raw_dir.parent / f"{URL_LIST_REJECTED}.new"):
+                partial.unlink(missing_ok=True)
+            raise SystemExit(f"error: the disk holding {raw_dir.parent} is full: the normalized url list could not be "
+                             f"written there ({DISK_FULL}). It needs about {_size(Path(url_list_path).stat().st_size)} "
+                             f"and the images far more; free space or choose another OUT") from None
         run_img2dataset(raw_dir.parent / "urls.parquet", raw_dir, options)
         check_finished(raw_dir, summary.rows, options["number_sample_per_shard"], options.get("oom_shard_count", 5))
     totals, failures = summarize(raw_dir)

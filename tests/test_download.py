@@ -221,3 +221,13 @@ def test_a_dripping_server_is_given_an_overall_deadline_per_image(tmp_path):
         server.server_close()
     errors = pq.read_table(tmp_path / "raw" / "00000.parquet")["error_message"].to_pylist()
     assert totals["successes"] == 0 and errors == ["the image took more than 3 s in all (3 x --timeout)"] * 2
+
+
+def test_a_full_disk_while_the_url_list_is_normalized(tmp_path, small_disk):
+    url_list_path = tmp_path / "list.tsv"  # about 4 MiB of captions that do not compress
+    captions = np.random.default_rng(0).integers(0, 2**63, (40_000, 3))
+    url_list_path.write_text("".join(f"{' '.join(map(str, caption))}\thttp://127.0.0.1:9/{number}.jpg\n"
+                                     for number, caption in enumerate(captions)))
+    with pytest.raises(SystemExit, match=r"disk holding .*small-disk is full: the normalized url list .*MiB"):
+        download.download_dataset("cc3m", small_disk / "raw", url_list_path)
+    assert not list(small_disk.glob("urls*"))  # nothing half-written is left
