@@ -124,17 +124,14 @@ def _csv_records(lines):
             if problem is not None:
                 yield number, None, problem
             continue
-        span, fields = 1, None
-        while True:
+        span, fields = 1, None  # span: how many pending lines the record is tried on
+        while span is not None:
             try:
                 fields = next(csv.reader([pending[index][1] + "\n" for index in range(span)], strict=True))
                 break
             except csv.Error as error:
                 broken = error
-            quote_open = str(broken) == CSV_QUOTE_OPEN and span < MAX_RECORD_LINES
-            if not quote_open or (span == len(pending) and not read_ahead()) or pending[span][2] is not None:
-                break
-            span += 1
+            span = _through_next_quote(pending, span, read_ahead) if str(broken) == CSV_QUOTE_OPEN else None
         if fields is None:
             pending.popleft()
             yield number, None, ("bad_quoting", f"{broken}: {text[:80]!r}")
@@ -142,6 +139,20 @@ def _csv_records(lines):
         for _ in range(span):
             pending.popleft()
         yield number, fields, None
+
+
+def _through_next_quote(pending, span, read_ahead):
+    """The span that takes the lines after the first `span` up to the next one holding a quote, the only kind
+    that can close an open quote; None when no such line comes within MAX_RECORD_LINES or before a line that is
+    not text. Each record is parsed about once however many lines its quote stays open."""
+    while span < MAX_RECORD_LINES and (span < len(pending) or read_ahead()):
+        _, text, problem = pending[span]
+        if problem is not None:
+            return None
+        span += 1
+        if '"' in text:
+            return span
+    return None
 
 
 def _parquet_rows(path):
