@@ -39,6 +39,14 @@ PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
 # The demo excludes its own held-out splits (once `make download` has made them).
 EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
 
+# Recipes read these from their environment ("$$RAW"), so that a value is data for the program, never shell
+# code; {NAME_ARGS} words are split by tools/make_args.py with shell quoting rules, and nothing else.
+export DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG NPROC
+export TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_SHARDS PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS
+RUN_WITH_ARGS := $(PY) -m tools.make_args
+# DATASET=demo without a URL_LIST: the built-in demo set, generated and served by tools/demo_download.py.
+DOWNLOADER = $(if $(and $(filter demo,$(DATASET)),$(if $(URL_LIST),,no-list)),tools.demo_download,datapipe.download)
+
 .PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean gpu-kit gpu-check
 
 setup: $(STAMP)
@@ -53,40 +61,41 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 download: setup
-	$(PY) -m datapipe.download --dataset $(DATASET) --out "$(RAW)" \
-	  $(if $(URL_LIST),--url-list "$(URL_LIST)") --processes $(PROCESSES) --threads $(THREADS) \
-	  --distributor $(DISTRIBUTOR) $(DOWNLOAD_ARGS)
+	$(RUN_WITH_ARGS) $(PY) -m $(DOWNLOADER) --dataset "$$DATASET" --out "$$RAW" \
+	  $(if $(URL_LIST),--url-list "$$URL_LIST") --processes "$$PROCESSES" --threads "$$THREADS" \
+	  --distributor "$$DISTRIBUTOR" {DOWNLOAD_ARGS}
 
 shards: setup
-	$(PY) -m datapipe.shards build "$(RAW)" "$(OUT)/train" --processes $(PROCESSES) \
-	  --samples-per-shard $(SAMPLES_PER_SHARD) $(if $(EXCLUDE),--exclude "$(EXCLUDE)") $(SHARDS_ARGS)
+	$(RUN_WITH_ARGS) $(PY) -m datapipe.shards build "$$RAW" "$$OUT/train" --processes "$$PROCESSES" \
+	  --samples-per-shard "$$SAMPLES_PER_SHARD" $(if $(EXCLUDE),--exclude "$$EXCLUDE") {SHARDS_ARGS}
 
 verify: setup
-	$(PY) -m datapipe.shards verify "$(OUT)/train"
+	$(PY) -m datapipe.shards verify "$$OUT/train"
 
 # Training shards, downloaded and built first when missing.
 data: setup
-	@test -f "$(RAW)/00000_stats.json" || $(MAKE) --no-print-directory download
-	@test -f "$(OUT)/train/manifest.json" || $(MAKE) --no-print-directory shards
+	@test -f "$$RAW/00000_stats.json" || $(MAKE) --no-print-directory download
+	@test -f "$$OUT/train/manifest.json" || $(MAKE) --no-print-directory shards
 
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
 # The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) $(TORCHRUN_ARGS) -m train.pretrain --config $(CONFIG) \
-		"data.shards=$(OUT)/train" "run.out_dir=$$(dirname "$(RUN)")" "run.name=$$(basename "$(RUN)")" $(TRAIN_ARGS)
-	@if [ -n "$(ZEROSHOT_DATA)$(RETRIEVAL_SHARDS)$(PROBE_TRAIN)" ]; then $(MAKE) --no-print-directory eval; fi
+	$(RUN_WITH_ARGS) $(PY) -m torch.distributed.run --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
+		-m train.pretrain --config "$$CONFIG" "data.shards=$$OUT/train" "run.out_dir=$$(dirname -- "$$RUN")" \
+		"run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
+	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_SHARDS$$PROBE_TRAIN" ]; then $(MAKE) --no-print-directory eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
 eval: setup
-	$(PY) -m tools.eval.run --run "$(RUN)" $(if $(ZEROSHOT_DATA),--zeroshot "$(ZEROSHOT_DATA)") \
-		$(if $(RETRIEVAL_SHARDS),--retrieval "$(RETRIEVAL_SHARDS)") \
-		$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train "$(PROBE_TRAIN)" --probe-test "$(PROBE_TEST)")
+	$(PY) -m tools.eval.run --run "$$RUN" $(if $(ZEROSHOT_DATA),--zeroshot "$$ZEROSHOT_DATA") \
+		$(if $(RETRIEVAL_SHARDS),--retrieval "$$RETRIEVAL_SHARDS") \
+		$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train "$$PROBE_TRAIN" --probe-test "$$PROBE_TEST")
 
 plot: setup
-	$(PY) -m train.log "$(RUN)"
+	$(PY) -m train.log "$$RUN"
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN_WITH_ARGS) $(PY) -m pytest {PYTEST_ARGS}
 
 lint: setup
 	$(PY) -m ruff check .
@@ -98,7 +107,7 @@ bench-shards: setup
 	$(PY) -m tools.bench.shards --out runs/bench
 
 bench-data: data
-	$(PY) -m tools.bench.datapipe --shards "$(OUT)/train" --out runs/bench
+	$(PY) -m tools.bench.datapipe --shards "$$OUT/train" --out runs/bench
 
 bench-memory: setup
 	$(PY) -m tools.bench.backward_memory --out runs/bench
@@ -115,8 +124,9 @@ gpu-kit: setup
 	$(PY) -m tools.gpu.kit
 
 OUT_DIR ?= runs/gpu-check
+export OUT_DIR
 gpu-check:
-	python3 -m tools.gpu.check --out "$(OUT_DIR)"
+	python3 -m tools.gpu.check --out "$$OUT_DIR"
 
 # make shards and the loader at CC3M-like scale: N url-list rows (about 80% downloaded), generated locally.
 N ?= 60000
@@ -124,10 +134,10 @@ bench-dedup: setup
 	$(PY) -m tools.bench.near_duplicates --out runs/bench
 
 bench-scale: setup
-	$(PY) -m tools.bench.scale --rows $(N) --out runs/bench
+	$(PY) -m tools.bench.scale --rows "$$N" --out runs/bench
 
 crops: data
-	$(PY) -m tools.show_crops --shards "$(OUT)/train" --out runs/crops.png
+	$(PY) -m tools.show_crops --shards "$$OUT/train" --out runs/crops.png
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -1,6 +1,6 @@
 """`make download`: fetch a url list into raw WebDataset shards with img2dataset.
 
-    python -m datapipe.download --dataset demo                      # built-in, offline
+    python -m tools.demo_download                                    # the built-in demo set, offline
     python -m datapipe.download --dataset cc3m --url-list Train_GCC-training.tsv
     python -m datapipe.download --dataset cc12m --url-list cc12m.tsv --distributor pyspark
     python -m datapipe.download --dataset cc3m --url-list x.tsv --image_size 256 --timeout 20   # img2dataset's options
@@ -15,13 +15,16 @@ img2dataset honours the noai/noimageai opt-out headers by default, and so do we.
 """
 
 import argparse
+import errno
 import json
+import math
 import os
 import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datapipe import download_options, url_list
@@ -71,10 +74,18 @@ def run_img2dataset(urls_parquet, raw_dir, options):
     """img2dataset on the normalized url list; `options` are img2dataset keywords (preset, then the user's)."""
     from img2dataset import download  # imported here: it is slow to import (download_options set its env)
 
+    from datapipe.img2dataset_parts import in_img2dataset
+
     try:
-        download(url_list=str(urls_parquet), input_format="parquet", url_col="url", caption_col="caption",
-                 output_folder=str(raw_dir), output_format="webdataset", **options)
-    except (ValueError, KeyError, TypeError, AssertionError) as error:
+        with in_img2dataset():  # 16-bit pixels scaled to 8 bits, not clipped; an overall deadline per image
+            download(url_list=str(urls_parquet), input_format="parquet", url_col="url", caption_col="caption",
+                     output_folder=str(raw_dir), output_format="webdataset", **options)
+    except OSError as error:
+        if not _is_disk_full(error):
+            raise
+        raise SystemExit(f"error: the disk holding {raw_dir} is full ({error}); free space and run `make download` "
+                         f"again: finished shards are kept") from None
+    except Exception as error:  # noqa: BLE001 (any failure of img2dataset fails the command, in one line)
         given = " ".join(f"--{name} {value!r}" for name, value in options.items())
         raise SystemExit(f"error: img2dataset stopped ({type(error).__name__}: {error}); "
                          f"its options were: {given}") from None
@@ -117,70 +128,95 @@ def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignore
     return summary
 
 
-def check_disk_full(raw_dir):
-    """Stop when img2dataset could not save images because the disk was full: it counts them as failed
-    downloads. Their shards are removed, so that `make download` fetches them again once there is space."""
-    full, saved_bytes, saved, shards = 0, 0, 0, []
-    for parquet in sorted(raw_dir.glob("*.parquet")):
-        errors = pq.read_table(parquet, columns=["error_message"])["error_message"].to_pylist()
+def _is_disk_full(error):
+    return getattr(error, "errno", None) == errno.ENOSPC or DISK_FULL in str(error)
+
+
+def _size(size_bytes):
+    return f"{size_bytes / 2**30:.1f} GiB" if size_bytes >= 2**30 else f"{max(size_bytes / 2**20, 0.1):.1f} MiB"
+
+
+def _error_messages(parquet):
+    """img2dataset's error message per url of one shard; None when its parquet cannot be read (left spoiled)."""
+    try:
+        return pq.read_table(parquet, columns=["error_message"])["error_message"].to_pylist()
+    except (OSError, KeyError, pa.ArrowException):
+        return None
+
+
+def check_finished(raw_dir, rows, samples_per_shard, shard_digits=5):
+    """Stop when img2dataset left a shard unfinished (no _stats.json: its worker failed and img2dataset only
+    printed why), spoiled (a parquet that cannot be read) or without the images the disk had no room for
+    (img2dataset counts those as failed downloads). Those shards' files are removed, so that `make download`
+    fetches them again; finished shards stay."""
+    spoiled, full, saved_bytes, saved = {}, 0, 0, 0  # spoiled: shard name -> urls in it
+    for shard_id in range(math.ceil(rows / samples_per_shard)):
+        name = f"{shard_id:0{shard_digits}d}"
+        urls = min(samples_per_shard, rows - shard_id * samples_per_shard)
+        errors = _error_messages(raw_dir / f"{name}.parquet") if (raw_dir / f"{name}_stats.json").exists() else None
+        if errors is None:
+            spoiled[name] = urls
+            continue
         count = sum(DISK_FULL in (message or "") for message in errors)
-        tar = parquet.with_suffix(".tar")
         if count:
             full += count
-            shards.append(parquet.stem)
-        elif tar.exists():
-            saved_bytes += tar.stat().st_size
+            spoiled[name] = urls
+        elif (raw_dir / f"{name}.tar").exists():
+            saved_bytes += (raw_dir / f"{name}.tar").stat().st_size
             saved += sum(message is None for message in errors)
-    if not full:
+    if not spoiled:
         return
-    for stem in shards:
-        for path in (raw_dir / f"{stem}.tar", raw_dir / f"{stem}.parquet", raw_dir / f"{stem}_stats.json"):
+    for name in spoiled:
+        for path in (raw_dir / f"{name}.tar", raw_dir / f"{name}.parquet", raw_dir / f"{name}_stats.json"):
             path.unlink(missing_ok=True)
-    per_image = saved_bytes / saved if saved else 40_000
-    raise SystemExit(f"error: the disk holding {raw_dir} is full: {full} images could not be saved ({DISK_FULL}). "
-                     f"The {len(shards)} shard(s) they belong to were removed; they need about "
-                     f"{full * per_image / 2**30:.1f} GiB more ({shutil.disk_usage(raw_dir).free / 2**30:.1f} GiB "
-                     f"is free). Free space and run `make download` again: finished shards are kept.")
+    needed = sum(spoiled.values()) * (saved_bytes / saved if saved else 40_000)
+    free = shutil.disk_usage(raw_dir).free
+    names = ", ".join(sorted(spoiled)[:5]) + (", ..." if len(spoiled) > 5 else "")
+    if full or free < needed:
+        raise SystemExit(f"error: the disk holding {raw_dir} is full" + (f": {full} images could not be saved "
+                         f"({DISK_FULL})" if full else "") + f". The {len(spoiled)} shard(s) it spoiled ({names}) were "
+                         f"removed; they need about {_size(needed)} ({_size(free)} is free). Free space and run "
+                         "`make download` again: finished shards are kept.")
+    raise SystemExit(f"error: img2dataset did not finish {len(spoiled)} of {math.ceil(rows / samples_per_shard)} "
+                     f"shard(s) ({names}; its messages above say why) and they were removed. Fix the cause and run "
+                     "`make download` again: finished shards are kept.")
 
 
 def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                      distributor="multiprocessing", url_col=None, caption_col=None,
-                     demo_root=None, demo_size=3000, img2dataset_options=None, allow_schemes=()):
+                     img2dataset_options=None, allow_schemes=(), fingerprint_ignores=""):
     """Runs the whole download; returns (totals, failures_by_reason).
 
     img2dataset_options: img2dataset keywords that override the preset's (and processes, threads,
     distributor when they name processes_count, thread_count, distributor).
-    demo_root: where the demo set is generated (default: `source/` beside the raw folder).
-    allow_schemes: url schemes fetched besides http and https (e.g. "file"; off by default)."""
+    allow_schemes: url schemes fetched besides http and https (e.g. "file"; off by default).
+    fingerprint_ignores: a url prefix that does not make the list another one (the demo server's address)."""
     source = get_source(dataset)
+    if url_list_path is None:
+        raise SystemExit(f"error: dataset '{dataset}' needs a url list: URL_LIST=<file> "
+                         f"(get it from {source.homepage or 'your data provider'})")
     options = {**source.download_options, "processes_count": processes, "thread_count": threads,
                "distributor": distributor, **(img2dataset_options or {})}
+    download_options.check_values(options)
     _check_distributor(options["distributor"])
     raw_dir = Path(out)
     _check_writable(raw_dir)
-    urls_parquet = raw_dir.parent / "urls.parquet"
     columns = dict(url_column=url_col or source.url_column,
                    caption_column=caption_col or source.caption_column)
     schemes = (*url_list.DEFAULT_SCHEMES, *allow_schemes)
     with FolderLock(raw_dir.parent, "another `make download`", "wait for it to end, or download into another OUT"):
-        if dataset == "demo" and url_list_path is None:
-            from tools import demo_data, demo_server
-
-            demo_root = Path(demo_root) if demo_root else raw_dir.parent / "source"
-            items = demo_data.ensure_generated(demo_root, num_train=demo_size)
-            with demo_server.serve(Path(demo_root) / "www") as base_url:
-                tsv = demo_server.write_url_list(items, base_url, raw_dir.parent / "demo_urls.tsv")
-                # The server's port changes from run to run: the fingerprint leaves its address out.
-                summary = prepare_url_list(tsv, raw_dir, source, columns, schemes, fingerprint_ignores=base_url)
-                print(f"demo: serving {summary.rows} entries at {base_url}")
-                run_img2dataset(urls_parquet, raw_dir, options)
-        else:
-            if url_list_path is None:
-                raise SystemExit(f"error: dataset '{dataset}' needs a url list: URL_LIST=<file> "
-                                 f"(get it from {source.homepage or 'your data provider'})")
-            summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes)
-            run_img2dataset(urls_parquet, raw_dir, options)
-        check_disk_full(raw_dir)
+        try:
+            summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes, fingerprint_ignores)
+        except OSError as error:
+            if not _is_disk_full(error):
+                raise
+            for partial in (*raw_dir.parent.glob("urls.parquet.new*"), raw_dir.parent / f"{URL_LIST_REJECTED}.new"):
+                partial.unlink(missing_ok=True)
+            raise SystemExit(f"error: the disk holding {raw_dir.parent} is full: the normalized url list could not be "
+                             f"written there ({DISK_FULL}). It needs about {_size(Path(url_list_path).stat().st_size)} "
+                             f"and the images far more; free space or choose another OUT") from None
+        run_img2dataset(raw_dir.parent / "urls.parquet", raw_dir, options)
+        check_finished(raw_dir, summary.rows, options["number_sample_per_shard"], options.get("oom_shard_count", 5))
     totals, failures = summarize(raw_dir)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
     print(f"download done: {totals.get('successes', 0)} of {totals.get('count', 0)} urls "
@@ -188,8 +224,8 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
     return totals, failures
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def command_parser(description=__doc__):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="demo", help="demo, cc3m, cc12m or custom")
     parser.add_argument("--url-list", help="url list file (.tsv/.csv[.gz|.zst] or .parquet)")
     parser.add_argument("--out", help="raw shard folder (default shards/<dataset>/raw)")
@@ -198,16 +234,23 @@ def main(argv=None):
     parser.add_argument("--distributor", default="multiprocessing", help="multiprocessing or pyspark")
     parser.add_argument("--url-col", help="url column name of a url list with a header")
     parser.add_argument("--caption-col", help="caption column name of a url list with a header")
-    parser.add_argument("--demo-size", type=int, default=3000, help="training pairs in the demo set")
     parser.add_argument("--allow-schemes", default="", help="url schemes to fetch besides http(s), e.g. file")
-    args, img2dataset_tokens = parser.parse_known_args(argv)
+    return parser
+
+
+def command_keywords(args, img2dataset_tokens):
+    """download_dataset's keywords from command_parser's arguments and the img2dataset options after them."""
     options = download_options.parse(img2dataset_tokens) if img2dataset_tokens else {}
     # img2dataset's names for the url list's columns mean ours: the list is normalized before img2dataset reads it.
     url_col, caption_col = options.pop("url_col", args.url_col), options.pop("caption_col", args.caption_col)
-    download_dataset(args.dataset, args.out or f"shards/{args.dataset}/raw", args.url_list,
-                     args.processes, args.threads, args.distributor, url_col, caption_col,
-                     demo_size=args.demo_size, img2dataset_options=options,
-                     allow_schemes=tuple(scheme for scheme in args.allow_schemes.split(",") if scheme))
+    return dict(dataset=args.dataset, out=args.out or f"shards/{args.dataset}/raw", url_list_path=args.url_list,
+                processes=args.processes, threads=args.threads, distributor=args.distributor, url_col=url_col,
+                caption_col=caption_col, img2dataset_options=options,
+                allow_schemes=tuple(scheme for scheme in args.allow_schemes.split(",") if scheme))
+
+
+def main(argv=None):
+    download_dataset(**command_keywords(*command_parser().parse_known_args(argv)))
 
 
 if __name__ == "__main__":

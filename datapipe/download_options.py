@@ -3,8 +3,9 @@
 Any keyword of `img2dataset.download` is accepted under its own name (`--image_size 256`,
 `--image-size=256`, `--resize_only_if_bigger` for True), its value converted to the type img2dataset
 declares. The dataset preset's values are defaults that these override. A name img2dataset does not
-have, a value of the wrong type or outside the choices img2dataset knows, and the few options this
-command sets itself get an error that says what to write instead.
+have, a value of the wrong type or outside the choices img2dataset knows, a value img2dataset would take
+and then fail on (`--thread_count 0`, `--timeout 0`, `--image_size -5`), and the few options this
+command sets itself get an error that says what to write instead, before anything is fetched.
 """
 
 import ast
@@ -40,6 +41,13 @@ CHOICES = {
     "downscale_interpolation": ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"),
 }
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# The least value img2dataset can work with: below it, it fails in its workers (a traceback per shard, and no
+# images), divides by zero, or waits for ever.
+LEAST = {"image_size": 1, "processes_count": 1, "thread_count": 1, "number_sample_per_shard": 1, "subjob_size": 1,
+         "oom_shard_count": 1, "retries": 0, "max_shard_retry": 0, "min_image_size": 0, "max_aspect_ratio": 1}
+ABOVE_ZERO = ("timeout", "max_image_area")
+ENCODE_QUALITY = {"jpg": (0, 100), "webp": (1, 100), "png": (0, 9)}  # png: its compression level
+MAKE_VARIABLES = {"processes_count": "PROCESSES", "thread_count": "THREADS"}
 
 
 def img2dataset_parameters():
@@ -108,3 +116,21 @@ def parse(tokens, parameters=None):
                               f"{', '.join(CHOICES[name])}")
         position += 1
     return options
+
+
+def check_values(options):
+    """Refuse, before anything is fetched, values img2dataset would take and then fail on. `options`: the
+    preset's merged with the user's."""
+    for name, value in options.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        where = f" (make's {MAKE_VARIABLES[name]}, or --{name})" if name in MAKE_VARIABLES else ""
+        if name in LEAST and value < LEAST[name]:
+            raise OptionError(f"--{name} {value} cannot work{where}: img2dataset needs at least {LEAST[name]}")
+        if name in ABOVE_ZERO and not value > 0:
+            raise OptionError(f"--{name} {value} cannot work: img2dataset needs more than 0")
+    low, high = ENCODE_QUALITY.get(options.get("encode_format", "jpg"), (0, 100))
+    quality = options.get("encode_quality")
+    if quality is not None and not low <= quality <= high:
+        raise OptionError(f"--encode_quality {quality} is outside {low}-{high}, the range for --encode_format "
+                          f"{options.get('encode_format', 'jpg')}; give --encode_quality within it")

@@ -32,7 +32,7 @@ SOURCES = {
         name="demo", headerless_columns=("caption", "url"),
         download_options={**DOWNLOAD_OPTIONS, "image_size": 256, "number_sample_per_shard": 1000, "retries": 0,
                           "timeout": 5},
-        homepage="built in: tools/demo_data.py, served on 127.0.0.1"),
+        homepage="python -m tools.demo_download, which generates it and serves it on 127.0.0.1"),
     # Conceptual Captions 3M: Train_GCC-training.tsv, no header, caption<TAB>url.
     "cc3m": Source(
         name="cc3m", headerless_columns=("caption", "url"),

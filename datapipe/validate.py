@@ -45,20 +45,25 @@ class CleanImage:
     converted: str  # what was done to it: "" (stored as downloaded), or e.g. "CMYK->RGB"
 
 
-def _to_8_bit(image):
-    """Images of more than 8 bits per pixel as 8-bit grey ('L'). Pillow's own conversion clips them at 255,
-    which turns a 16-bit photo near-white. Scales: 16-bit and 32-bit integers within 0-65535 by 1/257,
-    floats within 0-1 by 255; other ranges cannot be read without knowing what they mean: rejected."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        values, top, scale = np.asarray(image, dtype=np.float64), 65535, 1 / 257
-    elif image.mode == "F":
-        values, top, scale = np.asarray(image, dtype=np.float64), 1.0, 255.0
-    else:
-        return image
+def scale_to_8_bit(values, kind):
+    """uint8 pixels from deeper ones (any shape; `kind` names them in the error). Clipping at 255, as Pillow and
+    OpenCV do, turns a 16-bit photo near-white. Scales: integers within 0-65535 by 1/257, floats within 0-1
+    by 255; other ranges cannot be read without knowing what they mean: rejected."""
+    top, scale = (1.0, 255.0) if np.issubdtype(values.dtype, np.floating) else (65535, 1 / 257)
+    values = np.asarray(values, dtype=np.float64)
     if values.size and (not np.isfinite(values).all() or values.min() < 0 or values.max() > top):
-        raise Rejected("unsupported_mode", f"{image.mode} pixels from {values.min():g} to {values.max():g}: "
+        raise Rejected("unsupported_mode", f"{kind} pixels from {values.min():g} to {values.max():g}: "
                                            f"only 0-{top:g} can be converted to 8 bits")
-    return Image.fromarray(np.rint(values * scale).astype(np.uint8), "L")
+    return np.rint(values * scale).astype(np.uint8)
+
+
+def _to_8_bit(image):
+    """Images of more than 8 bits per pixel (Pillow's I;16, I and F modes) as 8-bit grey ('L')."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return Image.fromarray(scale_to_8_bit(np.asarray(image, dtype=np.int64), image.mode), "L")
+    if image.mode == "F":
+        return Image.fromarray(scale_to_8_bit(np.asarray(image, dtype=np.float64), image.mode), "L")
+    return image
 
 
 def _to_rgb(image):

@@ -1,9 +1,22 @@
+import http.server
+import io
 import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes, write_raw_shard
+from PIL import Image
 
-from datapipe import download
+from datapipe import download, shard_io
+from tools import demo_download, demo_server
+
+REPO = Path(__file__).parents[1]
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):
@@ -22,7 +35,7 @@ def test_unknown_dataset_and_distributor(tmp_path):
     with pytest.raises(SystemExit, match="unknown dataset 'imagenet'"):
         download.download_dataset("imagenet", tmp_path / "raw")
     with pytest.raises(SystemExit, match="unknown distributor"):
-        download.download_dataset("demo", tmp_path / "raw", distributor="ray")
+        download.download_dataset("demo", tmp_path / "raw", tmp_path / "x.tsv", distributor="ray")
 
 
 def test_demo_download_summary_counts_every_url(demo_shards):
@@ -49,9 +62,8 @@ def test_demo_raw_images_are_passed_through_unchanged(demo_shards):
 def test_pyspark_distributor_in_local_mode(tmp_path, monkeypatch):
     pytest.importorskip("pyspark")
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")  # keep Spark on loopback
-    totals, failures = download.download_dataset(
-        "demo", tmp_path / "raw", processes=1, threads=4, distributor="pyspark",
-        demo_root=tmp_path / "source", demo_size=20)
+    totals, failures = demo_download.download_demo(
+        tmp_path / "raw", demo_root=tmp_path / "source", demo_size=20, processes=1, threads=4, distributor="pyspark")
     assert totals["count"] == 20 + 15 and totals["successes"] == totals["count"] - sum(failures.values())
 
 
@@ -80,6 +92,142 @@ def test_a_full_disk_during_download_stops_and_removes_what_it_spoiled(tmp_path)
     raw = tmp_path / "raw"
     write_raw_shard(raw, 0, [(jpeg_bytes(), "saved")] * 3)
     write_raw_shard(raw, 1, [(jpeg_bytes(), "saved")], failures=["[Errno 28] No space left on device"] * 2)
-    with pytest.raises(SystemExit, match=r"disk holding .*raw is full: 2 images could not be saved.*GiB"):
-        download.check_disk_full(raw)
+    with pytest.raises(SystemExit, match=r"disk holding .*raw is full: 2 images could not be saved.*MiB"):
+        download.check_finished(raw, rows=6, samples_per_shard=3)
     assert sorted(path.name for path in raw.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+
+
+def test_a_shard_img2dataset_did_not_finish_fails_the_download(tmp_path):
+    """img2dataset only prints a failed worker's traceback and returns: the shard without its stats must fail."""
+    raw = tmp_path / "raw"
+    write_raw_shard(raw, 0, [(jpeg_bytes(), "saved")] * 3)
+    write_raw_shard(raw, 1, [(jpeg_bytes(), "saved")] * 3)
+    (raw / "00001_stats.json").unlink()
+    with pytest.raises(SystemExit, match=r"img2dataset did not finish 1 of 2 shard\(s\) \(00001; its messages"):
+        download.check_finished(raw, rows=6, samples_per_shard=3)
+    assert sorted(path.name for path in raw.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("thread_count", 0, r"--thread_count 0 cannot work \(make's THREADS, or --thread_count\): .*at least 1"),
+    ("processes_count", 0, r"--processes_count 0 cannot work \(make's PROCESSES"),
+    ("number_sample_per_shard", 0, "--number_sample_per_shard 0 cannot work"),
+    ("image_size", -5, "--image_size -5 cannot work: img2dataset needs at least 1"),
+    ("timeout", 0, "--timeout 0 cannot work: img2dataset needs more than 0"),
+    ("encode_format", "png", "--encode_quality 95 is outside 0-9, the range for --encode_format png"),
+])
+def test_values_img2dataset_cannot_work_with_are_refused_before_fetching(tmp_path, option, value, message):
+    url_list_path = write_list(tmp_path / "a.tsv", range(3))
+    with pytest.raises(SystemExit, match=message):
+        download.main(["--dataset", "cc3m", "--url-list", str(url_list_path), "--out", str(tmp_path / "out" / "raw"),
+                       f"--{option}", str(value)])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_url_list_download_onto_a_full_disk(tmp_path, small_disk):
+    www = tmp_path / "www"
+    www.mkdir()
+    for number in range(24):  # about 90 KB each: the 1 MiB disk holds about a dozen
+        noise = np.random.default_rng(number).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(www / f"{number}.jpg", quality=95)
+    raw = small_disk / "raw"
+    with demo_server.serve(www) as base_url:
+        url_list_path = tmp_path / "list.tsv"
+        url_list_path.write_text("".join(f"noise {number}\t{base_url}/{number}.jpg\n" for number in range(24)))
+        with pytest.raises(SystemExit, match=r"disk holding .*raw is full.* removed; they need about [0-9.]+ MiB"):
+            download.download_dataset("cc3m", raw, url_list_path, processes=1, threads=4,
+                                      img2dataset_options={"number_sample_per_shard": 6})
+    tars = sorted(raw.glob("*.tar"))
+    assert 0 < len(tars) < 4
+    for tar in tars:  # what is left is whole: stats, a readable parquet, every sample
+        assert tar.with_name(f"{tar.stem}_stats.json").exists()
+        assert pq.read_table(tar.with_suffix(".parquet")).num_rows == 6
+        assert len(list(shard_io.read_samples([tar]))) == 6
+    assert sorted(raw.glob("*.parquet")) == [tar.with_suffix(".parquet") for tar in tars]
+
+
+def test_16_bit_png_and_tiff_keep_their_tones_through_make_download(tmp_path):
+    """img2dataset's JPEG encoder clips 16-bit pixels at 255 (a mid-grey gradient came out near-white)."""
+    import cv2
+
+    www = tmp_path / "www"
+    www.mkdir()
+    ramp = np.linspace(0, 65535, 160).round().astype(np.uint16)  # mean 127.5 once scaled to 8 bits
+    grey = np.tile(ramp, (120, 1))  # (H, W)
+    images = {"rgb16.png": np.dstack([grey] * 3), "grey16.png": grey, "rgb16.tif": np.dstack([grey] * 3),
+              "grey16-large.tif": np.tile(np.linspace(0, 65535, 600).round().astype(np.uint16), (450, 1))}
+    for name, pixels in images.items():  # the large one is downscaled to 384 px by img2dataset
+        assert cv2.imwrite(str(www / name), pixels)
+    with demo_server.serve(www) as base_url:
+        url_list_path = tmp_path / "list.tsv"
+        url_list_path.write_text("".join(f"{name}\t{base_url}/{name}\n" for name in images))
+        done = subprocess.run(["make", "--no-print-directory", "download", "DATASET=cc3m", f"URL_LIST={url_list_path}",
+                               f"OUT={tmp_path / 'out'}", "PROCESSES=1", "THREADS=4"], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    means = {}
+    for sample in shard_io.read_samples(sorted((tmp_path / "out" / "raw").glob("*.tar"))):
+        means[sample["txt"].decode()] = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L")).mean()
+    assert means.keys() == images.keys()
+    assert all(abs(mean - 127.5) < 2 for mean in means.values()), means
+
+
+class DrippingHandler(http.server.BaseHTTPRequestHandler):
+    """An image server that sends a byte every 0.25 s: img2dataset's per-read timeout never fires."""
+
+    def do_GET(self):  # the name http.server calls
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b"\0")
+                time.sleep(0.25)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, format, *args):
+        pass
+
+
+def test_a_dripping_server_is_given_an_overall_deadline_per_image(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrippingHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url_list_path = tmp_path / "list.tsv"
+        url_list_path.write_text("".join(f"slow {number}\thttp://127.0.0.1:{server.server_address[1]}/{number}.jpg\n"
+                                         for number in range(2)))
+        totals, failures = download.download_dataset("cc3m", tmp_path / "raw", url_list_path, processes=1, threads=2,
+                                                     img2dataset_options={"timeout": 1, "retries": 0})
+    finally:
+        server.shutdown()
+        server.server_close()
+    errors = pq.read_table(tmp_path / "raw" / "00000.parquet")["error_message"].to_pylist()
+    assert totals["successes"] == 0 and errors == ["the image took more than 3 s in all (3 x --timeout)"] * 2
+
+
+def test_a_full_disk_while_the_url_list_is_normalized(tmp_path, small_disk):
+    url_list_path = tmp_path / "list.tsv"  # about 4 MiB of captions that do not compress
+    captions = np.random.default_rng(0).integers(0, 2**63, (40_000, 3))
+    url_list_path.write_text("".join(f"{' '.join(map(str, caption))}\thttp://127.0.0.1:9/{number}.jpg\n"
+                                     for number, caption in enumerate(captions)))
+    with pytest.raises(SystemExit, match=r"disk holding .*small-disk is full: the normalized url list .*MiB"):
+        download.download_dataset("cc3m", small_disk / "raw", url_list_path)
+    assert not list(small_disk.glob("urls*"))  # nothing half-written is left

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from datapipe import download, download_options, shard_io
-from tools import demo_data, demo_server
+from datapipe import download_options, shard_io
+from tools import demo_data, demo_download, demo_server
 
 REPO = Path(__file__).parents[1]
 
@@ -44,7 +44,7 @@ def test_bad_options_are_refused_with_the_fix(tokens, message):
 
 def test_user_options_override_the_preset(tmp_path):
     """The demo preset stores images up to 256 px; --image_size 48 makes img2dataset downscale to 48."""
-    download.main(["--dataset", "demo", "--out", str(tmp_path / "raw"), "--demo-size", "10", "--processes", "1",
+    demo_download.main(["--out", str(tmp_path / "raw"), "--demo-size", "10", "--processes", "1",
                    "--threads", "4", "--image_size", "48", "--skip_reencode", "false"])
     sides = [min(Image.open(io.BytesIO(sample["jpg"])).size)
              for sample in shard_io.read_samples(sorted((tmp_path / "raw").glob("*.tar")))]
@@ -119,3 +119,10 @@ def test_readme_data_examples_run_as_written(tmp_path):
 def test_make_refuses_the_old_args_variable():
     done = subprocess.run(["make", "-n", "shards", "ARGS=--compress"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode != 0 and "DOWNLOAD_ARGS" in done.stderr and "SHARDS_ARGS" in done.stderr
+
+
+def test_make_download_without_a_url_list_serves_the_demo_set(tmp_path):
+    done = subprocess.run(["make", "--no-print-directory", "download", f"OUT={tmp_path}", "PROCESSES=1", "THREADS=4",
+                           "DOWNLOAD_ARGS=--demo-size 10"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "demo: serving 25 entries" in done.stdout and (tmp_path / "raw" / "00000_stats.json").exists()

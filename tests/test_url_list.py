@@ -108,3 +108,45 @@ def test_swapped_columns_are_named_as_the_problem(tmp_path):
     path.write_text(CC12M_ROWS)  # url<TAB>caption, read as cc3m (caption<TAB>url)
     with pytest.raises(SystemExit, match="columns look swapped"):
         url_list.normalize(path, tmp_path / "urls.parquet", SOURCES["cc3m"].headerless_columns, "url", "caption")
+
+
+def test_a_quoted_caption_may_hold_newlines(tmp_path):
+    """RFC 4180: a quoted field may span lines; the rows after it keep their own line numbers."""
+    path = tmp_path / "list.csv"
+    path.write_text('url,caption\nhttp://example.invalid/a.jpg,"two\n\nlines"\nhttp://example.invalid/b.jpg,"x\n'
+                    'http://example.invalid/c.jpg,fine\nhttp://example.invalid/d.jpg,one,too many\n')
+    rejections = tmp_path / "rejected.jsonl"
+    summary = url_list.normalize(path, tmp_path / "urls.parquet", ("url", "caption"), "url", "caption",
+                                 rejections_file=rejections)
+    frame = pd.read_parquet(tmp_path / "urls.parquet")
+    assert frame["caption"].tolist() == ["two\n\nlines", "fine"]
+    assert [json.loads(line)["key"] for line in rejections.read_text().splitlines()] == ["line 5", "line 7"]
+    assert dict(summary.rejected) == {"bad_quoting": 1, "wrong_column_count": 1}
+
+
+def test_repeated_urls_are_fetched_once(tmp_path):
+    path = tmp_path / "list.tsv"
+    path.write_text("".join(f"caption {i}\thttp://example.invalid/{i % 3}.jpg\n" for i in range(10)))
+    rejections = tmp_path / "rejected.jsonl"
+    summary = url_list.normalize(path, tmp_path / "urls.parquet", ("caption", "url"), "url", "caption",
+                                 rejections_file=rejections)
+    frame = pd.read_parquet(tmp_path / "urls.parquet")
+    assert frame["caption"].tolist() == ["caption 0", "caption 1", "caption 2"] and summary.rows == 3
+    assert dict(summary.rejected) == {"duplicate_url": 7}  # not "mostly unusable": the list itself is fine
+    logged = [json.loads(line) for line in rejections.read_text().splitlines()]
+    assert logged[0]["detail"] == "list.tsv line 4: the same url as line 1" and len(logged) == 7
+
+
+def test_a_first_row_with_an_empty_url_is_data_not_a_header(tmp_path):
+    path = tmp_path / "list.tsv"
+    path.write_text("no url yet\t\n" + "".join(f"caption {i}\thttp://example.invalid/{i}.jpg\n" for i in range(3)))
+    summary = url_list.normalize(path, tmp_path / "urls.parquet", SOURCES["cc3m"].headerless_columns, "url",
+                                 "caption")
+    assert summary.rows == 3 and dict(summary.rejected) == {"missing_url": 1}
+
+
+def test_a_folder_is_named_as_such(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "cc3m.tsv").write_text("")
+    with pytest.raises(SystemExit, match=r"url list '.*lists' is a folder; pass the url list file itself .*cc3m.tsv"):
+        normalized(tmp_path, tmp_path / "lists")

@@ -30,11 +30,11 @@ def describe(root):
 
 
 def build(root, pairs, samples_per_shard):
-    from datapipe import download, shards
+    from datapipe import shards
+    from tools import demo_download
 
     root = Path(root)
-    download.download_dataset("demo", root / "raw", processes=2, threads=8, demo_root=root / "source",
-                              demo_size=pairs)
+    demo_download.download_demo(root / "raw", demo_root=root / "source", demo_size=pairs, processes=2, threads=8)
     shards.build(root / "raw", root / "train", samples_per_shard=samples_per_shard, processes=2)
     return describe(root)
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import matplotlib
 from PIL import Image
 
-from datapipe import download, shard_io, shards, text
+from datapipe import shard_io, shards, text
 from datapipe.shards.clean import clean_raw_shard
 from datapipe.validate import ImageRules
+from tools import demo_download
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -69,7 +70,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     raw_dir = Path(args.raw)
     if not list(raw_dir.glob("*.tar")):
-        download.download_dataset("demo", raw_dir, processes=2)
+        demo_download.download_demo(raw_dir, processes=2)
     raw_tars = sorted(raw_dir.glob("*.tar"))
     pillow = max(pillow_decode_rate(raw_tars) for _ in range(args.repeats))
     steady = max(steady_state_rate(raw_tars) for _ in range(args.repeats))

@@ -1,0 +1,67 @@
+"""Values of make variables reach the programs as data: shell metacharacters in them run nothing."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tools import make_args
+
+REPO = Path(__file__).parents[1]
+
+
+def hostile(markers):
+    """A value with a backtick command, `;` and `$(...)`, each of which would create one of `markers` if a
+    shell ran it. `$$` because make reads `$(` in a value as a variable of its own: `$$(` reaches the shell."""
+    first, second, third = markers
+    return f"x`touch {first}`;touch {second};$$(touch {third})"
+
+
+def run_make(*words):
+    return subprocess.run(["make", "--no-print-directory", *words], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CI": os.environ.get("CI", "")})
+
+
+@pytest.fixture
+def markers(tmp_path):
+    paths = [tmp_path / f"ran-{number}" for number in range(3)]
+    yield paths
+    assert not any(path.exists() for path in paths), "a make variable was run as shell code"
+
+
+def test_url_list_file_name_is_data(tmp_path, markers):
+    name = hostile(markers).replace("$$", "$")  # the file's real name
+    url_list = Path(f"{tmp_path}/{name}.tsv")  # the markers' slashes make folders of parts of it
+    url_list.parent.mkdir(parents=True)
+    url_list.write_text("")
+    done = run_make("download", "DATASET=cc3m", f"URL_LIST={tmp_path}/{hostile(markers)}.tsv", f"OUT={tmp_path}/out")
+    assert done.returncode != 0 and f"url list '{url_list}' is empty" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("target, variable, expected", [
+    ("download", "DOWNLOAD_ARGS", "unexpected argument 'x`touch'"),
+    ("shards", "SHARDS_ARGS", "unrecognized arguments: --allow-schemes http x`touch"),
+])
+def test_args_variables_are_split_into_words_not_run(tmp_path, markers, target, variable, expected):
+    done = run_make(target, "DATASET=cc3m", f"URL_LIST={tmp_path}/list.tsv", f"OUT={tmp_path}/out",
+                    f"EXCLUDE={tmp_path}/{hostile(markers)}", f"{variable}=--allow-schemes http {hostile(markers)}")
+    assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
+
+
+def test_train_args_and_run_folder_are_data(tmp_path, markers):
+    out = tmp_path / "out"
+    (out / "raw").mkdir(parents=True)
+    (out / "raw" / "00000_stats.json").write_text("{}")  # `make data` finds them: no download, no shards
+    (out / "train").mkdir()
+    (out / "train" / "manifest.json").write_text("{}")
+    done = run_make("pretrain", f"OUT={out}", f"RUN={tmp_path}/{hostile(markers)}", f"TRAIN_ARGS={hostile(markers)}")
+    assert done.returncode != 0 and "x`touch" in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+def test_args_are_split_with_shell_quoting():
+    environment = {"DOWNLOAD_ARGS": "--user_agent_token 'a b' --disallowed_header_directives '[]' `x`;y"}
+    assert make_args.expand(["prog", "{DOWNLOAD_ARGS}", "{TRAIN_ARGS}", "{raw}"], environment) == [
+        "prog", "--user_agent_token", "a b", "--disallowed_header_directives", "[]", "`x`;y", "{raw}"]
+    with pytest.raises(SystemExit, match="DOWNLOAD_ARGS cannot be split into words .*close the quote"):
+        make_args.expand(["{DOWNLOAD_ARGS}"], {"DOWNLOAD_ARGS": "--user_agent_token 'a"})
