@@ -31,13 +31,13 @@ def check_raw_shards(raw_dir, raw_tars):
         raise BuildError(f"no .tar shards in '{raw_dir}'; run `make download` first "
                          "(or point RAW at img2dataset's webdataset output)")
     for raw_tar in raw_tars:
-        expected = (raw_tar.with_name(f"{raw_tar.stem}_stats.json"), raw_tar.with_suffix(".parquet"))
-        missing = [path.name for path in expected if not path.exists()]
+        companions = _companion_files(raw_tar)
+        missing = [path.name for path, _ in companions if not path.exists()]
         if missing:
             raise BuildError(f"raw shard '{raw_tar}' has no {' or '.join(missing)}: img2dataset did not finish it (a "
                              f"download stopped while writing it). Delete {raw_tar.name} and run `make download` "
                              "again: its incremental mode fetches just that shard.")
-        for path, read in expected_readers(raw_tar):
+        for path, read in companions:
             try:
                 read(path)
             except Exception as error:  # noqa: BLE001 (json and pyarrow raise several types for a damaged file)
@@ -46,7 +46,7 @@ def check_raw_shards(raw_dir, raw_tars):
                                  "again: its incremental mode fetches just that shard.") from None
 
 
-def expected_readers(raw_tar):
+def _companion_files(raw_tar):
     """(path, reader) of the files img2dataset writes next to a raw shard; each reader raises if it is damaged."""
     return ((raw_tar.with_name(f"{raw_tar.stem}_stats.json"), _read_stats), (raw_tar.with_suffix(".parquet"),
                                                                              pq.read_metadata))
