@@ -1,0 +1,163 @@
+"""Shards in object storage, read through the bounded local cache, against a real S3 server on 127.0.0.1."""
+
+import json
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_training_shards
+from s3_server import S3Server
+
+from datapipe import SingleCrop, make_loader, shard_io
+from datapipe.loader import CacheOptions
+from datapipe.object_store import StorageError
+from datapipe.samples import ShardSet
+from datapipe.shard_cache import MARKER, ShardRefused
+
+pytestmark = pytest.mark.network
+RECIPE = SingleCrop(size_px=32, flip_prob=0.5)
+SETTINGS = dict(recipe=RECIPE, batch_size=4, seed=5, shuffle_window=8, num_workers=2)
+
+
+def with_manifest_hashes(train_dir):
+    """Add what `make shards` records per shard (bytes, sha256, index) to write_training_shards' manifest."""
+    manifest = json.loads((train_dir / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        tar_path = train_dir / entry["name"]
+        entry.update(bytes=tar_path.stat().st_size, sha256=shard_io.sha256_file(tar_path),
+                     index=tar_path.with_suffix(".idx").name)
+    (train_dir / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory):
+    images = np.random.default_rng(0).integers(0, 256, (44, 40, 48, 3), dtype=np.uint8)
+    train_dir = write_training_shards(tmp_path_factory.mktemp("remote") / "train", images, samples_per_shard=8)
+    with_manifest_hashes(train_dir)
+    return train_dir
+
+
+@pytest.fixture(scope="module")
+def server(local_shards):
+    server = S3Server().start()
+    server.upload_folder(local_shards, "s3://datasets/demo/train")
+    yield server
+    server.stop()
+
+
+def cache_options(tmp_path, limit_gb=1.0):
+    return CacheOptions(folder=tmp_path / "cache", limit_gb=limit_gb, fetch_retries=2, retry_wait_s=0.05)
+
+
+def batches(loader, count=None):
+    got = []
+    for batch in loader:
+        got.append(batch)
+        if count is not None and len(got) == count:
+            break
+    return got
+
+
+def assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.keys == theirs.keys
+        torch.testing.assert_close(mine.global_crops, theirs.global_crops, rtol=0, atol=0)
+        torch.testing.assert_close(mine.tokens, theirs.tokens, rtol=0, atol=0)
+
+
+def cached_bytes(folder):
+    return sum(path.stat().st_size for path in folder.iterdir() if path.suffix in (".tar", ".idx", ".partial"))
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_remote_shards_give_the_local_batches(local_shards, server, tmp_path, backend):
+    """Two epochs from the bucket equal two epochs from the local folder, crops and all; the source is untouched."""
+    before = {entry["name"]: entry["ETag"] for entry in server.filesystem().ls("datasets/demo/train", detail=True)}
+    local = make_loader(local_shards, backend=backend, **SETTINGS)
+    remote = make_loader("s3://datasets/demo/train", backend=backend, cache=cache_options(tmp_path), **SETTINGS)
+    assert remote.shards.fingerprint == local.shards.fingerprint
+    for _ in range(2):
+        assert_same_batches(batches(remote), batches(local))
+    after = {entry["name"]: entry["ETag"] for entry in server.filesystem().ls("datasets/demo/train", detail=True)}
+    assert after == before
+
+
+def test_a_cache_smaller_than_the_dataset_stays_under_its_limit(local_shards, server, tmp_path):
+    shard_bytes = [path.stat().st_size + path.with_suffix(".idx").stat().st_size
+                   for path in sorted(local_shards.glob("*.tar"))]
+    limit_bytes = 3 * max(shard_bytes)
+    assert limit_bytes < sum(shard_bytes)
+    remote = make_loader("s3://datasets/demo/train", backend="dali", cache=cache_options(tmp_path, limit_bytes / 1e9),
+                         **SETTINGS)
+    expected = batches(make_loader(local_shards, backend="dali", **SETTINGS))
+    got, peak_bytes = [], 0
+    for batch in remote:
+        got.append(batch)
+        peak_bytes = max(peak_bytes, cached_bytes(tmp_path / "cache"))
+    assert_same_batches(got, expected)
+    assert 0 < peak_bytes <= limit_bytes
+    assert remote.shards.cache.fetched_bytes > sum(shard_bytes) - limit_bytes  # it did evict and fetch again
+
+
+def test_a_limit_below_one_window_of_shards_is_refused_with_the_fix(server, tmp_path):
+    with pytest.raises(StorageError, match="raise data.cache_limit_gb or lower data.shuffle_window"):
+        batches(make_loader("s3://datasets/demo/train", backend="dali", cache=cache_options(tmp_path, 1e-6),
+                            **SETTINGS))
+
+
+def test_processes_sharing_a_cache_fetch_each_shard_once(server, tmp_path):
+    """Two readers of one cache folder (each its own cache object, as two ranks) fetch every shard once between
+    them; the per-shard lock makes the second wait for the first."""
+    readers = [ShardSet.from_path("s3://datasets/demo/train", tmp_path / "cache", 10**9, 2, 0.05) for _ in range(2)]
+    threads = [threading.Thread(target=lambda shards=shards: [shards.cache.paths(number)
+                                                               for number in range(len(shards.names))])
+               for shards in readers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total_bytes = sum(shard.total_bytes for shard in readers[0].cache.shards)
+    assert sum(shards.cache.fetched_bytes for shards in readers) == total_bytes
+
+
+def test_a_corrupted_object_is_fetched_again_then_refused(local_shards, server, tmp_path, caplog):
+    corrupted = tmp_path / "corrupted"
+    corrupted.mkdir()
+    for path in local_shards.iterdir():
+        data = bytearray(path.read_bytes())
+        if path.name == "000002.tar":
+            data[700] ^= 0xFF  # same size, other bytes
+        (corrupted / path.name).write_bytes(bytes(data))
+    server.upload_folder(corrupted, "s3://datasets/corrupted/train")
+    shards = ShardSet.from_path("s3://datasets/corrupted/train", tmp_path / "cache", 10**9, 2, 0.05)
+    shards.cache.paths(0)  # an intact shard of the set is fine
+    with caplog.at_level(logging.WARNING, logger="datapipe"), \
+            pytest.raises(ShardRefused, match=r"corrupted/train/000002.tar: its sha256 differs.*fetched twice"):
+        shards.cache.paths(2)
+    assert "fetching it once more" in caplog.text
+    assert not list((tmp_path / "cache").glob("*000002*.tar*"))  # nothing of it is kept
+
+
+def test_missing_bucket_manifest_and_bad_credentials_say_what_to_fix(server, tmp_path, monkeypatch):
+    options = cache_options(tmp_path)
+    with pytest.raises(StorageError, match="no such bucket"):
+        make_loader("s3://no-such-bucket/train", backend="dali", cache=options, **SETTINGS)
+    with pytest.raises(StorageError, match="manifest.json: no such object"):
+        make_loader("s3://datasets/nothing-here", backend="dali", cache=options, **SETTINGS)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StorageError, match="access denied.*AWS_ACCESS_KEY_ID"):
+        make_loader("s3://datasets/demo/train", backend="dali", cache=options, **SETTINGS)
+
+
+def test_a_cache_folder_of_other_files_is_refused(server, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "000000.tar").write_bytes(b"the user's own file")
+    with pytest.raises(StorageError, match="is not a shard cache"):
+        make_loader("s3://datasets/demo/train", backend="dali",
+                    cache=CacheOptions(folder=tmp_path / "mine", limit_gb=1.0), **SETTINGS)
+    assert (tmp_path / "mine" / "000000.tar").read_bytes() == b"the user's own file"
+    assert not (tmp_path / "mine" / MARKER).exists()
