@@ -37,6 +37,7 @@ MARKER = ".harmony-shard-cache"  # a folder without it is not a cache: nothing i
 CACHED_FILE = re.compile(r"^[0-9a-f]{12}-.+\.(tar|idx)$")
 WAIT_FOR_ROOM_S = 120  # a reader waits this long for other processes' fetches to finish before giving up
 PREFETCH_THREADS = 2
+PREFETCH_IDLE_EXIT_S = 10  # a prefetch thread not woken by a reader for this long ends (advance() starts anew)
 
 
 class ShardRefused(StorageError):
@@ -125,12 +126,13 @@ class ShardCache:
     def advance(self, position):
         """The reader is at global sequence `position`: start fetching what comes next."""
         self.schedule.advance(position)
-        if not self._threads:
-            self._threads = [threading.Thread(target=self._prefetch, daemon=True, name=f"shard-prefetch-{number}")
-                             for number in range(PREFETCH_THREADS)]
-            for thread in self._threads:
-                thread.start()
         self._wake.set()
+        with self._state_lock:
+            self._threads = [thread for thread in self._threads if thread.is_alive()]
+            while len(self._threads) < PREFETCH_THREADS:
+                thread = threading.Thread(target=self._prefetch, daemon=True, name="shard-prefetch")
+                thread.start()
+                self._threads.append(thread)
 
     def paths(self, number):
         """(tar path, index path) of shard `number` in the cache, fetched now if missing."""
@@ -249,8 +251,7 @@ class ShardCache:
 
     def _prefetch(self):
         """Fetch the upcoming shards in order, while they fit; wait for the reader to move on."""
-        while not self._stopped:
-            self._wake.wait(timeout=1.0)
+        while not self._stopped and self._wake.wait(timeout=PREFETCH_IDLE_EXIT_S):
             self._wake.clear()
             for number in self.schedule.upcoming():
                 if self._stopped:
@@ -261,7 +262,7 @@ class ShardCache:
                     self._claimed.add(number)
                 try:
                     fitted = self._ensure(number, demand=False)
-                except StorageError as error:  # the reader meets it again when it needs this shard
+                except Exception as error:  # noqa: BLE001 (the reader meets it again when it needs this shard)
                     log.warning("prefetch of %s failed: %s", self.shards[number].tar_name, error)
                     fitted = False
                 finally:

@@ -2,13 +2,15 @@
 authentication enforced (an IAM user made through the server's first unauthenticated requests).
 
 The process environment points the AWS clients at it (AWS_ENDPOINT_URL, the user's keys), as a user
-would point them at a bucket."""
+would point them at a bucket. Clients reach it through a TCP relay the tests can cut (`cut()`: every
+open connection breaks and new ones are refused) and restore, as a network that goes away."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import fsspec
@@ -22,10 +24,51 @@ def free_port():
         return probe.getsockname()[1]
 
 
+class Relay:
+    """Forwards TCP connections from its own port to `target_port` on 127.0.0.1."""
+
+    def __init__(self, target_port):
+        self.port, self.target_port = free_port(), target_port
+        self.listener, self.connections, self.lock = None, [], threading.Lock()
+
+    def restore(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self):
+        self.listener.close()
+        with self.lock:
+            for connection in self.connections:
+                connection.close()
+            self.connections.clear()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+
 class S3Server:
     def __init__(self):
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process = None
 
     def start(self):
@@ -40,7 +83,9 @@ class S3Server:
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"moto server did not start on port {self.port}")
             time.sleep(0.2)
-        os.environ.update(AWS_ENDPOINT_URL=self.endpoint, AWS_DEFAULT_REGION="us-east-1",
+        self.relay = Relay(self.port)
+        self.relay.restore()
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{self.relay.port}", AWS_DEFAULT_REGION="us-east-1",
                           AWS_ACCESS_KEY_ID="setup", AWS_SECRET_ACCESS_KEY="setup")
         import boto3
 
@@ -54,6 +99,7 @@ class S3Server:
 
     def stop(self):
         if self.process is not None:
+            self.relay.cut()
             self.process.terminate()
             self.process.wait(timeout=30)
             self.process = None

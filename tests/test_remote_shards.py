@@ -161,3 +161,29 @@ def test_a_cache_folder_of_other_files_is_refused(server, tmp_path):
                     cache=CacheOptions(folder=tmp_path / "mine", limit_gb=1.0), **SETTINGS)
     assert (tmp_path / "mine" / "000000.tar").read_bytes() == b"the user's own file"
     assert not (tmp_path / "mine" / MARKER).exists()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_server_gone_mid_epoch_is_retried_then_named_and_the_resumed_epoch_matches(local_shards, server, tmp_path,
+                                                                                      caplog, backend):
+    limit_gb = 3 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
+    settings = dict(SETTINGS, backend=backend, cache=cache_options(tmp_path, limit_gb))
+    expected = batches(make_loader(local_shards, **{**SETTINGS, "backend": backend}))
+    loader = make_loader("s3://datasets/demo/train", **settings)
+    got = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="datapipe"), \
+                pytest.raises(StorageError, match=r"000\d+\.(tar|idx): the connection failed 3 times"):
+            for batch in loader:
+                got.append(batch)
+                saved = loader.state_dict()  # what a checkpoint after this step holds
+                if len(got) == 2:
+                    server.relay.cut()
+    finally:
+        server.relay.restore()
+    if backend == "dali":  # torch's workers log in their own processes
+        assert "try 2 of 3" in caplog.text
+    assert 2 <= len(got) < len(expected)
+    resumed = make_loader("s3://datasets/demo/train", **settings)
+    resumed.load_state_dict(saved)
+    assert_same_batches(got + batches(resumed), expected)
