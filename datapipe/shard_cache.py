@@ -118,8 +118,8 @@ class ShardCache:
         """Prefetch by `schedule` (a ShardSchedule) from now on; refuses a limit one batch's shards exceed."""
         needed = schedule.peak_bytes([shard.total_bytes for shard in self.shards])
         if needed > self.limit_bytes:
-            raise StorageError(f"{self.remote.location}: data.cache_limit_gb={self.limit_bytes / 1e9:g} is smaller "
-                               f"than the {needed / 1e9:.3g} GB of shards one shuffle window reads; raise "
+            raise StorageError(f"{self.remote.location}: data.cache_limit_gb={self.limit_bytes / 1e9:.6g} is smaller "
+                               f"than the {needed / 1e9:.6g} GB of shards one shuffle window reads; raise "
                                f"data.cache_limit_gb or lower data.shuffle_window")
         self.schedule = schedule
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import write_training_shards
 from s3_server import S3Server
+from test_train import losses_logged, tiny_config
 
 from datapipe import SingleCrop, make_loader, shard_io
 from datapipe.loader import CacheOptions
@@ -187,3 +188,17 @@ def test_a_server_gone_mid_epoch_is_retried_then_named_and_the_resumed_epoch_mat
     resumed = make_loader("s3://datasets/demo/train", **settings)
     resumed.load_state_dict(saved)
     assert_same_batches(got + batches(resumed), expected)
+
+
+def test_training_on_remote_shards_logs_the_local_losses(local_shards, server, tmp_path):
+    """Through a cache smaller than the dataset, as `make pretrain OUT=s3://...` runs it (the loader tests above
+    show both backends give the local batches)."""
+    from train.pretrain import train
+
+    limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
+    common = ("run.max_steps=2", "data.backend=dali", "data.shuffle_window=8")
+    train(tiny_config(local_shards, tmp_path / "local", *common))
+    train(tiny_config("s3://datasets/demo/train", tmp_path / "remote", *common, f"data.cache_dir={tmp_path / 'cache'}",
+                      f"data.cache_limit_gb={limit_gb}"))
+    assert len(losses_logged(tmp_path / "remote")) == 2
+    assert losses_logged(tmp_path / "remote") == losses_logged(tmp_path / "local")
