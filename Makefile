@@ -64,10 +64,11 @@ shards: setup
 verify: setup
 	$(PY) -m datapipe.shards verify "$(OUT)/train"
 
-# Training shards, downloaded and built first when missing.
+# Training shards, downloaded and built first when missing (shards in object storage are read as they are).
+REMOTE_OUT = $(filter s3://% gs://% gcs://% hf://%,$(OUT))
 data: setup
-	@test -f "$(RAW)/00000_stats.json" || $(MAKE) --no-print-directory download
-	@test -f "$(OUT)/train/manifest.json" || $(MAKE) --no-print-directory shards
+	@test -n "$(REMOTE_OUT)" || test -f "$(RAW)/00000_stats.json" || $(MAKE) --no-print-directory download
+	@test -n "$(REMOTE_OUT)" || test -f "$(OUT)/train/manifest.json" || $(MAKE) --no-print-directory shards
 
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
 # The demo ends with `make eval` on the demo's held-out splits.
