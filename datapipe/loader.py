@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from datapipe.samples import EpochPlan, ShardSet, batches_per_epoch
+from datapipe.mixing import open_shards
+from datapipe.samples import EpochPlan, batches_per_epoch
 
 log = logging.getLogger("datapipe")
 BACKENDS = ("auto", "dali", "torch")
@@ -34,14 +35,14 @@ class Loader:
     """
 
     def __init__(self, shards, recipe, batch_size, backend, device, rank, world_size, seed, epoch, dtype,
-                 num_workers, shuffle_window, cache):
+                 num_workers, shuffle_window, cache, mix_weights):
         for name, value in (("batch_size", batch_size), ("shuffle_window", shuffle_window)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: it must be a whole number of samples, at least 1")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers}: use 0 or more")
-        self.shards = ShardSet.from_path(shards, cache.folder, cache.limit_bytes, cache.fetch_retries,
-                                         cache.retry_wait_s)
+        self.shards = open_shards(shards, mix_weights, cache.folder, cache.limit_bytes, cache.fetch_retries,
+                                  cache.retry_wait_s)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.recipe, self.batch_size, self.device, self.dtype = recipe, batch_size, torch.device(device), dtype
@@ -126,9 +127,11 @@ class CacheOptions:
 
 
 def make_loader(shards, recipe, batch_size, *, backend="auto", device=None, rank=None, world_size=None, seed=0,
-                epoch=0, dtype=torch.float32, num_workers=2, shuffle_window=4096, cache=CacheOptions()):
+                epoch=0, dtype=torch.float32, num_workers=2, shuffle_window=4096, cache=CacheOptions(),
+                mix_weights=()):
     """Batches of `recipe` views from the training shards in `shards`: a `make shards` output folder, or its
-    s3://, gs:// or hf:// location, read through a local cache (`cache`: a CacheOptions).
+    s3://, gs:// or hf:// location, read through a local cache (`cache`: a CacheOptions); or a list of them
+    mixed by `mix_weights` (one per set: 2 reads a set twice per epoch, 0.5 half of it; default 1 each).
 
     backend: "dali" (GPU decode when `device` is a CUDA device, else CPU threads), "torch"
     (torchvision in DataLoader workers, the reference), or "auto" (= "dali").
@@ -138,4 +141,4 @@ def make_loader(shards, recipe, batch_size, *, backend="auto", device=None, rank
     num_workers: DataLoader workers (torch) or DALI threads.
     """
     return Loader(shards, recipe, batch_size, backend, device, rank, world_size, seed, epoch, dtype,
-                  num_workers, shuffle_window, cache)
+                  num_workers, shuffle_window, cache, mix_weights)

@@ -87,39 +87,53 @@ class ShardSet:
             if missing:
                 raise StorageError(f"{remote.url(missing[0])} is listed in its manifest but missing: re-publish the "
                                    f"shards with `make shards OUT={location.rsplit('/', 1)[0]}`")
-            shards.append(RemoteShard(f"{source_id(location)}-{entry['name'].removesuffix('.tar')}", entry["name"],
-                                      entry["bytes"], entry["sha256"], index_name, sizes[index_name],
-                                      entry["samples"]))
-        cache = ShardCache(cache_dir, cache_limit_bytes, remote, shards)
+            stem = f"{source_id(location)}-{entry['name'].removesuffix('.tar')}"
+            shards.append(RemoteShard(remote, stem, entry["name"], entry["bytes"], entry["sha256"], index_name,
+                                      sizes[index_name], entry["samples"]))
+        cache = ShardCache(cache_dir, cache_limit_bytes, shards)
         return cls(location, names, tuple(shard["samples"] for shard in manifest["shards"]), _fingerprint(manifest),
                    cache)
 
-    def _files(self, shard):
+    def local_files(self, shard):
         """(tar path, index path) on this machine of shard number `shard` (a remote one is fetched if missing)."""
         if self.cache is not None:
             return self.cache.paths(shard)
         tar_path = self.root / self.names[shard]
         return tar_path, tar_path.with_suffix(".idx")
 
-    def _with_local_file(self, shard, which, action):
-        """action(path) of the shard's tar (which=0) or index (1); a cached file another process evicted between
-        the look-up and the open is fetched again."""
-        while True:
-            try:
-                return action(self._files(shard)[which])
-            except FileNotFoundError:
-                if self.cache is None:
-                    raise
-
     def open_tar(self, shard):
-        return self._with_local_file(shard, 0, lambda path: open(path, "rb"))
+        return with_local_file(self.local_files, shard, 0, open_binary, cached=self.cache is not None)
 
     def read_index(self, shard):
-        return self._with_local_file(shard, 1, read_dali_index)
+        return with_local_file(self.local_files, shard, 1, read_dali_index, cached=self.cache is not None)
+
+    def shard_key(self, shard):
+        """The shard's part of a sample's key."""
+        return self.names[shard].removesuffix(".tar")
+
+    def epoch_layout(self, seed, epoch):
+        """(samples per listed shard, shard number of each or None when listed as they are): one set is read once
+        per epoch, shard by shard (a ShardMixture lists shards again or in part)."""
+        return self.sizes, None
 
     @property
     def total(self):
         return sum(self.sizes)
+
+
+def open_binary(path):
+    return open(path, "rb")
+
+
+def with_local_file(files, shard, which, action, cached):
+    """action(path) of the shard's tar (which=0) or index (1) from `files(shard)`; a cached file another process
+    evicted between the look-up and the open is fetched again."""
+    while True:
+        try:
+            return action(files(shard)[which])
+        except FileNotFoundError:
+            if not cached:
+                raise
 
 
 def _plain_tar_names(manifest, root):
@@ -149,8 +163,11 @@ class EpochOrder:
 
     CACHED_WINDOWS = 4
 
-    def __init__(self, sizes, seed, epoch, shuffle_window):
+    def __init__(self, sizes, seed, epoch, shuffle_window, physical=None):
+        """`physical`: the shard number of each entry of `sizes` when the epoch lists shards again or in part (a
+        prefix of its samples); None when `sizes` are the shards themselves."""
         self.seed, self.epoch, self.window_size = seed, epoch, shuffle_window
+        self.physical = None if physical is None else np.asarray(physical, dtype=np.int64)
         self.shard_order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
         sizes = np.asarray(sizes)[self.shard_order]
         self.ends = np.cumsum(sizes)  # sequence positions where each shuffled shard ends
@@ -176,7 +193,15 @@ class EpochOrder:
             chosen = positions // self.window_size == window
             unshuffled[chosen] = self._window(int(window))[positions[chosen] - window * self.window_size]
         slot = np.searchsorted(self.ends, unshuffled, side="right")  # which shuffled shard holds it
-        return np.stack([self.shard_order[slot], unshuffled - self.starts[slot]], axis=1)
+        listed = self.shard_order[slot]
+        shard = listed if self.physical is None else self.physical[listed]
+        return np.stack([shard, unshuffled - self.starts[slot]], axis=1)
+
+
+def epoch_order(shards, seed, epoch, shuffle_window):
+    """The EpochOrder of a ShardSet or ShardMixture."""
+    sizes, physical = shards.epoch_layout(seed, epoch)
+    return EpochOrder(sizes, seed, epoch, shuffle_window, physical)
 
 
 def rank_positions(batch_index, rank, world_size, batch_size):
@@ -187,7 +212,7 @@ def rank_positions(batch_index, rank, world_size, batch_size):
 
 def rank_order(shards, seed, epoch, rank, world_size, batch_size, shuffle_window):
     """(n, 2) int64 array of (shard number, sample number in shard): this rank's samples this epoch, in order."""
-    order = EpochOrder(shards.sizes, seed, epoch, shuffle_window)
+    order = epoch_order(shards, seed, epoch, shuffle_window)
     batches = batches_per_epoch(shards.total, world_size, batch_size)
     positions = [rank_positions(batch, rank, world_size, batch_size) for batch in range(batches)]
     return order[np.concatenate(positions)] if positions else np.empty((0, 2), dtype=np.int64)
@@ -208,7 +233,7 @@ class SampleReader:
         self._files = OrderedDict()
 
     def key(self, shard, sample):
-        stem = self.shards.names[shard].removesuffix(".tar")
+        stem = self.shards.shard_key(shard)
         return f"{stem}/{self._index(shard)[sample][0]}"
 
     def _index(self, shard):
@@ -291,7 +316,7 @@ class EpochPlan:
         self.reader = SampleReader(shards)
         self.recipe, self.batch_size = recipe, batch_size
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.order = EpochOrder(shards.sizes, seed, epoch, shuffle_window)
+        self.order = epoch_order(shards, seed, epoch, shuffle_window)
         self.num_batches = batches_per_epoch(shards.total, world_size, batch_size)
         self.reserve_start = self.num_batches * world_size * batch_size  # the tail replaces unreadable samples
         self.found_unreadable = {}  # (shard, sample) -> reason, found by a backend after reading (decoding)

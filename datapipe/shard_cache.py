@@ -48,6 +48,7 @@ class ShardRefused(StorageError):
 class RemoteShard:
     """One shard of a remote set, as its manifest and the bucket listing describe it."""
 
+    remote: RemoteFolder  # the folder holding it
     stem: str  # the cache's name for it: <source>-<tar stem>
     tar_name: str
     tar_bytes: int
@@ -81,18 +82,19 @@ def _flock(path, blocking=True):
 
 
 class ShardCache:
-    """The cache of one shard set in `folder`, holding at most `limit_bytes` of shards (of every set)."""
+    """The cache of the remote shards a loader reads, in `folder`, holding at most `limit_bytes` of shards (of
+    every set). `shards[n]` is shard number n of the loader's set or mixture, None for a local one."""
 
-    def __init__(self, folder, limit_bytes, remote: RemoteFolder, shards: list[RemoteShard]):
+    def __init__(self, folder, limit_bytes, shards: list[RemoteShard | None]):
         self.folder, self.limit_bytes = Path(folder), int(limit_bytes)
-        self.remote, self.shards = remote, shards
+        self.shards = shards
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / MARKER).exists():
             if any(self.folder.iterdir()):
                 raise StorageError(f"data.cache_dir={self.folder} holds files and is not a shard cache; the cache "
                                    f"evicts files in its folder, so give it an empty or new folder")
             (self.folder / MARKER).write_text("harmony-pipe shard cache: files here are evicted as needed\n")
-        self._number_of = {shard.stem: number for number, shard in enumerate(shards)}
+        self._number_of = {shard.stem: number for number, shard in enumerate(shards) if shard is not None}
         self._init_process_state()
 
     def _init_process_state(self):
@@ -102,9 +104,8 @@ class ShardCache:
         self.fetched_bytes = 0  # by this process
 
     def __getstate__(self):  # DataLoader workers start their own threads
-        return {name: value for name, value in self.__dict__.items() if name in ("folder", "limit_bytes", "remote",
-                                                                                   "shards", "_number_of",
-                                                                                   "schedule")}
+        return {name: value for name, value in self.__dict__.items() if name in ("folder", "limit_bytes", "shards",
+                                                                                   "_number_of", "schedule")}
 
     def __setstate__(self, state):
         schedule = state.pop("schedule")
@@ -116,9 +117,10 @@ class ShardCache:
 
     def follow(self, schedule):
         """Prefetch by `schedule` (a ShardSchedule) from now on; refuses a limit one batch's shards exceed."""
-        needed = schedule.peak_bytes([shard.total_bytes for shard in self.shards])
+        needed = schedule.peak_bytes([shard.total_bytes if shard else 0 for shard in self.shards])
         if needed > self.limit_bytes:
-            raise StorageError(f"{self.remote.location}: data.cache_limit_gb={self.limit_bytes / 1e9:.6g} is smaller "
+            locations = sorted({shard.remote.location for shard in self.shards if shard})
+            raise StorageError(f"{', '.join(locations)}: data.cache_limit_gb={self.limit_bytes / 1e9:.6g} is smaller "
                                f"than the {needed / 1e9:.6g} GB of shards one shuffle window reads; raise "
                                f"data.cache_limit_gb or lower data.shuffle_window")
         self.schedule = schedule
@@ -181,8 +183,8 @@ class ShardCache:
         tar_path, index_path = self._paths(shard)
         partial_tar, partial_index = (path.with_name(path.name + ".partial") for path in (tar_path, index_path))
         for attempt in (1, 2):
-            digest = self.remote.download(shard.tar_name, partial_tar)
-            self.remote.download(shard.index_name, partial_index)
+            digest = shard.remote.download(shard.tar_name, partial_tar)
+            shard.remote.download(shard.index_name, partial_index)
             self.fetched_bytes += shard.total_bytes
             problem = self._problem(shard, partial_tar, digest, partial_index)
             if problem is None:
@@ -192,9 +194,9 @@ class ShardCache:
             partial_tar.unlink(missing_ok=True)
             partial_index.unlink(missing_ok=True)
             if attempt == 2:
-                raise ShardRefused(f"{self.remote.url(shard.tar_name)}: {problem}, fetched twice; the object differs "
+                raise ShardRefused(f"{shard.remote.url(shard.tar_name)}: {problem}, fetched twice; the object differs "
                                    f"from its manifest: rebuild or re-publish the shards (`make shards OUT=...`)")
-            log.warning("%s: %s; fetching it once more", self.remote.url(shard.tar_name), problem)
+            log.warning("%s: %s; fetching it once more", shard.remote.url(shard.tar_name), problem)
 
     @staticmethod
     def _problem(shard, tar_path, digest, index_path):
@@ -256,6 +258,8 @@ class ShardCache:
             for number in self.schedule.upcoming():
                 if self._stopped:
                     return
+                if self.shards[number] is None:  # a local shard
+                    continue
                 with self._state_lock:
                     if number in self._claimed:
                         continue

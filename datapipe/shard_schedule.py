@@ -17,7 +17,12 @@ class ShardSchedule:
         """`order`: the epoch's datapipe.samples.EpochOrder."""
         self.order, self.global_batch_size = order, global_batch_size
         self.window_size = order.window_size
-        self.slot_of = np.argsort(order.shard_order)  # shard number -> its place in the shuffled order
+        # The shard read at each place of the shuffled order (a mixture lists some shards more than once).
+        listed = order.shard_order
+        self.shard_in_order = listed if order.physical is None else order.physical[listed]
+        self.slots_of = {}  # shard number -> its places in the shuffled order, ascending
+        for slot, shard in enumerate(self.shard_in_order.tolist()):
+            self.slots_of.setdefault(shard, []).append(slot)
         self.window = 0  # the window of the batch being read now
 
     def advance(self, position):
@@ -26,21 +31,21 @@ class ShardSchedule:
 
     def next_use(self, shard):
         """Windows from now until `shard` is read (0: now; math.inf: not again this epoch)."""
-        slot = self.slot_of[shard]
         window_start = self.window * self.window_size
-        if self.order.ends[slot] <= window_start:
-            return math.inf
-        return max(0, int(self.order.starts[slot]) // self.window_size - self.window)
+        for slot in self.slots_of.get(shard, ()):
+            if self.order.ends[slot] > window_start:
+                return max(0, int(self.order.starts[slot]) // self.window_size - self.window)
+        return math.inf
 
     def upcoming(self):
         """Shard numbers still to be read this epoch, in the order they are first read."""
         first_slot = int(np.searchsorted(self.order.ends, self.window * self.window_size, side="right"))
-        return self.order.shard_order[first_slot:].tolist()
+        return list(dict.fromkeys(self.shard_in_order[first_slot:].tolist()))
 
     def peak_bytes(self, shard_bytes):
         """The most bytes of shards that one batch's reads need on disk at once: those overlapping a window
         and the next global batch after it (a batch may straddle two windows)."""
-        bytes_in_order = np.asarray(shard_bytes, dtype=np.int64)[self.order.shard_order]
+        bytes_in_order = np.asarray(shard_bytes, dtype=np.int64)[self.shard_in_order]
         cumulative = np.concatenate([[0], np.cumsum(bytes_in_order)])
         window_starts = np.arange(0, self.order.total, self.window_size)
         first = np.searchsorted(self.order.ends, window_starts, side="right")

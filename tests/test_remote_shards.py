@@ -202,3 +202,15 @@ def test_training_on_remote_shards_logs_the_local_losses(local_shards, server, t
                       f"data.cache_limit_gb={limit_gb}"))
     assert len(losses_logged(tmp_path / "remote")) == 2
     assert losses_logged(tmp_path / "remote") == losses_logged(tmp_path / "local")
+
+
+def test_a_mixture_of_local_and_remote_sets_gives_the_all_local_batches(local_shards, server, tmp_path):
+    """One cache for the remote set read twice per epoch, smaller than what the epoch reads from it."""
+    limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
+    other = write_training_shards(tmp_path / "other", np.full((12, 40, 48, 3), 90, dtype=np.uint8), 8)
+    settings = dict(SETTINGS, backend="dali", mix_weights=[0.5, 2])
+    expected = batches(make_loader([other, local_shards], **settings))
+    got = batches(make_loader([other, "s3://datasets/demo/train"], cache=cache_options(tmp_path, limit_gb),
+                              **settings))
+    assert len(got) == (6 + 88) // 4
+    assert_same_batches(got, expected)

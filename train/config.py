@@ -18,7 +18,8 @@ PRESETS = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/cc3m/train"
+    shards: str | list[str] = "shards/cc3m/train"  # a list mixes several sets by mix_weights
+    mix_weights: tuple[float, ...] = ()  # one per set of `shards` (open_clip's upsampling factors); () = 1 each
     batch_size: int = 96  # per rank
     backend: str = "auto"
     num_workers: int = 10

@@ -146,7 +146,7 @@ class Trainer:
             device=world.device, rank=world.rank, world_size=world.world_size, seed=config.run.seed,
             dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.run.precision],
             num_workers=config.data.num_workers, shuffle_window=config.data.shuffle_window,
-            cache=cache_options(config.data))
+            cache=cache_options(config.data), mix_weights=config.data.mix_weights)
         self.schedules = Schedules(optim, len(self.loader), config.data.batch_size * world.world_size)
         self.step = self.reduced_bytes = 0
         self.saved_step = None
