@@ -57,12 +57,24 @@ download: setup
 	  $(if $(URL_LIST),--url-list "$(URL_LIST)") --processes $(PROCESSES) --threads $(THREADS) \
 	  --distributor $(DISTRIBUTOR) $(DOWNLOAD_ARGS)
 
+# OUT in object storage (s3://, gs://, hf://): make shards builds in STAGING, then publishes the shards, the
+# manifest last (datapipe.publish); raw shards in object storage are copied to STAGING first. make verify
+# checks a local copy of the published shards.
+REMOTE_OUT = $(filter s3://% gs://% gcs://% hf://%,$(OUT))
+REMOTE_RAW = $(filter s3://% gs://% gcs://% hf://%,$(RAW))
+STAGING ?= shards/.staging/$(notdir $(OUT))
+BUILD_RAW = $(if $(REMOTE_RAW),$(STAGING)/raw,$(RAW))
+BUILD_OUT = $(if $(REMOTE_OUT),$(STAGING),$(OUT))
+
 shards: setup
-	$(PY) -m datapipe.shards build "$(RAW)" "$(OUT)/train" --processes $(PROCESSES) \
+	$(if $(REMOTE_RAW),$(PY) -m datapipe.publish get "$(RAW)" "$(BUILD_RAW)")
+	$(PY) -m datapipe.shards build "$(BUILD_RAW)" "$(BUILD_OUT)/train" --processes $(PROCESSES) \
 	  --samples-per-shard $(SAMPLES_PER_SHARD) $(if $(EXCLUDE),--exclude "$(EXCLUDE)") $(SHARDS_ARGS)
+	$(if $(REMOTE_OUT),$(PY) -m datapipe.publish put "$(BUILD_OUT)/train" "$(OUT)/train")
 
 verify: setup
-	$(PY) -m datapipe.shards verify "$(OUT)/train"
+	$(if $(REMOTE_OUT),$(PY) -m datapipe.publish get "$(OUT)/train" "$(STAGING)/published/train")
+	$(PY) -m datapipe.shards verify "$(if $(REMOTE_OUT),$(STAGING)/published,$(OUT))/train"
 
 # Training shards, downloaded and built first when missing (shards in object storage are read as they are).
 REMOTE_OUT = $(filter s3://% gs://% gcs://% hf://%,$(OUT))

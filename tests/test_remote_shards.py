@@ -214,3 +214,31 @@ def test_a_mixture_of_local_and_remote_sets_gives_the_all_local_batches(local_sh
                               **settings))
     assert len(got) == (6 + 88) // 4
     assert_same_batches(got, expected)
+
+
+def test_publishing_uploads_what_changed_manifest_last_and_removes_what_it_no_longer_lists(server, tmp_path):
+    from datapipe.publish import publish
+
+    images = np.random.default_rng(3).integers(0, 256, (24, 40, 48, 3), dtype=np.uint8)
+    built = write_training_shards(tmp_path / "train", images, samples_per_shard=8)
+    with_manifest_hashes(built)
+    fs = server.filesystem()
+    fs.pipe_file("datasets/published/train/notes.txt", b"the owner's own object")
+    uploaded, removed = publish(built, "s3://datasets/published/train")
+    assert uploaded[-1] == "manifest.json" and removed == []
+    assert set(uploaded) == {"000000.tar", "000000.idx", "000001.tar", "000001.idx", "000002.tar", "000002.idx",
+                             "manifest.json"}
+    # Rebuilt: shard 1 has other images, shard 2 is gone.
+    for path in built.iterdir():
+        path.unlink()
+    images[8:16] = 255 - images[8:16]
+    write_training_shards(built, images[:16], samples_per_shard=8)
+    with_manifest_hashes(built)
+    uploaded, removed = publish(built, "s3://datasets/published/train")
+    assert uploaded == ["000001.tar", "000001.idx", "manifest.json"]
+    assert removed == ["000002.idx", "000002.tar"]
+    names = {path.rsplit("/", 1)[-1] for path in fs.ls("datasets/published/train", refresh=True)}
+    assert names == {"000000.tar", "000000.idx", "000001.tar", "000001.idx", "manifest.json", "notes.txt"}
+    assert fs.cat_file("datasets/published/train/000001.tar") == (built / "000001.tar").read_bytes()
+    loader = make_loader("s3://datasets/published/train", backend="dali", cache=cache_options(tmp_path), **SETTINGS)
+    assert len(batches(loader)) == 16 // 4
