@@ -112,6 +112,7 @@ bench-shards: setup
 
 bench-data: data
 	$(PY) -m tools.bench.datapipe --shards "$(OUT)/train" --out runs/bench
+	$(PY) -m tools.bench.remote_shards --shards "$(OUT)/train" --out runs/bench
 
 bench-memory: setup
 	$(PY) -m tools.bench.backward_memory --out runs/bench

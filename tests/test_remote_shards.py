@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_training_shards
-from s3_server import S3Server
 from test_train import losses_logged, tiny_config
 
 from datapipe import SingleCrop, make_loader, shard_io
@@ -16,6 +15,7 @@ from datapipe.loader import CacheOptions
 from datapipe.object_store import StorageError
 from datapipe.samples import ShardSet
 from datapipe.shard_cache import MARKER, ShardRefused
+from tools.s3_loopback import S3Server
 
 pytestmark = pytest.mark.network
 RECIPE = SingleCrop(size_px=32, flip_prob=0.5)

@@ -1,5 +1,6 @@
-"""A real S3 protocol server for tests: moto's server mode in its own process on 127.0.0.1, with
-authentication enforced (an IAM user made through the server's first unauthenticated requests).
+"""A real S3 protocol server on 127.0.0.1 for tests and `make bench-data`: moto's server mode in its own
+process, with authentication enforced (an IAM user made through the server's first unauthenticated
+requests).
 
 The process environment points the AWS clients at it (AWS_ENDPOINT_URL, the user's keys), as a user
 would point them at a bucket. Clients reach it through a TCP relay the tests can cut (`cut()`: every
