@@ -55,7 +55,7 @@ $(STAMP): pyproject.toml
 download: setup
 	$(PY) -m datapipe.download --dataset $(DATASET) --out "$(RAW)" \
 	  $(if $(URL_LIST),--url-list "$(URL_LIST)") --processes $(PROCESSES) --threads $(THREADS) \
-	  --distributor $(DISTRIBUTOR) $(DOWNLOAD_ARGS)
+	  --distributor $(DISTRIBUTOR) $(if $(REMOTE_RAW),--staging "$(STAGING)") $(DOWNLOAD_ARGS)
 
 # OUT in object storage (s3://, gs://, hf://): make shards builds in STAGING, then publishes the shards, the
 # manifest last (datapipe.publish); raw shards in object storage are copied to STAGING first. make verify

@@ -9,7 +9,9 @@ Any option of img2dataset (`img2dataset.download`) may follow, under img2dataset
 dataset preset's values (datapipe/sources.py) are the defaults it overrides.
 
 Output (`--out`, default shards/<dataset>/raw): img2dataset's {00000.tar, 00000.parquet,
-00000_stats.json, ...}. The normalized url list sits beside it as urls.parquet. A killed
+00000_stats.json, ...}. The normalized url list sits beside it as urls.parquet. An s3://, gs:// or
+hf:// `--out` is handed to img2dataset, which writes there itself (fsspec); the url list, its record
+and the demo source then live in the local `--staging` folder. A killed
 download resumes where it stopped (img2dataset's incremental mode skips finished shards).
 img2dataset honours the noai/noimageai opt-out headers by default, and so do we.
 """
@@ -26,6 +28,7 @@ import pyarrow.parquet as pq
 
 from datapipe import download_options, url_list
 from datapipe.folder_lock import FolderLock
+from datapipe.object_store import RemoteFolder, StorageError, is_remote
 from datapipe.sources import get_source
 
 
@@ -54,11 +57,27 @@ def _check_distributor(distributor):
         raise SystemExit(f"error: unknown distributor '{distributor}'; use multiprocessing or pyspark")
 
 
+def _stats_files(raw_dir):
+    """The text of each img2dataset *_stats.json in a local or remote raw folder."""
+    if is_remote(raw_dir):
+        remote = RemoteFolder(raw_dir)
+        return [remote.read_bytes(name) for name in sorted(_remote_names(raw_dir)) if name.endswith("_stats.json")]
+    return [path.read_text() for path in sorted(Path(raw_dir).glob("*_stats.json"))]
+
+
+def _remote_names(location):
+    """Names of the objects in a remote folder; none when the folder does not exist yet (its bucket must)."""
+    try:
+        return set(RemoteFolder(location).sizes(missing_ok=True))
+    except StorageError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def summarize(raw_dir):
     """Totals over img2dataset's per-shard *_stats.json files."""
     totals, failures = Counter(), Counter()
-    for stats_file in sorted(Path(raw_dir).glob("*_stats.json")):
-        stats = json.loads(stats_file.read_text())
+    for text in _stats_files(raw_dir):
+        stats = json.loads(text)
         for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
             totals[key] += stats.get(key, 0)
         for reason, count in stats.get("status_dict", {}).items():
@@ -87,8 +106,9 @@ URL_LIST_REJECTED = "urls_rejected.jsonl"
 DISK_FULL = "No space left on device"
 
 
-def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignores=""):
-    """Normalize the url list to <raw>/../urls.parquet; refuse when raw/ holds a download of another list.
+def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignores="", output=None):
+    """Normalize the url list to <raw>/../urls.parquet; refuse when raw/ (or the remote `output` img2dataset
+    writes to) holds a download of another list.
 
     img2dataset's incremental mode skips every shard whose stats exist, whatever list they came from, so
     a changed list would otherwise keep the old images. Returns the list's summary."""
@@ -98,7 +118,10 @@ def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignore
                                  fingerprint_ignores=fingerprint_ignores, **columns)
     record_path = raw_dir.parent / URL_LIST_RECORD
     earlier = json.loads(record_path.read_text()) if record_path.is_file() else None
-    started = any(raw_dir.glob("*_stats.json")) or any(raw_dir.glob("*.tar"))
+    if output is not None:
+        started = any(name.endswith(("_stats.json", ".tar")) for name in _remote_names(output))
+    else:
+        started = any(raw_dir.glob("*_stats.json")) or any(raw_dir.glob("*.tar"))
     if started and (earlier is None or earlier["fingerprint"] != summary.fingerprint):
         staging.unlink()
         (raw_dir.parent / f"{URL_LIST_REJECTED}.new").unlink()
@@ -145,18 +168,25 @@ def check_disk_full(raw_dir):
 
 def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                      distributor="multiprocessing", url_col=None, caption_col=None,
-                     demo_root=None, demo_size=3000, img2dataset_options=None, allow_schemes=()):
+                     demo_root=None, demo_size=3000, img2dataset_options=None, allow_schemes=(), staging=None):
     """Runs the whole download; returns (totals, failures_by_reason).
 
     img2dataset_options: img2dataset keywords that override the preset's (and processes, threads,
     distributor when they name processes_count, thread_count, distributor).
     demo_root: where the demo set is generated (default: `source/` beside the raw folder).
-    allow_schemes: url schemes fetched besides http and https (e.g. "file"; off by default)."""
+    allow_schemes: url schemes fetched besides http and https (e.g. "file"; off by default).
+    staging: the local folder for the url list and its records when `out` is in object storage."""
     source = get_source(dataset)
     options = {**source.download_options, "processes_count": processes, "thread_count": threads,
                "distributor": distributor, **(img2dataset_options or {})}
     _check_distributor(options["distributor"])
-    raw_dir = Path(out)
+    output = str(out) if is_remote(out) else None  # img2dataset writes to object storage itself
+    if output is not None:
+        if staging is None:
+            raise SystemExit(f"error: downloading to {output} needs a local staging folder for the url list "
+                             f"(--staging; make download sets it)")
+        _remote_names(output)  # a missing bucket or credentials stop here, before the url list is read
+    raw_dir = Path(staging) / "raw" if output is not None else Path(out)
     _check_writable(raw_dir)
     urls_parquet = raw_dir.parent / "urls.parquet"
     columns = dict(url_column=url_col or source.url_column,
@@ -171,20 +201,22 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
             with demo_server.serve(Path(demo_root) / "www") as base_url:
                 tsv = demo_server.write_url_list(items, base_url, raw_dir.parent / "demo_urls.tsv")
                 # The server's port changes from run to run: the fingerprint leaves its address out.
-                summary = prepare_url_list(tsv, raw_dir, source, columns, schemes, fingerprint_ignores=base_url)
+                summary = prepare_url_list(tsv, raw_dir, source, columns, schemes, fingerprint_ignores=base_url,
+                                           output=output)
                 print(f"demo: serving {summary.rows} entries at {base_url}")
-                run_img2dataset(urls_parquet, raw_dir, options)
+                run_img2dataset(urls_parquet, output or raw_dir, options)
         else:
             if url_list_path is None:
                 raise SystemExit(f"error: dataset '{dataset}' needs a url list: URL_LIST=<file> "
                                  f"(get it from {source.homepage or 'your data provider'})")
-            summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes)
-            run_img2dataset(urls_parquet, raw_dir, options)
-        check_disk_full(raw_dir)
-    totals, failures = summarize(raw_dir)
+            summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes, output=output)
+            run_img2dataset(urls_parquet, output or raw_dir, options)
+        if output is None:  # img2dataset saves locally only here
+            check_disk_full(raw_dir)
+    totals, failures = summarize(output or raw_dir)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
     print(f"download done: {totals.get('successes', 0)} of {totals.get('count', 0)} urls "
-          f"saved to {raw_dir} ({summary.rows} usable rows in the list); failures: {reasons or 'none'}")
+          f"saved to {output or raw_dir} ({summary.rows} usable rows in the list); failures: {reasons or 'none'}")
     return totals, failures
 
 
@@ -200,6 +232,7 @@ def main(argv=None):
     parser.add_argument("--caption-col", help="caption column name of a url list with a header")
     parser.add_argument("--demo-size", type=int, default=3000, help="training pairs in the demo set")
     parser.add_argument("--allow-schemes", default="", help="url schemes to fetch besides http(s), e.g. file")
+    parser.add_argument("--staging", help="local folder for the url list when --out is s3://, gs:// or hf://")
     args, img2dataset_tokens = parser.parse_known_args(argv)
     options = download_options.parse(img2dataset_tokens) if img2dataset_tokens else {}
     # img2dataset's names for the url list's columns mean ours: the list is normalized before img2dataset reads it.
@@ -207,7 +240,8 @@ def main(argv=None):
     download_dataset(args.dataset, args.out or f"shards/{args.dataset}/raw", args.url_list,
                      args.processes, args.threads, args.distributor, url_col, caption_col,
                      demo_size=args.demo_size, img2dataset_options=options,
-                     allow_schemes=tuple(scheme for scheme in args.allow_schemes.split(",") if scheme))
+                     allow_schemes=tuple(scheme for scheme in args.allow_schemes.split(",") if scheme),
+                     staging=args.staging)
 
 
 if __name__ == "__main__":

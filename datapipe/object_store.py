@@ -29,6 +29,10 @@ class StorageError(RuntimeError):
     """An object-storage failure a user must fix (credentials, bucket, missing object, network gone)."""
 
 
+class MissingObject(StorageError):
+    """The object (or folder) is not there; its bucket is."""
+
+
 def is_remote(location):
     """Whether `location` is an object-storage URL this package reads (s3://, gs://, gcs://, hf://)."""
     text = str(location)
@@ -89,7 +93,7 @@ class RemoteFolder:
             if "bucket" in lowered:
                 return StorageError(f"{what} {url}: no such bucket ({text}); check the bucket's name in "
                                     f"{self.location} (and AWS_ENDPOINT_URL/the region for s3)")
-            return StorageError(f"{what} {url}: no such object ({text}); check the location, or publish the "
+            return MissingObject(f"{what} {url}: no such object ({text}); check the location, or publish the "
                                 f"shards there with `make shards OUT={self.location.rsplit('/', 1)[0]}`")
         if _is_transient(error):
             return StorageError(f"{what} {url}: the connection failed {attempt + 1} times ({text}); check the "
@@ -100,12 +104,18 @@ class RemoteFolder:
     def read_bytes(self, name):
         return self._call("reading", name, lambda: self.fs.cat_file(f"{self.root}/{name}"))
 
-    def sizes(self):
-        """{object name: bytes} of the objects directly in the folder."""
+    def sizes(self, missing_ok=False):
+        """{object name: bytes} of the objects directly in the folder; {} for a folder not made yet if
+        `missing_ok` (its bucket must exist)."""
         def listing():
             return {entry["name"].rsplit("/", 1)[-1]: entry["size"]
                     for entry in self.fs.ls(self.root, detail=True, refresh=True) if entry["type"] == "file"}
-        return self._call("listing", "", listing)
+        try:
+            return self._call("listing", "", listing)
+        except MissingObject:
+            if missing_ok:
+                return {}
+            raise
 
     def download(self, name, local_path):
         """Copy the object to `local_path` (overwritten); returns its sha256 hex digest."""

@@ -50,7 +50,7 @@ def publish(local_dir, location):
         raise StorageError(f"{manifest_path} not found: build the shards first (`make shards`)")
     manifest = json.loads(manifest_path.read_text())
     remote = RemoteFolder(location)
-    remote_sizes = remote.sizes()
+    remote_sizes = remote.sizes(missing_ok=True)  # a first publish makes the folder
     earlier = _remote_manifest(remote, remote_sizes)
     earlier_hashes = {entry["name"]: entry.get("sha256") for entry in (earlier or {"shards": []})["shards"]}
     uploads = []

@@ -242,3 +242,31 @@ def test_publishing_uploads_what_changed_manifest_last_and_removes_what_it_no_lo
     assert fs.cat_file("datasets/published/train/000001.tar") == (built / "000001.tar").read_bytes()
     loader = make_loader("s3://datasets/published/train", backend="dali", cache=cache_options(tmp_path), **SETTINGS)
     assert len(batches(loader)) == 16 // 4
+
+
+@pytest.mark.slow
+def test_download_and_shards_with_out_in_a_bucket(server, tmp_path):
+    """What `make download OUT=s3://...` then `make shards OUT=s3://...` run: img2dataset writes the raw shards
+    to the bucket; make shards stages them, builds locally and publishes; the loader reads the result."""
+    from datapipe import download, shards
+    from datapipe.publish import publish, stage
+
+    totals, _ = download.download_dataset("demo", "s3://datasets/e2e/raw", processes=1, threads=4, demo_size=24,
+                                          staging=tmp_path / "staging")
+    raw_names = {path.rsplit("/", 1)[-1] for path in server.filesystem().ls("datasets/e2e/raw")}
+    assert {"00000.tar", "00000.parquet", "00000_stats.json"} <= raw_names
+    assert not list((tmp_path / "staging" / "raw").glob("*.tar"))  # img2dataset wrote to the bucket only
+    stage("s3://datasets/e2e/raw", tmp_path / "staging" / "raw")
+    manifest = shards.build(tmp_path / "staging" / "raw", tmp_path / "staging" / "train", samples_per_shard=10,
+                            processes=1)
+    assert manifest["reconciliation"]["in_raw"] == totals["successes"]
+    publish(tmp_path / "staging" / "train", "s3://datasets/e2e/train")
+    loader = make_loader("s3://datasets/e2e/train", backend="dali", cache=cache_options(tmp_path), **SETTINGS)
+    assert len([key for batch in loader for key in batch.keys]) == manifest["totals"]["samples"] // 4 * 4
+
+
+def test_a_download_into_a_missing_bucket_stops_before_it_starts(server, tmp_path):
+    from datapipe import download
+
+    with pytest.raises(SystemExit, match="no such bucket"):
+        download.download_dataset("demo", "s3://no-such-bucket/raw", staging=tmp_path / "staging")
