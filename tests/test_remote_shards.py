@@ -270,3 +270,18 @@ def test_a_download_into_a_missing_bucket_stops_before_it_starts(server, tmp_pat
 
     with pytest.raises(SystemExit, match="no such bucket"):
         download.download_dataset("demo", "s3://no-such-bucket/raw", staging=tmp_path / "staging")
+
+
+def test_retrieval_pairs_read_from_a_bucket(server, tmp_path):
+    from conftest import jpeg_bytes
+
+    from tools.eval.retrieval import read_pairs
+
+    pairs = tmp_path / "heldout_pairs"
+    pairs.mkdir()
+    shard_io.write_tar(pairs / "00000.tar", [{"__key__": f"{number:04d}", "jpg": jpeg_bytes(40 + number),
+                                               "txt": f"caption {number}".encode()} for number in range(3)])
+    server.upload_folder(pairs, "s3://datasets/heldout_pairs")
+    keys, images, captions = read_pairs("s3://datasets/heldout_pairs")
+    assert keys == ["0000", "0001", "0002"] and captions == ["caption 0", "caption 1", "caption 2"]
+    assert [image.size for image in images] == [(40, 80), (41, 80), (42, 80)]
