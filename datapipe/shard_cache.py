@@ -100,7 +100,7 @@ class ShardCache:
     def _init_process_state(self):
         self.schedule = None
         self._threads, self._claimed, self._state_lock = [], set(), threading.Lock()
-        self._wake, self._stopped = threading.Event(), False
+        self._wake = threading.Event()
         self.fetched_bytes = 0  # by this process
 
     def __getstate__(self):  # DataLoader workers start their own threads
@@ -146,10 +146,6 @@ class ShardCache:
                                    f"{self.limit_bytes / 1e9:g}; raise it")
             time.sleep(0.1)
         return self._paths(self.shards[number])
-
-    def close(self):
-        self._stopped = True
-        self._wake.set()
 
     # Fetching.
 
@@ -253,11 +249,9 @@ class ShardCache:
 
     def _prefetch(self):
         """Fetch the upcoming shards in order, while they fit; wait for the reader to move on."""
-        while not self._stopped and self._wake.wait(timeout=PREFETCH_IDLE_EXIT_S):
+        while self._wake.wait(timeout=PREFETCH_IDLE_EXIT_S):
             self._wake.clear()
             for number in self.schedule.upcoming():
-                if self._stopped:
-                    return
                 if self.shards[number] is None:  # a local shard
                     continue
                 with self._state_lock:

@@ -190,6 +190,7 @@ def test_a_server_gone_mid_epoch_is_retried_then_named_and_the_resumed_epoch_mat
     assert_same_batches(got + batches(resumed), expected)
 
 
+@pytest.mark.slow
 def test_training_on_remote_shards_logs_the_local_losses(local_shards, server, tmp_path):
     """Through a cache smaller than the dataset, as `make pretrain OUT=s3://...` runs it (the loader tests above
     show both backends give the local batches)."""
@@ -246,8 +247,9 @@ def test_publishing_uploads_what_changed_manifest_last_and_removes_what_it_no_lo
 
 @pytest.mark.slow
 def test_download_and_shards_with_out_in_a_bucket(server, tmp_path):
-    """What `make download OUT=s3://...` then `make shards OUT=s3://...` run: img2dataset writes the raw shards
-    to the bucket; make shards stages them, builds locally and publishes; the loader reads the result."""
+    """What `make download OUT=s3://...`, `make shards OUT=s3://...` and `make verify OUT=s3://...` run:
+    img2dataset writes the raw shards to the bucket; make shards stages them, builds locally and publishes;
+    verify checks a copy; the loader reads the result."""
     from datapipe import download, shards
     from datapipe.publish import publish, stage
 
@@ -261,6 +263,8 @@ def test_download_and_shards_with_out_in_a_bucket(server, tmp_path):
                             processes=1)
     assert manifest["reconciliation"]["in_raw"] == totals["successes"]
     publish(tmp_path / "staging" / "train", "s3://datasets/e2e/train")
+    stage("s3://datasets/e2e/train", tmp_path / "published")  # what `make verify OUT=s3://...` checks
+    assert shards.verify(tmp_path / "published") == []
     loader = make_loader("s3://datasets/e2e/train", backend="dali", cache=cache_options(tmp_path), **SETTINGS)
     assert len([key for batch in loader for key in batch.keys]) == manifest["totals"]["samples"] // 4 * 4
 
