@@ -13,8 +13,9 @@ from test_train import losses_logged, tiny_config
 from datapipe import SingleCrop, make_loader, shard_io
 from datapipe.loader import CacheOptions
 from datapipe.object_store import StorageError
-from datapipe.samples import ShardSet
-from datapipe.shard_cache import MARKER, ShardRefused
+from datapipe.samples import ShardSet, epoch_order
+from datapipe.shard_cache import MARKER, ShardCache, ShardRefused
+from datapipe.shard_schedule import ShardSchedule
 from tools.s3_loopback import S3Server
 
 pytestmark = pytest.mark.network
@@ -289,3 +290,26 @@ def test_retrieval_pairs_read_from_a_bucket(server, tmp_path):
     keys, images, captions = read_pairs("s3://datasets/heldout_pairs")
     assert keys == ["0000", "0001", "0002"] and captions == ["caption 0", "caption 1", "caption 2"]
     assert [image.size for image in images] == [(40, 80), (41, 80), (42, 80)]
+
+
+def test_the_cache_evicts_the_shard_read_farthest_ahead_and_used_up_shards_first(server, tmp_path):
+    shards = ShardSet.from_path("s3://datasets/demo/train", tmp_path / "cache", 10**9, 2, 0.05)
+    schedule = ShardSchedule(epoch_order(shards, seed=5, epoch=0, shuffle_window=8), global_batch_size=4)
+    by_slot = schedule.shard_in_order.tolist()  # seed 5 puts the 4-sample shard last: slot k is read in window k
+    totals = sorted(shard.total_bytes for shard in shards.cache.shards)
+    limit_bytes = sum(totals[-3:])
+    assert limit_bytes < sum(totals[:4])  # room for three shards, not four
+    cache = ShardCache(tmp_path / "cache", limit_bytes, shards.cache.shards)
+    cache.follow(schedule)
+
+    def cached_slots():
+        return {slot for slot, shard in enumerate(by_slot) if cache.shards[shard].stem + ".tar" in
+                {path.name for path in (tmp_path / "cache").glob("*.tar")}}
+
+    for slot in (1, 4, 2):
+        cache.paths(by_slot[slot])
+    cache.paths(by_slot[3])  # read in window 3: makes room by evicting slot 4's shard (window 4), not 1 or 2
+    assert cached_slots() == {1, 2, 3}
+    schedule.advance(3 * 8)  # now in window 3: the shards of slots 1 and 2 are done with this epoch
+    cache.paths(by_slot[5])
+    assert len(cached_slots() & {1, 2}) == 1 and {3, 5} <= cached_slots()
