@@ -251,9 +251,13 @@ class ShardCache:
         """Fetch the upcoming shards in order, while they fit; wait for the reader to move on."""
         while self._wake.wait(timeout=PREFETCH_IDLE_EXIT_S):
             self._wake.clear()
+            ahead_bytes = 0
             for number in self.schedule.upcoming():
                 if self.shards[number] is None:  # a local shard
                     continue
+                ahead_bytes += self.shards[number].total_bytes
+                if ahead_bytes > self.limit_bytes:  # the cache cannot hold more of what comes next
+                    break
                 with self._state_lock:
                     if number in self._claimed:
                         continue
