@@ -81,7 +81,8 @@ class Loader:
         """Continue the saved loader's sequence; refuses what would change it (any world size is fine)."""
         fixes = {"seed": "the same seed", "global_batch_size": "batch_size x world_size equal to it",
                  "shuffle_window": "the same shuffle_window",
-                 "shards": "the same training shards (the manifest's shard list changed since)"}
+                 "shards": "the same training shards and data.mix_weights (a manifest's shard list or the weights "
+                          "changed since)"}
         mine = {name: value for name, value in self.state_dict().items() if name in fixes}
         for name, fix in fixes.items():
             if state.get(name) != mine[name]:
