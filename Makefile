@@ -60,22 +60,39 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,spark]'
 	touch $(STAMP)
 
+# Locations in object storage (s3://, gs://, hf://).
+REMOTE_OUT = $(filter s3://% gs://% gcs://% hf://%,$(OUT))
+REMOTE_RAW = $(filter s3://% gs://% gcs://% hf://%,$(RAW))
+
 download: setup
 	$(RUN_WITH_ARGS) $(PY) -m $(DOWNLOADER) --dataset "$$DATASET" --out "$$RAW" \
 	  $(if $(URL_LIST),--url-list "$$URL_LIST") --processes "$$PROCESSES" --threads "$$THREADS" \
-	  --distributor "$$DISTRIBUTOR" {DOWNLOAD_ARGS}
+	  --distributor "$$DISTRIBUTOR" $(if $(REMOTE_RAW),--staging "$$STAGING") {DOWNLOAD_ARGS}
+
+# OUT in object storage (s3://, gs://, hf://): make shards builds in STAGING, then publishes the shards, the
+# manifest last (datapipe.publish); raw shards in object storage are copied to STAGING first. make verify
+# checks a local copy of the published shards.
+STAGING ?= shards/.staging/$(notdir $(OUT))
+BUILD_RAW = $(if $(REMOTE_RAW),$(STAGING)/raw,$(RAW))
+BUILD_OUT = $(if $(REMOTE_OUT),$(STAGING),$(OUT))
+export STAGING BUILD_RAW BUILD_OUT
 
 shards: setup
-	$(RUN_WITH_ARGS) $(PY) -m datapipe.shards build "$$RAW" "$$OUT/train" --processes "$$PROCESSES" \
+	$(if $(REMOTE_RAW),$(PY) -m datapipe.publish get "$$RAW" "$$BUILD_RAW")
+	$(RUN_WITH_ARGS) $(PY) -m datapipe.shards build "$$BUILD_RAW" "$$BUILD_OUT/train" --processes "$$PROCESSES" \
 	  --samples-per-shard "$$SAMPLES_PER_SHARD" $(if $(EXCLUDE),--exclude "$$EXCLUDE") {SHARDS_ARGS}
+	$(if $(REMOTE_OUT),$(PY) -m datapipe.publish put "$$BUILD_OUT/train" "$$OUT/train")
 
 verify: setup
-	$(PY) -m datapipe.shards verify "$$OUT/train"
+	$(if $(REMOTE_OUT),$(PY) -m datapipe.publish get "$$OUT/train" "$$STAGING/published/train")
+	$(PY) -m datapipe.shards verify "$(if $(REMOTE_OUT),$$STAGING/published,$$OUT)/train"
 
-# Training shards, downloaded and built first when missing.
+# Training shards, downloaded and built first when missing (shards in object storage are read as they are).
 data: setup
+ifeq ($(REMOTE_OUT),)
 	@test -f "$$RAW/00000_stats.json" || $(MAKE) --no-print-directory download
 	@test -f "$$OUT/train/manifest.json" || $(MAKE) --no-print-directory shards
+endif
 
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
 # The demo ends with `make eval` on the demo's held-out splits.
@@ -108,6 +125,7 @@ bench-shards: setup
 
 bench-data: data
 	$(PY) -m tools.bench.datapipe --shards "$$OUT/train" --out runs/bench
+	$(PY) -m tools.bench.remote_shards --shards "$$OUT/train" --out runs/bench
 
 bench-memory: setup
 	$(PY) -m tools.bench.backward_memory --out runs/bench

@@ -22,6 +22,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from datapipe.batch import assemble
 from datapipe.draws import COLUMN, crop_parameters
+from datapipe.object_store import StorageError
 
 
 def _augment(images, crop, parameters, mean, std, crop_dtype):
@@ -73,6 +74,7 @@ class DaliBatches:
         # DALI has no bf16: fp16 halves the transfer, and the cast to bf16 happens on the device.
         self.crop_dtype = types.FLOAT if dtype == torch.float32 else types.FLOAT16
         self.names = [f"crop{number}" for number in range(len(plan.recipe.crops))]
+        self.storage_error = None  # a remote shard that could not be fetched
         self._start(start_batch)
 
     def _start(self, start_batch):
@@ -92,7 +94,11 @@ class DaliBatches:
         index = self.next_index + len(self.pending)
         if index >= self.plan.num_batches:
             raise StopIteration
-        raw = self.plan.read_batch(index)
+        try:
+            raw = self.plan.read_batch(index)
+        except StorageError as error:  # DALI re-raises it as its own RuntimeError: keep it to raise as it is
+            self.storage_error = error
+            raise
         self.pending[index] = raw
         parameters = [crop_parameters(crop, number, raw.sample_seeds, raw.sizes_px)
                       for number, crop in enumerate(self.plan.recipe.crops)]
@@ -118,6 +124,8 @@ class DaliBatches:
         try:
             outputs = next(self.iterator)[0]
         except RuntimeError as error:
+            if self.storage_error is not None:
+                raise self.storage_error from None
             failed = [raw for number, raw in sorted(self.pending.items()) if number >= index]
             undecodable = [found for raw in failed for found in self._undecodable(raw)]
             checked = sum(len(raw.jpegs) for raw in failed)

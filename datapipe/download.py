@@ -9,7 +9,9 @@ Any option of img2dataset (`img2dataset.download`) may follow, under img2dataset
 dataset preset's values (datapipe/sources.py) are the defaults it overrides.
 
 Output (`--out`, default shards/<dataset>/raw): img2dataset's {00000.tar, 00000.parquet,
-00000_stats.json, ...}. The normalized url list sits beside it as urls.parquet. A killed
+00000_stats.json, ...}. The normalized url list sits beside it as urls.parquet. An s3://, gs:// or
+hf:// `--out` is handed to img2dataset, which writes there itself (fsspec); the url list, its record
+and the demo source then live in the local `--staging` folder. A killed
 download resumes where it stopped (img2dataset's incremental mode skips finished shards).
 img2dataset honours the noai/noimageai opt-out headers by default, and so do we.
 """
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 
 from datapipe import download_options, url_list
 from datapipe.folder_lock import FolderLock
+from datapipe.object_store import RemoteFolder, StorageError, is_remote
 from datapipe.sources import get_source
 
 
@@ -57,11 +60,39 @@ def _check_distributor(distributor):
         raise SystemExit(f"error: unknown distributor '{distributor}'; use multiprocessing or pyspark")
 
 
+def _stats_files(raw_dir):
+    """The text of each img2dataset *_stats.json in a local or remote raw folder."""
+    if is_remote(raw_dir):
+        remote = RemoteFolder(raw_dir)
+        return [remote.read_bytes(name) for name in sorted(_remote_names(raw_dir)) if name.endswith("_stats.json")]
+    return [path.read_text() for path in sorted(Path(raw_dir).glob("*_stats.json"))]
+
+
+def _remote_names(location):
+    """Names of the objects in a remote folder; none when the folder does not exist yet (its bucket must)."""
+    try:
+        return set(RemoteFolder(location).sizes(missing_ok=True))
+    except StorageError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def check_remote_output(out, staging):
+    """`out` as text when it is in object storage (else None), once a staging folder is given and its bucket and
+    credentials answer: those stop the download before anything is read or fetched."""
+    if not is_remote(out):
+        return None
+    if staging is None:
+        raise SystemExit(f"error: downloading to {out} needs a local staging folder for the url list "
+                         f"(--staging; make download sets it)")
+    _remote_names(str(out))
+    return str(out)
+
+
 def summarize(raw_dir):
     """Totals over img2dataset's per-shard *_stats.json files."""
     totals, failures = Counter(), Counter()
-    for stats_file in sorted(Path(raw_dir).glob("*_stats.json")):
-        stats = json.loads(stats_file.read_text())
+    for text in _stats_files(raw_dir):
+        stats = json.loads(text)
         for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
             totals[key] += stats.get(key, 0)
         for reason, count in stats.get("status_dict", {}).items():
@@ -98,8 +129,9 @@ URL_LIST_REJECTED = "urls_rejected.jsonl"
 DISK_FULL = "No space left on device"
 
 
-def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignores=""):
-    """Normalize the url list to <raw>/../urls.parquet; refuse when raw/ holds a download of another list.
+def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignores="", output=None):
+    """Normalize the url list to <raw>/../urls.parquet; refuse when raw/ (or the remote `output` img2dataset
+    writes to) holds a download of another list.
 
     img2dataset's incremental mode skips every shard whose stats exist, whatever list they came from, so
     a changed list would otherwise keep the old images. Returns the list's summary."""
@@ -109,7 +141,10 @@ def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignore
                                  fingerprint_ignores=fingerprint_ignores, **columns)
     record_path = raw_dir.parent / URL_LIST_RECORD
     earlier = json.loads(record_path.read_text()) if record_path.is_file() else None
-    started = any(raw_dir.glob("*_stats.json")) or any(raw_dir.glob("*.tar"))
+    if output is not None:
+        started = any(name.endswith(("_stats.json", ".tar")) for name in _remote_names(output))
+    else:
+        started = any(raw_dir.glob("*_stats.json")) or any(raw_dir.glob("*.tar"))
     if started and (earlier is None or earlier["fingerprint"] != summary.fingerprint):
         staging.unlink()
         (raw_dir.parent / f"{URL_LIST_REJECTED}.new").unlink()
@@ -184,13 +219,14 @@ def check_finished(raw_dir, rows, samples_per_shard, shard_digits=5):
 
 def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                      distributor="multiprocessing", url_col=None, caption_col=None,
-                     img2dataset_options=None, allow_schemes=(), fingerprint_ignores=""):
+                     img2dataset_options=None, allow_schemes=(), fingerprint_ignores="", staging=None):
     """Runs the whole download; returns (totals, failures_by_reason).
 
     img2dataset_options: img2dataset keywords that override the preset's (and processes, threads,
     distributor when they name processes_count, thread_count, distributor).
     allow_schemes: url schemes fetched besides http and https (e.g. "file"; off by default).
-    fingerprint_ignores: a url prefix that does not make the list another one (the demo server's address)."""
+    fingerprint_ignores: a url prefix that does not make the list another one (the demo server's address).
+    staging: the local folder for the url list and its records when `out` is in object storage."""
     source = get_source(dataset)
     if url_list_path is None:
         raise SystemExit(f"error: dataset '{dataset}' needs a url list: URL_LIST=<file> "
@@ -199,14 +235,16 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                "distributor": distributor, **(img2dataset_options or {})}
     download_options.check_values(options)
     _check_distributor(options["distributor"])
-    raw_dir = Path(out)
+    output = check_remote_output(out, staging)  # img2dataset writes to object storage itself
+    raw_dir = Path(staging) / "raw" if output is not None else Path(out)
     _check_writable(raw_dir)
     columns = dict(url_column=url_col or source.url_column,
                    caption_column=caption_col or source.caption_column)
     schemes = (*url_list.DEFAULT_SCHEMES, *allow_schemes)
     with FolderLock(raw_dir.parent, "another `make download`", "wait for it to end, or download into another OUT"):
         try:
-            summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes, fingerprint_ignores)
+            summary = prepare_url_list(url_list_path, raw_dir, source, columns, schemes, fingerprint_ignores,
+                                       output=output)
         except OSError as error:
             if not _is_disk_full(error):
                 raise
@@ -215,12 +253,14 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
             raise SystemExit(f"error: the disk holding {raw_dir.parent} is full: the normalized url list could not be "
                              f"written there ({DISK_FULL}). It needs about {_size(Path(url_list_path).stat().st_size)} "
                              f"and the images far more; free space or choose another OUT") from None
-        run_img2dataset(raw_dir.parent / "urls.parquet", raw_dir, options)
-        check_finished(raw_dir, summary.rows, options["number_sample_per_shard"], options.get("oom_shard_count", 5))
-    totals, failures = summarize(raw_dir)
+        run_img2dataset(raw_dir.parent / "urls.parquet", output or raw_dir, options)
+        if output is None:  # img2dataset saves locally only here
+            check_finished(raw_dir, summary.rows, options["number_sample_per_shard"],
+                           options.get("oom_shard_count", 5))
+    totals, failures = summarize(output or raw_dir)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
     print(f"download done: {totals.get('successes', 0)} of {totals.get('count', 0)} urls "
-          f"saved to {raw_dir} ({summary.rows} usable rows in the list); failures: {reasons or 'none'}")
+          f"saved to {output or raw_dir} ({summary.rows} usable rows in the list); failures: {reasons or 'none'}")
     return totals, failures
 
 
@@ -235,6 +275,7 @@ def command_parser(description=__doc__):
     parser.add_argument("--url-col", help="url column name of a url list with a header")
     parser.add_argument("--caption-col", help="caption column name of a url list with a header")
     parser.add_argument("--allow-schemes", default="", help="url schemes to fetch besides http(s), e.g. file")
+    parser.add_argument("--staging", help="local folder for the url list when --out is s3://, gs:// or hf://")
     return parser
 
 
@@ -246,7 +287,8 @@ def command_keywords(args, img2dataset_tokens):
     return dict(dataset=args.dataset, out=args.out or f"shards/{args.dataset}/raw", url_list_path=args.url_list,
                 processes=args.processes, threads=args.threads, distributor=args.distributor, url_col=url_col,
                 caption_col=caption_col, img2dataset_options=options,
-                allow_schemes=tuple(scheme for scheme in args.allow_schemes.split(",") if scheme))
+                allow_schemes=tuple(scheme for scheme in args.allow_schemes.split(",") if scheme),
+                staging=args.staging)
 
 
 def main(argv=None):

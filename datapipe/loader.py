@@ -1,10 +1,14 @@
 """`make_loader`: training shards -> Batches on the training device, resumable to the exact batch."""
 
 import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from datapipe.samples import EpochPlan, ShardSet, batches_per_epoch
+from datapipe.mixing import open_shards
+from datapipe.samples import EpochPlan, batches_per_epoch
 
 log = logging.getLogger("datapipe")
 BACKENDS = ("auto", "dali", "torch")
@@ -31,13 +35,14 @@ class Loader:
     """
 
     def __init__(self, shards, recipe, batch_size, backend, device, rank, world_size, seed, epoch, dtype,
-                 num_workers, shuffle_window):
+                 num_workers, shuffle_window, cache, mix_weights):
         for name, value in (("batch_size", batch_size), ("shuffle_window", shuffle_window)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: it must be a whole number of samples, at least 1")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers}: use 0 or more")
-        self.shards = ShardSet.from_path(shards)
+        self.shards = open_shards(shards, mix_weights, cache.folder, cache.limit_bytes, cache.fetch_retries,
+                                  cache.retry_wait_s)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.recipe, self.batch_size, self.device, self.dtype = recipe, batch_size, torch.device(device), dtype
@@ -76,7 +81,8 @@ class Loader:
         """Continue the saved loader's sequence; refuses what would change it (any world size is fine)."""
         fixes = {"seed": "the same seed", "global_batch_size": "batch_size x world_size equal to it",
                  "shuffle_window": "the same shuffle_window",
-                 "shards": "the same training shards (the manifest's shard list changed since)"}
+                 "shards": "the same training shards and data.mix_weights (a manifest's shard list or the weights "
+                          "changed since)"}
         mine = {name: value for name, value in self.state_dict().items() if name in fixes}
         for name, fix in fixes.items():
             if state.get(name) != mine[name]:
@@ -107,9 +113,26 @@ class Loader:
             yield batch.to(self.device)
 
 
+@dataclass(frozen=True)
+class CacheOptions:
+    """Where and how much of remote shards is kept on this machine, and how broken connections are retried."""
+
+    folder: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "harmony-pipe" / "shards"
+    limit_gb: float = 50.0
+    fetch_retries: int = 4  # further tries of a broken connection, waiting retry_wait_s, then twice as long, ...
+    retry_wait_s: float = 1.0
+
+    @property
+    def limit_bytes(self):
+        return int(self.limit_gb * 1e9)
+
+
 def make_loader(shards, recipe, batch_size, *, backend="auto", device=None, rank=None, world_size=None, seed=0,
-                epoch=0, dtype=torch.float32, num_workers=2, shuffle_window=4096):
-    """Batches of `recipe` views from the training shards in `shards` (a `make shards` output folder).
+                epoch=0, dtype=torch.float32, num_workers=2, shuffle_window=4096, cache=CacheOptions(),
+                mix_weights=()):
+    """Batches of `recipe` views from the training shards in `shards`: a `make shards` output folder, or its
+    s3://, gs:// or hf:// location, read through a local cache (`cache`: a CacheOptions); or a list of them
+    mixed by `mix_weights` (one per set: 2 reads a set twice per epoch, 0.5 half of it; default 1 each).
 
     backend: "dali" (GPU decode when `device` is a CUDA device, else CPU threads), "torch"
     (torchvision in DataLoader workers, the reference), or "auto" (= "dali").
@@ -119,4 +142,4 @@ def make_loader(shards, recipe, batch_size, *, backend="auto", device=None, rank
     num_workers: DataLoader workers (torch) or DALI threads.
     """
     return Loader(shards, recipe, batch_size, backend, device, rank, world_size, seed, epoch, dtype,
-                  num_workers, shuffle_window)
+                  num_workers, shuffle_window, cache, mix_weights)

@@ -22,14 +22,17 @@ import io
 import json
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from datapipe.masks import ibot_masks
+from datapipe.object_store import RemoteFolder, StorageError, is_remote
+from datapipe.shard_cache import RemoteShard, ShardCache, source_id
 from datapipe.shard_io import read_dali_index
+from datapipe.shard_schedule import ShardSchedule
 from datapipe.text import CONTEXT_LENGTH, EOT_ID, SOT_ID
 
 TOKEN_BYTES = CONTEXT_LENGTH * 4
@@ -38,16 +41,21 @@ JPEG_START = b"\xff\xd8"
 
 @dataclass(frozen=True)
 class ShardSet:
-    """The training shards of one `make shards` output, from its manifest."""
+    """The training shards of one `make shards` output, from its manifest: a local folder, or an object-storage
+    location read through a local cache."""
 
-    root: Path
+    root: Path | str  # the folder, or the location URL (s3://, gs://, hf://)
     names: tuple[str, ...]  # tar file names
     sizes: tuple[int, ...]  # samples per shard
     fingerprint: str = ""  # of the manifest's shard list (names, sizes, hashes): what a resume must find again
+    cache: ShardCache | None = field(default=None, compare=False)  # for a remote set
 
     @classmethod
-    def from_path(cls, path):
-        """`path`: the training-shard folder (holding manifest.json) or the manifest itself."""
+    def from_path(cls, path, cache_dir=None, cache_limit_bytes=None, fetch_retries=4, retry_wait_s=1.0):
+        """`path`: the training-shard folder (holding manifest.json) or the manifest itself; a remote one is read
+        through a cache in `cache_dir` of at most `cache_limit_bytes`."""
+        if is_remote(path):
+            return cls._from_remote(str(path), cache_dir, cache_limit_bytes, fetch_retries, retry_wait_s)
         path = Path(path)
         manifest_path = path if path.suffix == ".json" else path / "manifest.json"
         if not manifest_path.is_file():
@@ -55,23 +63,93 @@ class ShardSet:
                                     f"`make shards` (e.g. shards/demo/train)")
         manifest = json.loads(manifest_path.read_text())
         root = manifest_path.parent
-        names = tuple(shard["name"] for shard in manifest["shards"])
+        names = _plain_tar_names(manifest, root)
         for name in names:
-            if not name.endswith(".tar"):
-                raise ValueError(f"{root / name}: the loader reads plain .tar shards with DALI indexes; "
-                                 f"rebuild without --compress (compressed shards are for storage)")
             if not (root / name).is_file() or not (root / name).with_suffix(".idx").is_file():
                 raise FileNotFoundError(f"{root / name} or its .idx is missing: run `make verify` and "
                                         f"rebuild the shards with `make shards`")
-        if not names:
-            raise ValueError(f"{manifest_path} lists no shards: every sample was rejected, see report.md")
-        content = json.dumps([[shard["name"], shard["samples"], shard.get("sha256")] for shard in manifest["shards"]])
-        return cls(root, names, tuple(shard["samples"] for shard in manifest["shards"]),
-                   hashlib.sha256(content.encode()).hexdigest()[:16])
+        return cls(root, names, tuple(shard["samples"] for shard in manifest["shards"]), _fingerprint(manifest))
+
+    @classmethod
+    def _from_remote(cls, location, cache_dir, cache_limit_bytes, fetch_retries, retry_wait_s):
+        location = location.rstrip("/").removesuffix("/manifest.json")
+        remote = RemoteFolder(location, fetch_retries, retry_wait_s)
+        try:
+            manifest = json.loads(remote.read_bytes("manifest.json"))
+        except json.JSONDecodeError as error:
+            raise StorageError(f"{remote.url('manifest.json')} is not JSON ({error}); re-publish the shards") from None
+        names = _plain_tar_names(manifest, location)
+        sizes = remote.sizes()
+        shards = []
+        for entry in manifest["shards"]:
+            index_name = entry.get("index", entry["name"].removesuffix(".tar") + ".idx")
+            missing = [name for name in (entry["name"], index_name) if name not in sizes]
+            if missing:
+                raise StorageError(f"{remote.url(missing[0])} is listed in its manifest but missing: re-publish the "
+                                   f"shards with `make shards OUT={location.rsplit('/', 1)[0]}`")
+            stem = f"{source_id(location)}-{entry['name'].removesuffix('.tar')}"
+            shards.append(RemoteShard(remote, stem, entry["name"], entry["bytes"], entry["sha256"], index_name,
+                                      sizes[index_name], entry["samples"]))
+        cache = ShardCache(cache_dir, cache_limit_bytes, shards)
+        return cls(location, names, tuple(shard["samples"] for shard in manifest["shards"]), _fingerprint(manifest),
+                   cache)
+
+    def local_files(self, shard):
+        """(tar path, index path) on this machine of shard number `shard` (a remote one is fetched if missing)."""
+        if self.cache is not None:
+            return self.cache.paths(shard)
+        tar_path = self.root / self.names[shard]
+        return tar_path, tar_path.with_suffix(".idx")
+
+    def open_tar(self, shard):
+        return with_local_file(self.local_files, shard, 0, open_binary, cached=self.cache is not None)
+
+    def read_index(self, shard):
+        return with_local_file(self.local_files, shard, 1, read_dali_index, cached=self.cache is not None)
+
+    def shard_key(self, shard):
+        """The shard's part of a sample's key."""
+        return self.names[shard].removesuffix(".tar")
+
+    def epoch_layout(self, seed, epoch):
+        """(samples per listed shard, shard number of each or None when listed as they are): one set is read once
+        per epoch, shard by shard (a ShardMixture lists shards again or in part)."""
+        return self.sizes, None
 
     @property
     def total(self):
         return sum(self.sizes)
+
+
+def open_binary(path):
+    return open(path, "rb")
+
+
+def with_local_file(files, shard, which, action, cached):
+    """action(path) of the shard's tar (which=0) or index (1) from `files(shard)`; a cached file another process
+    evicted between the look-up and the open is fetched again."""
+    while True:
+        try:
+            return action(files(shard)[which])
+        except FileNotFoundError:
+            if not cached:
+                raise
+
+
+def _plain_tar_names(manifest, root):
+    names = tuple(shard["name"] for shard in manifest["shards"])
+    for name in names:
+        if not name.endswith(".tar"):
+            raise ValueError(f"{root}/{name}: the loader reads plain .tar shards with DALI indexes; "
+                             f"rebuild without --compress (compressed shards are for storage)")
+    if not names:
+        raise ValueError(f"{root}/manifest.json lists no shards: every sample was rejected, see report.md")
+    return names
+
+
+def _fingerprint(manifest):
+    content = json.dumps([[shard["name"], shard["samples"], shard.get("sha256")] for shard in manifest["shards"]])
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 def batches_per_epoch(total, world_size, batch_size):
@@ -85,8 +163,11 @@ class EpochOrder:
 
     CACHED_WINDOWS = 4
 
-    def __init__(self, sizes, seed, epoch, shuffle_window):
+    def __init__(self, sizes, seed, epoch, shuffle_window, physical=None):
+        """`physical`: the shard number of each entry of `sizes` when the epoch lists shards again or in part (a
+        prefix of its samples); None when `sizes` are the shards themselves."""
         self.seed, self.epoch, self.window_size = seed, epoch, shuffle_window
+        self.physical = None if physical is None else np.asarray(physical, dtype=np.int64)
         self.shard_order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
         sizes = np.asarray(sizes)[self.shard_order]
         self.ends = np.cumsum(sizes)  # sequence positions where each shuffled shard ends
@@ -112,7 +193,15 @@ class EpochOrder:
             chosen = positions // self.window_size == window
             unshuffled[chosen] = self._window(int(window))[positions[chosen] - window * self.window_size]
         slot = np.searchsorted(self.ends, unshuffled, side="right")  # which shuffled shard holds it
-        return np.stack([self.shard_order[slot], unshuffled - self.starts[slot]], axis=1)
+        listed = self.shard_order[slot]
+        shard = listed if self.physical is None else self.physical[listed]
+        return np.stack([shard, unshuffled - self.starts[slot]], axis=1)
+
+
+def epoch_order(shards, seed, epoch, shuffle_window):
+    """The EpochOrder of a ShardSet or ShardMixture."""
+    sizes, physical = shards.epoch_layout(seed, epoch)
+    return EpochOrder(sizes, seed, epoch, shuffle_window, physical)
 
 
 def rank_positions(batch_index, rank, world_size, batch_size):
@@ -123,7 +212,7 @@ def rank_positions(batch_index, rank, world_size, batch_size):
 
 def rank_order(shards, seed, epoch, rank, world_size, batch_size, shuffle_window):
     """(n, 2) int64 array of (shard number, sample number in shard): this rank's samples this epoch, in order."""
-    order = EpochOrder(shards.sizes, seed, epoch, shuffle_window)
+    order = epoch_order(shards, seed, epoch, shuffle_window)
     batches = batches_per_epoch(shards.total, world_size, batch_size)
     positions = [rank_positions(batch, rank, world_size, batch_size) for batch in range(batches)]
     return order[np.concatenate(positions)] if positions else np.empty((0, 2), dtype=np.int64)
@@ -144,19 +233,19 @@ class SampleReader:
         self._files = OrderedDict()
 
     def key(self, shard, sample):
-        stem = self.shards.names[shard].removesuffix(".tar")
+        stem = self.shards.shard_key(shard)
         return f"{stem}/{self._index(shard)[sample][0]}"
 
     def _index(self, shard):
         if shard not in self._indexes:
-            self._indexes[shard] = read_dali_index((self.shards.root / self.shards.names[shard]).with_suffix(".idx"))
+            self._indexes[shard] = self.shards.read_index(shard)
         return self._indexes[shard]
 
     def _read(self, shard, offset, size):
         if shard not in self._files:
             if len(self._files) == self.OPEN_FILES:
                 self._files.popitem(last=False)[1].close()
-            self._files[shard] = open(self.shards.root / self.shards.names[shard], "rb")  # noqa: SIM115 (kept open)
+            self._files[shard] = self.shards.open_tar(shard)
         self._files.move_to_end(shard)
         handle = self._files[shard]
         handle.seek(offset)
@@ -227,10 +316,13 @@ class EpochPlan:
         self.reader = SampleReader(shards)
         self.recipe, self.batch_size = recipe, batch_size
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.order = EpochOrder(shards.sizes, seed, epoch, shuffle_window)
+        self.order = epoch_order(shards, seed, epoch, shuffle_window)
         self.num_batches = batches_per_epoch(shards.total, world_size, batch_size)
         self.reserve_start = self.num_batches * world_size * batch_size  # the tail replaces unreadable samples
         self.found_unreadable = {}  # (shard, sample) -> reason, found by a backend after reading (decoding)
+        self.cache = shards.cache
+        if self.cache is not None:
+            self.cache.follow(ShardSchedule(self.order, world_size * batch_size))
 
     def _candidates(self, position, location):
         """The sample at `position` (its `location`), then reserve samples in an order fixed by the position."""
@@ -257,6 +349,9 @@ class EpochPlan:
     def read_batch(self, index):
         keys, locations, jpegs, sizes, tokens, skipped = [], [], [], [], [], []
         positions = rank_positions(index, self.rank, self.world_size, self.batch_size)
+        if self.cache is not None:
+            self.reader.close()  # a cached shard evicted since frees its disk space once no reader holds it open
+            self.cache.advance(int(positions[0]))
         first_choices = self.order[positions].tolist()  # one look-up for the whole batch
         positions = positions.tolist()
         for position, location in zip(positions, first_choices, strict=True):

@@ -15,15 +15,18 @@ from tools import demo_data, demo_server
 
 def download_demo(out, demo_root=None, demo_size=3000, **download_keywords):
     """datapipe.download.download_dataset on the demo set; returns its (totals, failures_by_reason).
-    demo_root: where the demo set is generated (default: `source/` beside the raw folder)."""
-    raw_dir = Path(out)
-    demo_root = Path(demo_root) if demo_root else raw_dir.parent / "source"
+    demo_root: where the demo set is generated (default: `source/` beside the raw folder, or beside the staging
+    folder's raw/ when `out` is in object storage)."""
+    staging = download_keywords.get("staging")
+    remote = download.check_remote_output(out, staging) is not None  # before the demo set is generated
+    local_raw = Path(staging) / "raw" if remote else Path(out)
+    demo_root = Path(demo_root) if demo_root else local_raw.parent / "source"
     items = demo_data.ensure_generated(demo_root, num_train=demo_size)
     with demo_server.serve(demo_root / "www") as base_url:
-        url_list = demo_server.write_url_list(items, base_url, raw_dir.parent / "demo_urls.tsv")
+        url_list = demo_server.write_url_list(items, base_url, local_raw.parent / "demo_urls.tsv")
         print(f"demo: serving {len(items)} entries at {base_url}")
         # The server's port changes from run to run: the list's fingerprint leaves its address out.
-        return download.download_dataset("demo", raw_dir, url_list, fingerprint_ignores=base_url, **download_keywords)
+        return download.download_dataset("demo", out, url_list, fingerprint_ignores=base_url, **download_keywords)
 
 
 def main(argv=None):

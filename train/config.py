@@ -18,7 +18,8 @@ PRESETS = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/cc3m/train"
+    shards: str | list[str] = "shards/cc3m/train"  # a list mixes several sets by mix_weights
+    mix_weights: tuple[float, ...] = ()  # one per set of `shards` (open_clip's upsampling factors); () = 1 each
     batch_size: int = 96  # per rank
     backend: str = "auto"
     num_workers: int = 10
@@ -30,6 +31,12 @@ class DataConfig:
     hue: float = 0.1  # colour jitter's hue range (fraction of the colour circle), all crops
     grayscale_prob: float = 0.2
     shuffle_window: int = 4096
+    # Remote shards (s3://, gs://, hf:// in data.shards) are read through a local cache: its folder ("" =
+    # ~/.cache/harmony-pipe/shards), its size limit, and the retries of a broken connection (with backoff).
+    cache_dir: str = ""
+    cache_limit_gb: float = 50.0
+    fetch_retries: int = 4
+    fetch_retry_wait_s: float = 1.0
 
 
 @dataclass
@@ -74,10 +81,12 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("auto", "dali", "torch")
 # Settings a resume may change without changing the run: how often to log and save, where to stop,
 # how long to wait, how many loader workers, where the shards are (their content is checked by the
-# loader), and data.batch_size, whose product with the number of ranks (the global batch) is checked.
+# loader) and how they are cached, and data.batch_size, whose product with the number of ranks (the
+# global batch) is checked.
 RESUME_MAY_CHANGE = {"run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.resume",
                      "run.accept_config_changes", "run.max_nonfinite_steps", "run.max_steps",
                      "run.collective_timeout_s", "data.num_workers", "data.shards", "data.batch_size",
+                     "data.cache_dir", "data.cache_limit_gb", "data.fetch_retries", "data.fetch_retry_wait_s",
                      "model.activation_checkpointing"}  # recomputing activations changes no value
 
 
@@ -94,7 +103,9 @@ class TrainConfig:
         if self.data.backend not in BACKENDS:
             raise ValueError(f"data.backend={self.data.backend!r}: choose one of {', '.join(BACKENDS)}")
         at_least = {"data.batch_size": 1, "data.num_workers": 0, "data.shuffle_window": 1,
-                    "data.local_crops_number": 0, "optim.epochs": 1, "optim.lr": 0, "optim.min_lr": 0,
+                    "data.local_crops_number": 0, "data.cache_limit_gb": 0,
+                    "data.fetch_retries": 0, "data.fetch_retry_wait_s": 0, "optim.epochs": 1, "optim.lr": 0,
+                    "optim.min_lr": 0,
                     "optim.warmup_epochs": 0, "optim.weight_decay": 0, "optim.weight_decay_end": 0,
                     "optim.clip_grad": 0, "run.log_every": 1, "run.checkpoint_every": 1, "run.keep_checkpoints": 1,
                     "run.max_nonfinite_steps": 1, "run.max_steps": 0, "run.collective_timeout_s": 1}

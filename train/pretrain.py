@@ -21,6 +21,8 @@ import yaml
 
 from datapipe import MultiCrop, SingleCrop, make_loader
 from datapipe.folder_lock import FolderBusy
+from datapipe.loader import CacheOptions
+from datapipe.object_store import StorageError
 from model.harmony import Harmony
 from model.text import trim_padding
 from train import checkpoint
@@ -49,6 +51,13 @@ def view_recipe(config):
                      global_2=dataclasses.replace(defaults.global_2, **global_crop),
                      local=dataclasses.replace(defaults.local, **local_crop),
                      local_crops_number=data.local_crops_number, patch_size=config.model.patch_size)
+
+
+def cache_options(data):
+    """How remote shards are cached: data.cache_dir ("" = the default folder), its limit, the retries."""
+    folder = {"folder": Path(data.cache_dir)} if data.cache_dir else {}
+    return CacheOptions(**folder, limit_gb=data.cache_limit_gb, fetch_retries=data.fetch_retries,
+                        retry_wait_s=data.fetch_retry_wait_s)
 
 
 def parameter_groups(model):
@@ -136,7 +145,8 @@ class Trainer:
             config.data.shards, view_recipe(config), config.data.batch_size, backend=config.data.backend,
             device=world.device, rank=world.rank, world_size=world.world_size, seed=config.run.seed,
             dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.run.precision],
-            num_workers=config.data.num_workers, shuffle_window=config.data.shuffle_window)
+            num_workers=config.data.num_workers, shuffle_window=config.data.shuffle_window,
+            cache=cache_options(config.data), mix_weights=config.data.mix_weights)
         self.schedules = Schedules(optim, len(self.loader), config.data.batch_size * world.world_size)
         self.step = self.reduced_bytes = 0
         self.saved_step = None
@@ -410,7 +420,7 @@ def main(argv=None):
         raise SystemExit(f"config error: {error}") from None
     try:
         train(config)
-    except (CheckpointError, FolderBusy, ValueError) as error:  # said by report_failure; no traceback
+    except (CheckpointError, FolderBusy, StorageError, ValueError) as error:  # said by report_failure; no traceback
         raise SystemExit(1) from error
 
 

@@ -25,7 +25,8 @@ BEFORE_PASSES = json.loads(BEFORE_PASSES_FILE.read_text()) if BEFORE_PASSES_FILE
 # `make gpu-check` results recorded from borrowed GPU machines (README "Validating on a GPU machine").
 GPU_RESULTS_DIR = BEFORE_PASSES_FILE.parent / "gpu"
 GOALS = {"time": 3.0, "memory": 1.8, "memory_checkpointed": 1.2, "time_checkpointed": 1.35, "communication": 1.0,
-         "dali_vs_torch": 2.0, "output_peak": 1.1, "rss_bytes_per_sample": 80, "dedup_time": 1.2}
+         "dali_vs_torch": 2.0, "output_peak": 1.1, "rss_bytes_per_sample": 80, "dedup_time": 1.2,
+         "remote_cold": 0.8, "remote_warm": 0.95}
 
 
 def cpu_model():
@@ -75,6 +76,23 @@ def section_datapipe(result):
     if "dali_gpu_samples_per_s" in result:
         lines.append(f"- DALI on the GPU: {result['dali_gpu_samples_per_s']:.0f} samples/s.")
     return lines + ["", "![datapipe](docs/benchmarks/datapipe.png)", ""]
+
+
+def section_remote_shards(result):
+    rates = result["samples_per_s"]
+    peak, limit = result["limited_cache_peak_bytes"], result["limited_cache_limit_bytes"]
+    return ["## Shards in object storage", "",
+            f"`{result['shards']}` ({result['set_bytes'] / 1e6:.1f} MB) served by a moto S3 server on 127.0.0.1; "
+            f"{result['recipe']}, batch {result['batch_size']}, {result['threads']} threads, shuffle window "
+            f"{result['shuffle_window']}; whole epochs after one warm-up batch.", "",
+            f"- Cold cache (every shard fetched during the epoch) = **{result['cold_vs_local']:.2f}x** local shards "
+            f"({rates['cold cache']:.0f} vs {rates['local']:.0f} samples/s; "
+            f"{verdict(result['cold_vs_local'], GOALS['remote_cold'], lower_is_better=False)}).",
+            f"- Warm cache = **{result['warm_vs_local']:.2f}x** local shards ({rates['warm cache']:.0f} samples/s; "
+            f"{verdict(result['warm_vs_local'], GOALS['remote_warm'], lower_is_better=False)}).",
+            f"- A cache limited to {limit / result['set_bytes']:.0%} of the set ({limit / 1e6:.1f} MB): peak "
+            f"{peak / 1e6:.1f} MB = **{peak / limit:.2f}x** the limit (goal <= 1x), {rates['limited cache']:.0f} "
+            "samples/s.", ""]
 
 
 def section_memory(result):
@@ -194,7 +212,8 @@ def section_near_duplicates(result):
 
 
 SECTIONS = (("shards", section_shards), ("scale", section_scale), ("near_duplicates", section_near_duplicates),
-            ("datapipe", section_datapipe), ("backward_memory", section_memory), ("step", section_step),
+            ("datapipe", section_datapipe), ("remote_shards", section_remote_shards),
+            ("backward_memory", section_memory), ("step", section_step),
             ("communication", section_communication))
 
 

@@ -2,7 +2,8 @@
 
     python -m tools.eval.retrieval --run runs/demo --shards shards/demo/source/heldout_pairs
 
-The shards are WebDataset tars (.tar or .tar.zst) with a `jpg` and a `txt` per sample: a folder built
+The shards are WebDataset tars (.tar or .tar.zst) with a `jpg` and a `txt` per sample (in a local folder, or an
+s3://, gs:// or hf:// one, copied to a temporary folder first): a folder built
 by `make download` + `make shards` from a validation url list, or the demo's held-out pairs. Each image
 has one caption, so image i's right answer is caption i and the other way round. Scores are cosine
 similarities of the L2-normalized CLIP embeddings (as the official ProtoCLIP-based script).
@@ -11,12 +12,15 @@ similarities of the L2-normalized CLIP embeddings (as the official ProtoCLIP-bas
 import argparse
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from datapipe import shard_io
+from datapipe.object_store import is_remote
+from datapipe.publish import stage
 from datapipe.text import clean_caption, tokenize
 from tools.eval.towers import RunTowers, text_embeddings
 
@@ -24,7 +28,12 @@ RECALL_AT = (1, 5, 10)
 
 
 def read_pairs(shards_dir):
-    """(keys, PIL images, captions) from every shard in the folder."""
+    """(keys, PIL images, captions) from every shard in the folder (an s3://, gs:// or hf:// one is copied to a
+    temporary folder first)."""
+    if is_remote(shards_dir):
+        with tempfile.TemporaryDirectory(prefix="retrieval-") as local_dir:
+            stage(shards_dir, local_dir)
+            return read_pairs(local_dir)
     shards = sorted(path for path in Path(shards_dir).glob("*") if path.name.endswith((".tar", ".tar.zst")))
     if not shards:
         raise FileNotFoundError(f"{shards_dir}: no .tar or .tar.zst shards; build held-out shards with "

@@ -1,0 +1,67 @@
+"""Weighted mixing of shard sets: proportions per epoch, a function of (seed, epoch) only, exact resume."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import write_training_shards
+
+from datapipe import SingleCrop, make_loader
+from datapipe.mixing import ShardMixture
+from datapipe.samples import ShardSet, rank_order
+
+SETTINGS = dict(recipe=SingleCrop(size_px=32), batch_size=4, seed=1, shuffle_window=8, num_workers=0,
+                backend="torch")
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    rng = np.random.default_rng(1)
+    first = write_training_shards(root / "first", rng.integers(0, 256, (16, 24, 24, 3), dtype=np.uint8), 8)
+    second = write_training_shards(root / "second", rng.integers(0, 256, (30, 24, 24, 3), dtype=np.uint8), 8)
+    return first, second
+
+
+def epoch_sequence(mixture, epoch):
+    return [tuple(pair) for pair in rank_order(mixture, seed=1, epoch=epoch, rank=0, world_size=1, batch_size=1,
+                                               shuffle_window=8)]
+
+
+def test_weights_read_a_set_twice_or_in_part_each_epoch(two_sets):
+    first, second = (ShardSet.from_path(path) for path in two_sets)
+    mixture = ShardMixture([first, second], [2, 0.5])
+    assert mixture.total == 2 * 16 + 15
+    for epoch in (0, 1):
+        sequence = epoch_sequence(mixture, epoch)
+        counts = Counter(sequence)
+        from_first = [pair for pair in sequence if pair[0] < 2]  # shards 0-1 are the first set's
+        assert len(from_first) == 32 and set(counts[pair] for pair in from_first) == {2}
+        from_second = [pair for pair in sequence if pair[0] >= 2]
+        assert len(from_second) == len(set(from_second)) == 15  # half, none twice
+    assert set(epoch_sequence(mixture, 0)) != set(epoch_sequence(mixture, 1))  # another half each epoch
+    assert epoch_sequence(mixture, 1) == epoch_sequence(ShardMixture([first, second], [2, 0.5]), 1)
+
+
+def test_a_mixture_resumes_exactly_and_refuses_other_weights(two_sets):
+    settings = dict(SETTINGS, mix_weights=[1, 0.5])
+    uninterrupted = [key for batch in make_loader(list(two_sets), **settings) for key in batch.keys]
+    first = make_loader(list(two_sets), **settings)
+    before = []
+    for batch in first:
+        before += batch.keys
+        if len(before) == 8:
+            break
+    resumed = make_loader(list(two_sets), **settings)
+    resumed.load_state_dict(first.state_dict())
+    assert before + [key for batch in resumed for key in batch.keys] == uninterrupted
+    assert {key.split(":")[0] for key in uninterrupted} == {"0", "1"}  # "<set>:<shard>/<key>"
+    with pytest.raises(ValueError, match="the same training shards"):
+        make_loader(list(two_sets), **{**settings, "mix_weights": [1, 1]}).load_state_dict(first.state_dict())
+
+
+def test_weights_that_do_not_match_the_sets_are_refused(two_sets):
+    with pytest.raises(ValueError, match="2 weight.*for 1 shard set"):
+        make_loader([two_sets[0]], **SETTINGS, mix_weights=[1, 2])
+    with pytest.raises(ValueError, match="not a positive number"):
+        make_loader(list(two_sets), **SETTINGS, mix_weights=[1, 0])
