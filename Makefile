@@ -69,11 +69,15 @@ data: setup
 	@test -f "$(RAW)/00000_stats.json" || $(MAKE) --no-print-directory download
 	@test -f "$(OUT)/train/manifest.json" || $(MAKE) --no-print-directory shards
 
-# Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
+# Pretraining under torchrun (NPROC processes on this machine; see README for multi-node). The config is
+# checked first, so a bad one gets one message and torchrun never starts.
 # The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) $(TORCHRUN_ARGS) -m train.pretrain --config $(CONFIG) \
-		"data.shards=$(OUT)/train" "run.out_dir=$$(dirname "$(RUN)")" "run.name=$$(basename "$(RUN)")" $(TRAIN_ARGS)
+	trainer_args=(--config $(CONFIG) "data.shards=$(OUT)/train" "run.out_dir=$$(dirname "$(RUN)")" \
+		"run.name=$$(basename "$(RUN)")" $(TRAIN_ARGS)); \
+	$(PY) -m train.config "$${trainer_args[@]}" && \
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) $(TORCHRUN_ARGS) -m train.pretrain \
+		"$${trainer_args[@]}"
 	@if [ -n "$(ZEROSHOT_DATA)$(RETRIEVAL_SHARDS)$(PROBE_TRAIN)" ]; then $(MAKE) --no-print-directory eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).

@@ -155,6 +155,7 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
     source = get_source(dataset)
     options = {**source.download_options, "processes_count": processes, "thread_count": threads,
                "distributor": distributor, **(img2dataset_options or {})}
+    options = download_options.fit_encode_quality(options, img2dataset_options or {})
     _check_distributor(options["distributor"])
     raw_dir = Path(out)
     _check_writable(raw_dir)

@@ -4,7 +4,9 @@ Any keyword of `img2dataset.download` is accepted under its own name (`--image_s
 `--image-size=256`, `--resize_only_if_bigger` for True), its value converted to the type img2dataset
 declares. The dataset preset's values are defaults that these override. A name img2dataset does not
 have, a value of the wrong type or outside the choices img2dataset knows, and the few options this
-command sets itself get an error that says what to write instead.
+command sets itself get an error that says what to write instead. `--encode_format png` alone sets
+the PNG compression level (the preset's encode_quality is a JPEG quality); a quality the format cannot
+take is refused.
 """
 
 import ast
@@ -40,6 +42,10 @@ CHOICES = {
     "downscale_interpolation": ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"),
 }
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# encode_quality means one thing per encode_format: (lowest, highest, what it is).
+ENCODE_QUALITY = {"jpg": (0, 100, "JPEG quality"), "webp": (1, 100, "WebP quality"),
+                  "png": (0, 9, "PNG compression level")}
+PNG_COMPRESSION = 6  # zlib's (and Pillow's) default level, for --encode_format png without --encode_quality
 
 
 def img2dataset_parameters():
@@ -107,4 +113,18 @@ def parse(tokens, parameters=None):
             raise OptionError(f"--{name} {options[name]!r} is not one of img2dataset's choices: "
                               f"{', '.join(CHOICES[name])}")
         position += 1
+    return options
+
+
+def fit_encode_quality(options, given):
+    """`options` (the preset's overridden by `given`, the user's) with an encode_quality that suits encode_format:
+    the preset's JPEG quality becomes PNG_COMPRESSION for png when the user gave no --encode_quality; a quality
+    the format cannot take is refused."""
+    encode_format, quality = options.get("encode_format", "jpg"), options.get("encode_quality", 95)
+    if encode_format == "png" and "encode_quality" not in given:
+        return {**options, "encode_quality": PNG_COMPRESSION}
+    lowest, highest, meaning = ENCODE_QUALITY[encode_format]
+    if not lowest <= quality <= highest:
+        raise OptionError(f"--encode_quality {quality} does not suit --encode_format {encode_format}: for "
+                          f"{encode_format} it is the {meaning}, {lowest} to {highest}")
     return options
