@@ -94,9 +94,12 @@ ifeq ($(REMOTE_OUT),)
 	@test -f "$$OUT/train/manifest.json" || $(MAKE) --no-print-directory shards
 endif
 
-# Pretraining under torchrun (NPROC processes on this machine; see README for multi-node).
+# Pretraining under torchrun (NPROC processes on this machine; see README for multi-node). The config is
+# checked first, so a bad one gets one message and torchrun never starts.
 # The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
+	$(RUN_WITH_ARGS) $(PY) -m train.config --config "$$CONFIG" "data.shards=$$OUT/train" \
+		"run.out_dir=$$(dirname -- "$$RUN")" "run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
 	$(RUN_WITH_ARGS) $(PY) -m torch.distributed.run --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
 		-m train.pretrain --config "$$CONFIG" "data.shards=$$OUT/train" "run.out_dir=$$(dirname -- "$$RUN")" \
 		"run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}

@@ -233,6 +233,7 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
                          f"(get it from {source.homepage or 'your data provider'})")
     options = {**source.download_options, "processes_count": processes, "thread_count": threads,
                "distributor": distributor, **(img2dataset_options or {})}
+    options = download_options.fit_encode_quality(options, img2dataset_options or {})
     download_options.check_values(options)
     _check_distributor(options["distributor"])
     output = check_remote_output(out, staging)  # img2dataset writes to object storage itself

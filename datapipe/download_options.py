@@ -6,6 +6,8 @@ declares. The dataset preset's values are defaults that these override. A name i
 have, a value of the wrong type or outside the choices img2dataset knows, a value img2dataset would take
 and then fail on (`--thread_count 0`, `--timeout 0`, `--image_size -5`), and the few options this
 command sets itself get an error that says what to write instead, before anything is fetched.
+`--encode_format png` alone sets the PNG compression level (the preset's encode_quality is a JPEG
+quality); a quality the format cannot take is refused.
 """
 
 import ast
@@ -46,8 +48,11 @@ TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 LEAST = {"image_size": 1, "processes_count": 1, "thread_count": 1, "number_sample_per_shard": 1, "subjob_size": 1,
          "oom_shard_count": 1, "retries": 0, "max_shard_retry": 0, "min_image_size": 0, "max_aspect_ratio": 1}
 ABOVE_ZERO = ("timeout", "max_image_area")
-ENCODE_QUALITY = {"jpg": (0, 100), "webp": (1, 100), "png": (0, 9)}  # png: its compression level
 MAKE_VARIABLES = {"processes_count": "PROCESSES", "thread_count": "THREADS"}
+# encode_quality means one thing per encode_format: (lowest, highest, what it is).
+ENCODE_QUALITY = {"jpg": (0, 100, "JPEG quality"), "webp": (1, 100, "WebP quality"),
+                  "png": (0, 9, "PNG compression level")}
+PNG_COMPRESSION = 6  # zlib's (and Pillow's) default level, for --encode_format png without --encode_quality
 
 
 def img2dataset_parameters():
@@ -129,8 +134,17 @@ def check_values(options):
             raise OptionError(f"--{name} {value} cannot work{where}: img2dataset needs at least {LEAST[name]}")
         if name in ABOVE_ZERO and not value > 0:
             raise OptionError(f"--{name} {value} cannot work: img2dataset needs more than 0")
-    low, high = ENCODE_QUALITY.get(options.get("encode_format", "jpg"), (0, 100))
-    quality = options.get("encode_quality")
-    if quality is not None and not low <= quality <= high:
-        raise OptionError(f"--encode_quality {quality} is outside {low}-{high}, the range for --encode_format "
-                          f"{options.get('encode_format', 'jpg')}; give --encode_quality within it")
+
+
+def fit_encode_quality(options, given):
+    """`options` (the preset's overridden by `given`, the user's) with an encode_quality that suits encode_format:
+    the preset's JPEG quality becomes PNG_COMPRESSION for png when the user gave no --encode_quality; a quality
+    the format cannot take is refused."""
+    encode_format, quality = options.get("encode_format", "jpg"), options.get("encode_quality", 95)
+    if encode_format == "png" and "encode_quality" not in given:
+        return {**options, "encode_quality": PNG_COMPRESSION}
+    lowest, highest, meaning = ENCODE_QUALITY[encode_format]
+    if not lowest <= quality <= highest:
+        raise OptionError(f"--encode_quality {quality} does not suit --encode_format {encode_format}: for "
+                          f"{encode_format} it is the {meaning}, {lowest} to {highest}")
+    return options

@@ -230,6 +230,73 @@ def test_disk_full_while_checkpointing_is_a_clear_error(demo_shards, tmp_path):
     assert not list((run / "checkpoints").iterdir())
 
 
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 1 MiB tmpfs mounted for the test: a real file system that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_checkpoint_larger_than_the_free_space_says_what_it_needs_and_leaves_nothing(small_file_system):
+    """torch.save reports the ENOSPC of its writes as a RuntimeError ("unexpected pos"); it is still a full disk."""
+    path = small_file_system / "checkpoints" / "checkpoint-00000001.pt"
+    with pytest.raises(CheckpointError, match=r"the disk is full \([\d.]+ MiB free in .*; this checkpoint needs "
+                                              r"about 3\.8 MiB\)\. Free space there"):
+        checkpoint.save_atomic({"weights": torch.zeros(1_000_000)}, path)  # 4 MB
+    assert not list(path.parent.iterdir())
+
+
+@pytest.mark.parametrize("record", [b"{\"bytes\": 12", b"[]", b"{\"bytes\": \"12\"}", b"\xff\xfe"],
+                         ids=["cut", "a list", "a string size", "not text"])
+def test_a_sidecar_that_is_not_its_json_record_falls_back_to_the_checkpoint_before(tmp_path, record):
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2):
+        checkpoint.save_atomic({"step": step}, folder / f"checkpoint-{step:08d}.pt")
+    checkpoint.sidecar(folder / "checkpoint-00000002.pt").write_bytes(record)
+    reports = []
+    path, state = checkpoint.latest_good(tmp_path, report=reports.append)
+    assert state == {"step": 1} and path.name == "checkpoint-00000001.pt"
+    assert reports == [f"warning: {folder}/checkpoint-00000002.json is damaged (not the JSON record of a size and "
+                       f"sha256): {folder}/checkpoint-00000002.pt cannot be verified; trying the checkpoint before it"]
+
+
+def test_a_moved_run_folder_resumes_and_a_lone_checkpoint_is_loaded_only_on_request(demo_shards, tmp_path, capsys):
+    first, moved = tmp_path / "first", tmp_path / "elsewhere" / "renamed"
+    train_tiny(demo_shards["train"], first, "run.max_steps=2")
+    moved.parent.mkdir()
+    first.rename(moved)
+    train_tiny(demo_shards["train"], moved, "run.max_steps=3")  # run.name and run.out_dir differ: where it lives
+    assert "checkpoint-00000002.pt at step 2" in capsys.readouterr().out
+    assert checkpoint.load(checkpoint.latest_checkpoint(moved))["step"] == 3
+    lone = tmp_path / "copied" / "checkpoint-00000003.pt"  # copied without its .json
+    lone.parent.mkdir()
+    lone.write_bytes(checkpoint.latest_checkpoint(moved).read_bytes())
+    with pytest.raises(CheckpointError, match="checkpoint-00000003.pt has no checkpoint-00000003.json: it was never "
+                                              "finished. If this file .* add run.trust_unverified_checkpoint=true"):
+        train_tiny(demo_shards["train"], tmp_path / "from_copy", "run.max_steps=4", f"run.resume={lone}")
+    train_tiny(demo_shards["train"], tmp_path / "from_copy", "run.max_steps=4", f"run.resume={lone}",
+               "run.trust_unverified_checkpoint=true")
+    assert f"resumed from {lone} at step 3" in capsys.readouterr().out
+    assert checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "from_copy"))["step"] == 4
+
+
+def test_another_batch_size_on_resume_is_replaced_with_a_warning(demo_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_tiny(demo_shards["train"], run, "run.max_steps=1")  # data.batch_size=8 on 1 rank: global batch 8
+    train_tiny(demo_shards["train"], run, "run.max_steps=2", "data.batch_size=4")
+    assert "warning: data.batch_size=4 is not used: on 1 rank(s) it would make a global batch of 4, and a resume " \
+           "keeps the checkpoint's global batch of 8, so data.batch_size is 8" in capsys.readouterr().err
+    assert checkpoint.load(checkpoint.latest_checkpoint(run))["loader"]["global_batch_size"] == 8
+
+
 def test_a_second_trainer_on_the_same_run_folder_is_refused(demo_shards, tmp_path):
     run = tmp_path / "run"
     lock = lock_run(run)

@@ -114,7 +114,7 @@ def test_a_shard_img2dataset_did_not_finish_fails_the_download(tmp_path):
     ("number_sample_per_shard", 0, "--number_sample_per_shard 0 cannot work"),
     ("image_size", -5, "--image_size -5 cannot work: img2dataset needs at least 1"),
     ("timeout", 0, "--timeout 0 cannot work: img2dataset needs more than 0"),
-    ("encode_format", "png", "--encode_quality 95 is outside 0-9, the range for --encode_format png"),
+    ("encode_quality", 101, "--encode_quality 101 does not suit --encode_format jpg"),
 ])
 def test_values_img2dataset_cannot_work_with_are_refused_before_fetching(tmp_path, option, value, message):
     url_list_path = write_list(tmp_path / "a.tsv", range(3))

@@ -51,6 +51,24 @@ def test_user_options_override_the_preset(tmp_path):
     assert sides and max(sides) <= 48
 
 
+def test_png_downloads_get_a_png_compression_level_not_the_presets_jpeg_quality(tmp_path):
+    demo_download.main(["--dataset", "demo", "--out", str(tmp_path / "raw"), "--demo-size", "10", "--processes", "1",
+                        "--threads", "4", "--encode_format", "png", "--skip_reencode", "false"])
+    samples = list(shard_io.read_samples(sorted((tmp_path / "raw").glob("*.tar"))))
+    assert samples and all(Image.open(io.BytesIO(sample["png"])).format == "PNG" for sample in samples)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"encode_format": "png", "encode_quality": 95}, "--encode_quality 95 does not suit --encode_format png: for png "
+                                                     "it is the PNG compression level, 0 to 9"),
+    ({"encode_quality": 101}, "--encode_quality 101 does not suit --encode_format jpg: for jpg it is the JPEG "
+                              "quality, 0 to 100"),
+])
+def test_an_encode_quality_the_format_cannot_take_is_refused(given, message):
+    with pytest.raises(SystemExit, match=message):
+        download_options.fit_encode_quality({"encode_format": "jpg", "encode_quality": 95, **given}, given)
+
+
 # --- the README's `make download` / `make shards` lines, run as written ---------------------------
 
 def readme_make_commands():

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,12 +60,55 @@ def test_every_preset_loads_and_overrides_apply():
 
 @pytest.mark.parametrize("overrides, message", [
     (["optim.learning_rate=1"], "unknown config key"), (["optim.lr"], "key=value"),
+    (["optim=3"], r"optim=3: optim is a section, not a value; set its keys \(optim.<key>=...\), which are: epochs"),
+    (["optim.epochs=1.5"], "optim.epochs=1.5: it must be a whole number"),
+    (["model.mae=maybe"], "model.mae='maybe': it must be true or false"),
+    (["run.name=2024"], "run.name=2024: it must be text"),
+    (["data.global_crop_scale=0.5"], r"data.global_crop_scale=0.5: it must be a list of 2 values"),
+    (["optim.lr=[1,"], "override 'optim.lr=\\[1,': '\\[1,' is not a value"),
+    (["run.trust_unverified_checkpoint=true"], "applies to run.resume=<a checkpoint path> only"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config("demo", overrides)
     with pytest.raises(FileNotFoundError, match="presets"):
         load_config("no_such_preset")
+
+
+@pytest.mark.parametrize("resume, message", [
+    ("atuo", "run.resume='atuo': does not exist. Did you mean run.resume=auto? The value must be auto"),
+    ("{tmp}/nowhere/checkpoint-00000002.pt", "checkpoint-00000002.pt': does not exist. The value must be auto"),
+    ("{tmp}", "is a folder, not a checkpoint file"),
+])
+def test_run_resume_names_what_it_could_not_find(tmp_path, resume, message):
+    from train.config import parse_command_line
+
+    with pytest.raises(SystemExit, match=f"config error: .*{re.escape(message)}"):
+        parse_command_line(["--config", "demo", f"run.resume={resume.format(tmp=tmp_path)}"], "")
+
+
+def test_shards_that_are_not_there_are_a_config_error(tmp_path):
+    from train.pretrain import main
+
+    with pytest.raises(SystemExit, match=f"config error: {tmp_path}/nowhere/manifest.json not found: point the "
+                                         f"loader at a folder written by `make shards`"):
+        main(["--config", "demo", f"data.shards={tmp_path}/nowhere", f"run.out_dir={tmp_path}"])
+
+
+def test_integers_are_taken_for_numbers_and_nothing_else_is_converted():
+    config = load_config("demo", ["optim.lr=1", "data.global_crop_scale=[0, 1]"])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float) and config.data.global_crop_scale == (0, 1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim:\n  lr: [0.1\n", "is not valid YAML at line 3, column 1"),
+    ("- optim\n", "must hold `key: value` settings .*, not a list"),
+])
+def test_a_preset_that_is_not_a_mapping_of_settings_names_its_file(tmp_path, text, message):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(text)
+    with pytest.raises(ValueError, match=f"config preset {preset} {message}"):
+        load_config(str(preset))
 
 
 def test_ema_update_is_the_momentum_average():
@@ -223,3 +268,24 @@ def test_mixed_precision_steps_are_finite(demo_shards, tmp_path, precision):
     assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows) and rows[-1]["nonfinite_steps"] == 0
     state = checkpoint.load(checkpoint.latest_checkpoint(run))
     assert (state["scaler"] is not None) == (precision == "fp16")
+
+
+@pytest.mark.parametrize("config, train_args, message", [
+    ("demo", "optim.epochs=1.5", "optim.epochs=1.5: it must be a whole number"),
+    ("broken.yaml", "", "broken.yaml is not valid YAML at line 1"),
+])
+def test_make_pretrain_says_a_config_error_once_and_never_starts_torchrun(tmp_path, config, train_args, message):
+    import subprocess
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "00000_stats.json").write_text("{}")  # `make data` sees a download and shards: skipped
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "manifest.json").write_text("{}")
+    (tmp_path / "broken.yaml").write_text("optim: lr: 1\n")
+    config = tmp_path / config if config.endswith(".yaml") else config
+    done = subprocess.run(["make", "--no-print-directory", "pretrain", f"CONFIG={config}", f"OUT={tmp_path}",
+                           f"RAW={tmp_path / 'raw'}", f"RUN={tmp_path / 'run'}", f"TRAIN_ARGS={train_args}"],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("make:")]
+    assert done.returncode != 0 and len(errors) == 1 and message in errors[0], done.stderr
+    assert not (tmp_path / "run").exists()  # torchrun never started

@@ -23,27 +23,56 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or trusted; the message says which and what to do."""
 
 
+class UnverifiedCheckpoint(CheckpointError):
+    """A checkpoint whose sidecar is missing or unreadable: neither known good nor known damaged."""
+
+
 class _HashingWriter:
-    """A file wrapper that hashes and counts what torch.save writes through it."""
+    """A file wrapper that hashes and counts what torch.save writes through it, and keeps the OSError a write
+    raised: torch reports it as a RuntimeError ("unexpected pos") that no longer says the disk is full."""
 
     def __init__(self, stream):
-        self.stream, self.digest, self.bytes = stream, hashlib.sha256(), 0
+        self.stream, self.digest, self.bytes, self.error = stream, hashlib.sha256(), 0, None
 
     def write(self, data):
         self.digest.update(data)
         self.bytes += len(data)
-        return self.stream.write(data)
+        try:
+            return self.stream.write(data)
+        except OSError as error:
+            self.error = error
+            raise
 
     def flush(self):
         self.stream.flush()
 
 
-def _write_failed(path, partial, error):
-    partial.unlink(missing_ok=True)
+def size_text(size_bytes):
+    return f"{size_bytes / 2**30:.2f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.1f} MiB"
+
+
+def payload_bytes(payload):
+    """Bytes of the tensors in a nested dict/list/tuple (each storage once): about its checkpoint's size."""
+    storages = {}
+    pending = [payload]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _write_failed(path, error, needed_bytes):
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(path.parent).free
-        return CheckpointError(f"cannot write {path}: the disk is full ({free / 2**30:.2f} GiB free in "
-                               f"{path.parent}). Free space there or set run.out_dir elsewhere; earlier checkpoints "
+        return CheckpointError(f"cannot write {path}: the disk is full ({size_text(free)} free in {path.parent}; "
+                               f"this checkpoint needs about {size_text(needed_bytes)}). Free space there, or move "
+                               f"the run folder to a disk with room and point run.out_dir there; earlier checkpoints "
                                f"are intact and run.resume=auto continues from the latest.")
     return CheckpointError(f"cannot write {path}: {error.strerror or error}")
 
@@ -53,23 +82,29 @@ def sidecar(path):
 
 
 def save_atomic(payload, path):
-    """torch.save to a '.partial' file, renamed when complete, then the checksum sidecar. Returns `path`."""
+    """torch.save to a '.partial' file and the checksum sidecar to another, both renamed when complete (the
+    checkpoint first). A failed write leaves no '.partial'. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
+    sidecar_partial = sidecar(path).with_name(sidecar(path).name + ".partial")
+    writer = None
     try:
         with open(partial, "wb") as stream:
             writer = _HashingWriter(stream)
             torch.save(payload, writer)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(partial, path)
-        record = json.dumps({"bytes": writer.bytes, "sha256": writer.digest.hexdigest()})
-        sidecar_partial = sidecar(path).with_name(sidecar(path).name + ".partial")
-        sidecar_partial.write_text(record)
+        sidecar_partial.write_text(json.dumps({"bytes": writer.bytes, "sha256": writer.digest.hexdigest()}))
+        os.replace(partial, path)  # the checkpoint, then its sidecar: one without a sidecar was never finished
         os.replace(sidecar_partial, sidecar(path))
-    except OSError as error:
-        raise _write_failed(path, partial, error) from None
+    except (OSError, RuntimeError) as error:
+        partial.unlink(missing_ok=True)
+        sidecar_partial.unlink(missing_ok=True)
+        write_error = error if isinstance(error, OSError) else writer and writer.error
+        if not write_error:
+            raise
+        raise _write_failed(path, write_error, payload_bytes(payload)) from None
     return path
 
 
@@ -87,12 +122,26 @@ def latest_checkpoint(run_dir):
     return found[0][1] if found else None
 
 
+def read_sidecar(path):
+    """{"bytes": ..., "sha256": ...} from `path`'s sidecar; CheckpointError if it is missing or unreadable."""
+    record_path = sidecar(path)
+    if not record_path.is_file():
+        raise UnverifiedCheckpoint(f"{path} has no {record_path.name}: it was never finished")
+    try:
+        record = json.loads(record_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+            and isinstance(record.get("sha256"), str)):
+        raise UnverifiedCheckpoint(f"{record_path} is damaged (not the JSON record of a size and sha256): "
+                                   f"{path} cannot be verified")
+    return record
+
+
 def verify(path):
     """Raise CheckpointError unless `path` has its sidecar and matches its size and sha256."""
     path = Path(path)
-    if not sidecar(path).is_file():
-        raise CheckpointError(f"{path} has no {sidecar(path).name}: it was never finished")
-    record = json.loads(sidecar(path).read_text())
+    record = read_sidecar(path)
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         while chunk := stream.read(1 << 20):
@@ -101,9 +150,15 @@ def verify(path):
         raise CheckpointError(f"{path} is damaged: its size or sha256 differs from {sidecar(path).name}")
 
 
-def load(path):
-    """A verified checkpoint's contents."""
-    verify(path)
+def load(path, trust_unverified=False, report=print):
+    """A verified checkpoint's contents. With trust_unverified, one whose sidecar is missing or unreadable is
+    loaded unchecked (and reported); one that disagrees with its sidecar never is."""
+    try:
+        verify(path)
+    except UnverifiedCheckpoint as error:
+        if not trust_unverified:
+            raise
+        report(f"warning: {error}; loading it unchecked, as run.trust_unverified_checkpoint=true asks")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError) as error:

@@ -3,14 +3,21 @@
     config = load_config("demo", ["optim.epochs=3", "model.mae=false"])
 
 A preset is `train/configs/<name>.yaml` (or any YAML path); it may name a `base` preset it extends.
+`python -m train.config --config <preset> [key=value ...]` checks a config (run.resume and data.shards too):
+`make pretrain` runs it before torchrun, so a bad config gets one line and no torchrun traceback.
 """
 
+import argparse
 import dataclasses
+import difflib
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from datapipe.samples import ShardSet
 from model.harmony import HarmonyConfig
 
 PRESETS = Path(__file__).parent / "configs"
@@ -71,6 +78,8 @@ class RunConfig:
     checkpoint_every: int = 500  # steps; one is also written at the end and on SIGTERM/SIGUSR1
     keep_checkpoints: int = 3  # the newest K are kept, so a damaged one is survivable
     resume: str = "auto"  # auto | none | a checkpoint path
+    # run.resume=<path> may load a checkpoint whose .json (size, sha256) is missing or unreadable, unchecked
+    trust_unverified_checkpoint: bool = False
     accept_config_changes: bool = False  # resume even when settings that change the run differ
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     max_steps: int = 0  # stop early after this many steps in total (0 = run every epoch)
@@ -79,14 +88,15 @@ class RunConfig:
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = ("auto", "dali", "torch")
-# Settings a resume may change without changing the run: how often to log and save, where to stop,
-# how long to wait, how many loader workers, where the shards are (their content is checked by the
-# loader) and how they are cached, and data.batch_size, whose product with the number of ranks (the
-# global batch) is checked.
-RESUME_MAY_CHANGE = {"run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.resume",
-                     "run.accept_config_changes", "run.max_nonfinite_steps", "run.max_steps",
-                     "run.collective_timeout_s", "data.num_workers", "data.shards", "data.batch_size",
-                     "data.cache_dir", "data.cache_limit_gb", "data.fetch_retries", "data.fetch_retry_wait_s",
+# Settings a resume may change without changing the run: where the run lives (a run folder may be renamed
+# or moved), how often to log and save, where to stop, how long to wait, how many loader workers, where
+# the shards are (their content is checked by the loader) and how they are cached, and data.batch_size,
+# whose product with the number of ranks (the global batch) is checked.
+RESUME_MAY_CHANGE = {"run.name", "run.out_dir", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
+                     "run.resume", "run.trust_unverified_checkpoint", "run.accept_config_changes",
+                     "run.max_nonfinite_steps", "run.max_steps", "run.collective_timeout_s", "data.num_workers",
+                     "data.shards", "data.batch_size", "data.cache_dir", "data.cache_limit_gb", "data.fetch_retries",
+                     "data.fetch_retry_wait_s",
                      "model.activation_checkpointing"}  # recomputing activations changes no value
 
 
@@ -114,6 +124,9 @@ class TrainConfig:
             value = getattr(getattr(self, section), name)
             if not isinstance(value, int | float) or value < minimum:
                 raise ValueError(f"{key}={value!r}: it must be a number, at least {minimum}")
+        if self.run.trust_unverified_checkpoint and self.run.resume in ("auto", "none"):
+            raise ValueError(f"run.trust_unverified_checkpoint=true applies to run.resume=<a checkpoint path> only, "
+                             f"not run.resume={self.run.resume}: name the checkpoint to trust, or leave it false")
 
     @property
     def run_dir(self):
@@ -125,7 +138,16 @@ def _read_preset(preset):
     if not path.is_file():
         names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise FileNotFoundError(f"config preset {preset!r} not found ({path}); presets: {', '.join(names)}")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"config preset {path} is not valid YAML{where}: "
+                         f"{getattr(error, 'problem', None) or error}; fix the file") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config preset {path} must hold `key: value` settings (sections model, data, optim, "
+                         f"run), not a {type(values).__name__}")
     base = values.pop("base", None)
     return _merge(_read_preset(base), values) if base else values
 
@@ -141,29 +163,51 @@ def _parse_override(text):
     if "=" not in text:
         raise ValueError(f"override {text!r} is not key=value (e.g. optim.lr=0.001)")
     key, value = text.split("=", 1)
-    parsed = yaml.safe_load(value) if value else ""
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        raise ValueError(f"override {text!r}: {value!r} is not a value (a number, true/false, text, or a list "
+                         f"such as [0.5, 1.0]); quote text that holds YAML characters") from None
     nested = parsed
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
 
 
+def _typed(key, value, annotation):
+    """`value` as the field's declared type (int, float, bool, str or a tuple of them); a ValueError naming
+    the key otherwise. Integers are taken for floats; nothing is rounded or guessed."""
+    if typing.get_origin(annotation) is tuple:
+        items = typing.get_args(annotation)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise ValueError(f"{key}={value!r}: it must be a list of {len(items)} values, e.g. {key}=[0.5, 1.0]")
+        return tuple(_typed(key, item, item_type) for item, item_type in zip(value, items, strict=True))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    expected = {int: "a whole number", float: "a number", bool: "true or false",
+                str: "text (quote it if it reads as a number or true/false)"}[annotation]
+    raise ValueError(f"{key}={value!r}: it must be {expected}")
+
+
 def _build(cls, values, where):
+    section = where.rstrip(".") or "the config"
+    if not isinstance(values, dict):
+        raise ValueError(f"{section}={values!r}: {section} is a section, not a value; set its keys "
+                         f"({section}.<key>=...), which are: {', '.join(f.name for f in dataclasses.fields(cls))}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; "
                          f"{where or 'top level'} has: {', '.join(known)}")
+    types = typing.get_type_hints(cls)
     arguments = {}
     for name, value in values.items():
-        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING \
-            else known[name].default
-        if dataclasses.is_dataclass(default):
-            arguments[name] = _build(type(default), value, f"{where}{name}.")
-        elif isinstance(default, tuple):
-            arguments[name] = tuple(value)
+        if dataclasses.is_dataclass(types[name]):
+            arguments[name] = _build(types[name], value, f"{where}{name}.")
         else:
-            arguments[name] = value
+            arguments[name] = _typed(f"{where}{name}", value, types[name])
     return cls(**arguments)
 
 
@@ -194,3 +238,34 @@ def differences(saved, current):
     saved, current = flatten(saved), flatten(current)
     return [(key, saved.get(key), current.get(key)) for key in sorted(saved.keys() | current.keys())
             if saved.get(key) != current.get(key)]
+
+
+def check_resume_choice(run):
+    """Raise ValueError unless run.resume is auto, none or an existing checkpoint file."""
+    if run.resume in ("auto", "none") or Path(run.resume).is_file():
+        return
+    problem = "is a folder, not a checkpoint file" if Path(run.resume).is_dir() else "does not exist"
+    close = difflib.get_close_matches(run.resume, ("auto", "none"), n=1)
+    hint = f"Did you mean run.resume={close[0]}? " if close else ""
+    raise ValueError(f"run.resume={run.resume!r}: {problem}. {hint}The value must be auto (the newest good "
+                     f"checkpoint of the run folder), none (start afresh) or the path of a checkpoint-<step>.pt")
+
+
+def parse_command_line(argv, description):
+    """The config of `--config <preset> [key=value ...]`, run.resume and data.shards checked; a one-line exit on
+    any error."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", help="a preset in train/configs/ or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=5 data.batch_size=64")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        check_resume_choice(config.run)
+        ShardSet.from_path(config.data.shards)  # the training shards are there, each with its index
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"config error: {error}") from None
+    return config
+
+
+if __name__ == "__main__":
+    parse_command_line(sys.argv[1:], __doc__)

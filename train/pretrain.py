@@ -6,7 +6,6 @@ gradients are averaged across ranks once; per-parameter clipping on the image st
 head; the iBOT output layer stays frozen during the first epoch; AdamW; then the EMA teachers.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -26,8 +25,8 @@ from datapipe.object_store import StorageError
 from model.harmony import Harmony
 from model.text import trim_padding
 from train import checkpoint
-from train.checkpoint import CheckpointError
-from train.config import RESUME_MAY_CHANGE, differences, load_config, to_dict
+from train.checkpoint import CheckpointError, UnverifiedCheckpoint
+from train.config import RESUME_MAY_CHANGE, check_resume_choice, differences, parse_command_line, to_dict
 from train.distributed import all_ranks_agree, average_gradients, close_distributed, init_distributed
 from train.ema import update_teachers
 from train.log import MetricsLog
@@ -262,7 +261,13 @@ def resume_point(config, world):
     if choice == "none":
         return None, None
     if choice != "auto":
-        return Path(choice), checkpoint.load(choice)
+        check_resume_choice(config.run)
+        try:
+            return Path(choice), checkpoint.load(choice, config.run.trust_unverified_checkpoint,
+                                                 report=print if world.is_main else lambda _: None)
+        except UnverifiedCheckpoint as error:
+            raise CheckpointError(f"{error}. If this file is the checkpoint you mean (copied without its .json, "
+                                  f"say), add run.trust_unverified_checkpoint=true to load it unchecked") from None
     path = None
     if world.is_main:  # picks the newest checkpoint that verifies, reporting the ones it skips
         path, _ = checkpoint.latest_good(config.run_dir)
@@ -276,18 +281,27 @@ def resume_point(config, world):
 def reconcile_with_checkpoint(config, state, world):
     """The config to resume with: every value that differs from the checkpoint's is reported; those that
     change the run are refused unless run.accept_config_changes; data.batch_size follows the number of ranks
-    so that the global batch stays the checkpoint's (elastic resume)."""
+    so that the global batch stays the checkpoint's (elastic resume): a data.batch_size other than the
+    checkpoint's that gives another global batch is replaced with a warning."""
     say = print if world.is_main else (lambda *_: None)
+    saved = json.loads(state["config"])
     saved_global = state["loader"]["global_batch_size"]
     if config.data.batch_size * world.world_size != saved_global:
         if saved_global % world.world_size:
             raise ValueError(f"cannot resume on {world.world_size} ranks: the checkpoint's global batch of "
                              f"{saved_global} does not split evenly; use a number of ranks that divides it")
-        say(f"resuming on {world.world_size} rank(s): data.batch_size {config.data.batch_size} -> "
-            f"{saved_global // world.world_size}, keeping the checkpoint's global batch of {saved_global}")
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data,
-                                                                     batch_size=saved_global // world.world_size))
-    changed = differences(json.loads(state["config"]), to_dict(config))
+        per_rank = saved_global // world.world_size
+        if config.data.batch_size == saved["data"]["batch_size"]:  # the run's own value, on another number of ranks
+            say(f"resuming on {world.world_size} rank(s): data.batch_size {config.data.batch_size} -> "
+                f"{per_rank}, keeping the checkpoint's global batch of {saved_global}")
+        elif world.is_main:
+            print(f"warning: data.batch_size={config.data.batch_size} is not used: on {world.world_size} rank(s) it "
+                  f"would make a global batch of {config.data.batch_size * world.world_size}, and a resume keeps "
+                  f"the checkpoint's global batch of {saved_global}, so data.batch_size is {per_rank}. To train "
+                  f"with another batch, start a new run (run.name=... or run.resume=none).", file=sys.stderr,
+                  flush=True)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=per_rank))
+    changed = differences(saved, to_dict(config))
     for key, before, now in changed:
         say(f"resume: {key} was {before!r} in the checkpoint, now {now!r}")
     refused = [key for key, _, _ in changed if key not in RESUME_MAY_CHANGE]
@@ -410,17 +424,10 @@ def report_failure(error, world, run_dir, lock):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="demo", help="a preset in train/configs/ or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=5 data.batch_size=64")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        raise SystemExit(f"config error: {error}") from None
+    config = parse_command_line(argv, __doc__)
     try:
         train(config)
-    except (CheckpointError, FolderBusy, StorageError, ValueError) as error:  # said by report_failure; no traceback
+    except (CheckpointError, FolderBusy, StorageError, ValueError, FileNotFoundError) as error:  # report_failure said it
         raise SystemExit(1) from error
 
 
