@@ -427,7 +427,7 @@ def main(argv=None):
     config = parse_command_line(argv, __doc__)
     try:
         train(config)
-    except (CheckpointError, FolderBusy, StorageError, ValueError, FileNotFoundError) as error:  # report_failure said it
+    except (CheckpointError, FolderBusy, StorageError, ValueError, FileNotFoundError) as error:  # reported above
         raise SystemExit(1) from error
 
 
