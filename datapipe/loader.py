@@ -5,6 +5,7 @@ import logging
 import torch
 
 from datapipe.samples import EpochPlan, ShardSet, batches_per_epoch
+from datapipe.wordnet import package_data
 
 log = logging.getLogger("datapipe")
 BACKENDS = ("auto", "dali", "torch")
@@ -37,6 +38,9 @@ class Loader:
                 raise ValueError(f"{name}={value!r}: it must be a whole number of samples, at least 1")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers}: use 0 or more")
+        recipe.check()
+        if any(view.augments for view in recipe.text_views.values()):
+            package_data()  # text augmentation's WordNet: a missing install fails here, not in a worker
         self.shards = ShardSet.from_path(shards)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
