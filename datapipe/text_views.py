@@ -17,17 +17,18 @@ TEXT_STREAM = 1000  # caption k of a sample draws from (seed, TEXT_STREAM + k); 
 OPERATIONS = ("identity", "synonym", "swap", "deletion")
 
 
-def _plain(word):
-    return word.lower().strip(".,;:!?\"'()[]")
+def is_stop_word(word):
+    """Case and surrounding punctuation ignored: "The" and "on," are stop words."""
+    return word.lower().strip(".,;:!?\"'()[]") in stop_words()
 
 
 def remove_stop_words(words):
-    kept = [word for word in words if _plain(word) not in stop_words()]
+    kept = [word for word in words if not is_stop_word(word)]
     return kept or words
 
 
 def replace_synonyms(words, count, rng):
-    candidates = sorted({word for word in words if _plain(word) not in stop_words()})
+    candidates = sorted({word for word in words if not is_stop_word(word)})
     rng.shuffle(candidates)
     replaced = 0
     for word in candidates:
