@@ -75,8 +75,8 @@ def section_datapipe(result):
               f"{text['augment']:.0f} us per caption to augment, {text['tokenize']:.0f} us to tokenize "
               f"({text['captions']} captions of the shards).",
               f"- Stop words (our substitute list, README): {100 * text['stop_word_share']:.1f}% of the caption words; "
-              f"auxiliary verbs, stop words in NLTK's list but not in ours, are {100 * text['auxiliary_verb_share']:.1f}% "
-              "and stay in the captions."]
+              f"auxiliary verbs, stop words in NLTK's list but not in ours, are "
+              f"{100 * text['auxiliary_verb_share']:.1f}% and stay in the captions."]
     if "dali_gpu_samples_per_s" in result["recipes"]["MultiCrop"]:
         lines.append(f"- DALI on the GPU, MultiCrop: {result['recipes']['MultiCrop']['dali_gpu_samples_per_s']:.0f} "
                      "samples/s.")
