@@ -231,3 +231,24 @@ def test_aclip_enclosing_crop_contains_both_online_crops(ramp_shards, backend):
     # the boxes are where the pixels came from: the online crops' red range is their width in the ramp
     width_from_pixels = (red.amax(dim=(2, 3)) - red.amin(dim=(2, 3))) / 255
     assert ((width_from_pixels - inner[..., 3] / 128).abs() < 0.1).float().mean() > 0.9
+
+
+@pytest.fixture(scope="module")
+def noise_shards(tmp_path_factory):
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return write_training_shards(tmp_path_factory.mktemp("noise") / "train", [noise] * BATCH, 100)
+
+
+def test_each_view_resizes_with_its_interpolation(noise_shards):
+    """Noise upsampled 4x: bicubic keeps more of its contrast between neighbours than bilinear, on both backends,
+    and the backends agree on each."""
+    sharpness = {}
+    for backend in BACKENDS:
+        for interpolation in ("bicubic", "bilinear"):
+            red = views_pixels(noise_shards, ViewRecipe({"view": ImageView((dataclasses.replace(
+                plain(128), interpolation=interpolation),))}), backend)[0]["view"][:, 0, 0]  # (N, H, W)
+            sharpness[backend, interpolation] = (red[:, :, 1:] - red[:, :, :-1]).abs().mean().item()
+    for backend in BACKENDS:
+        assert sharpness[backend, "bicubic"] > 1.15 * sharpness[backend, "bilinear"], sharpness
+    for interpolation in ("bicubic", "bilinear"):
+        assert abs(sharpness["dali", interpolation] / sharpness["torch", interpolation] - 1) < 0.03, sharpness
