@@ -159,10 +159,11 @@ class NamedViews:
     def check(self):
         """Raise a one-line error for a recipe no backend can make."""
         names = list(self.image_views)
-        for name, view in self.image_views.items():
-            if isinstance(view, EnclosingCrop) and (view.around not in names or names.index(view.around)
-                                                    > names.index(name) or isinstance(self.image_views[view.around],
-                                                                                      EnclosingCrop)):
+        for place, (name, view) in enumerate(self.image_views.items()):
+            if not isinstance(view, EnclosingCrop):
+                continue
+            enclosed = self.image_views.get(view.around)
+            if not isinstance(enclosed, ImageView) or names.index(view.around) > place:
                 raise ValueError(f"view {name!r} encloses view {view.around!r}, which must be an ImageView named "
                                  f"before it (views: {names})")
         for name in self.image_views:

@@ -6,7 +6,7 @@ import torch
 from torchvision import transforms
 
 from datapipe.draws import COLUMN, crop_parameters, crop_windows, enclosing_windows, recipe_parameters, uniforms
-from datapipe.views import CropAugment, MultiCrop, aclip_views
+from datapipe.views import CropAugment, EnclosingCrop, ImageView, MultiCrop, ViewRecipe, aclip_views
 
 
 def test_draws_depend_on_the_sample_seed_and_crop_only():
@@ -85,3 +85,16 @@ def test_recipe_parameters_key_each_crop_by_its_place_in_the_recipe():
     online, _, enclosing = recipe_parameters(aclip_views(32), seeds, sizes)
     assert (enclosing[:, COLUMN["flip"]] == 0).all() and (enclosing[:, COLUMN["brightness"]] == 1).all()
     assert (enclosing[:, COLUMN["top"]] <= online[:, COLUMN["top"]]).all()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ViewRecipe({"enclosing": EnclosingCrop("online"), "online": ImageView((CropAugment(32, (0.5, 1.0)),))}),
+     "must be an ImageView named before it"),
+    (lambda: ViewRecipe({"enclosing": EnclosingCrop("missing")}), "'missing'"),
+    (lambda: ImageView((CropAugment(32, (0.5, 1.0)), CropAugment(16, (0.5, 1.0)))), r"sizes \[16, 32\] px"),
+    (lambda: CropAugment(32, (0.5, 1.0), interpolation="nearest"), "interpolation='nearest'"),
+    (lambda: ViewRecipe({"caption": ImageView((CropAugment(32, (0.5, 1.0)),))}), "both an image view and a text"),
+])
+def test_recipes_no_backend_can_make_are_refused_with_the_reason(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
