@@ -10,6 +10,7 @@ consumer that spends a fixed time per batch. Writes <out>/datapipe.json and .png
 """
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -36,24 +37,32 @@ RECIPES = {"MultiCrop": MultiCrop(), "SingleCrop": SingleCrop(), "SLIP": slip_vi
 
 
 def samples_per_s(train_dir, recipe, backend, workers, batch_size, batches, device="cpu", consume_s=0.0):
-    """(samples/s, fraction of the time spent waiting for data), after one warm-up batch."""
+    """(samples/s, fraction of the time spent waiting for data) over `batches` timed batches. Each epoch's first
+    batch (pipeline build, worker start) is not timed; more batches than an epoch holds run over several."""
     loader = make_loader(train_dir, recipe, batch_size, backend=backend, num_workers=workers, device=device,
                          dtype=torch.bfloat16 if device == "cuda" else torch.float32, shuffle_window=batch_size * 4)
-    batches = min(batches, len(loader) - 1)
-    iterator = iter(loader)
-    next(iterator)  # start-up: pipeline build, worker start
-    waited, started = 0.0, time.perf_counter()
-    for _ in tqdm.trange(batches, desc=f"{backend} {device}", leave=False):
-        before = time.perf_counter()
-        batch = next(iterator)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        waited += time.perf_counter() - before
-        if consume_s:
-            time.sleep(consume_s)  # a training step that does not need the host
-    elapsed = time.perf_counter() - started
-    del batch
-    return batches * batch_size / elapsed, waited / elapsed
+    waited = elapsed = 0.0
+    timed = 0
+    with tqdm.tqdm(total=batches, desc=f"{backend} {device}", leave=False) as progress:
+        while timed < batches:
+            iterator = iter(loader)
+            next(iterator)  # start-up of this epoch's pipeline
+            started = before = time.perf_counter()
+            timed_before = timed
+            for _ in itertools.islice(iterator, batches - timed):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                waited += time.perf_counter() - before
+                timed += 1
+                progress.update()
+                if consume_s:
+                    time.sleep(consume_s)  # a training step that does not need the host
+                before = time.perf_counter()
+            elapsed += time.perf_counter() - started
+            if timed == timed_before:
+                raise SystemExit(f"{train_dir}: one batch of {batch_size} per epoch; nothing left to time after "
+                                 "the start-up batch: use a smaller --batch-size or more shards")
+    return timed * batch_size / elapsed, waited / elapsed
 
 
 def main(argv=None):
