@@ -6,6 +6,19 @@
 
 from datapipe.batch import Batch
 from datapipe.loader import make_loader
-from datapipe.views import BlockMasking, CropAugment, MultiCrop, SingleCrop
+from datapipe.views import (
+    BlockMasking,
+    CropAugment,
+    EnclosingCrop,
+    ImageView,
+    MultiCrop,
+    SingleCrop,
+    TextView,
+    ViewRecipe,
+    aclip_views,
+    clip_rocket_views,
+    slip_views,
+)
 
-__all__ = ["Batch", "BlockMasking", "CropAugment", "MultiCrop", "SingleCrop", "make_loader"]
+__all__ = ["Batch", "BlockMasking", "CropAugment", "EnclosingCrop", "ImageView", "MultiCrop", "SingleCrop", "TextView",
+           "ViewRecipe", "aclip_views", "clip_rocket_views", "make_loader", "slip_views"]

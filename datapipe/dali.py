@@ -1,10 +1,12 @@
-"""The DALI backend: decode and multi-crop on the GPU (`mixed` decode) or on CPU threads.
+"""The DALI backend: decode and crop a recipe's named views on the GPU (`mixed` decode) or on CPU threads.
 
 The epoch plan feeds JPEG bytes through `external_source`, so DALI and the torch reference read
 the same samples in the same order. Every random choice (crop window, flip, jitter factors, grey,
 blur and its sigma, solarize) is drawn per sample by `datapipe.draws` from the sample's seed and fed
 beside the bytes, so the augmentations do not depend on where a pipeline started: a resumed run
-sees exactly what an uninterrupted one saw. Per crop, the same steps and probabilities as the
+sees exactly what an uninterrupted one saw. Derived crops (A-CLIP's enclosing crop) are windows
+drawn there too, so every crop of every view is one resize of a window; their windows are the boxes.
+Per crop, the same steps and probabilities as the
 reference (HARMONY.md 5.2), with two differences in detail: DALI's colour twist applies
 brightness, contrast, saturation and hue in a fixed order (torchvision picks a random order), and
 its contrast pivots on mid-grey rather than on the image's mean grey. Flips are applied last,
@@ -21,14 +23,16 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from datapipe.batch import assemble
-from datapipe.draws import COLUMN, crop_parameters
+from datapipe.draws import COLUMN, recipe_parameters, windows_of
 from datapipe.object_store import StorageError
+
+INTERPOLATION = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
 
 
 def _augment(images, crop, parameters, mean, std, crop_dtype):
     """One crop of every sample; `parameters` is this crop's (len(PARAMETERS),) float vector per sample."""
     images = fn.resize(images, size=[crop.size_px, crop.size_px], roi_start=parameters[0:2],
-                       roi_end=parameters[2:4], roi_relative=False, interp_type=types.INTERP_CUBIC,
+                       roi_end=parameters[2:4], roi_relative=False, interp_type=INTERPOLATION[crop.interpolation],
                        antialias=True)  # the window (top, left) to (bottom, right), then resized
     if crop.jitter_prob > 0 or crop.grayscale_prob > 0:
         images = fn.color_twist(images, brightness=parameters[COLUMN["brightness"]],
@@ -48,7 +52,7 @@ def _augment(images, crop, parameters, mean, std, crop_dtype):
 
 
 @pipeline_def(enable_conditionals=True)
-def _multicrop_pipeline(source, recipe, gpu, crop_dtype):
+def _views_pipeline(source, recipe, gpu, crop_dtype):
     jpegs, *parameters = fn.external_source(source=source, num_outputs=1 + len(recipe.crops), batch=True,
                                             batch_info=True, dtype=[types.UINT8] + [types.FLOAT] * len(recipe.crops))
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -80,11 +84,12 @@ class DaliBatches:
     def _start(self, start_batch):
         """A fresh pipeline whose first batch is `start_batch` (its output depends on nothing else)."""
         self.pending = {}  # batch index -> RawBatch fed to DALI and not yet returned
+        self.windows = {}  # batch index -> [(B, 4) (top, left, height, width) per crop] of a pending batch
         self.next_index = start_batch
         if start_batch >= self.plan.num_batches:
             self.iterator = iter(())
             return
-        pipeline = _multicrop_pipeline(
+        pipeline = _views_pipeline(
             source=self._feed, recipe=self.plan.recipe, gpu=self.gpu, crop_dtype=self.crop_dtype,
             batch_size=self.plan.batch_size, num_threads=self.num_threads, device_id=self.device_id,
             prefetch_queue_depth=2)
@@ -100,8 +105,8 @@ class DaliBatches:
             self.storage_error = error
             raise
         self.pending[index] = raw
-        parameters = [crop_parameters(crop, number, raw.sample_seeds, raw.sizes_px)
-                      for number, crop in enumerate(self.plan.recipe.crops)]
+        parameters = recipe_parameters(self.plan.recipe, raw.sample_seeds, raw.sizes_px)
+        self.windows[index] = [windows_of(crop) for crop in parameters]
         return [[np.frombuffer(jpeg, dtype=np.uint8) for jpeg in raw.jpegs], *parameters]
 
     def _undecodable(self, raw):
@@ -139,10 +144,10 @@ class DaliBatches:
                 self.plan.mark_unreadable(location, reason)
             self._start(index)  # the same batch again, with reserve samples in place of these
             return next(self)
-        raw = self.pending.pop(index)
+        raw, windows = self.pending.pop(index), self.windows.pop(index)
         self.next_index += 1
         crops = [outputs[name] for name in self.names]
-        return index, assemble(crops, raw, self.plan.recipe, self.dtype)
+        return index, assemble(crops, windows, raw, self.plan.recipe, self.dtype)
 
 
 def _constant(value):

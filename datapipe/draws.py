@@ -5,10 +5,13 @@ started, so a resumed run would see other augmentations. Instead every choice fo
 drawn here, vectorised over the batch, from counter-based uniforms keyed by (sample seed, crop,
 draw), and handed to DALI as per-sample arguments. The distributions are the recipe's
 (HARMONY.md 5.2); the crop window follows torchvision's RandomResizedCrop sampler (up to 10
-tries of area and log-aspect, then a centre crop within the aspect range).
+tries of area and log-aspect, then a centre crop within the aspect range). A derived view's window
+(`EnclosingCrop`) is drawn from the windows of the crops it encloses and 4 more uniforms of its own.
 """
 
 import numpy as np
+
+from datapipe.views import EnclosingCrop
 
 CROP_TRIES = 10
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -92,3 +95,56 @@ def crop_parameters(crop, crop_number, sample_seeds, sizes_px):
         "solarize": single["solarize"] < crop.solarize_prob,
     }
     return np.stack([np.asarray(columns[name], dtype=np.float32) for name in PARAMETERS], axis=1)
+
+
+def enclosing_windows(windows, heights, widths, unit_draws):
+    """(B, 4) int (top, left, height, width): a window holding every window of `windows` ((k, B, 4), same
+    layout), its top and left uniform in [0, theirs], its bottom and right uniform in [theirs, the image's].
+    unit_draws: (B, 4) uniforms."""
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    top, left = windows[..., 0].min(axis=0), windows[..., 1].min(axis=0)  # (B,)
+    bottom = (windows[..., 0] + windows[..., 2]).max(axis=0)
+    right = (windows[..., 1] + windows[..., 3]).max(axis=0)
+    new_top = np.floor(unit_draws[:, 0] * (top + 1)).astype(np.int64)
+    new_left = np.floor(unit_draws[:, 1] * (left + 1)).astype(np.int64)
+    new_bottom = bottom + np.floor(unit_draws[:, 2] * (heights - bottom + 1)).astype(np.int64)
+    new_right = right + np.floor(unit_draws[:, 3] * (widths - right + 1)).astype(np.int64)
+    return np.stack([new_top, new_left, new_bottom - new_top, new_right - new_left], axis=1)
+
+
+def windows_of(parameters):
+    """(B, 4) int (top, left, height, width) from a (B, len(PARAMETERS)) crop parameter array."""
+    top, left = parameters[:, COLUMN["top"]], parameters[:, COLUMN["left"]]
+    return np.stack([top, left, parameters[:, COLUMN["bottom"]] - top, parameters[:, COLUMN["right"]] - left],
+                    axis=1).astype(np.int64)
+
+
+def plain_parameters(windows):
+    """(B, len(PARAMETERS)) float32: `windows` with no flip and no colour change."""
+    top, left, height, width = windows.T
+    columns = {"top": top, "left": left, "bottom": top + height, "right": left + width, "brightness": 1.0,
+               "contrast": 1.0, "saturation": 1.0, "blur_sigma": 1.0}
+    return np.stack([np.broadcast_to(np.asarray(columns.get(name, 0.0), dtype=np.float32), top.shape)
+                     for name in PARAMETERS], axis=1)
+
+
+def enclosing_draws(sample_seeds, crop_number):
+    """(B, 4) uniforms of an enclosing crop, keyed like every other crop's draws."""
+    return uniforms(sample_seeds, crop_number, 4)
+
+
+def recipe_parameters(recipe, sample_seeds, sizes_px):
+    """[(B, len(PARAMETERS)) float32 per crop of `recipe.crops`]: every crop's window and per-sample choices."""
+    heights, widths = zip(*sizes_px, strict=True)
+    parameters = []
+    for view in recipe.image_views.values():
+        first = len(parameters)
+        if isinstance(view, EnclosingCrop):
+            around = np.stack([windows_of(parameters[number])
+                               for number in range(len(parameters))[recipe.crop_slices[view.around]]])
+            windows = enclosing_windows(around, heights, widths, enclosing_draws(sample_seeds, first))
+            parameters.append(plain_parameters(windows))
+            continue
+        parameters += [crop_parameters(crop, first + index, sample_seeds, sizes_px)
+                       for index, crop in enumerate(view.crops)]
+    return parameters

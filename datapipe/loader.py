@@ -9,6 +9,7 @@ import torch
 
 from datapipe.mixing import open_shards
 from datapipe.samples import EpochPlan, batches_per_epoch
+from datapipe.wordnet import package_data
 
 log = logging.getLogger("datapipe")
 BACKENDS = ("auto", "dali", "torch")
@@ -41,6 +42,9 @@ class Loader:
                 raise ValueError(f"{name}={value!r}: it must be a whole number of samples, at least 1")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers}: use 0 or more")
+        recipe.check()
+        if any(view.augments for view in recipe.text_views.values()):
+            package_data()  # text augmentation's WordNet: a missing install fails here, not in a worker
         self.shards = open_shards(shards, mix_weights, cache.folder, cache.limit_bytes, cache.fetch_retries,
                                   cache.retry_wait_s)
         if device is None:

@@ -50,3 +50,20 @@ def ibot_masks(rng, masking, grid, crops=2):
     """(crops, H, W) bool masks for one sample's global crops; True = the student sees the mask token."""
     return np.stack([block_mask(rng, grid, pick_ratio(rng, masking), masking.min_aspect,
                                 masking.attempts_per_block) for _ in range(crops)])
+
+
+def mask_generator(sample_seed, first_crop):
+    """The masks' random stream of a view whose first crop is `first_crop` in the recipe: the sample seed alone
+    for crop 0 (the global crops of MultiCrop, as before named views), (seed, first_crop) for any other view."""
+    return np.random.default_rng(sample_seed if first_crop == 0 else [sample_seed, first_crop])
+
+
+def view_masks(recipe, sample_seeds):
+    """image view name -> (n, B, H, W) bool block masks, for each view of `recipe` that asks for masking."""
+    masks = {}
+    for name, view in recipe.image_views.items():
+        if view.masking is not None:
+            first = recipe.crop_slices[name].start
+            masks[name] = np.stack([ibot_masks(mask_generator(seed, first), view.masking, view.mask_grid,
+                                               len(view.crops)) for seed in sample_seeds], axis=1)  # (n, B, H, W)
+    return masks

@@ -11,7 +11,7 @@ Order policy (both backends share it, so they yield the same keys):
    with the same global batch and continue it, none repeated and none skipped (elastic resume).
 3. The tail of the sequence that does not fill a global batch is the reserve that replaces
    samples found unreadable (other samples each epoch).
-4. Every random draw for a sample (crops, colour, masks) comes from its seed, a function of
+4. Every random draw for a sample (crops, colour, masks, caption changes) comes from its seed, a function of
    (seed, epoch, position in the sequence): never of where a run started or how many ranks it has.
 Samples are read by offset through the DALI index of each shard, so any position can be read
 directly: resuming at batch k reads nothing before it.
@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datapipe.masks import ibot_masks
+from datapipe.masks import view_masks
 from datapipe.object_store import RemoteFolder, StorageError, is_remote
 from datapipe.shard_cache import RemoteShard, ShardCache, source_id
 from datapipe.shard_io import read_dali_index
 from datapipe.shard_schedule import ShardSchedule
 from datapipe.text import CONTEXT_LENGTH, EOT_ID, SOT_ID
+from datapipe.text_views import view_tokens
 
 TOKEN_BYTES = CONTEXT_LENGTH * 4
 JPEG_START = b"\xff\xd8"
@@ -269,6 +270,14 @@ class SampleReader:
             raise UnreadableSample("tokens are not SOT ... EOT with ids in the CLIP vocabulary")
         return jpeg, size_px, tokens
 
+    def read_caption(self, shard, sample):
+        """The cleaned caption `make shards` stored beside the tokens (text views augment it)."""
+        _, components = self._index(shard)[sample]
+        if "txt" not in components:
+            raise ValueError(f"{self.key(shard, sample)} has no .txt member: a recipe with augmented text views needs "
+                             f"the caption; rebuild the shards with `make shards`")
+        return self._read(shard, *components["txt"]).decode("utf-8", errors="replace")
+
     def close(self):
         for handle in self._files.values():
             handle.close()
@@ -302,9 +311,9 @@ class RawBatch:
     locations: list[tuple[int, int]]  # (shard number, sample number in shard) of each sample
     jpegs: list[bytes]
     sizes_px: list[tuple[int, int]]  # (height, width) of each image, from its header
-    tokens: np.ndarray  # (B, 77) int64
+    texts: dict[str, np.ndarray]  # text view name -> (n, B, 77) int64 tokens
     sample_seeds: list[int]  # per-sample seeds for augmentation randomness
-    masks: np.ndarray | None  # (G, B, H, W) bool iBOT masks, or None
+    masks: dict[str, np.ndarray]  # image view name -> (n, B, H, W) bool iBOT masks, views with masking only
     skipped: list[tuple[str, str]]  # (key, reason) of samples replaced in this batch
 
 
@@ -374,12 +383,10 @@ class EpochPlan:
             for values in (keys, locations, jpegs, sizes, tokens):
                 values.append(values[source])
         seeds = [self.sample_seed(position) for position in positions]
-        masks = None
-        if self.recipe.masking is not None:
-            grid = self.recipe.mask_grid
-            masks = np.stack([ibot_masks(np.random.default_rng(seed), self.recipe.masking, grid) for seed in seeds],
-                             axis=1)  # (2, B, H, W)
-        return RawBatch(keys, locations, jpegs, sizes, np.stack(tokens), seeds, masks, skipped)
+        augmented = any(view.augments for view in self.recipe.text_views.values())
+        captions = [self.reader.read_caption(*location) for location in locations] if augmented else None
+        texts = view_tokens(self.recipe, np.stack(tokens), captions, seeds)
+        return RawBatch(keys, locations, jpegs, sizes, texts, seeds, view_masks(self.recipe, seeds), skipped)
 
     def sample_seed(self, position):
         """The seed of every random draw for the sample at global sequence `position` this epoch."""

@@ -160,8 +160,9 @@ def one_step_parameters(shards, run_dir, batch, rank, world_size):
     world = init_distributed()
     trainer = Trainer(config, world)
     share = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
-    local = Batch(batch["global_crops"][:, share], batch["local_crops"][:, share], batch["tokens"][share],
-                  batch["ibot_masks"][:, share], keys=[])
+    local = Batch(images={name: batch[name][:, share] for name in ("global_crops", "local_crops")},
+                  texts={"caption": batch["tokens"][share][None]},  # (1, B, 77)
+                  masks={"global_crops": batch["ibot_masks"][:, share]}, boxes={}, keys=[])
     values = trainer.schedules.at(len(trainer.loader) // 2)  # soft CLIP targets on, lr > 0
     values["lr"] = 1e-3
     _, applied, _ = trainer.train_step(local, values)

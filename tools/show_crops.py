@@ -1,6 +1,6 @@
-"""Write a PNG grid of what the model is fed: each sample's crops, iBOT masks shaded on the globals.
+"""Write a PNG grid of what the model is fed: each sample's crops, view by view, iBOT masks shaded.
 
-    python -m tools.show_crops --shards shards/demo/train --out runs/crops.png
+    python -m tools.show_crops --shards shards/demo/train --out runs/crops.png [--recipe aclip]
 """
 
 import argparse
@@ -12,7 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from datapipe import MultiCrop, make_loader
+from datapipe import MultiCrop, SingleCrop, aclip_views, clip_rocket_views, make_loader, slip_views
+
+RECIPES = {"multicrop": MultiCrop, "singlecrop": SingleCrop, "slip": slip_views, "clip_rocket": clip_rocket_views,
+           "aclip": aclip_views}
 
 
 def to_pixels(crop, recipe):
@@ -24,22 +27,22 @@ def to_pixels(crop, recipe):
 def show_crops(shards, out, samples=4, backend="auto", seed=0, recipe=None):
     recipe = recipe or MultiCrop()
     batch = next(iter(make_loader(shards, recipe, samples, backend=backend, seed=seed, num_workers=1)))
-    crops = list(batch.global_crops) + list(batch.local_crops)  # each (B, 3, H, W); sizes differ
+    crops = [(name, number) for name, images in batch.images.items() for number in range(images.shape[0])]
     figure, axes = plt.subplots(samples, len(crops), figsize=(1.6 * len(crops), 1.8 * samples), squeeze=False)
     for row in range(samples):
-        for column in range(len(crops)):
+        for column, (name, number) in enumerate(crops):
             axis = axes[row, column]
-            image = to_pixels(crops[column][row], recipe)
+            image = to_pixels(batch.images[name][number, row], recipe)
             axis.imshow(image)
-            if column < batch.ibot_masks.shape[0]:
-                mask = batch.ibot_masks[column, row].float().cpu()
+            if name in batch.masks:
+                mask = batch.masks[name][number, row].float().cpu()
                 patch = image.shape[0] // mask.shape[0]
                 overlay = mask.repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()
                 axis.imshow(overlay, cmap="Reds", alpha=0.45 * overlay, vmin=0, vmax=1)
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title("global %d" % (column + 1) if column < 2 else "local %d" % (column - 1), fontsize=8)
+                axis.set_title(f"{name} {number + 1}", fontsize=8)
         axes[row, 0].set_ylabel(batch.keys[row], fontsize=7)
     figure.suptitle("crops fed to the model (red: iBOT-masked patches)", fontsize=9)
     figure.tight_layout()
@@ -57,8 +60,9 @@ def main():
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", default="multicrop", choices=sorted(RECIPES), help="the views to show")
     args = parser.parse_args()
-    show_crops(args.shards, args.out, args.samples, args.backend, args.seed)
+    show_crops(args.shards, args.out, args.samples, args.backend, args.seed, RECIPES[args.recipe]())
 
 
 if __name__ == "__main__":

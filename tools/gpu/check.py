@@ -66,6 +66,12 @@ def training_figures(run_dir):
     return figures
 
 
+def multicrop_figures(path):
+    """tools.bench.datapipe's MultiCrop figures (DALI GPU and CPU, torch reference) and its worker count."""
+    report = json.loads(path.read_text())
+    return {**report["recipes"]["MultiCrop"], "workers_or_threads": report["workers_or_threads"]}
+
+
 def step_figures(path):
     """The figures of tools.bench.step's JSON that the goals read, per shape."""
     report = json.loads(path.read_text())
@@ -109,9 +115,9 @@ def stages(python, data_dir, work, tiny):
                                         str(larger / "source" / "heldout")],
               figures=lambda: json.loads((run_dir / "eval.json").read_text()), clears=(run_dir / "eval.json",)),
         Stage("bench_data", 60 * budget, [python, "-m", "tools.bench.datapipe", "--shards", str(larger / "train"),
-                                          "--workers", cpus, "--out", str(work / "bench"),
+                                          "--recipes", "MultiCrop", "--workers", cpus, "--out", str(work / "bench"),
                                           *(("--batch-size", "8", "--batches", "2") if tiny else ("--batches", "90"))],
-              figures=lambda: json.loads((work / "bench" / "datapipe.json").read_text()),
+              figures=lambda: multicrop_figures(work / "bench" / "datapipe.json"),
               files={"bench/datapipe.png": "datapipe.png"}, clears=(work / "bench" / "datapipe.json",)),
         Stage("bench_step", 90 * budget, [python, "-m", "tools.bench.step", *step_args, "--out", str(work / "bench")],
               figures=lambda: step_figures(work / "bench" / "step.json"), files={"bench/step.png": "step.png"},
