@@ -26,15 +26,27 @@ NPROC ?= 1
 TORCHRUN_ARGS ?= --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
-# `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty).
+# `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty),
+# in any layout tools/eval/datasets.py reads (README: "Evaluate on standard benchmarks").
 EVAL_DATA ?= $(OUT)/source
 empty :=
 space := $(empty) $(empty)
 existing = $(wildcard $(subst $(space),\ ,$(1)))# a path that exists, spaces allowed; else nothing
 ZEROSHOT_DATA ?= $(call existing,$(EVAL_DATA)/heldout)
-RETRIEVAL_SHARDS ?= $(call existing,$(EVAL_DATA)/heldout_pairs)
+ZEROSHOT_LABELS ?=
+TEMPLATES ?=
+RETRIEVAL_DATA ?= $(call existing,$(EVAL_DATA)/heldout_pairs)
+RETRIEVAL_IMAGES ?=
 PROBE_TRAIN ?= $(call existing,$(EVAL_DATA)/probe_train)
 PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
+PROBE_TRAIN_LABELS ?=
+PROBE_TEST_LABELS ?=
+option = $(if $(2),$(1) "$(2)")# an option and its value, or nothing when the value is empty
+EVAL_ARGS = $(call option,--zeroshot,$(ZEROSHOT_DATA)) $(call option,--zeroshot-labels,$(ZEROSHOT_LABELS)) \
+	$(call option,--templates,$(TEMPLATES)) $(call option,--retrieval,$(RETRIEVAL_DATA)) \
+	$(call option,--retrieval-images,$(RETRIEVAL_IMAGES)) \
+	$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train "$(PROBE_TRAIN)" --probe-test "$(PROBE_TEST)" \
+	  $(call option,--probe-train-labels,$(PROBE_TRAIN_LABELS)) $(call option,--probe-test-labels,$(PROBE_TEST_LABELS)))
 # Evaluation images the training shards must not contain: folders, images or .tar shards, ':' between them.
 # The demo excludes its own held-out splits (once `make download` has made them).
 EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
@@ -74,13 +86,11 @@ data: setup
 pretrain: data
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) $(TORCHRUN_ARGS) -m train.pretrain --config $(CONFIG) \
 		"data.shards=$(OUT)/train" "run.out_dir=$$(dirname "$(RUN)")" "run.name=$$(basename "$(RUN)")" $(TRAIN_ARGS)
-	@if [ -n "$(ZEROSHOT_DATA)$(RETRIEVAL_SHARDS)$(PROBE_TRAIN)" ]; then $(MAKE) --no-print-directory eval; fi
+	@if [ -n "$(ZEROSHOT_DATA)$(RETRIEVAL_DATA)$(PROBE_TRAIN)" ]; then $(MAKE) --no-print-directory eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
 eval: setup
-	$(PY) -m tools.eval.run --run "$(RUN)" $(if $(ZEROSHOT_DATA),--zeroshot "$(ZEROSHOT_DATA)") \
-		$(if $(RETRIEVAL_SHARDS),--retrieval "$(RETRIEVAL_SHARDS)") \
-		$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train "$(PROBE_TRAIN)" --probe-test "$(PROBE_TEST)")
+	$(PY) -m tools.eval.run --run "$(RUN)" $(EVAL_ARGS)
 
 plot: setup
 	$(PY) -m train.log "$(RUN)"

@@ -17,7 +17,8 @@ def test_recall_counts_how_many_candidates_beat_the_right_one():
     similarity = torch.tensor([[0.9, 0.1, 0.2],  # right answer first: rank 0
                                [0.8, 0.5, 0.6],  # two candidates above: rank 2
                                [0.1, 0.9, 0.3]])  # one above: rank 1
-    assert retrieval.recall_at(similarity, ks=(1, 2, 3)) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    assert retrieval.recall_at(similarity, torch.eye(3, dtype=torch.bool), ks=(1, 2, 3)) \
+        == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
 
 
 def test_knn_is_the_weighted_vote_of_the_nearest_neighbours():
@@ -86,6 +87,6 @@ def test_retrieval_names_the_sample_whose_image_does_not_decode(tmp_path):
     shards.mkdir()
     shard_io.write_tar(shards / "000000.tar", [{"__key__": "good", "jpg": b"\xff\xd8not really", "txt": b"a cat"}])
     with pytest.raises(SystemExit, match="sample good: the image does not decode"):
-        retrieval.main(["--run", str(run), "--shards", str(shards)])
-    with pytest.raises(SystemExit, match="no .tar or .tar.zst shards"):
-        retrieval.main(["--run", str(run), "--shards", str(tmp_path / "run")])
+        retrieval.main(["--run", str(run), "--data", str(shards)])
+    with pytest.raises(SystemExit, match="in none of the evaluation layouts"):
+        retrieval.main(["--run", str(run), "--data", str(tmp_path / "run")])
