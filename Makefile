@@ -51,7 +51,7 @@ EVAL_ARGS = $(call option,--zeroshot,$(ZEROSHOT_DATA)) $(call option,--zeroshot-
 # The demo excludes its own held-out splits (once `make download` has made them).
 EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
 
-.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean
+.PHONY: setup download shards verify pretrain eval compare test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean
 
 setup: $(STAMP)
 
@@ -91,6 +91,19 @@ pretrain: data
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
 eval: setup
 	$(PY) -m tools.eval.run --run "$(RUN)" $(EVAL_ARGS)
+
+# Methods side by side: each method's preset (train/configs/<method>_$(SCALE).yaml; demo.yaml is harmony) on
+# the same shards, seed and budget, evaluated alike along the way (README: Compare methods). METHODS empty:
+# every method with a preset. BUDGET: epochs:N, flops:X, flops:<method>@<epochs> or time:<seconds>.
+METHODS ?=
+BUDGET ?= epochs:8
+SCALE ?= $(DATASET)
+COMPARE_NAME ?= $(DATASET)
+EVAL_POINTS ?= 4
+compare: data
+	$(PY) -m tools.compare.run --name "$(COMPARE_NAME)" --methods "$(METHODS)" --scale "$(SCALE)" \
+		--budget "$(BUDGET)" --shards "$(OUT)/train" --eval-points $(EVAL_POINTS) $(EVAL_ARGS) \
+		$(if $(strip $(TRAIN_ARGS)),--train-args $(TRAIN_ARGS))
 
 plot: setup
 	$(PY) -m train.log "$(RUN)"

@@ -51,7 +51,7 @@ def retrieval(towers, data, images_dir=None):
     positive = caption_image[None, :] == torch.arange(len(captions_per_image))[:, None]  # (images, captions)
     image_to_text, text_to_image = recall_at(similarity, positive), recall_at(similarity.T, positive.T)
     images = len(captions_per_image)
-    result = {"dataset": str(eval_set.source), **eval_set.describe(), "run": str(towers.run_dir),
+    result = {**eval_set.describe(), "run": str(towers.run_dir),
               "images": images, "captions": len(captions), "pairs": len(captions),
               "ties": "ranked by index, as CLIP_benchmark"}
     for k in RECALL_AT:

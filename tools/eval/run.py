@@ -8,8 +8,8 @@ Writes <run>/eval.json (every result), <run>/eval.md (the table, also printed) a
 """
 
 import argparse
+import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EvalData:
     """What `make eval` evaluates: each set in any layout tools.eval.datasets reads; None skips it."""
     zeroshot: str | None = None
@@ -91,9 +91,8 @@ def plot(rows, path):
     figure.savefig(path, dpi=120)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
+def add_eval_arguments(parser):
+    """The options that say what to evaluate (`make eval`'s and `make compare`'s)."""
     parser.add_argument("--zeroshot", help="classification set for zero-shot (any layout of tools.eval.datasets)")
     parser.add_argument("--zeroshot-labels", help="label file of a flat ImageNet folder given to --zeroshot")
     parser.add_argument("--templates", help="zero-shot templates: openai | simple | a file ({c} = the class name)")
@@ -104,14 +103,24 @@ def main(argv=None):
     parser.add_argument("--probe-test", help="test classification set for the linear probe and k-NN")
     parser.add_argument("--probe-test-labels", help="label file of a flat ImageNet folder given to --probe-test")
     parser.add_argument("--probe-epochs", type=int, default=100)
-    args = parser.parse_args(argv)
+
+
+def eval_data(parser, args):
+    """The EvalData of parsed `add_eval_arguments` options; a usage error when they give nothing to evaluate."""
     if bool(args.probe_train) != bool(args.probe_test):
         parser.error("the linear probe needs both --probe-train and --probe-test")
     if not (args.zeroshot or args.retrieval or args.probe_train):
         parser.error("nothing to evaluate: give --zeroshot, --retrieval, or --probe-train with --probe-test")
-    data = EvalData(**{name: value for name, value in vars(args).items() if name != "run"})
+    return EvalData(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EvalData)})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
+    add_eval_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        results = evaluate(args.run, data)
+        results = evaluate(args.run, eval_data(parser, args))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     run_dir = Path(args.run)

@@ -61,7 +61,7 @@ def zero_shot(towers, data, templates=None, label_file=None):
     correct = torch.zeros(len(names)).index_add_(0, labels, hits)
     counts = torch.zeros(len(names)).index_add_(0, labels, torch.ones(len(labels)))
     per_class = {name: round(float(c / n), 4) for name, c, n in zip(names, correct, counts, strict=True) if n}
-    return {"dataset": str(eval_set.source), **eval_set.describe(), "run": str(towers.run_dir),
+    return {**eval_set.describe(), "run": str(towers.run_dir),
             "images": len(labels), "classes": len(names), "top1": round(float(hits.mean()), 4),
             "chance": round(1 / len(names), 4), "class_names_from": eval_set.class_names_from,
             "templates_from": templates_name, "templates": list(templates), "per_class_top1": per_class}
@@ -81,7 +81,7 @@ def main(argv=None):
         raise SystemExit(f"error: {error}") from None
     out = Path(args.out or Path(args.run) / "eval_zeroshot.json")
     out.write_text(json.dumps(result, indent=2))
-    print(f"zero-shot top-1 on {result['dataset']}: {100 * result['top1']:.1f}% over {result['images']} images "
+    print(f"zero-shot top-1 on {result['source']}: {100 * result['top1']:.1f}% over {result['images']} images "
           f"and {result['classes']} classes (chance {100 * result['chance']:.1f}%; {len(result['templates'])} "
           f"templates from {result['templates_from']}); written to {out}")
 
