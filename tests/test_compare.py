@@ -70,3 +70,12 @@ def test_compare_reports_continues_after_a_kill_and_refuses_another_budget(demo_
 
     with pytest.raises(SystemExit, match="other settings: budget: 'epochs:1' -> 'epochs:2'"):
         compare_run.main([*arguments[:5], "epochs:2", *arguments[6:]])
+
+
+def test_a_failing_trainer_is_reported_with_its_last_words(tmp_path):
+    trainers = compare_run.Trainers()
+    try:
+        with pytest.raises(compare_run.MethodFailed, match="exit code 1: config error: config preset 'nosuch'"):
+            compare_run.train_to(trainers, tmp_path / "run", "nosuch", [], epochs=1, step=1)
+    finally:
+        trainers.restore()
