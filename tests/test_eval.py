@@ -32,6 +32,16 @@ def test_knn_is_the_weighted_vote_of_the_nearest_neighbours():
         == {"3": 1.0}
 
 
+def test_knn_and_probe_scoring_give_the_same_a_chunk_at_a_time():
+    features, labels = separable_features(per_class=20, classes=4)
+    test, test_labels = separable_features(per_class=5, classes=4, seed=1)
+    whole = linear_probe.knn(features, labels, test, test_labels, classes=4, ks=(10, 20))
+    assert linear_probe.knn(features, labels, test, test_labels, classes=4, ks=(10, 20), chunk_elements=200) == whole
+    weights, biases = torch.randn(3, 8, 4), torch.randn(3, 1, 4)
+    torch.testing.assert_close(linear_probe.accuracies(weights, biases, test, test_labels, chunk_rows=3),
+                               linear_probe.accuracies(weights, biases, test, test_labels))
+
+
 def separable_features(per_class=30, classes=3, dim=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, dim, generator=generator) * 3
