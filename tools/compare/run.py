@@ -43,6 +43,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CODE_FOLDERS = ("datapipe", "model", "train", "tools/eval")
 ERROR_TAIL_CHARS = 2000
 MEMORY_POLL_S = 0.5
+# Config keys that do not change what a method learns (a resume may change them), and optim.epochs, which the
+# budget sets. data.batch_size is a setting here: a resume would silently keep the checkpoint's.
+NOT_SETTINGS = (RESUME_MAY_CHANGE - {"data.batch_size"}) | {"optim.epochs"}
 
 
 class MethodFailed(Exception):
@@ -80,7 +83,7 @@ def settings(args, out_dir, presets, evaluations):
     for method, preset in presets.items():
         config = load_config(preset, method_overrides(out_dir, method, args.shards, args.seed, args.train_args))
         configs[method] = {"preset": preset, "config": {key: value for key, value in flatten(to_dict(config)).items()
-                                                        if key not in RESUME_MAY_CHANGE and key != "optim.epochs"}}
+                                                        if key not in NOT_SETTINGS}}
     return {"methods": configs, "budget": str(budgets.parse(args.budget)), "seed": args.seed,
             "shards": str(args.shards), "shards_manifest_sha256": shards_digest(args.shards),
             "eval_points": args.eval_points, "evaluations": dataclasses.asdict(evaluations),
