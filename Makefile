@@ -26,15 +26,29 @@ NPROC ?= 1
 TORCHRUN_ARGS ?= --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
-# `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty).
+# `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty),
+# in any layout tools/eval/datasets.py reads (README: "Evaluate on standard benchmarks").
 EVAL_DATA ?= $(OUT)/source
 empty :=
 space := $(empty) $(empty)
 existing = $(wildcard $(subst $(space),\ ,$(1)))# a path that exists, spaces allowed; else nothing
 ZEROSHOT_DATA ?= $(call existing,$(EVAL_DATA)/heldout)
-RETRIEVAL_SHARDS ?= $(call existing,$(EVAL_DATA)/heldout_pairs)
+ZEROSHOT_LABELS ?=
+TEMPLATES ?=
+RETRIEVAL_DATA ?= $(call existing,$(EVAL_DATA)/heldout_pairs)
+RETRIEVAL_IMAGES ?=
 PROBE_TRAIN ?= $(call existing,$(EVAL_DATA)/probe_train)
 PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
+PROBE_TRAIN_LABELS ?=
+PROBE_TEST_LABELS ?=
+# An option and the variable named $(2) as its value, read from the recipe's environment (data, never shell
+# code), or nothing when the variable is empty.
+option = $(if $($(2)),$(1) "$$$(2)")
+EVAL_ARGS = $(call option,--zeroshot,ZEROSHOT_DATA) $(call option,--zeroshot-labels,ZEROSHOT_LABELS) \
+	$(call option,--templates,TEMPLATES) $(call option,--retrieval,RETRIEVAL_DATA) \
+	$(call option,--retrieval-images,RETRIEVAL_IMAGES) \
+	$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train "$$PROBE_TRAIN" --probe-test "$$PROBE_TEST" \
+	  $(call option,--probe-train-labels,PROBE_TRAIN_LABELS) $(call option,--probe-test-labels,PROBE_TEST_LABELS))
 # Evaluation images the training shards must not contain: folders, images or .tar shards, ':' between them.
 # The demo excludes its own held-out splits (once `make download` has made them).
 EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
@@ -42,12 +56,14 @@ EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/hel
 # Recipes read these from their environment ("$$RAW"), so that a value is data for the program, never shell
 # code; {NAME_ARGS} words are split by tools/make_args.py with shell quoting rules, and nothing else.
 export DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG NPROC
-export TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_SHARDS PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS
+export TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS
+export ZEROSHOT_LABELS TEMPLATES RETRIEVAL_IMAGES PROBE_TRAIN_LABELS PROBE_TEST_LABELS METHODS BUDGET SCALE COMPARE_NAME
+export EVAL_POINTS
 RUN_WITH_ARGS := $(PY) -m tools.make_args
 # DATASET=demo without a URL_LIST: the built-in demo set, generated and served by tools/demo_download.py.
 DOWNLOADER = $(if $(and $(filter demo,$(DATASET)),$(if $(URL_LIST),,no-list)),tools.demo_download,datapipe.download)
 
-.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean gpu-kit gpu-check
+.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean gpu-kit gpu-check compare
 
 setup: $(STAMP)
 
@@ -103,13 +119,24 @@ pretrain: data
 	$(RUN_WITH_ARGS) $(PY) -m torch.distributed.run --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
 		-m train.pretrain --config "$$CONFIG" "data.shards=$$OUT/train" "run.out_dir=$$(dirname -- "$$RUN")" \
 		"run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
-	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_SHARDS$$PROBE_TRAIN" ]; then $(MAKE) --no-print-directory eval; fi
+	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_DATA$$PROBE_TRAIN" ]; then $(MAKE) --no-print-directory eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
 eval: setup
-	$(PY) -m tools.eval.run --run "$$RUN" $(if $(ZEROSHOT_DATA),--zeroshot "$$ZEROSHOT_DATA") \
-		$(if $(RETRIEVAL_SHARDS),--retrieval "$$RETRIEVAL_SHARDS") \
-		$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train "$$PROBE_TRAIN" --probe-test "$$PROBE_TEST")
+	$(PY) -m tools.eval.run --run "$$RUN" $(EVAL_ARGS)
+
+# Methods side by side: each method's preset (train/configs/<method>_$(SCALE).yaml; demo.yaml is harmony) on
+# the same shards, seed and budget, evaluated alike along the way (README: Compare methods). METHODS empty:
+# every method with a preset. BUDGET: epochs:N, flops:X, flops:<method>@<epochs> or time:<seconds>.
+METHODS ?=
+BUDGET ?= epochs:8
+SCALE ?= $(DATASET)
+COMPARE_NAME ?= $(DATASET)
+EVAL_POINTS ?= 4
+compare: data
+	$(RUN_WITH_ARGS) $(PY) -m tools.compare.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
+		--budget "$$BUDGET" --shards "$$OUT/train" --eval-points "$$EVAL_POINTS" $(EVAL_ARGS) \
+		$(if $(strip $(TRAIN_ARGS)),--train-args {TRAIN_ARGS})
 
 plot: setup
 	$(PY) -m train.log "$$RUN"

@@ -17,7 +17,8 @@ def test_recall_counts_how_many_candidates_beat_the_right_one():
     similarity = torch.tensor([[0.9, 0.1, 0.2],  # right answer first: rank 0
                                [0.8, 0.5, 0.6],  # two candidates above: rank 2
                                [0.1, 0.9, 0.3]])  # one above: rank 1
-    assert retrieval.recall_at(similarity, ks=(1, 2, 3)) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    assert retrieval.recall_at(similarity, torch.eye(3, dtype=torch.bool), ks=(1, 2, 3)) \
+        == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
 
 
 def test_knn_is_the_weighted_vote_of_the_nearest_neighbours():
@@ -29,6 +30,16 @@ def test_knn_is_the_weighted_vote_of_the_nearest_neighbours():
     # k=3 with a high temperature: two class-0 votes outweigh one class-1 vote for test 0.
     assert linear_probe.knn(train, labels, test, torch.tensor([0, 0]), classes=2, ks=(3, 5), temperature=100.0) \
         == {"3": 1.0}
+
+
+def test_knn_and_probe_scoring_give_the_same_a_chunk_at_a_time():
+    features, labels = separable_features(per_class=20, classes=4)
+    test, test_labels = separable_features(per_class=5, classes=4, seed=1)
+    whole = linear_probe.knn(features, labels, test, test_labels, classes=4, ks=(10, 20))
+    assert linear_probe.knn(features, labels, test, test_labels, classes=4, ks=(10, 20), chunk_elements=200) == whole
+    weights, biases = torch.randn(3, 8, 4), torch.randn(3, 1, 4)
+    torch.testing.assert_close(linear_probe.accuracies(weights, biases, test, test_labels, chunk_rows=3),
+                               linear_probe.accuracies(weights, biases, test, test_labels))
 
 
 def separable_features(per_class=30, classes=3, dim=8, seed=0):
@@ -86,6 +97,6 @@ def test_retrieval_names_the_sample_whose_image_does_not_decode(tmp_path):
     shards.mkdir()
     shard_io.write_tar(shards / "000000.tar", [{"__key__": "good", "jpg": b"\xff\xd8not really", "txt": b"a cat"}])
     with pytest.raises(SystemExit, match="sample good: the image does not decode"):
-        retrieval.main(["--run", str(run), "--shards", str(shards)])
-    with pytest.raises(SystemExit, match="no .tar or .tar.zst shards"):
-        retrieval.main(["--run", str(run), "--shards", str(tmp_path / "run")])
+        retrieval.main(["--run", str(run), "--data", str(shards)])
+    with pytest.raises(SystemExit, match="in none of the evaluation layouts"):
+        retrieval.main(["--run", str(run), "--data", str(tmp_path / "run")])

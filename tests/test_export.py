@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import fake_run
 from PIL import Image
 
-from tools.eval.towers import RunTowers, image_folder
-from tools.eval.zeroshot import CLIP_TEMPLATES, zero_shot
+from tools.eval.datasets import TEMPLATE_SETS, open_eval_set
+from tools.eval.towers import RunTowers
+from tools.eval.zeroshot import zero_shot
 from tools.export import export_open_clip, export_timm
 from train.config import load_config
 
@@ -71,10 +72,11 @@ def test_open_clip_zero_shot_equals_ours_on_the_demo_model(tmp_path, demo_shards
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     model.eval()
-    samples, names = image_folder(demo_shards["heldout"])
+    heldout = open_eval_set(demo_shards["heldout"])
+    samples, names = list(heldout.samples()), heldout.class_names
     with torch.no_grad():
-        prompts = [F.normalize(model.encode_text(tokenizer([t.format(name) for t in CLIP_TEMPLATES])), dim=-1)
-                   for name in names]
+        prompts = [F.normalize(model.encode_text(tokenizer([t.format(name) for t in TEMPLATE_SETS["simple"]])),
+                               dim=-1) for name in names]
         classifier = F.normalize(torch.stack([embeddings.mean(dim=0) for embeddings in prompts]), dim=-1)
         images = torch.stack([preprocess(Image.open(path)) for path, _ in samples])
         predictions = (model.encode_image(images, normalize=True) @ classifier.T).argmax(dim=1)

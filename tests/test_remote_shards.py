@@ -1,5 +1,6 @@
 """Shards in object storage, read through the bounded local cache, against a real S3 server on 127.0.0.1."""
 
+import io
 import json
 import logging
 import threading
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_training_shards
+from PIL import Image
 from test_train import losses_logged, tiny_config
 
 from datapipe import SingleCrop, make_loader, shard_io
@@ -281,16 +283,17 @@ def test_a_download_into_a_missing_bucket_stops_before_it_starts(server, tmp_pat
 def test_retrieval_pairs_read_from_a_bucket(server, tmp_path):
     from conftest import jpeg_bytes
 
-    from tools.eval.retrieval import read_pairs
+    from tools.eval.datasets import open_eval_set
 
     pairs = tmp_path / "heldout_pairs"
     pairs.mkdir()
     shard_io.write_tar(pairs / "00000.tar", [{"__key__": f"{number:04d}", "jpg": jpeg_bytes(40 + number),
                                                "txt": f"caption {number}".encode()} for number in range(3)])
     server.upload_folder(pairs, "s3://datasets/heldout_pairs")
-    keys, images, captions = read_pairs("s3://datasets/heldout_pairs")
-    assert keys == ["0000", "0001", "0002"] and captions == ["caption 0", "caption 1", "caption 2"]
-    assert [image.size for image in images] == [(40, 80), (41, 80), (42, 80)]
+    eval_set = open_eval_set("s3://datasets/heldout_pairs")
+    images, captions = zip(*eval_set.samples(), strict=True)
+    assert eval_set.kind == "retrieval" and captions == (["caption 0"], ["caption 1"], ["caption 2"])
+    assert [Image.open(io.BytesIO(image.data)).size for image in images] == [(40, 80), (41, 80), (42, 80)]
 
 
 def test_the_cache_evicts_the_shard_read_farthest_ahead_and_used_up_shards_first(server, tmp_path):

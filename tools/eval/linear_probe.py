@@ -3,8 +3,11 @@
     python -m tools.eval.linear_probe --run runs/demo --train shards/demo/source/probe_train \
         --test shards/demo/source/heldout
 
-Both splits are image folders (`<data>/<class>/*.jpg`, the same classes). Features are computed once,
-on the centre crop, and cached in memory:
+Both splits are classification sets in any layout tools.eval.datasets reads, with the same classes (for
+ImageNet: the train and val synset folders). Features are computed once, on the centre crop, and cached on
+disk in <run>/features/ (tools.eval.feature_cache: recomputed when the weights, the images or the feature code
+change); the images are read a batch at a time, and scoring runs a chunk of rows at a time, so ImageNet-1k's
+1.28M training images need memory only for their features:
 - linear probe: the CLS token concatenated with the mean patch token (the official setting, n=1 +
   avgpool). 13 linear classifiers, one per learning rate in 1e-5 ... 0.1 scaled by batch / 256, train
   in parallel as one batched matmul (SGD, momentum 0.9, no weight decay, cosine schedule). The learning
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tools.eval.datasets import LayoutError, open_eval_set
 from tools.eval.towers import RunTowers
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -74,10 +78,14 @@ def train_linear_classifiers(features, labels, classes, epochs, batch_size, seed
     return weights.detach(), biases.detach()
 
 
-def accuracies(weights, biases, features, labels):
-    """Top-1 accuracy of each classifier: (R,)."""
-    logits = torch.baddbmm(biases, features.expand(len(weights), -1, -1), weights)  # (R, n, C)
-    return (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+def accuracies(weights, biases, features, labels, chunk_rows=4096):
+    """Top-1 accuracy of each classifier: (R,); the rows are scored a chunk at a time."""
+    hits = torch.zeros(len(weights))
+    for start in range(0, len(labels), chunk_rows):
+        rows = features[start:start + chunk_rows]
+        logits = torch.baddbmm(biases, rows.expand(len(weights), -1, -1), weights)  # (R, chunk, C)
+        hits += (logits.argmax(dim=-1) == labels[start:start + chunk_rows]).sum(dim=1)
+    return hits / len(labels)
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, classes, epochs=100, batch_size=256,
@@ -95,32 +103,45 @@ def linear_probe(train_features, train_labels, test_features, test_labels, class
 
 
 def knn(train_features, train_labels, test_features, test_labels, classes, ks=KNN_K,
-        temperature=KNN_TEMPERATURE):
-    """{k: top-1} of DINO's weighted k-NN vote; ks above the training-set size are left out."""
+        temperature=KNN_TEMPERATURE, chunk_elements=1 << 26):
+    """{k: top-1} of DINO's weighted k-NN vote; ks above the training-set size are left out. Test rows are
+    compared with every training row a chunk at a time (about chunk_elements similarities at once)."""
     ks = [k for k in ks if k <= len(train_labels)]
     if not ks:
         return {}
-    train, test = F.normalize(train_features, dim=-1), F.normalize(test_features, dim=-1)
-    similarity, neighbours = (test @ train.T).topk(max(ks), dim=1)  # (n_test, k_max)
-    votes = F.one_hot(train_labels[neighbours], classes).float() * (similarity / temperature).exp()[..., None]
-    return {str(k): round(float((votes[:, :k].sum(dim=1).argmax(dim=1) == test_labels).float().mean()), 4)
-            for k in ks}
+    train = F.normalize(train_features, dim=-1)
+    hits = torch.zeros(len(ks))
+    chunk_rows = max(1, chunk_elements // len(train))
+    for start in range(0, len(test_labels), chunk_rows):
+        test = F.normalize(test_features[start:start + chunk_rows], dim=-1)
+        similarity, neighbours = (test @ train.T).topk(max(ks), dim=1)  # (chunk, k_max)
+        votes = F.one_hot(train_labels[neighbours], classes).float() * (similarity / temperature).exp()[..., None]
+        right = test_labels[start:start + chunk_rows]
+        hits += torch.stack([(votes[:, :k].sum(dim=1).argmax(dim=1) == right).sum() for k in ks])
+    return {str(k): round(float(hit / len(test_labels)), 4) for k, hit in zip(ks, hits, strict=True)}
 
 
-def probe(towers, train_dir, test_dir, epochs=100):
-    """Linear probe and k-NN of `towers` (a RunTowers) from one image folder to another with the same classes."""
-    train, train_labels, train_names = towers.folder(train_dir)
-    test, test_labels, test_names = towers.folder(test_dir)
-    if train_names != test_names:
-        raise ValueError(f"{train_dir} and {test_dir} have different classes; the probe needs the same class "
-                         f"folders in both ({len(train_names)} vs {len(test_names)})")
-    classes = len(train_names)
+def probe(towers, train_data, test_data, epochs=100, train_labels_file=None, test_labels_file=None):
+    """Linear probe and k-NN of `towers` (a RunTowers) from one classification set to another with the same
+    classes (EvalSets or paths in any layout tools.eval.datasets reads)."""
+    train_set, test_set = (data if not isinstance(data, str | Path) else open_eval_set(data, labels=labels)
+                           for data, labels in ((train_data, train_labels_file), (test_data, test_labels_file)))
+    for eval_set in (train_set, test_set):
+        if eval_set.kind != "classification":
+            raise LayoutError(f"{eval_set.source}: a {eval_set.layout} set has no classes for the probe")
+    if train_set.class_names != test_set.class_names:
+        raise ValueError(f"{train_set.source} and {test_set.source} have different classes; the probe needs the "
+                         f"same classes in both ({len(train_set.class_names)} vs {len(test_set.class_names)})")
+    train, train_targets = towers.encode(train_set)
+    test, test_targets = towers.encode(test_set)
+    train_labels, test_labels = torch.tensor(train_targets), torch.tensor(test_targets)
+    classes = len(train_set.class_names)
 
     def linear_features(features):
         return torch.cat([features["cls"], features["patch_mean"]], dim=1)  # (n, 2D)
 
-    return {"train": str(train_dir), "test": str(test_dir), "run": str(towers.run_dir), "classes": classes,
-            "chance": round(1 / classes, 4), "test_images": len(test_labels),
+    return {"train": str(train_set.source), "test": str(test_set.source), "run": str(towers.run_dir),
+            "classes": classes, "chance": round(1 / classes, 4), "test_images": len(test_labels),
             "linear": linear_probe(linear_features(train), train_labels, linear_features(test), test_labels,
                                    classes, epochs),
             "knn_top1": knn(train["cls"], train_labels, test["cls"], test_labels, classes)}
@@ -129,15 +150,17 @@ def probe(towers, train_dir, test_dir, epochs=100):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
-    parser.add_argument("--train", required=True, help="training image folder: <data>/<class>/*.jpg")
-    parser.add_argument("--test", required=True, help="test image folder with the same classes")
+    parser.add_argument("--train", required=True, help="training classification set (see tools.eval.datasets)")
+    parser.add_argument("--test", required=True, help="test classification set with the same classes")
+    parser.add_argument("--train-labels", help="the label file of a flat ImageNet training folder")
+    parser.add_argument("--test-labels", help="the label file of a flat ImageNet test folder")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--out", help="JSON result (default: <run>/eval_linear_probe.json)")
     args = parser.parse_args(argv)
     try:
-        result = probe(RunTowers(args.run), args.train, args.test, args.epochs)
+        result = probe(RunTowers(args.run), args.train, args.test, args.epochs, args.train_labels, args.test_labels)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+        raise SystemExit(f"error: {error}") from None
     out = Path(args.out or Path(args.run) / "eval_linear_probe.json")
     out.write_text(json.dumps(result, indent=2))
     knn_text = ", ".join(f"k={k} {100 * top1:.1f}%" for k, top1 in result["knn_top1"].items())

@@ -1,80 +1,63 @@
-"""Image-text retrieval on held-out shards: recall@1/5/10 in both directions, with a run's EMA teachers.
+"""Image-text retrieval: recall@1/5/10 in both directions, with a run's EMA teachers.
 
-    python -m tools.eval.retrieval --run runs/demo --shards shards/demo/source/heldout_pairs
+    python -m tools.eval.retrieval --run runs/demo --data shards/demo/source/heldout_pairs
+    python -m tools.eval.retrieval --run runs/vit_b_cc3m --data /data/coco/dataset_coco.json --images /data/coco
+    python -m tools.eval.retrieval --run runs/vit_b_cc3m --data /data/clip_benchmark/wds_flickr30k
 
-The shards are WebDataset tars (.tar or .tar.zst) with a `jpg` and a `txt` per sample (in a local folder, or an
-s3://, gs:// or hf:// one, copied to a temporary folder first): a folder built
-by `make download` + `make shards` from a validation url list, or the demo's held-out pairs. Each image
-has one caption, so image i's right answer is caption i and the other way round. Scores are cosine
-similarities of the L2-normalized CLIP embeddings (as the official ProtoCLIP-based script).
+The data is a retrieval set in any layout tools.eval.datasets reads: held-out shards (one jpg + txt each),
+a CLIP_benchmark retrieval set, or a Karpathy-split JSON (COCO 5k / Flickr30k 1k test images, about 5
+captions each) with its image folder. Scores are cosine similarities of the L2-normalized CLIP embeddings.
+image->text: an image is a hit at k when any of its captions is among the k best captions; text->image: a
+caption is a hit when its image is among the k best images (as the papers and CLIP_benchmark report).
+Ties are ranked as CLIP_benchmark ranks them: candidates with equal scores in index order, so a right
+answer tied with wrong ones is a hit only where it comes first among them.
 """
 
 import argparse
-import io
 import json
-import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from datapipe import shard_io
-from datapipe.object_store import is_remote
-from datapipe.publish import stage
-from datapipe.text import clean_caption, tokenize
+from datapipe.text import tokenize
+from tools.eval.datasets import LayoutError, open_eval_set
 from tools.eval.towers import RunTowers, text_embeddings
 
 RECALL_AT = (1, 5, 10)
 
 
-def read_pairs(shards_dir):
-    """(keys, PIL images, captions) from every shard in the folder (an s3://, gs:// or hf:// one is copied to a
-    temporary folder first)."""
-    if is_remote(shards_dir):
-        with tempfile.TemporaryDirectory(prefix="retrieval-") as local_dir:
-            stage(shards_dir, local_dir)
-            return read_pairs(local_dir)
-    shards = sorted(path for path in Path(shards_dir).glob("*") if path.name.endswith((".tar", ".tar.zst")))
-    if not shards:
-        raise FileNotFoundError(f"{shards_dir}: no .tar or .tar.zst shards; build held-out shards with "
-                                "`make download` + `make shards` on a validation url list")
-    keys, images, captions = [], [], []
-    for sample in shard_io.read_samples(shards):
-        where = f"{sample['__url__']}: sample {sample['__key__']}"
-        if "jpg" not in sample or "txt" not in sample:
-            raise ValueError(f"{where} has no jpg or no txt member; retrieval needs both")
-        try:
-            image = Image.open(io.BytesIO(sample["jpg"]))
-            image.load()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"{where}: the image does not decode ({error}); run `make verify` on the shards") \
-                from None
-        keys.append(sample["__key__"])
-        images.append(image)
-        captions.append(clean_caption(sample["txt"].decode("utf-8", errors="replace")))
-    return keys, images, captions
-
-
-def recall_at(similarity, ks=RECALL_AT):
-    """similarity: (n, n) with the right answer of row i at column i -> {k: fraction of rows ranking it in top k}."""
-    right = similarity.diagonal()[:, None]
-    rank = (similarity > right).sum(dim=1)  # how many candidates score above the right one
+def recall_at(similarity, positive, ks=RECALL_AT):
+    """similarity: (queries, candidates); positive: (queries, candidates) bool, True at each right answer ->
+    {k: fraction of queries with a right answer in their top k}, candidates ordered by score, ties by index."""
+    best = similarity.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # (q, 1) best right score
+    # The first right answer in (score descending, index ascending) order, and how many candidates precede it.
+    first = (positive & (similarity == best)).int().argmax(dim=1, keepdim=True)  # (q, 1)
+    earlier = torch.arange(similarity.shape[1])[None, :] < first  # (q, c)
+    rank = (similarity > best).sum(dim=1) + ((similarity == best) & earlier).sum(dim=1)  # (q,)
     return {k: float((rank < k).float().mean()) for k in ks}
 
 
 @torch.no_grad()
-def retrieval(towers, shards_dir):
-    """Recall@k both ways of `towers` (a RunTowers) on held-out pairs."""
-    keys, images, captions = read_pairs(shards_dir)
-    image = towers.image_features(images, desc="retrieval")["embedding"]
+def retrieval(towers, data, images_dir=None):
+    """Recall@k both ways of `towers` (a RunTowers) on a retrieval set (an EvalSet or a path)."""
+    eval_set = data if not isinstance(data, str | Path) else open_eval_set(data, images=images_dir)
+    if eval_set.kind != "retrieval":
+        raise LayoutError(f"{eval_set.source}: a {eval_set.layout} set is for classification, not retrieval")
+    features, captions_per_image = towers.encode(eval_set)
+    captions = [caption for captions in captions_per_image for caption in captions]
+    caption_image = torch.tensor([image for image, captions in enumerate(captions_per_image) for _ in captions])
     text = text_embeddings(towers.text, torch.from_numpy(tokenize(captions)).long(), device=towers.device)
-    similarity = image @ text.T  # (images, captions)
-    image_to_text, text_to_image = recall_at(similarity), recall_at(similarity.T)
-    result = {"shards": str(shards_dir), "run": str(towers.run_dir), "pairs": len(keys)}
+    similarity = features["embedding"] @ text.T  # (images, captions)
+    positive = caption_image[None, :] == torch.arange(len(captions_per_image))[:, None]  # (images, captions)
+    image_to_text, text_to_image = recall_at(similarity, positive), recall_at(similarity.T, positive.T)
+    images = len(captions_per_image)
+    result = {**eval_set.describe(), "run": str(towers.run_dir),
+              "images": images, "captions": len(captions), "pairs": len(captions),
+              "ties": "ranked by index, as CLIP_benchmark"}
     for k in RECALL_AT:
         result[f"image_to_text_R@{k}"] = round(image_to_text[k], 4)
         result[f"text_to_image_R@{k}"] = round(text_to_image[k], 4)
-        result[f"chance_R@{k}"] = round(min(k / len(keys), 1.0), 4)
+        result[f"chance_R@{k}"] = round(min(k / images, 1.0), 4)
     recalls = [*image_to_text.values(), *text_to_image.values()]
     result["mean_recall"] = round(sum(recalls) / len(recalls), 4)
     return result
@@ -83,19 +66,20 @@ def retrieval(towers, shards_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
-    parser.add_argument("--shards", required=True, help="a folder of held-out .tar/.tar.zst shards (jpg + txt)")
+    parser.add_argument("--data", required=True, help="a retrieval set (see tools.eval.datasets)")
+    parser.add_argument("--images", help="the image folder of a Karpathy-split JSON (default: the JSON's folder)")
     parser.add_argument("--out", help="JSON result (default: <run>/eval_retrieval.json)")
     args = parser.parse_args(argv)
     try:
-        result = retrieval(RunTowers(args.run), args.shards)
+        result = retrieval(RunTowers(args.run), args.data, args.images)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+        raise SystemExit(f"error: {error}") from None
     out = Path(args.out or Path(args.run) / "eval_retrieval.json")
     out.write_text(json.dumps(result, indent=2))
-    print(f"retrieval on {result['pairs']} held-out pairs: image->text R@1/5/10 "
+    print(f"retrieval on {result['images']} images and {result['captions']} captions: image->text R@1/5/10 "
           + "/".join(f"{100 * result[f'image_to_text_R@{k}']:.1f}" for k in RECALL_AT) + ", text->image "
           + "/".join(f"{100 * result[f'text_to_image_R@{k}']:.1f}" for k in RECALL_AT)
-          + f" % (chance R@1 {100 * result['chance_R@1']:.1f}%); written to {out}")
+          + f" % (chance R@1 {100 * result['chance_R@1']:.1f}%; ties ranked by index); written to {out}")
 
 
 if __name__ == "__main__":

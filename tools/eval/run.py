@@ -8,6 +8,7 @@ Writes <run>/eval.json (every result), <run>/eval.md (the table, also printed) a
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,16 +23,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def evaluate(run_dir, zeroshot_dir=None, retrieval_dir=None, probe_train=None, probe_test=None, probe_epochs=100):
-    """The towers load once; a folder read by two evaluations (by default the held-out split, for zero-shot
-    and as the probe's test set) is encoded once."""
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+    """What `make eval` evaluates: each set in any layout tools.eval.datasets reads; None skips it."""
+    zeroshot: str | None = None
+    zeroshot_labels: str | None = None  # a flat ImageNet folder's label file
+    templates: str | None = None  # openai | simple | a file; None: the set's own or its default
+    retrieval: str | None = None
+    retrieval_images: str | None = None  # a Karpathy JSON's image folder
+    probe_train: str | None = None
+    probe_train_labels: str | None = None
+    probe_test: str | None = None
+    probe_test_labels: str | None = None
+    probe_epochs: int = 100
+
+
+def evaluate(run_dir, data):
+    """Every evaluation `data` (an EvalData) gives. The towers load once; a set read by two evaluations (by
+    default the held-out split, for zero-shot and as the probe's test set) is encoded once."""
     towers, results = RunTowers(run_dir), {}
-    if zeroshot_dir:
-        results["zeroshot"] = zero_shot(towers, zeroshot_dir)
-    if retrieval_dir:
-        results["retrieval"] = retrieval(towers, retrieval_dir)
-    if probe_train and probe_test:
-        results["linear_probe"] = probe(towers, probe_train, probe_test, probe_epochs)
+    if data.zeroshot:
+        results["zeroshot"] = zero_shot(towers, data.zeroshot, data.templates, data.zeroshot_labels)
+    if data.retrieval:
+        results["retrieval"] = retrieval(towers, data.retrieval, data.retrieval_images)
+    if data.probe_train and data.probe_test:
+        results["linear_probe"] = probe(towers, data.probe_train, data.probe_test, data.probe_epochs,
+                                        data.probe_train_labels, data.probe_test_labels)
     return results
 
 
@@ -44,7 +61,7 @@ def table_rows(results):
     if "retrieval" in results:
         result = results["retrieval"]
         for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
-            rows += [("retrieval", f"{label} R@{k}, {result['pairs']} pairs", result[f"{direction}_R@{k}"],
+            rows += [("retrieval", f"{label} R@{k}, {result['images']} images", result[f"{direction}_R@{k}"],
                       result[f"chance_R@{k}"]) for k in RECALL_AT]
     if "linear_probe" in results:
         result = results["linear_probe"]
@@ -74,22 +91,36 @@ def plot(rows, path):
     figure.savefig(path, dpi=120)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
-    parser.add_argument("--zeroshot", help="image folder for zero-shot classification")
-    parser.add_argument("--retrieval", help="folder of held-out shards (jpg + txt) for image-text retrieval")
-    parser.add_argument("--probe-train", help="training image folder for the linear probe and k-NN")
-    parser.add_argument("--probe-test", help="test image folder for the linear probe and k-NN")
+def add_eval_arguments(parser):
+    """The options that say what to evaluate (`make eval`'s and `make compare`'s)."""
+    parser.add_argument("--zeroshot", help="classification set for zero-shot (any layout of tools.eval.datasets)")
+    parser.add_argument("--zeroshot-labels", help="label file of a flat ImageNet folder given to --zeroshot")
+    parser.add_argument("--templates", help="zero-shot templates: openai | simple | a file ({c} = the class name)")
+    parser.add_argument("--retrieval", help="retrieval set: held-out shards, CLIP_benchmark folder or Karpathy JSON")
+    parser.add_argument("--retrieval-images", help="image folder of a Karpathy JSON given to --retrieval")
+    parser.add_argument("--probe-train", help="training classification set for the linear probe and k-NN")
+    parser.add_argument("--probe-train-labels", help="label file of a flat ImageNet folder given to --probe-train")
+    parser.add_argument("--probe-test", help="test classification set for the linear probe and k-NN")
+    parser.add_argument("--probe-test-labels", help="label file of a flat ImageNet folder given to --probe-test")
     parser.add_argument("--probe-epochs", type=int, default=100)
-    args = parser.parse_args(argv)
+
+
+def eval_data(parser, args):
+    """The EvalData of parsed `add_eval_arguments` options; a usage error when they give nothing to evaluate."""
     if bool(args.probe_train) != bool(args.probe_test):
         parser.error("the linear probe needs both --probe-train and --probe-test")
     if not (args.zeroshot or args.retrieval or args.probe_train):
         parser.error("nothing to evaluate: give --zeroshot, --retrieval, or --probe-train with --probe-test")
+    return EvalData(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EvalData)})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
+    add_eval_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        results = evaluate(args.run, args.zeroshot, args.retrieval, args.probe_train, args.probe_test,
-                           args.probe_epochs)
+        results = evaluate(args.run, eval_data(parser, args))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     run_dir = Path(args.run)

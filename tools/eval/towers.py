@@ -1,27 +1,34 @@
-"""What every evaluation reads: a run's EMA teacher towers, image folders, and features of images.
+"""What every evaluation reads: a run's EMA teacher towers and the features of evaluation images.
 
-`RunTowers` loads a run's towers once and computes each image folder's features once, so `make eval`
+`RunTowers` loads a run's towers once and encodes each evaluation set once (cached on disk), so `make eval`
 encodes a folder that two evaluations read (zero-shot and the probe's test set) a single time.
 Images are resized (bicubic) and centre-cropped to the model's global crop size and normalized with
 ImageNet statistics, as the official zero-shot and linear evaluations.
 """
 
+import functools
+import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from datapipe import shard_io
 from datapipe.views import IMAGENET_MEAN, IMAGENET_STD
 from model.harmony import HarmonyConfig
 from model.text import TextEncoder
 from model.vit import VisionTransformer
+from tools.eval import feature_cache
+from tools.eval.datasets import ShardImage, open_image
 from train.pretrain import TEACHER_WEIGHTS
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+FEATURE_NAMES = ("embedding", "cls", "patch_mean")
+DECODE_THREADS = 4
 
 
 def read_teacher_weights(run_dir):
@@ -42,69 +49,71 @@ def load_towers(run_dir, device="cpu"):
     return image.to(device).eval(), text.to(device).eval(), config
 
 
-def image_folder(data_dir):
-    """([(image path, class index)], class names) of `<data>/<class folder>/*.jpg`.
-
-    Names come from `<data>/classes.json` ({"classes": [...], "folders": [...]}) when present, else from
-    the folder names ("_" -> " ")."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir}: not a folder; expected <data>/<class>/*.jpg")
-    classes_file = data_dir / "classes.json"
-    if classes_file.is_file():
-        listing = json.loads(classes_file.read_text())
-        names, folders = listing["classes"], listing["folders"]
-    else:
-        folders = sorted(path.name for path in data_dir.iterdir() if path.is_dir())
-        names = [folder.replace("_", " ") for folder in folders]
-    samples = [(path, index) for index, folder in enumerate(folders)
-               for path in sorted((data_dir / folder).glob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
-    if not samples:
-        raise FileNotFoundError(f"{data_dir}: no images in class folders (<data>/<class>/*.jpg)")
-    return samples, names
-
-
 def eval_transform(crop_px):
     return v2.Compose([v2.Resize(crop_px, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(crop_px),
                        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def _pixels(image, preprocess):
+    """(3, crop, crop) normalized pixels of a PIL image, an image file or a ShardImage."""
+    if not isinstance(image, Image.Image):
+        try:
+            image = open_image(image)
+            image.load()
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"{image.where if isinstance(image, ShardImage) else image}: the image does not decode "
+                             f"({error}); run `make verify` on shards, or remove the file") from None
+    return preprocess(image.convert("RGB"))
+
+
 @torch.no_grad()
+def iter_image_features(image_tower, images, crop_px, batch_size=64, device="cpu", desc="images", count=None):
+    """Features of `images` (an iterable of PIL images, image files or ShardImages), one dict per batch of
+    embedding (b, clip_dim) L2-normalized CLIP embeddings; cls (b, D) CLS tokens; patch_mean (b, D)
+    the mean patch token (both after the final norm). Decoding runs on threads, one batch ahead of the tower."""
+    preprocess, images = eval_transform(crop_px), iter(images)
+    decode = functools.partial(_pixels, preprocess=preprocess)
+    with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=count, desc=desc, unit="image", leave=False) as bar:
+        pending = [pool.submit(decode, image) for image in itertools.islice(images, batch_size)]
+        while pending:
+            batch = pending
+            pending = [pool.submit(decode, image) for image in itertools.islice(images, batch_size)]
+            pixels = torch.stack([future.result() for future in batch]).to(device)  # (b, 3, crop, crop)
+            tokens = image_tower(pixels)  # (b, 1 + N, D)
+            bar.update(len(batch))
+            yield {"embedding": F.normalize(tokens[:, 0] @ image_tower.contrastive_projection, dim=-1).cpu(),
+                   "cls": tokens[:, 0].cpu(), "patch_mean": tokens[:, 1:].mean(dim=1).cpu()}
+
+
 def image_features(image_tower, images, crop_px, batch_size=64, device="cpu", desc="images"):
-    """Features of `images` (paths or PIL images): dict of
-    embedding (n, clip_dim) L2-normalized CLIP embeddings; cls (n, D) CLS tokens; patch_mean (n, D)
-    the mean patch token (both after the final norm)."""
-    preprocess, parts = eval_transform(crop_px), {"embedding": [], "cls": [], "patch_mean": []}
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = [image if isinstance(image, Image.Image) else Image.open(image)
-                 for image in images[start:start + batch_size]]
-        pixels = torch.stack([preprocess(image.convert("RGB")) for image in chunk]).to(device)
-        tokens = image_tower(pixels)  # (b, 1 + N, D)
-        parts["embedding"].append(F.normalize(tokens[:, 0] @ image_tower.contrastive_projection, dim=-1).cpu())
-        parts["cls"].append(tokens[:, 0].cpu())
-        parts["patch_mean"].append(tokens[:, 1:].mean(dim=1).cpu())
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+    """`iter_image_features` of a list of images, concatenated: {name: (n, dim)}."""
+    batches = list(iter_image_features(image_tower, images, crop_px, batch_size, device, desc, len(images)))
+    return {name: torch.cat([batch[name] for batch in batches]) for name in FEATURE_NAMES}
 
 
 class RunTowers:
-    """A run's EMA teacher towers, loaded once, and the features of each image folder, computed once."""
+    """A run's EMA teacher towers, loaded once, and the features of each evaluation set, computed once and
+    cached on disk in <run>/features/ (see tools.eval.feature_cache)."""
 
     def __init__(self, run_dir, device="cpu"):
         self.run_dir, self.device = Path(run_dir), device
         self.image, self.text, self.config = load_towers(run_dir, device)
-        self._folders = {}
+        self.weights_sha256 = shard_io.sha256_file(self.run_dir / TEACHER_WEIGHTS)
+        self._encoded = {}
 
     def image_features(self, images, desc="images"):
         return image_features(self.image, images, self.config.global_crop_px, device=self.device, desc=desc)
 
-    def folder(self, data_dir):
-        """(features as `image_features` gives them, labels (n,), class names) of an image folder."""
-        key = Path(data_dir).resolve()
-        if key not in self._folders:
-            samples, names = image_folder(data_dir)
-            features = self.image_features([path for path, _ in samples], desc=f"{Path(data_dir).name} features")
-            self._folders[key] = (features, torch.tensor([label for _, label in samples]), names)
-        return self._folders[key]
+    def iter_image_features(self, images, desc="images", count=None):
+        return iter_image_features(self.image, images, self.config.global_crop_px, device=self.device, desc=desc,
+                                   count=count)
+
+    def encode(self, eval_set):
+        """(features {name: (n, dim)}, targets: a class index or the captions of each image) of an EvalSet."""
+        key = eval_set.source.resolve()
+        if key not in self._encoded:
+            self._encoded[key] = feature_cache.encode(self, eval_set)
+        return self._encoded[key]
 
 
 @torch.no_grad()

@@ -1,10 +1,15 @@
-"""Zero-shot classification of an image-folder dataset with a run's EMA teachers (CLIP-style prompts).
+"""Zero-shot classification with a run's EMA teachers (CLIP-style prompts).
 
     python -m tools.eval.zeroshot --run runs/demo --data shards/demo/source/heldout
+    python -m tools.eval.zeroshot --run runs/vit_b_cc3m --data /data/imagenet/val     # synset folders
+    python -m tools.eval.zeroshot --run runs/vit_b_cc3m --data /data/imagenet/val_flat --labels val.txt
+    python -m tools.eval.zeroshot --run runs/vit_b_cc3m --data /data/clip_benchmark/wds_cars
 
-The dataset is `<data>/<class folder>/*.jpg` (see tools.eval.towers.image_folder for class names).
-Each class's text embedding is the normalized mean of its prompts' embeddings (the CLIP 7-template
-ensemble by default).
+The data is a classification set in any layout tools.eval.datasets reads. Each class's text embedding is
+the normalized mean of its prompts' embeddings. Templates: the set's own (CLIP_benchmark), else open_clip's
+80 OpenAI ImageNet templates for ImageNet and its 7-template ensemble ("simple") for class folders;
+--templates openai|simple|FILE (one template a line, `{c}` for the class name) overrides. The result records
+where the class names and templates came from.
 """
 
 import argparse
@@ -15,10 +20,23 @@ import torch
 import torch.nn.functional as F
 
 from datapipe.text import tokenize
+from tools.eval.datasets import TEMPLATE_SETS, LayoutError, open_eval_set
 from tools.eval.towers import RunTowers, text_embeddings
 
-CLIP_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                  "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
+
+def choose_templates(eval_set, choice=None):
+    """(name, templates as "{}" strings): `choice` (a set's name or a file), else the set's own or its default."""
+    if choice in TEMPLATE_SETS:
+        return choice, TEMPLATE_SETS[choice]
+    if choice:
+        path = Path(choice)
+        if not path.is_file():
+            raise LayoutError(f"--templates {choice!r}: neither {' nor '.join(TEMPLATE_SETS)} nor a file")
+        return str(path), tuple(line.strip().replace("{c}", "{}") for line in path.read_text().splitlines()
+                                if line.strip())
+    if eval_set.templates:
+        return f"{eval_set.source}/zeroshot_classification_templates.txt", eval_set.templates
+    return eval_set.default_templates, TEMPLATE_SETS[eval_set.default_templates]
 
 
 @torch.no_grad()
@@ -30,33 +48,42 @@ def class_embeddings(text_tower, names, templates, device="cpu"):
 
 
 @torch.no_grad()
-def zero_shot(towers, data_dir, templates=CLIP_TEMPLATES):
-    """Top-1 (overall and per class) of `towers` (a RunTowers) on an image folder."""
-    features, labels, names = towers.folder(data_dir)
+def zero_shot(towers, data, templates=None, label_file=None):
+    """Top-1 (overall and per class) of `towers` (a RunTowers) on a classification set (an EvalSet or a path)."""
+    eval_set = data if not isinstance(data, str | Path) else open_eval_set(data, labels=label_file)
+    if eval_set.kind != "classification":
+        raise LayoutError(f"{eval_set.source}: a {eval_set.layout} set is for retrieval, not zero-shot")
+    features, targets = towers.encode(eval_set)
+    labels, names = torch.tensor(targets), eval_set.class_names
+    templates_name, templates = choose_templates(eval_set, templates)
     classifier = class_embeddings(towers.text, names, templates, towers.device)
     hits = ((features["embedding"] @ classifier.T).argmax(dim=1) == labels).float()
     correct = torch.zeros(len(names)).index_add_(0, labels, hits)
     counts = torch.zeros(len(names)).index_add_(0, labels, torch.ones(len(labels)))
     per_class = {name: round(float(c / n), 4) for name, c, n in zip(names, correct, counts, strict=True) if n}
-    return {"dataset": str(data_dir), "run": str(towers.run_dir), "images": len(labels), "classes": len(names),
-            "top1": round(float(hits.mean()), 4), "chance": round(1 / len(names), 4),
-            "templates": list(templates), "per_class_top1": per_class}
+    return {**eval_set.describe(), "run": str(towers.run_dir),
+            "images": len(labels), "classes": len(names), "top1": round(float(hits.mean()), 4),
+            "chance": round(1 / len(names), 4), "class_names_from": eval_set.class_names_from,
+            "templates_from": templates_name, "templates": list(templates), "per_class_top1": per_class}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
-    parser.add_argument("--data", required=True, help="an image folder: <data>/<class>/*.jpg")
+    parser.add_argument("--data", required=True, help="a classification set (see tools.eval.datasets)")
+    parser.add_argument("--labels", help="the label file of a flat ImageNet folder")
+    parser.add_argument("--templates", help="openai | simple | a file of templates ({c} = the class name)")
     parser.add_argument("--out", help="JSON result (default: <run>/eval_zeroshot.json)")
     args = parser.parse_args(argv)
     try:
-        result = zero_shot(RunTowers(args.run), args.data)
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
+        result = zero_shot(RunTowers(args.run), args.data, args.templates, args.labels)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     out = Path(args.out or Path(args.run) / "eval_zeroshot.json")
     out.write_text(json.dumps(result, indent=2))
-    print(f"zero-shot top-1 on {result['dataset']}: {100 * result['top1']:.1f}% over {result['images']} images "
-          f"and {result['classes']} classes (chance {100 * result['chance']:.1f}%); written to {out}")
+    print(f"zero-shot top-1 on {result['source']}: {100 * result['top1']:.1f}% over {result['images']} images "
+          f"and {result['classes']} classes (chance {100 * result['chance']:.1f}%; {len(result['templates'])} "
+          f"templates from {result['templates_from']}); written to {out}")
 
 
 if __name__ == "__main__":

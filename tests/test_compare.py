@@ -1,0 +1,81 @@
+"""`make compare` on the tiny demo shards: two methods, a tiny budget. A complete report; a comparison killed in
+the middle continues where it stopped without training a finished method again; another budget is refused."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tools.compare import budget, methods
+from tools.compare import run as compare_run
+
+
+def test_methods_are_found_from_their_presets():
+    found = methods.discover("demo")
+    assert found["harmony"] == "demo" and found["clip"] == "clip_demo"
+    assert "ablation_clip_text" not in found.values()  # not a demo-scale preset
+    with pytest.raises(ValueError, match="no preset for nosuch at scale 'demo'"):
+        methods.resolve(["nosuch"], "demo")
+
+
+def test_budgets_turn_into_steps():
+    measured = {"harmony": {"flops_per_step": 10.0, "seconds_per_step": 2.0, "steps_per_epoch": 5},
+                "clip": {"flops_per_step": 4.0, "seconds_per_step": 0.5, "steps_per_epoch": 5}}
+    assert budget.steps_and_epochs(budget.parse("epochs:3"), measured["clip"], measured) == (15, 3)
+    equal_compute = budget.parse("flops:harmony@2")  # 100 FLOPs: 10 harmony steps, 25 clip steps
+    assert budget.steps_and_epochs(equal_compute, measured["harmony"], measured) == (10, 2)
+    assert budget.steps_and_epochs(equal_compute, measured["clip"], measured) == (25, 5)
+    assert budget.steps_and_epochs(budget.parse("time:1m"), measured["clip"], measured) == (120, 24)
+    with pytest.raises(ValueError, match="BUDGET='weeks:2'"):
+        budget.parse("weeks:2")
+
+
+@pytest.mark.slow
+def test_compare_reports_continues_after_a_kill_and_refuses_another_budget(demo_shards, tmp_path):
+    arguments = ["--name", "tiny", "--methods", "clip harmony", "--budget", "epochs:1", "--eval-points", "2",
+                 "--shards", str(demo_shards["train"]), "--out", str(tmp_path), "--zeroshot",
+                 str(demo_shards["heldout"]), "--train-args", "data.batch_size=32", "data.num_workers=0",
+                 "run.log_every=1"]
+    clip, harmony = tmp_path / "tiny" / "clip", tmp_path / "tiny" / "harmony"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "tools.compare.run", *arguments], stdout=log, stderr=log)
+        while not (harmony / "metrics.jsonl").is_file() and first.poll() is None:  # harmony's first step
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)  # as `kill` does: the trainer checkpoints, then the comparison stops
+        first.wait(timeout=900)
+    said = (tmp_path / "first.log").read_text()
+    assert first.returncode != 0 and "compare stopped" in said, said[-2000:]
+    assert not (tmp_path / "tiny" / "report.md").exists()
+    clip_metrics = (clip / "metrics.jsonl").read_text()
+
+    compare_run.main(arguments)  # the same command: continues
+    assert (clip / "metrics.jsonl").read_text() == clip_metrics  # finished: not trained again
+    report = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    steps_per_epoch = report["plan"]["harmony"]["measured"]["steps_per_epoch"]
+    logged = [json.loads(row)["step"] for row in (harmony / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps_per_epoch + 1))  # every step once: resumed, not restarted
+    for method in ("clip", "harmony"):
+        summary = report["methods"][method]
+        assert summary["status"] == "finished" and summary["steps"] == steps_per_epoch and summary["epochs"] == 1
+        assert summary["flops"] > 0 and summary["training_time_s"] > 0 and summary["peak_memory_bytes"] > 0
+        assert len(summary["evaluations"]) == 2 and 0 <= summary["final"]["zero-shot top-1"] <= 1
+    assert report["methods"]["harmony"]["flops_per_step"] > report["methods"]["clip"]["flops_per_step"]
+    table = (tmp_path / "tiny" / "report.md").read_text()
+    assert "| clip (clip_demo) | finished |" in table and "| harmony (demo) | finished |" in table
+    for chart in ("metrics_vs_compute.png", "loss_curves.png"):
+        assert (tmp_path / "tiny" / chart).stat().st_size > 0
+
+    with pytest.raises(SystemExit, match="other settings: budget: 'epochs:1' -> 'epochs:2'"):
+        compare_run.main([*arguments[:5], "epochs:2", *arguments[6:]])
+
+
+def test_a_failing_trainer_is_reported_with_its_last_words(tmp_path):
+    trainers = compare_run.Trainers()
+    try:
+        with pytest.raises(compare_run.MethodFailed, match="exit code 1: config error: config preset 'nosuch'"):
+            compare_run.train_to(trainers, tmp_path / "run", "nosuch", [], epochs=1, step=1)
+    finally:
+        trainers.restore()
