@@ -7,7 +7,7 @@
   antialias (timm's `resample_abs_pos_embed` resizes to the exact size with antialias: about 6% apart
   on a 14x14 -> 6x6 table);
 - activation checkpointing per block (`grad_checkpointing`), for large ViTs on small GPUs;
-- `contrastive_projection` maps the CLS token to the CLIP embedding space.
+- `contrastive_projection` maps the pooled tokens (model/pooling.py: CLS, GAP, MAX or MAP) to the CLIP space.
 Parameter names match timm's `vit_*_patch16_224` (cls_token, pos_embed, patch_embed.proj,
 blocks.N, norm), so `export_timm_state_dict` is a plain copy that leaves out our extras.
 """
@@ -21,6 +21,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
+
+from model.pooling import POOLINGS, AttentionPool, pool_tokens
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ VIT_SIZES = {
     "base": ViTSize(768, 12, 12),
     "large": ViTSize(1024, 24, 16),
 }
-NOT_IN_TIMM = ("mask_token", "contrastive_projection")
+NOT_IN_TIMM = ("mask_token", "contrastive_projection", "attention_pool.")
 
 
 def run_blocks(blocks, tokens, checkpointing):
@@ -50,9 +52,12 @@ def run_blocks(blocks, tokens, checkpointing):
 
 class VisionTransformer(nn.Module):
     def __init__(self, size="base", patch_size=16, img_size=224, clip_dim=512, drop_path_rate=0.0,
-                 mlp_ratio=4.0):
+                 mlp_ratio=4.0, pooling="cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
         dims = VIT_SIZES[size]
+        self.pooling = pooling
         self.embed_dim, self.patch_size = dims.embed_dim, patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, dims.embed_dim, strict_img_size=False)
         self.base_grid = self.patch_embed.grid_size
@@ -66,10 +71,12 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(dims.embed_dim, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, dims.embed_dim))  # iBOT's masked_embed, zero init
         self.contrastive_projection = nn.Parameter(torch.randn(dims.embed_dim, clip_dim) * dims.embed_dim ** -0.5)
+        if pooling == "map":
+            self.attention_pool = AttentionPool(dims.embed_dim, dims.num_heads, mlp_ratio)
         self.grad_checkpointing = False  # recompute each block in the backward instead of keeping its activations
         self._init_weights()
 
-    def _init_weights(self):
+    def _init_weights(self):  # the attention pool's probe keeps its xavier init
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
@@ -115,11 +122,14 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat([cls, tokens], dim=1)
         return self.norm(run_blocks(self.blocks, tokens, self.grad_checkpointing))
 
-    def embed_image(self, images):
-        """CLIP image embedding (not normalized): CLS token times the projection, (B, clip_dim)."""
-        return self.forward(images)[:, 0] @ self.contrastive_projection
+    def embed_tokens(self, tokens):
+        """CLIP image embedding (not normalized) of the tokens `forward` returned: pooled, projected, (B, clip_dim)."""
+        return pool_tokens(tokens, self.pooling, getattr(self, "attention_pool", None)) @ self.contrastive_projection
 
+    def embed_image(self, images, keep_indices=None):
+        """CLIP image embedding (not normalized), (B, clip_dim); keep_indices: the patches kept (FLIP), or all."""
+        return self.embed_tokens(self.forward(images, keep_indices=keep_indices))
 
 def export_timm_state_dict(vit):
     """The image tower's weights under timm's names (for `vit_<size>_patch16_224`, num_classes=0)."""
-    return {name: tensor for name, tensor in vit.state_dict().items() if name not in NOT_IN_TIMM}
+    return {name: tensor for name, tensor in vit.state_dict().items() if not name.startswith(NOT_IN_TIMM)}

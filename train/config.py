@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from model.harmony import HarmonyConfig
+from model.meta_arch import ModelConfig
 
 PRESETS = Path(__file__).parent / "configs"
 
@@ -83,7 +83,7 @@ RESUME_MAY_CHANGE = {"run.log_every", "run.checkpoint_every", "run.keep_checkpoi
 
 @dataclass
 class TrainConfig:
-    model: HarmonyConfig = field(default_factory=HarmonyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)

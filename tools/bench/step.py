@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.harmony import Harmony, HarmonyConfig
+from model.meta_arch import MetaArch, ModelConfig
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from tools.bench.live_bytes import LiveTensorBytes
 from train.config import load_config
@@ -43,7 +43,7 @@ def shapes(vit_s_batch):
     demo = load_config("demo")
     return {
         "demo": (demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number),
-        "ViT-S/16, 224 + 8 x 96 px": (HarmonyConfig(vit_size="small"), vit_s_batch, 96, 8),
+        "ViT-S/16, 224 + 8 x 96 px": (ModelConfig(vit_size="small"), vit_s_batch, 96, 8),
     }
 
 
@@ -84,7 +84,7 @@ def flops_per_part(model, inputs, device, trim):
 
 def measure(config, batch, local_px, locals_number, repeats, device, trim=True):
     torch.manual_seed(0)
-    model = Harmony(config).to(device)
+    model = MetaArch(config).to(device)
     inputs = synthetic_batch(config, batch, local_px, locals_number if config.ibot else 0, device)
     flops = flops_per_part(model, inputs, device, trim)
     one_step(model, inputs, device, trim)  # warm-up: gradients exist from here on

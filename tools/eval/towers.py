@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from datapipe.views import IMAGENET_MEAN, IMAGENET_STD
-from model.harmony import HarmonyConfig
+from model.meta_arch import ModelConfig
 from model.text import TextEncoder
 from model.vit import VisionTransformer
 from train.pretrain import TEACHER_WEIGHTS
@@ -32,10 +32,11 @@ def read_teacher_weights(run_dir):
 
 
 def load_towers(run_dir, device="cpu"):
-    """(image tower, text tower, HarmonyConfig) from a run's teacher weights."""
+    """(image tower, text tower, ModelConfig) from a run's teacher weights."""
     weights = read_teacher_weights(run_dir)
-    config = HarmonyConfig(**json.loads(weights["model_config"]))
-    image = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px, config.clip_dim)
+    config = ModelConfig(**json.loads(weights["model_config"]))
+    image = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px, config.clip_dim,
+                              pooling=config.clip_pooling)
     image.load_state_dict(weights["image_tower"])
     text = TextEncoder(config.text_width, config.text_layers, config.text_heads, config.clip_dim)
     text.load_state_dict(weights["text_tower"])
@@ -80,7 +81,7 @@ def image_features(image_tower, images, crop_px, batch_size=64, device="cpu", de
                  for image in images[start:start + batch_size]]
         pixels = torch.stack([preprocess(image.convert("RGB")) for image in chunk]).to(device)
         tokens = image_tower(pixels)  # (b, 1 + N, D)
-        parts["embedding"].append(F.normalize(tokens[:, 0] @ image_tower.contrastive_projection, dim=-1).cpu())
+        parts["embedding"].append(F.normalize(image_tower.embed_tokens(tokens), dim=-1).cpu())  # the run's pooling
         parts["cls"].append(tokens[:, 0].cpu())
         parts["patch_mean"].append(tokens[:, 1:].mean(dim=1).cpu())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
