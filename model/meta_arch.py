@@ -103,6 +103,13 @@ class ModelConfig:
     multimodal_image_weight: float = 1.0
     multimodal_text_weight: float = 0.5
 
+    # DetailCLIP (METHODS.md 2.8): CLIP, iBOT and reconstruction on attention-masked views; its loss weights are
+    # clip_weight, mae_weight, ibot_cls_weight and ibot_patch_weight.
+    detailclip: bool = False
+    detail_mask_ratio: float = 0.5  # removed in 2x2 blocks by the teacher's attention (100 of 196 patches kept)
+    detail_decoder_depth: int = 1
+    detail_decoder_heads: int = 16
+
     ibot_weight: float = 1.0
     clip_weight: float = 1.0
     mlm_weight: float = 1.0
@@ -117,10 +124,16 @@ class ModelConfig:
                              f"patch_size={self.patch_size}")
         if not self.objectives:
             raise ValueError("every objective is switched off: enable at least one of "
-                             "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae")
+                             "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae, detailclip")
         self._check_clip()
-        for name in ("mae_mask_ratio", "masked_distillation_mask_ratio", "multimodal_image_mask_ratio",
-                     "multimodal_text_mask_ratio", "mlm_probability"):
+        if self.detailclip and (self.ibot or self.clip or self.mae):
+            raise ValueError("detailclip holds its own CLIP, iBOT and reconstruction terms: set ibot, clip, soft_clip "
+                             "and mae to false next to it")
+        if self.detailclip and (self.global_crop_px // self.patch_size) % 2:
+            raise ValueError(f"detailclip removes patches in 2x2 blocks: global_crop_px / patch_size = "
+                             f"{self.global_crop_px // self.patch_size} must be even")
+        for name in ("mae_mask_ratio", "detail_mask_ratio", "masked_distillation_mask_ratio",
+                     "multimodal_image_mask_ratio", "multimodal_text_mask_ratio", "mlm_probability"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be between 0 and 1 (a share of tokens masked)")
 
@@ -152,12 +165,13 @@ class ModelConfig:
     def objectives(self):
         """The enabled objectives' names, in the order their backward passes run."""
         enabled = {"ibot": self.ibot, "clip": self.clip, "text": self.mlm or self.text_distillation, "mae": self.mae,
-                   "masked_distillation": self.masked_distillation, "multimodal_mae": self.multimodal_mae}
+                   "masked_distillation": self.masked_distillation, "multimodal_mae": self.multimodal_mae,
+                   "detailclip": self.detailclip}
         return tuple(name for name in PASS_ORDER if enabled[name])
 
     @property
     def uses_text(self):
-        return self.clip or self.mlm or self.text_distillation or self.multimodal_mae
+        return self.clip or self.mlm or self.text_distillation or self.multimodal_mae or self.detailclip
 
     @property
     def vit_embed_dim(self):
@@ -166,7 +180,7 @@ class ModelConfig:
     @property
     def global_views(self):
         """How many global crops the objectives read (the data recipe makes 2 where any reads more than 1)."""
-        return 2 if (self.ibot or self.mae or self.clip_views == 2) else 1
+        return 2 if (self.ibot or self.mae or self.detailclip or self.clip_views == 2) else 1
 
 
 class MetaArch(nn.Module):
@@ -255,10 +269,9 @@ class MetaArch(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self):
-        """What objectives do to their parameters after each optimizer step (the logit scale's clamp)."""
-        for objective in self.objectives.values():
-            if hasattr(objective, "after_optimizer_step"):
-                objective.after_optimizer_step(self)
+        """Clamp the logit scale to [0, log logit_scale_max] (SLIP, A-CLIP, DetailCLIP, clip-rocket); 0 = never."""
+        if self.config.logit_scale_max > 0 and hasattr(self, "logit_scale"):
+            self.logit_scale.clamp_(0.0, math.log(self.config.logit_scale_max))
 
     # Teachers, once per step.
 
@@ -269,16 +282,22 @@ class MetaArch(nn.Module):
         Each teacher runs once, on what its readers need; returns {name: tensor} of what the enabled objectives
         read, each popped by its one reader."""
         views = {"global_crops": global_crops, "tokens": tokens, "ibot_masks": ibot_masks}
-        image_views = max(objective.teacher_image_views for objective in self.objectives.values())
-        image_tokens = text_outputs = None
+        objectives = self.objectives.values()
+        image_views = max(objective.teacher_image_views for objective in objectives)
+        seen = {}
         if image_views:
-            crops = global_crops[:image_views]
-            image_tokens = self.teachers["image_student"](crops.flatten(0, 1)).unflatten(0, crops.shape[:2])
+            crops = global_crops[:image_views].flatten(0, 1)  # (G*B, 3, H, W)
+            if any(objective.teacher_attention for objective in objectives):
+                image_tokens, attention = self.teachers["image_student"].forward_with_attention(crops)
+                seen["image_attention"] = attention.unflatten(0, (image_views, -1))  # (G, B, N)
+            else:
+                image_tokens = self.teachers["image_student"](crops)
+            seen["image_tokens"] = image_tokens.unflatten(0, (image_views, -1))  # (G, B, 1 + N, D)
         if "text_student" in self.teachers:
-            text_outputs = self.teachers["text_student"](tokens)  # (embedding (B, clip_dim), features (B, T, width))
+            seen["text_embedding"], seen["text_features"] = self.teachers["text_student"](tokens)
         outputs = {}
-        for objective in self.objectives.values():
-            outputs.update(objective.teacher_outputs(self, image_tokens, text_outputs, views))
+        for objective in objectives:
+            outputs.update(objective.teacher_outputs(self, seen, views))
         return outputs
 
     def group_passes(self, group, global_crops, local_crops, ibot_masks, tokens, teacher, **values):

@@ -104,12 +104,8 @@ class VisionTransformer(nn.Module):
         patches = table.permute(0, 2, 3, 1).flatten(1, 2)  # (1, rows*cols, D)
         return torch.cat([self.pos_embed[:, :1], patches], dim=1)
 
-    def forward(self, images, patch_mask=None, keep_indices=None):
-        """All tokens after the final norm: (B, 1 + N', D), CLS first.
-
-        images: (B, 3, H, W). patch_mask: (B, H/p, W/p) bool, True = replace by mask_token (iBOT).
-        keep_indices: (B, N') patch indices to keep (MAE); the others are dropped.
-        """
+    def embed(self, images, patch_mask=None, keep_indices=None):
+        """Tokens before the blocks: (B, 1 + N', D), CLS first (see `forward`)."""
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         tokens = self.patch_embed(images)  # (B, N, D)
         if patch_mask is not None:
@@ -119,8 +115,30 @@ class VisionTransformer(nn.Module):
         if keep_indices is not None:
             tokens = torch.gather(tokens, 1, keep_indices[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, N', D)
         cls = (self.cls_token + positions[:, :1]).expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
-        return self.norm(run_blocks(self.blocks, tokens, self.grad_checkpointing))
+        return torch.cat([cls, tokens], dim=1)
+
+    def forward(self, images, patch_mask=None, keep_indices=None):
+        """All tokens after the final norm: (B, 1 + N', D), CLS first.
+
+        images: (B, 3, H, W). patch_mask: (B, H/p, W/p) bool, True = replace by mask_token (iBOT).
+        keep_indices: (B, N') patch indices to keep (MAE); the others are dropped.
+        """
+        return self.norm(run_blocks(self.blocks, self.embed(images, patch_mask, keep_indices), self.grad_checkpointing))
+
+    def forward_with_attention(self, images):
+        """(all tokens after the final norm (B, 1 + N, D), the CLS token's attention to each patch averaged over every
+        layer and head (B, N)): the score A-CLIP and DetailCLIP mask by, `attn.mean(0)[:, :, 0, 1:].mean(1)`."""
+        tokens, maps = self.embed(images), []
+        for block in self.blocks:
+            attention, normed = block.attn, block.norm1(tokens)
+            batch, length, width = normed.shape
+            qkv = attention.qkv(normed).reshape(batch, length, 3, attention.num_heads, attention.head_dim)
+            query = attention.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, heads, 1, head_dim): CLS only
+            keys = attention.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, heads, 1 + N, head_dim)
+            weights = (query * attention.scale @ keys.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, 1 + N)
+            maps.append(weights[:, :, 0, 1:].mean(dim=1))  # (B, N)
+            tokens = block(tokens)
+        return self.norm(tokens), torch.stack(maps).mean(dim=0)
 
     def embed_tokens(self, tokens):
         """CLIP image embedding (not normalized) of the tokens `forward` returned: pooled, projected, (B, clip_dim)."""

@@ -6,6 +6,7 @@ order first). A new objective is one module here, one entry in each, and the con
 """
 
 from model.objectives.clip import CLIP
+from model.objectives.detailclip import DetailCLIP
 from model.objectives.ibot import IBOT
 from model.objectives.mae import MAE
 from model.objectives.masked_distillation import MaskedDistillation
@@ -13,5 +14,5 @@ from model.objectives.multimodal_mae import MultimodalMAE
 from model.objectives.text import MaskedText
 
 OBJECTIVES = {"ibot": IBOT, "clip": CLIP, "mae": MAE, "text": MaskedText, "masked_distillation": MaskedDistillation,
-              "multimodal_mae": MultimodalMAE}
-PASS_ORDER = ("ibot", "clip", "text", "mae", "masked_distillation", "multimodal_mae")
+              "multimodal_mae": MultimodalMAE, "detailclip": DetailCLIP}
+PASS_ORDER = ("ibot", "clip", "detailclip", "text", "mae", "masked_distillation", "multimodal_mae")

@@ -3,7 +3,7 @@ sigmoid loss, on the first `clip_views` global crops (Harmony: 1; DetailCLIP: 2,
 
 Options from METHODS.md: the image pooling (`clip_pooling`, in the image tower so evaluation pools the same way),
 FLIP's random patch removal on the contrastive view (`clip_mask_ratio`, pos-embed added before removal, CLS kept),
-label smoothing of the hard targets, and the logit scale's upper bound (applied by `after_optimizer_step`).
+label smoothing of the hard targets (the logit scale's upper bound is the meta-architecture's `after_optimizer_step`).
 Embeddings are gathered with gradient on every rank (local rows x gathered columns), METHODS.md decision 3.
 """
 
@@ -35,12 +35,13 @@ class CLIP(Objective):
             networks["logit_bias"] = lambda: nn.Parameter(torch.tensor(config.logit_bias_init))
         return networks
 
-    def teacher_outputs(self, model, image_tokens, text_outputs, views):
+    def teacher_outputs(self, model, seen, views):
         """Soft CLIP targets' embeddings: clip_image and clip_text (B, clip_dim), L2-normalized, of crop 1."""
         if not self.config.soft_clip:
             return {}
-        return {"clip_image": F.normalize(model.teachers["image_student"].embed_tokens(image_tokens[0]), dim=-1),
-                "clip_text": F.normalize(text_outputs[0], dim=-1)}
+        return {"clip_image": F.normalize(model.teachers["image_student"].embed_tokens(seen["image_tokens"][0]),
+                                           dim=-1),
+                "clip_text": F.normalize(seen["text_embedding"], dim=-1)}
 
     def embed_view(self, model, crop):
         """(B, 3, H, W) -> (B, clip_dim) L2-normalized, from all patches or FLIP's random share of them."""
@@ -75,9 +76,3 @@ class CLIP(Objective):
         loss = torch.stack(losses).mean()
         stats["clip"] = loss.detach()
         yield config.clip_weight * loss, stats
-
-    @torch.no_grad()
-    def after_optimizer_step(self, model):
-        """Clamp the logit scale to [0, log logit_scale_max] (SLIP, A-CLIP, DetailCLIP, clip-rocket); 0 = never."""
-        if self.config.logit_scale_max > 0:
-            model.logit_scale.clamp_(0.0, float(torch.log(torch.tensor(self.config.logit_scale_max))))

@@ -36,12 +36,12 @@ class IBOT(Objective):
         return {"ibot_cls_center": torch.zeros(1, config.ibot_out_dim),
                 "ibot_patch_center": torch.zeros(1, 1, config.ibot_out_dim)}
 
-    def teacher_outputs(self, model, image_tokens, text_outputs, views):
-        """image_tokens: (G, B, 1 + N, D) -> ibot_cls (G, B, K), ibot_masked_patches (n, K) in masks.nonzero() order,
-        ibot_patch_mean (1, 1, K). The head's last layer is linear without bias, so the patch centre's statistic
-        (the mean logit over every patch) is the last layer of the mean bottleneck."""
+    def teacher_outputs(self, model, seen, views):
+        """The image teacher's tokens (G, B, 1 + N, D) -> ibot_cls (G, B, K), ibot_masked_patches (n, K) in
+        masks.nonzero() order, ibot_patch_mean (1, 1, K). The head's last layer is linear without bias, so the patch
+        centre's statistic (the mean logit over every patch) is the last layer of the mean bottleneck."""
         head = model.teachers["ibot_head"]
-        bottleneck = head.bottleneck(image_tokens[:2])  # (2, B, 1 + N, bottleneck_dim)
+        bottleneck = head.bottleneck(seen["image_tokens"][:2])  # (2, B, 1 + N, bottleneck_dim)
         patches = bottleneck[:, :, 1:]
         outputs = {"ibot_cls": head.last_layer(bottleneck[:, :, 0])}
         if self.patch_term:

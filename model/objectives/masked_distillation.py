@@ -26,9 +26,9 @@ class MaskedDistillation(Objective):
     def buffers(self, config):
         return {"masked_distillation_center": torch.zeros(1, 1, config.vit_embed_dim)}
 
-    def teacher_outputs(self, model, image_tokens, text_outputs, views):
+    def teacher_outputs(self, model, seen, views):
         """masked_distillation_targets (B, N, D): the teacher's patch tokens of the full global crop 1."""
-        return {"masked_distillation_targets": image_tokens[0, :, 1:]}
+        return {"masked_distillation_targets": seen["image_tokens"][0, :, 1:]}
 
     def passes(self, model, views, teacher, values):
         config, crop = self.config, views["global_crops"][0]  # (B, 3, H, W)

@@ -6,9 +6,12 @@ An objective declares
   two objectives naming the same network share it;
 - `buffers(config)`: its state that is not trained (centres), by attribute name;
 - `teachers`: the networks whose EMA copy it reads; the meta-architecture builds a teacher only for those;
-- `teacher_image_views`: how many global crops the image teacher must see for it (0: none);
-- `teacher_outputs(model, image_tokens, text_outputs, views)`: what it reads from the teachers, computed once per
-  step without gradient, each entry popped by this objective's passes;
+- `teacher_image_views`: how many global crops the image teacher must see for it (0: none), and
+  `teacher_attention`: whether it reads the image teacher's CLS attention map;
+- `teacher_outputs(model, seen, views)`: what it reads from the teachers, computed once per step without gradient
+  from what the teachers saw (`seen`: image_tokens (G, B, 1 + N, D), image_attention (G, B, N), text_embedding
+  (B, clip_dim), text_features (B, T, width), those that some objective needs), each entry popped by this
+  objective's passes;
 - `passes(model, views, teacher, values)`: its backward passes, an iterator of (weighted loss, metrics).
 The networks and buffers live on the meta-architecture (so `model.ibot_head` is the one iBOT head, and checkpoints
 name it so); an objective holds only its configuration.
@@ -24,6 +27,7 @@ class Objective:
     students = ()
     teachers = ()
     teacher_image_views = 0
+    teacher_attention = False
 
     def __init__(self, config):
         self.config = config
@@ -34,7 +38,7 @@ class Objective:
     def buffers(self, config):
         return {}
 
-    def teacher_outputs(self, model, image_tokens, text_outputs, views):
+    def teacher_outputs(self, model, seen, views):
         return {}
 
     def passes(self, model, views, teacher, values):

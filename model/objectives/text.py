@@ -35,9 +35,9 @@ class MaskedText(Objective):
     def buffers(self, config):
         return {"text_center": torch.zeros(1, 1, config.text_distillation_out_dim)} if config.text_distillation else {}
 
-    def teacher_outputs(self, model, image_tokens, text_outputs, views):
+    def teacher_outputs(self, model, seen, views):
         """text_features (B, T, width): the teacher's token features of the raw captions."""
-        return {"text_features": text_outputs[1]} if self.config.text_distillation else {}
+        return {"text_features": seen["text_features"]} if self.config.text_distillation else {}
 
     def passes(self, model, views, teacher, values):
         config, tokens = self.config, views["tokens"]

@@ -8,9 +8,11 @@ peak (the most bytes of tensors the step made alive at once: tools/bench/live_by
 torch.cuda.max_memory_allocated on a GPU), with and without activation checkpointing, and before/after
 figures for trimming caption padding. The optimizer step is left out: it is the same AdamW over more
 parameters. On a GPU the groups run under bf16 autocast and model FLOPs utilisation is reported against
-the GPU's bf16 peak. Writes <out>/step.json and .png.
+the GPU's bf16 peak. Then every method's step (its preset's objectives: `<method>_demo` at the demo shape,
+`<method>_cc3m` at ViT-S/16) against CLIP's, time and activation memory (`--methods`). Writes <out>/step.json
+and .png.
 
-    python -m tools.bench.step --out runs/bench
+    python -m tools.bench.step --out runs/bench [--methods clip siglip ...]
 """
 
 import argparse
@@ -35,6 +37,8 @@ import matplotlib.pyplot as plt
 
 CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
 PRECISION = {"cuda": "bf16", "cpu": "fp32"}  # the trainer's autocast: bf16 on a GPU, as the GPU presets
+METHODS = ("clip", "harmony", "clip_gap", "clip_max", "clip_map", "siglip", "flip", "silc", "maskclip", "mae_clip",
+           "m3ae", "detailclip")
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 
@@ -45,6 +49,29 @@ def shapes(vit_s_batch):
         "demo": (demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number),
         "ViT-S/16, 224 + 8 x 96 px": (ModelConfig(vit_size="small"), vit_s_batch, 96, 8),
     }
+
+
+def method_costs(methods, vit_s_batch, repeats, device):
+    """{shape: {method: step time, activation peak and both relative to CLIP's}}, each method's own preset
+    (objectives, crops) at the shape: `<method>_demo` as it is; `<method>_cc3m` with a ViT-S/16."""
+    demo = load_config("demo")
+    scales = {"demo": ("demo", {}, demo.data.batch_size, demo.data.local_crop_px),
+              "ViT-S/16, 224 px (+ 8 x 96 px local crops where a method has them)":
+              ("cc3m", {"vit_size": "small"}, vit_s_batch, 96)}
+    results = {}
+    for shape, (scale, overrides, batch, local_px) in scales.items():
+        runs = {}
+        for method in ("clip", *[name for name in methods if name != "clip"]):
+            preset = load_config(f"{method}_{scale}")
+            runs[method] = measure(dataclasses.replace(preset.model, **overrides), batch, local_px,
+                                   preset.data.local_crops_number, repeats, device)
+        clip = runs["clip"]
+        results[shape] = {method: {"batch": batch, "step_s": run["step_s"],
+                                   "activation_peak_bytes": run["activation_peak_bytes"],
+                                   "time_vs_clip": run["step_s"] / clip["step_s"],
+                                   "memory_vs_clip": run["activation_peak_bytes"] / clip["activation_peak_bytes"]}
+                          for method, run in runs.items()}
+    return results
 
 
 def one_step(model, inputs, device, trim):
@@ -189,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vit-s-batch", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak, for MFU (GPUs are looked up)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                        help="methods whose step to compare with CLIP's (none: skip)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = peak_tflops(device, args.peak_tflops)
@@ -196,8 +225,9 @@ def main(argv=None):
                for name, shape in shapes(args.vit_s_batch).items()]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "step.json").write_text(json.dumps({"device": device, "peak_tflops": peak, "results": results},
-                                                  indent=2))
+    methods = method_costs(args.methods, args.vit_s_batch, args.repeats, device) if args.methods else {}
+    (out_dir / "step.json").write_text(json.dumps({"device": device, "peak_tflops": peak, "results": results,
+                                                   "methods": methods}, indent=2))
     plot(results, device, out_dir / "step.png")
     for result in results:
         shares = ", ".join(f"{part} {100 * share:.0f}%" for part, share in result["share_of_harmony_step"].items())
@@ -211,6 +241,10 @@ def main(argv=None):
             peaks = ", ".join(f"{part} {value / 2**20:.0f}" for part, value in
                               result[run]["live_peak_bytes_per_part"].items())
             print(f"  activation peaks of {run} (MiB): {peaks}")
+    for shape, runs in methods.items():
+        print(f"methods' steps against CLIP's ({device}, {shape}): " + ", ".join(
+            f"{method} {run['time_vs_clip']:.2f}x time, {run['memory_vs_clip']:.2f}x memory"
+            for method, run in runs.items()))
     print(f"written to {out_dir / 'step.json'} and step.png")
 
 
