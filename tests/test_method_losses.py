@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import losses
+from model import losses, masking
 from model.pooling import AttentionPool, pool_tokens
 
 torch.manual_seed(0)
@@ -142,3 +142,13 @@ def test_attention_pooling_is_one_probe_query_then_a_residual_mlp():
     attended = attention.out_proj(torch.cat(heads, dim=-1))  # (2, 4)
     expected = attended + pool.mlp(pool.norm(attended))
     torch.testing.assert_close(pool(tokens), expected)
+
+
+def test_attentive_removal_keeps_the_most_attended_2x2_blocks():
+    """A 4 x 4 grid: block means 1.5 (top left), 9.5 (top right), 5.5 (bottom left), 13.5 (bottom right); at
+    ratio 0.5 int(4 * 0.5) + 1 = 3 blocks stay: all but the top left one."""
+    attention = torch.arange(16.0).reshape(4, 4)
+    attention = attention.reshape(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(1, 16)  # block b holds 4b .. 4b + 3
+    keep, removed = masking.attentive_keep_indices(attention, (4, 4), 0.5)
+    assert keep.tolist() == [[2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    assert removed.nonzero()[:, 1].tolist() == [0, 1, 4, 5]

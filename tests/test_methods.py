@@ -1,10 +1,12 @@
 """Every method's preset builds the networks and teachers it needs, trains, and refuses nonsense."""
 
+import json
 import math
 
 import pytest
 import torch
 from test_harmony import TINY, tiny_batch
+from test_train import TINY_MODEL
 
 from model.meta_arch import MetaArch, ModelConfig
 from train.config import PRESETS, load_config
@@ -115,10 +117,9 @@ def test_logit_scale_is_clamped_after_the_step_when_a_recipe_says_so():
 
 def test_dino_mode_does_not_mask_the_student_views():
     """iBOT without its patch term (SILC's DINO) gives the same loss whatever the iBOT masks are."""
-    model, batch = tiny_preset_model("silc_demo"), tiny_batch()
-    results = []
+    batch, results = tiny_batch(), []
     for masks in (batch["ibot_masks"], torch.zeros_like(batch["ibot_masks"])):
-        inputs = {**batch, "ibot_masks": masks}
+        model, inputs = tiny_preset_model("silc_demo"), {**batch, "ibot_masks": masks}  # fresh centres
         teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"], masks)
         results.append(sum(loss for loss, _ in model.group_passes("ibot", **inputs, teacher=teacher,
                                                                   teacher_cls_temp=0.04, teacher_patch_temp=0.04)))
@@ -141,3 +142,37 @@ def test_dino_mode_does_not_mask_the_student_views():
 def test_nonsensical_combinations_are_refused_with_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{**TINY, **overrides})
+
+
+def test_teacher_attention_is_the_cls_row_averaged_over_layers_and_heads():
+    """forward_with_attention against timm's own unfused attention matrices, caught where they enter attn_drop."""
+    model = tiny_preset_model("detailclip_demo").teachers["image_student"]
+    images = tiny_batch()["global_crops"][0]
+    maps = []
+    hooks = []
+    for block in model.blocks:
+        block.attn.fused_attn = False
+        hooks.append(block.attn.attn_drop.register_forward_hook(lambda _, inputs, __: maps.append(inputs[0])))
+    with torch.no_grad():
+        plain = model(images)
+        tokens, attention = model.forward_with_attention(images)
+    for hook in hooks:
+        hook.remove()
+    expected = torch.stack(maps[:len(model.blocks)]).mean(0)[:, :, 0, 1:].mean(1)  # attn.mean(0)[:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(attention, expected)
+    torch.testing.assert_close(tokens, plain)
+
+
+@pytest.mark.parametrize("method", ["maskclip", "m3ae", "detailclip"])
+def test_the_trainer_runs_methods_with_one_view_and_two_views_on_real_shards(demo_shards, tmp_path, method):
+    """One crop (maskclip, m3ae) and two crops without local crops (detailclip, with the teacher's attention), through
+    the loader, the trainer's step, checkpoint and evaluation towers."""
+    from train.pretrain import TEACHER_WEIGHTS, train
+
+    decoders = [f"model.{name}={value}" for name, value in TINY_DECODERS.items()]
+    run = train(load_config(f"{method}_demo", [*TINY_MODEL, *decoders, "data.local_crops_number=0",
+                                                "run.max_steps=2", f"data.shards={demo_shards['train']}",
+                                                f"run.out_dir={tmp_path}", f"run.name={method}"]))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
+    assert (run / TEACHER_WEIGHTS).is_file()
