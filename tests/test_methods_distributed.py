@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_harmony import run_group, tiny_batch, tiny_model
+from test_harmony_distributed import averaged_gradients, rank_share
 
 from train.distributed import free_loopback_port
 
@@ -19,18 +20,8 @@ VARIANTS = {
 
 def clip_gradients(variant, batch, rank=0, world_size=1):
     model = tiny_model(**VARIANTS[variant])
-    share = batch["tokens"].shape[0] // world_size
-    rows = slice(rank * share, (rank + 1) * share)
-    local = {name: tensor[rows] if name == "tokens" else tensor[:, rows] for name, tensor in batch.items()}
-    loss, _ = run_group(model, "clip", local, hard_weight=1.0, teacher={})
-    gradients = {}
-    for name, param in model.named_parameters():
-        if param.grad is not None:
-            if world_size > 1:
-                dist.all_reduce(param.grad)
-                param.grad /= world_size
-            gradients[name] = param.grad
-    return gradients
+    run_group(model, "clip", rank_share(batch, rank, world_size), hard_weight=1.0, teacher={})
+    return averaged_gradients(model, world_size)
 
 
 def rank_main(rank, port, out_dir):
