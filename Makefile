@@ -128,11 +128,12 @@ eval: setup
 # Methods side by side: each method's preset (train/configs/<method>_$(SCALE).yaml; demo.yaml is harmony) on
 # the same shards, seed and budget, evaluated alike along the way (README: Compare methods). METHODS empty:
 # every method with a preset. BUDGET: epochs:N, flops:X, flops:<method>@<epochs> or time:<seconds>.
+# The demo's default is small enough for every method on 2 CPU cores (README: Compare methods).
 METHODS ?=
-BUDGET ?= epochs:8
+BUDGET ?= $(if $(filter demo,$(DATASET)),epochs:2,epochs:8)
 SCALE ?= $(DATASET)
 COMPARE_NAME ?= $(DATASET)
-EVAL_POINTS ?= 4
+EVAL_POINTS ?= $(if $(filter demo,$(DATASET)),2,4)
 compare: data
 	$(RUN_WITH_ARGS) $(PY) -m tools.compare.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
 		--budget "$$BUDGET" --shards "$$OUT/train" --eval-points "$$EVAL_POINTS" $(EVAL_ARGS) \

@@ -1,7 +1,8 @@
-"""The five Harmony objectives as pure functions: tensors in, (loss, statistics) out.
+"""Every objective's loss as a pure function: tensors in, (loss, statistics) out.
 
-Formulas follow ../shared/HARMONY.md section 2 (the official code), with our decision #2:
-the text-distillation centre statistics are teacher logits over real tokens only.
+Harmony's five follow ../shared/HARMONY.md section 2 (the official code), with our decision #2:
+the text-distillation centre statistics are teacher logits over real tokens only. SigLIP, label smoothing,
+masked self-distillation (MaskCLIP) and raw-pixel reconstruction (M3AE) follow ../shared/METHODS.md.
 Distributed gathers and all-reduces are the caller's job: functions take the gathered
 tensors and return the local statistics the caller reduces.
 """
@@ -16,7 +17,7 @@ def soft_cross_entropy(logits, target_probs):
 
 
 def clip_loss(image_local, text_local, image_all, text_all, logit_scale, rank=0,
-              hard_weight=1.0, teacher=None, soft_temperature=0.1):
+              hard_weight=1.0, teacher=None, soft_temperature=0.1, label_smoothing=0.0):
     """CLIP InfoNCE over local rows x gathered columns, mixed with soft targets.
 
     image_local, text_local: (B, D) L2-normalized student embeddings of this rank.
@@ -24,12 +25,14 @@ def clip_loss(image_local, text_local, image_all, text_all, logit_scale, rank=0,
     logit_scale: the learnable log-scale; logits use exp(logit_scale), unclamped.
     teacher: None, or (image_local, text_local, image_all, text_all) of the EMA teachers,
         L2-normalized; then loss = hard_weight * hard + (1 - hard_weight) * soft.
+    label_smoothing: the hard targets are (1 - e) * one-hot + e / (W*B) over the gathered columns (torch's).
     """
     scale = logit_scale.exp()
     logits_image = scale * image_local @ text_all.T  # (B, W*B)
     logits_text = scale * text_local @ image_all.T  # (B, W*B)
     labels = rank * image_local.shape[0] + torch.arange(image_local.shape[0], device=image_local.device)
-    hard = (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
+    hard = (F.cross_entropy(logits_image, labels, label_smoothing=label_smoothing) +
+            F.cross_entropy(logits_text, labels, label_smoothing=label_smoothing)) / 2
     stats = {"clip_hard": hard.detach(), "logit_scale": scale.detach()}
     if teacher is None or hard_weight == 1.0:
         return hard, stats
@@ -40,6 +43,24 @@ def clip_loss(image_local, text_local, image_all, text_all, logit_scale, rank=0,
     soft = (soft_cross_entropy(logits_image, targets_image) + soft_cross_entropy(logits_text, targets_text)) / 2
     stats["clip_soft"] = soft.detach()
     return hard_weight * hard + (1 - hard_weight) * soft, stats
+
+
+def siglip_loss(image_local, text_all, logit_scale, logit_bias, rank=0):
+    """SigLIP: -sum over pairs of log sigmoid(z_ij * (t * x_i . y_j + b)), z = +1 on the diagonal, -1 elsewhere,
+    divided by the local batch: this rank's rows against every rank's captions, so the mean over ranks (the
+    gradient average) is big_vision's sum over the N x N pairs divided by N.
+
+    image_local: (B, D) L2-normalized; text_all: (W*B, D) L2-normalized, gathered with gradient;
+    logit_scale: log t (unclamped); logit_bias: b.
+    """
+    scale = logit_scale.exp()
+    logits = scale * image_local @ text_all.T + logit_bias  # (B, W*B)
+    batch = image_local.shape[0]
+    rows = torch.arange(batch, device=logits.device)
+    signs = -torch.ones_like(logits)
+    signs[rows, rank * batch + rows] = 1.0
+    loss = -F.logsigmoid(signs * logits).sum() / batch
+    return loss, {"siglip": loss.detach(), "logit_scale": scale.detach(), "logit_bias": logit_bias.detach()}
 
 
 def teacher_probs(teacher_logits, center, temperature):
@@ -90,16 +111,18 @@ def patchify(images, patch_size):
     return patches.reshape(batch, rows * cols, patch_size * patch_size * channels)
 
 
-def mae_loss(predictions, images, removed, patch_size):
+def mae_loss(predictions, images, removed, patch_size, norm_pix=True):
     """MAE on one crop: per-patch normalized pixels, squared error, mean over removed patches only.
 
     predictions: (B, N, p*p*3); images: (B, 3, H, W), the same augmented crop the encoder saw;
-    removed: (B, N) bool, True where the encoder did not see the patch.
+    removed: (B, N) bool, True where the encoder did not see the patch. norm_pix=False: the target is the
+    crop's pixels as they are (already normalized with the dataset's mean and std), as M3AE.
     """
     target = patchify(images, patch_size)
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
-    target = (target - mean) / (var + 1e-6).sqrt()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
+        target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = ((predictions - target) ** 2).mean(dim=-1)  # (B, N)
     removed = removed.float()
     loss = (per_patch * removed).sum() / removed.sum()
@@ -179,3 +202,18 @@ def text_distillation_loss(student_tokens, teacher_tokens, masked, real_tokens, 
         "teacher_token_count": real.sum(),
     }
     return loss, stats
+
+
+def masked_distillation_loss(student_tokens, teacher_tokens, removed, center, teacher_temp, student_temp=0.1):
+    """MaskCLIP's masked self-distillation (Harmony's re-implementation, METHODS.md 2.5).
+
+    student_tokens: (B, N, K) decoder outputs from the masked image; teacher_tokens: (B, N, K) the EMA teacher's
+    patch tokens of the full image; removed: (B, N) bool, the patches the student did not see; center: (1, 1, K).
+    Per patch CE(softmax((t - c) / teacher_temp), log_softmax(s / student_temp)), each image's mean over its removed
+    patches, then the mean over images. Statistics: the local mean teacher patch token (1, 1, K) for the centre.
+    """
+    targets = teacher_probs(teacher_tokens, center, teacher_temp)
+    per_patch = -(targets * F.log_softmax(student_tokens / student_temp, dim=-1)).sum(-1)  # (B, N)
+    removed = removed.float()
+    loss = ((per_patch * removed).sum(-1) / removed.sum(-1).clamp(min=1.0)).mean()
+    return loss, {"masked_distillation": loss.detach(), "teacher_patch_mean": teacher_tokens.detach().mean((0, 1))}

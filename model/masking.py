@@ -1,6 +1,7 @@
-"""Masks made on the training device: MLM caption masking and MAE patch removal."""
+"""Masks made on the training device: MLM caption masking, MAE patch removal, attention-guided patch removal."""
 
 import torch
+import torch.nn.functional as F
 
 MASK_ID = 49408  # one past the CLIP BPE vocabulary (datapipe.text.MASK_ID; model/ does not import datapipe)
 
@@ -40,5 +41,24 @@ def random_keep_indices(batch, num_patches, mask_ratio, device=None, generator=N
     noise = torch.rand(batch, num_patches, device=device, generator=generator)
     keep = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values
     removed = torch.ones(batch, num_patches, dtype=torch.bool, device=device)
+    removed.scatter_(1, keep, False)
+    return keep, removed
+
+
+def attentive_keep_indices(attention, grid, mask_ratio=0.5):
+    """A-CLIP's and DetailCLIP's attention-guided removal in 2x2 blocks of patches (METHODS.md 2.7, 2.8).
+
+    attention: (B, rows*cols) an EMA teacher's CLS attention to each patch. It is averaged over 2x2 blocks (what
+    their bilinear resize to half the grid computes), the int(blocks * (1 - mask_ratio)) + 1 highest blocks are kept
+    (25 of 49 at 0.5: 100 of 196 patches) with their 4 patches each. Returns (keep (B, n_keep) sorted patch indices,
+    removed (B, N) bool), as random_keep_indices."""
+    rows, cols = grid
+    batch = attention.shape[0]
+    blocks = F.avg_pool2d(attention.reshape(batch, 1, rows, cols).float(), 2).flatten(1)  # (B, rows/2 * cols/2)
+    kept_blocks = blocks.topk(min(int(blocks.shape[1] * (1 - mask_ratio)) + 1, blocks.shape[1]), dim=1).indices
+    block_row, block_col = kept_blocks // (cols // 2), kept_blocks % (cols // 2)  # (B, kept blocks)
+    offsets = torch.tensor([0, 1, cols, cols + 1], device=attention.device)  # the 4 patches of a block
+    keep = ((2 * block_row * cols + 2 * block_col)[..., None] + offsets).flatten(1).sort(dim=1).values
+    removed = torch.ones(batch, rows * cols, dtype=torch.bool, device=attention.device)
     removed.scatter_(1, keep, False)
     return keep, removed

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from datapipe import shard_io
-from model.harmony import Harmony, HarmonyConfig
+from model.meta_arch import MetaArch, ModelConfig
 from tools import demo_set
 from train.pretrain import TEACHER_WEIGHTS, save_teacher_weights
 
@@ -97,7 +97,7 @@ SMALL_TEXT = dict(text_width=64, text_layers=2, text_heads=4, clip_dim=32, ibot_
 def fake_run(tmp_path, **config):
     """A run folder as train.pretrain leaves it, with teachers that differ from a fresh model."""
     torch.manual_seed(0)
-    model = Harmony(HarmonyConfig(**{**SMALL_TEXT, **config}))
+    model = MetaArch(ModelConfig(**{**SMALL_TEXT, **config}))
     with torch.no_grad():
         for param in model.teachers.parameters():
             param.add_(0.01 * torch.randn_like(param))

@@ -5,11 +5,11 @@ import json
 
 import torch
 
-from model.harmony import HarmonyConfig
+from model.meta_arch import ModelConfig
 from tools.bench import communication, report, step
 from tools.bench.live_bytes import LiveTensorBytes
 
-TINY = HarmonyConfig(vit_size="micro", patch_size=8, global_crop_px=32, clip_dim=32, text_width=64, text_layers=2,
+TINY = ModelConfig(vit_size="micro", patch_size=8, global_crop_px=32, clip_dim=32, text_width=64, text_layers=2,
                      text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,
                      mae_decoder_depth=1, mae_decoder_heads=4, mlm_decoder_depth=1, mlm_decoder_heads=4)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import fake_run
 from PIL import Image
 
+from tools import export
 from tools.eval.datasets import TEMPLATE_SETS, open_eval_set
 from tools.eval.towers import RunTowers
 from tools.eval.zeroshot import zero_shot
@@ -86,3 +87,10 @@ def test_open_clip_zero_shot_equals_ours_on_the_demo_model(tmp_path, demo_shards
                  enumerate(names)}
     assert per_class == pytest.approx(ours["per_class_top1"], abs=1e-4)
 
+
+
+@pytest.mark.parametrize("target", ["timm", "open_clip"])
+def test_a_run_pooled_otherwise_than_cls_is_refused_with_the_reason(tmp_path, target):
+    run = fake_run(tmp_path, vit_size="micro", patch_size=16, global_crop_px=32, clip_pooling="gap")
+    with pytest.raises(SystemExit, match="pools its tokens by 'gap'"):
+        export.main([target, "--run", str(run), "--out", str(tmp_path / "out")])

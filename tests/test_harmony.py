@@ -1,12 +1,12 @@
-"""Harmony meta-architecture: which parameters each backward group trains, teachers, centres, EMA pairing."""
+"""Harmony on the meta-architecture: which parameters each backward group trains, teachers, centres, EMA pairing."""
 
 import pytest
 import torch
 
-import model.harmony as harmony
+import model.objectives.text as text_objective
 from model import losses
-from model.harmony import Harmony, HarmonyConfig
 from model.masking import mask_captions, random_keep_indices
+from model.meta_arch import MetaArch, ModelConfig
 from model.text import trim_padding
 
 TINY = dict(vit_size="micro", patch_size=8, global_crop_px=32, drop_path_rate=0.1, clip_dim=32, text_width=64,
@@ -18,7 +18,7 @@ TEMPS = dict(teacher_cls_temp=0.04, teacher_patch_temp=0.07)
 
 def tiny_model(**overrides):
     torch.manual_seed(0)
-    return Harmony(HarmonyConfig(**{**TINY, **overrides}))
+    return MetaArch(ModelConfig(**{**TINY, **overrides}))
 
 
 def tiny_batch(batch=4, seed=1):
@@ -183,7 +183,7 @@ def test_enabled_groups_follow_the_config_in_official_order():
 ])
 def test_config_errors_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):
-        HarmonyConfig(**{**TINY, **overrides})
+        ModelConfig(**{**TINY, **overrides})
 
 
 def test_all_groups_under_bf16_autocast():
@@ -216,7 +216,7 @@ def test_trimmed_captions_give_the_same_text_and_clip_losses_and_gradients(monke
         length = tokens.shape[1]
         return masked_tokens[:, :length], labels[:, :length], masked[:, :length]
 
-    monkeypatch.setattr(harmony, "mask_captions", masking_on_77_columns)
+    monkeypatch.setattr(text_objective, "mask_captions", masking_on_77_columns)
     batch = tiny_batch()
     trimmed = {**batch, "tokens": trim_padding(batch["tokens"])}
     assert trimmed["tokens"].shape == (4, 16)  # longest caption: SOT + 8 words + EOT = 10 ids

@@ -10,22 +10,33 @@ from test_harmony import run_group, tiny_batch, tiny_model
 from train.distributed import free_loopback_port
 
 
-def ibot_and_clip_gradients(batch, rank=0, world_size=1):
-    """Averaged gradients and centres after the iBOT and CLIP groups on this rank's share of the batch."""
-    model = tiny_model(drop_path_rate=0.0)  # same initial weights on every rank
+def rank_share(batch, rank, world_size):
+    """This rank's rows of a batch (views are (V, B, ...), tokens (B, T))."""
     share = batch["tokens"].shape[0] // world_size
     rows = slice(rank * share, (rank + 1) * share)
-    local = {name: tensor[rows] if name == "tokens" else tensor[:, rows] for name, tensor in batch.items()}
-    teacher = model.forward_teachers(local["global_crops"], local["tokens"], local["ibot_masks"])
-    for group in ("ibot", "clip"):
-        run_group(model, group, local, hard_weight=0.5, teacher=teacher)
-    result = {}
+    return {name: tensor[rows] if name == "tokens" else tensor[:, rows] for name, tensor in batch.items()}
+
+
+def averaged_gradients(model, world_size):
+    """{name: gradient} averaged over the ranks, as the trainer's one all-reduce."""
+    gradients = {}
     for name, param in model.named_parameters():
         if param.grad is not None:
             if world_size > 1:
                 dist.all_reduce(param.grad)
                 param.grad /= world_size
-            result[name] = param.grad
+            gradients[name] = param.grad
+    return gradients
+
+
+def ibot_and_clip_gradients(batch, rank=0, world_size=1):
+    """Averaged gradients and centres after the iBOT and CLIP groups on this rank's share of the batch."""
+    model = tiny_model(drop_path_rate=0.0)  # same initial weights on every rank
+    local = rank_share(batch, rank, world_size)
+    teacher = model.forward_teachers(local["global_crops"], local["tokens"], local["ibot_masks"])
+    for group in ("ibot", "clip"):
+        run_group(model, group, local, hard_weight=0.5, teacher=teacher)
+    result = averaged_gradients(model, world_size)
     result.update(ibot_cls_center=model.ibot_cls_center, ibot_patch_center=model.ibot_patch_center)
     return result
 

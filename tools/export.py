@@ -44,6 +44,14 @@ def evaluation_preprocessing(config):
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 1.0, "crop_mode": "center"}
 
 
+def require_cls_pooling(config, target):
+    """Both exports pool the CLS token; a run trained with another pooling would embed images wrongly there."""
+    if config.clip_pooling != "cls":
+        raise ValueError(f"this run's image embedding pools its tokens by {config.clip_pooling!r}; the {target} export "
+                         f"carries CLS pooling only, so its image embeddings would be wrong. Evaluate the run with "
+                         f"make eval instead (it pools as the run was trained)")
+
+
 def timm_architecture(config):
     """(registered timm name, keyword arguments that size it as this config's image tower, head = projection)."""
     base_size = config.vit_size if config.vit_size != "micro" else "tiny"
@@ -56,6 +64,7 @@ def timm_architecture(config):
 def export_timm(run_dir, out_dir):
     """A timm folder (config.json with the preprocessing, model.safetensors); returns it."""
     image, _, config = load_towers(run_dir)
+    require_cls_pooling(config, "timm")
     name, kwargs = timm_architecture(config)
     model = timm.create_model(name, pretrained=False, **kwargs)
     state = export_timm_state_dict(image)
@@ -114,6 +123,7 @@ def open_clip_visual_state(image):
 
 def export_open_clip(run_dir, out_dir):
     image, text, config = load_towers(run_dir)
+    require_cls_pooling(config, "open_clip")
     state = open_clip_visual_state(image)
     state.update({name.removeprefix("transformer."): tensor for name, tensor in text.state_dict().items()})
     state["logit_scale"] = read_teacher_weights(run_dir)["logit_scale"]

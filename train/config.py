@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from datapipe.samples import ShardSet
-from model.harmony import HarmonyConfig
+from model.meta_arch import ModelConfig
 
 PRESETS = Path(__file__).parent / "configs"
 
@@ -102,7 +102,7 @@ RESUME_MAY_CHANGE = {"run.name", "run.out_dir", "run.log_every", "run.checkpoint
 
 @dataclass
 class TrainConfig:
-    model: HarmonyConfig = field(default_factory=HarmonyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)

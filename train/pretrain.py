@@ -1,7 +1,8 @@
-"""Harmony pretraining: `python -m train.pretrain --config demo [key=value ...]`, under torchrun for N processes.
+"""Pretraining of any method: `python -m train.pretrain --config demo [key=value ...]`, under torchrun for N processes.
 
-One step (HARMONY.md 4.1): the teachers run once; then iBOT, CLIP, text (MLM + text distillation)
-and MAE each run forward and backward in turn, so only one group's activations are alive at a time;
+One step (HARMONY.md 4.1): the teachers run once; then each objective the config names (Harmony: iBOT, CLIP,
+text (MLM + text distillation) and MAE) runs its passes forward and backward in turn, so only one pass's
+activations are alive at a time;
 gradients are averaged across ranks once; per-parameter clipping on the image student and iBOT
 head; the iBOT output layer stays frozen during the first epoch; AdamW; then the EMA teachers.
 """
@@ -22,7 +23,7 @@ from datapipe import MultiCrop, SingleCrop, make_loader
 from datapipe.folder_lock import FolderBusy
 from datapipe.loader import CacheOptions
 from datapipe.object_store import StorageError
-from model.harmony import Harmony
+from model.meta_arch import MetaArch
 from model.text import trim_padding
 from train import checkpoint
 from train.checkpoint import CheckpointError, UnverifiedCheckpoint
@@ -40,7 +41,7 @@ TEACHER_WEIGHTS = "teacher_weights.pt"
 def view_recipe(config):
     """The recipe's crops at the configured sizes and colour changes; other numbers are MultiCrop's defaults."""
     data = config.data
-    if data.local_crops_number == 0 and not (config.model.ibot or config.model.mae):
+    if data.local_crops_number == 0 and config.model.global_views == 1:
         return SingleCrop(size_px=data.global_crop_px, scale=data.global_crop_scale, flip_prob=0.5)
     defaults = MultiCrop()
     colour = dict(hue=data.hue, grayscale_prob=data.grayscale_prob)
@@ -131,7 +132,7 @@ class Trainer:
     def __init__(self, config, world):
         self.config, self.world = config, world
         torch.manual_seed(config.run.seed)  # the same on every rank, as the official code
-        self.model = Harmony(config.model).to(world.device)
+        self.model = MetaArch(config.model).to(world.device)
         self.trainable = [param for param in self.model.parameters() if param.requires_grad]
         self.clipped = self.model.clipped_parameters()
         self.last_layer = self.model.last_layer_parameters()
@@ -163,10 +164,8 @@ class Trainer:
             teacher = model.forward_teachers(batch.global_crops, tokens, batch.ibot_masks)
         losses, metrics = [], {}
         for group in model.backward_groups:
-            passes = model.group_passes(
-                group, batch.global_crops, batch.local_crops, batch.ibot_masks, tokens, teacher,
-                teacher_cls_temp=values["teacher_cls_temp"], teacher_patch_temp=values["teacher_patch_temp"],
-                clip_hard_weight=values["clip_hard_weight"])
+            passes = model.group_passes(group, batch.global_crops, batch.local_crops, batch.ibot_masks, tokens,
+                                        teacher, **values)
             for loss, stats in forwards_under_autocast(passes, self.world.device, config.run.precision):
                 (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this pass's graph
                 losses.append(loss.detach())
@@ -192,6 +191,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        model.after_optimizer_step()
         update_teachers(self.teacher_params, self.student_params, values["teacher_momentum"])
         return metrics, True, stopping
 

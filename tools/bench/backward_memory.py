@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from model.harmony import Harmony, HarmonyConfig
+from model.meta_arch import MetaArch, ModelConfig
 from model.text import trim_padding
 from train.config import load_config
 
@@ -73,7 +73,7 @@ def backward_each_group(model, inputs, trim=True):
 
 def measure(name, config, batch, local_px, locals_number, device):
     torch.manual_seed(0)
-    model = Harmony(config).to(device)
+    model = MetaArch(config).to(device)
     inputs = synthetic_batch(config, batch, local_px, locals_number, device)
     per_pass = {group: saved for group, saved in backward_each_group(model, inputs) if group != "teachers"}
     per_group = {group: max(saved) for group, saved in per_pass.items()}
@@ -95,7 +95,7 @@ def main(argv=None):
     results = [
         measure("demo", demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number,
                 device),
-        measure("ViT-S/16, 224 + 8 x 96 px", HarmonyConfig(vit_size="small"), args.vit_s_batch, 96, 8, device),
+        measure("ViT-S/16, 224 + 8 x 96 px", ModelConfig(vit_size="small"), args.vit_s_batch, 96, 8, device),
     ]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.harmony import Harmony
+from model.meta_arch import MetaArch
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from train.config import load_config
 from train.distributed import average_gradients, free_loopback_port
@@ -80,7 +80,7 @@ def rank_main(rank, port, steps, result_path):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     config = load_config("demo")
     torch.manual_seed(0)
-    model = Harmony(config.model)
+    model = MetaArch(config.model)
     trainable = [param for param in model.parameters() if param.requires_grad]
     inputs = synthetic_batch(config.model, config.data.batch_size // WORLD_SIZE, config.data.local_crop_px,
                              config.data.local_crops_number, "cpu")

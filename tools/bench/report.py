@@ -157,7 +157,23 @@ def section_step(result):
                   f"({verdict(row['memory_checkpointed_vs_clip'], GOALS['memory_checkpointed'])}) at "
                   f"**{row['time_checkpointed_vs_harmony']:.2f}x** the time of the step without it "
                   f"({verdict(row['time_checkpointed_vs_harmony'], GOALS['time_checkpointed'])}).", ""]
-    return lines + ["![step](docs/benchmarks/step.png)", ""]
+    return lines + ["![step](docs/benchmarks/step.png)", ""] + section_methods(result.get("methods", {}))
+
+
+def section_methods(methods):
+    """Each method's step (its preset's objectives and crops) against CLIP's at the same shape."""
+    if not methods:
+        return []
+    shapes = list(methods)
+    lines = ["## Each method's step against CLIP's (forward + backward of every objective, teachers included)", "",
+             "| method | " + " | ".join(f"{shape}: time, activation memory" for shape in shapes) + " |",
+             "|---|" + "---:|" * len(shapes)]
+    for method in methods[shapes[0]]:
+        cells = [f"{methods[shape][method]['time_vs_clip']:.2f}x, {methods[shape][method]['memory_vs_clip']:.2f}x"
+                 if method in methods[shape] else "-" for shape in shapes]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    batches = ", ".join(f"{shape}: batch {next(iter(runs.values()))['batch']}" for shape, runs in methods.items())
+    return lines + ["", f"Presets `<method>_demo` at the demo shape, `<method>_cc3m` with a ViT-S/16 ({batches}).", ""]
 
 
 def section_communication(result):

@@ -9,10 +9,12 @@ peak (the most bytes of tensors the step made alive at once: tools/bench/live_by
 torch.cuda.max_memory_allocated on a GPU), with and without activation checkpointing, and before/after
 figures for trimming caption padding. The optimizer step is left out: it is the same AdamW over more
 parameters. On a GPU the groups run under bf16 autocast and model FLOPs utilisation is reported against
-the GPU's bf16 peak. Writes <out>/step.json and .png. With --compile, every transformer block is compiled with
-torch.compile and Harmony and CLIP-only are timed again (step_compiled.json and .png).
+the GPU's bf16 peak. Then every method's step (its preset's objectives: `<method>_demo` at the demo shape,
+`<method>_cc3m` at ViT-S/16) against CLIP's, time and activation memory (`--methods`). Writes <out>/step.json
+and .png. With --compile, every transformer block is compiled with torch.compile and Harmony and CLIP-only are
+timed again (step_compiled.json and .png).
 
-    python -m tools.bench.step --out runs/bench
+    python -m tools.bench.step --out runs/bench [--methods clip siglip ...]
     python -m tools.bench.step --shapes vit_b --vit-b-batch 96 --compile     # on a GPU
 """
 
@@ -27,7 +29,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.harmony import Harmony, HarmonyConfig
+from model.meta_arch import MetaArch, ModelConfig
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from tools.bench.live_bytes import LiveTensorBytes
 from train.config import load_config
@@ -38,6 +40,8 @@ import matplotlib.pyplot as plt
 
 CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
 PRECISION = {"cuda": "bf16", "cpu": "fp32"}  # the trainer's autocast: bf16 on a GPU, as the GPU presets
+METHODS = ("clip", "harmony", "clip_gap", "clip_max", "clip_map", "siglip", "flip", "silc", "maskclip", "mae_clip",
+           "m3ae", "detailclip")
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 
@@ -46,10 +50,10 @@ def shapes(vit_s_batch, vit_b_batch):
     demo = load_config("demo")
     return {
         "demo": ("demo", demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number),
-        "vit_s": ("ViT-S/16, 224 + 8 x 96 px", HarmonyConfig(vit_size="small"), vit_s_batch, 96, 8),
-        "vit_b": ("ViT-B/16, 224 + 8 x 96 px", HarmonyConfig(vit_size="base"), vit_b_batch, 96, 8),
+        "vit_s": ("ViT-S/16, 224 + 8 x 96 px", ModelConfig(vit_size="small"), vit_s_batch, 96, 8),
+        "vit_b": ("ViT-B/16, 224 + 8 x 96 px", ModelConfig(vit_size="base"), vit_b_batch, 96, 8),
         # The smallest model of every group, for a dry run of this benchmark (the tests' GPU-check stages).
-        "tiny": ("tiny (tests)", HarmonyConfig(
+        "tiny": ("tiny (tests)", ModelConfig(
             vit_size="micro", global_crop_px=32, clip_dim=32, text_width=64, text_layers=2, text_heads=4,
             ibot_out_dim=64, ibot_head_hidden_dim=64, text_distillation_out_dim=32,
             text_distillation_head_hidden_dim=32, head_bottleneck_dim=16, mae_decoder_width=32, mae_decoder_depth=1,
@@ -64,6 +68,29 @@ def compile_blocks(model, backend):
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
+
+
+def method_costs(methods, vit_s_batch, repeats, device):
+    """{shape: {method: step time, activation peak and both relative to CLIP's}}, each method's own preset
+    (objectives, crops) at the shape: `<method>_demo` as it is; `<method>_cc3m` with a ViT-S/16."""
+    demo = load_config("demo")
+    scales = {"demo": ("demo", {}, demo.data.batch_size, demo.data.local_crop_px),
+              "ViT-S/16, 224 px (+ 8 x 96 px local crops where a method has them)":
+              ("cc3m", {"vit_size": "small"}, vit_s_batch, 96)}
+    results = {}
+    for shape, (scale, overrides, batch, local_px) in scales.items():
+        runs = {}
+        for method in ("clip", *[name for name in methods if name != "clip"]):
+            preset = load_config(f"{method}_{scale}")
+            runs[method] = measure(dataclasses.replace(preset.model, **overrides), batch, local_px,
+                                   preset.data.local_crops_number, repeats, device)
+        clip = runs["clip"]
+        results[shape] = {method: {"batch": batch, "step_s": run["step_s"],
+                                   "activation_peak_bytes": run["activation_peak_bytes"],
+                                   "time_vs_clip": run["step_s"] / clip["step_s"],
+                                   "memory_vs_clip": run["activation_peak_bytes"] / clip["activation_peak_bytes"]}
+                          for method, run in runs.items()}
+    return results
 
 
 def one_step(model, inputs, device, trim):
@@ -105,7 +132,7 @@ def measure(config, batch, local_px, locals_number, repeats, device, trim=True, 
     """With compile_backend, FLOPs and activation peaks are counted on the eager model (counting modes do not see
     inside compiled code), then the blocks are compiled for the warm-up (which compiles) and the timed steps."""
     torch.manual_seed(0)
-    model = Harmony(config).to(device)
+    model = MetaArch(config).to(device)
     inputs = synthetic_batch(config, batch, local_px, locals_number if config.ibot else 0, device)
     flops = flops_per_part(model, inputs, device, trim)
     one_step(model, inputs, device, trim)  # warm-up: gradients exist from here on
@@ -244,6 +271,8 @@ def main(argv=None):
                         help="torch.compile every transformer block; writes step_compiled.json and .png")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (eager: tracing only)")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak, for MFU (GPUs are looked up)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                        help="methods whose step to compare with CLIP's (none: skip)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = peak_tflops(device, args.peak_tflops)
@@ -253,8 +282,10 @@ def main(argv=None):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "step_compiled" if args.compile else "step"
+    methods = method_costs(args.methods, args.vit_s_batch, args.repeats, device) if args.methods else {}
     (out_dir / f"{name}.json").write_text(json.dumps({"device": device, "peak_tflops": peak,
-                                                      "compile": compile_backend, "results": results}, indent=2))
+                                                      "compile": compile_backend, "results": results,
+                                                      "methods": methods}, indent=2))
     plot(results, device, out_dir / f"{name}.png")
     for result in results:
         print(summary_line(result, device))
@@ -263,6 +294,10 @@ def main(argv=None):
                 peaks = ", ".join(f"{part} {value / 2**20:.0f}" for part, value in
                                   result[run]["live_peak_bytes_per_part"].items())
                 print(f"  activation peaks of {run} (MiB): {peaks}")
+    for shape, runs in methods.items():
+        print(f"methods' steps against CLIP's ({device}, {shape}): " + ", ".join(
+            f"{method} {run['time_vs_clip']:.2f}x time, {run['memory_vs_clip']:.2f}x memory"
+            for method, run in runs.items()))
     print(f"written to {out_dir / name}.json and {name}.png")
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from datapipe import shard_io
 from datapipe.views import IMAGENET_MEAN, IMAGENET_STD
-from model.harmony import HarmonyConfig
+from model.meta_arch import ModelConfig
 from model.text import TextEncoder
 from model.vit import VisionTransformer
 from tools.eval import feature_cache
@@ -39,10 +39,11 @@ def read_teacher_weights(run_dir):
 
 
 def load_towers(run_dir, device="cpu"):
-    """(image tower, text tower, HarmonyConfig) from a run's teacher weights."""
+    """(image tower, text tower, ModelConfig) from a run's teacher weights."""
     weights = read_teacher_weights(run_dir)
-    config = HarmonyConfig(**json.loads(weights["model_config"]))
-    image = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px, config.clip_dim)
+    config = ModelConfig(**json.loads(weights["model_config"]))
+    image = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px, config.clip_dim,
+                              pooling=config.clip_pooling)
     image.load_state_dict(weights["image_tower"])
     text = TextEncoder(config.text_width, config.text_layers, config.text_heads, config.clip_dim)
     text.load_state_dict(weights["text_tower"])
@@ -81,7 +82,7 @@ def iter_image_features(image_tower, images, crop_px, batch_size=64, device="cpu
             pixels = torch.stack([future.result() for future in batch]).to(device)  # (b, 3, crop, crop)
             tokens = image_tower(pixels)  # (b, 1 + N, D)
             bar.update(len(batch))
-            yield {"embedding": F.normalize(tokens[:, 0] @ image_tower.contrastive_projection, dim=-1).cpu(),
+            yield {"embedding": F.normalize(image_tower.embed_tokens(tokens), dim=-1).cpu(),  # the run's pooling
                    "cls": tokens[:, 0].cpu(), "patch_mean": tokens[:, 1:].mean(dim=1).cpu()}
 
 

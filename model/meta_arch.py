@@ -1,0 +1,310 @@
+"""The meta-architecture: the students, their EMA teachers, and the objectives a config names (DINOv2's
+SSLMetaArch is the model). Each objective (model/objectives/) declares the networks it trains and the teachers it
+reads; this class builds each network once, an EMA teacher only where an objective reads one, and runs the
+objectives' backward passes in `PASS_ORDER`.
+
+The trainer calls, per step: `forward_teachers` once (no grad), then each enabled objective's passes
+(`group_passes`), each pass followed by its own backward, so only one pass's activations are alive at a time
+(HARMONY.md 4.1). Each pass yields (weighted loss, metrics); an objective's metrics are the sum of its passes';
+they are detached tensors, read by the caller at log intervals (no host sync here).
+
+The teachers' outputs are a dict from which each objective pops what it reads (every output has one reader), so
+nothing a teacher computed outlives its reader.
+
+Ownership (HARMONY.md 3.8): one image student shared by every image objective; one text student shared by every
+text objective. `teachers[name]` is the EMA copy of the student module `self.<name>`: the image teacher (ViT with
+its contrastive projection, plus the iBOT head) serves iBOT and the soft CLIP targets; one text teacher serves soft
+CLIP and text distillation. Decoders and the logit scale have no teacher.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.objectives import OBJECTIVES, PASS_ORDER
+from model.pooling import POOLINGS
+from model.text import TextEncoder
+from model.vit import VIT_SIZES, VisionTransformer
+
+NOT_IN_EMA = ("mask_token",)  # the image teacher never masks; its copy of the token is never used
+CLIP_LOSSES = ("softmax", "sigmoid")
+
+
+@dataclass
+class ModelConfig:
+    """Defaults are Harmony's ViT-B/16 run (HARMONY.md section 0); a method's preset switches objectives on and off."""
+
+    ibot: bool = True
+    clip: bool = True
+    soft_clip: bool = True  # soft CLIP targets from the EMA teachers
+    mae: bool = True
+    mlm: bool = True
+    text_distillation: bool = True
+
+    vit_size: str = "base"
+    patch_size: int = 16
+    global_crop_px: int = 224
+    drop_path_rate: float = 0.1  # student only; teachers have none
+    clip_dim: int = 512
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+
+    ibot_out_dim: int = 8192
+    ibot_head_hidden_dim: int = 2048
+    text_distillation_out_dim: int = 2048
+    text_distillation_head_hidden_dim: int = 1024
+    head_bottleneck_dim: int = 256
+    mae_decoder_width: int = 512
+    mae_decoder_depth: int = 8
+    mae_decoder_heads: int = 16
+    mlm_decoder_depth: int = 4
+    mlm_decoder_heads: int = 8
+
+    ibot_cls_weight: float = 0.5
+    ibot_patch_weight: float = 0.5  # 0: DINO (no masked views, CLS distillation only)
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    soft_clip_temperature: float = 0.1
+    logit_scale_init: float = math.log(1 / 0.07)
+    mae_mask_ratio: float = 0.75
+    mlm_probability: float = 0.2
+    # Recompute each student transformer block (image, text, MAE and MLM decoders) in the backward instead of
+    # keeping its activations: less memory, about one more forward of time. Same values.
+    activation_checkpointing: bool = False
+
+    # The image-text objective's variants (METHODS.md 2.1, 2.2, 2.6).
+    clip_loss: str = "softmax"  # softmax: CLIP's InfoNCE; sigmoid: SigLIP
+    clip_pooling: str = "cls"  # cls | gap | max | map: what the image tower's CLIP embedding pools
+    clip_mask_ratio: float = 0.0  # FLIP: the share of patches removed at random from the contrastive view
+    clip_label_smoothing: float = 0.0
+    clip_views: int = 1  # CLIP on the first 1 or 2 global crops (averaged)
+    logit_scale_max: float = 0.0  # exp(logit_scale) clamped to [1, this] after every optimizer step; 0 = never
+    logit_bias_init: float = -10.0  # SigLIP's learnable bias b
+
+    # MaskCLIP's masked self-distillation (METHODS.md 2.5, Harmony's re-implementation).
+    masked_distillation: bool = False
+    masked_distillation_mask_ratio: float = 0.75
+    masked_distillation_decoder_depth: int = 1
+    masked_distillation_decoder_heads: int = 16
+    masked_distillation_weight: float = 0.05
+
+    # Joint image-text masked autoencoding (M3AE, METHODS.md 2.10; MAE-CLIP's generative terms, 2.9).
+    multimodal_mae: bool = False
+    multimodal_image_mask_ratio: float = 0.75
+    multimodal_text_mask_ratio: float = 0.75
+    multimodal_norm_pix: bool = False  # M3AE: raw (dataset-normalized) pixels; MAE-CLIP: per-patch normalized
+    multimodal_decoder_width: int = 512
+    multimodal_decoder_depth: int = 8
+    multimodal_decoder_heads: int = 16
+    multimodal_image_weight: float = 1.0
+    multimodal_text_weight: float = 0.5
+
+    # DetailCLIP (METHODS.md 2.8): CLIP, iBOT and reconstruction on attention-masked views; its loss weights are
+    # clip_weight, mae_weight, ibot_cls_weight and ibot_patch_weight.
+    detailclip: bool = False
+    detail_mask_ratio: float = 0.5  # removed in 2x2 blocks by the teacher's attention (100 of 196 patches kept)
+    detail_decoder_depth: int = 1
+    detail_decoder_heads: int = 16
+
+    ibot_weight: float = 1.0
+    clip_weight: float = 1.0
+    mlm_weight: float = 1.0
+    text_distillation_weight: float = 1.0
+    mae_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.vit_size not in VIT_SIZES:
+            raise ValueError(f"vit_size={self.vit_size!r} is not one of {sorted(VIT_SIZES)}")
+        if self.global_crop_px % self.patch_size:
+            raise ValueError(f"global_crop_px={self.global_crop_px} must be a multiple of "
+                             f"patch_size={self.patch_size}")
+        if not self.objectives:
+            raise ValueError("every objective is switched off: enable at least one of "
+                             "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae, detailclip")
+        self._check_clip()
+        if self.detailclip and (self.ibot or self.clip or self.mae):
+            raise ValueError("detailclip holds its own CLIP, iBOT and reconstruction terms: set ibot, clip, soft_clip "
+                             "and mae to false next to it")
+        if self.detailclip and (self.global_crop_px // self.patch_size) % 2:
+            raise ValueError(f"detailclip removes patches in 2x2 blocks: global_crop_px / patch_size = "
+                             f"{self.global_crop_px // self.patch_size} must be even")
+        for name in ("mae_mask_ratio", "detail_mask_ratio", "masked_distillation_mask_ratio",
+                     "multimodal_image_mask_ratio", "multimodal_text_mask_ratio", "mlm_probability"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be between 0 and 1 (a share of tokens masked)")
+
+    def _check_clip(self):
+        if self.clip_loss not in CLIP_LOSSES:
+            raise ValueError(f"clip_loss={self.clip_loss!r} is not one of {CLIP_LOSSES}")
+        if self.clip_pooling not in POOLINGS:
+            raise ValueError(f"clip_pooling={self.clip_pooling!r} is not one of {POOLINGS}")
+        if not 0 <= self.clip_mask_ratio < 1:
+            raise ValueError(f"clip_mask_ratio={self.clip_mask_ratio}: the share of patches FLIP removes must be in "
+                             f"[0, 1) (0.5 = FLIP)")
+        if not 0 <= self.clip_label_smoothing < 1:
+            raise ValueError(f"clip_label_smoothing={self.clip_label_smoothing} must be in [0, 1)")
+        if self.clip_views not in (1, 2):
+            raise ValueError(f"clip_views={self.clip_views}: CLIP reads 1 or 2 global crops")
+        if self.logit_scale_max < 0 or 0 < self.logit_scale_max < 1:
+            raise ValueError(f"logit_scale_max={self.logit_scale_max}: 0 (never clamp) or at least 1 (e.g. 100)")
+        if self.soft_clip and not self.clip:
+            raise ValueError("soft_clip needs clip: set clip=true or soft_clip=false")
+        if self.soft_clip and self.clip_loss == "sigmoid":
+            raise ValueError("soft_clip targets are softmax distributions and clip_loss=sigmoid (SigLIP) has none: "
+                             "set soft_clip=false or clip_loss=softmax")
+        if self.clip_label_smoothing and self.clip_loss == "sigmoid":
+            raise ValueError("clip_label_smoothing smooths softmax targets: set it to 0 with clip_loss=sigmoid")
+        if self.soft_clip and self.clip_views != 1:
+            raise ValueError("soft_clip reads the teachers on global crop 1 only: set clip_views=1 or soft_clip=false")
+
+    @property
+    def objectives(self):
+        """The enabled objectives' names, in the order their backward passes run."""
+        enabled = {"ibot": self.ibot, "clip": self.clip, "text": self.mlm or self.text_distillation, "mae": self.mae,
+                   "masked_distillation": self.masked_distillation, "multimodal_mae": self.multimodal_mae,
+                   "detailclip": self.detailclip}
+        return tuple(name for name in PASS_ORDER if enabled[name])
+
+    @property
+    def uses_text(self):
+        return self.clip or self.mlm or self.text_distillation or self.multimodal_mae or self.detailclip
+
+    @property
+    def vit_embed_dim(self):
+        return VIT_SIZES[self.vit_size].embed_dim
+
+    @property
+    def global_views(self):
+        """How many global crops the objectives read (the data recipe makes 2 where any reads more than 1)."""
+        return 2 if (self.ibot or self.mae or self.detailclip or self.clip_views == 2) else 1
+
+
+class MetaArch(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        enabled = set(config.objectives)
+        self.objectives = {name: objective(config) for name, objective in OBJECTIVES.items() if name in enabled}
+        for objective in self.objectives.values():
+            for student in objective.students:
+                if not hasattr(self, student):
+                    setattr(self, student, self._build_student(student))
+            for name, build in objective.networks(config, self).items():
+                if not hasattr(self, name):
+                    setattr(self, name, build())
+            for name, tensor in objective.buffers(config).items():
+                if not hasattr(self, name):
+                    self.register_buffer(name, tensor)
+        self.teachers = self._build_teachers()
+        if config.activation_checkpointing:
+            self._checkpoint_student_blocks()
+
+    def _build_student(self, name):
+        config = self.config
+        if name == "image_student":
+            return VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px, config.clip_dim,
+                                     config.drop_path_rate, pooling=config.clip_pooling)
+        return TextEncoder(config.text_width, config.text_layers, config.text_heads, config.clip_dim)
+
+    def _build_teachers(self):
+        """An EMA copy of each network some objective reads the teacher of, in the objectives' order."""
+        config, teachers = self.config, nn.ModuleDict()
+        for objective in self.objectives.values():
+            for name in objective.teachers:
+                if name in teachers:
+                    continue
+                if name == "image_student":  # the teacher has no drop path
+                    teachers[name] = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px,
+                                                       config.clip_dim, drop_path_rate=0.0,
+                                                       pooling=config.clip_pooling)
+                    teachers[name].load_state_dict(self.image_student.state_dict())
+                else:
+                    teachers[name] = copy.deepcopy(getattr(self, name))
+        return teachers.requires_grad_(False)
+
+    def _checkpoint_student_blocks(self):
+        """Per-block activation checkpointing in every trained transformer (the teachers run without grad)."""
+        for name, module in self.named_children():
+            if name != "teachers" and hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing()
+
+    @property
+    def backward_groups(self):
+        """The enabled objectives, in the order their backward passes run."""
+        return self.config.objectives
+
+    # Parameter sets the trainer needs.
+
+    def ema_pairs(self):
+        """(teacher parameters, student parameters), matched by name, for the EMA update."""
+        teacher_params, student_params = [], []
+        for module_name, teacher in self.teachers.items():
+            student = dict(getattr(self, module_name).named_parameters())
+            for name, param in teacher.named_parameters():
+                if name not in NOT_IN_EMA:
+                    teacher_params.append(param)
+                    student_params.append(student[name])
+        return teacher_params, student_params
+
+    def clipped_parameters(self):
+        """Parameters whose gradients are clipped (per parameter): the image student and the iBOT head."""
+        modules = [getattr(self, name) for name in ("image_student", "ibot_head") if hasattr(self, name)]
+        return [param for module in modules for param in module.parameters() if param.requires_grad]
+
+    def last_layer_parameters(self):
+        """The iBOT head's output layer, frozen during the first epoch."""
+        if not hasattr(self, "ibot_head"):
+            return []
+        return [param for param in self.ibot_head.last_layer.parameters() if param.requires_grad]
+
+    def evaluation_towers(self):
+        """(image tower, text tower) for evaluation and export: the EMA teachers where they exist."""
+        towers = {name: getattr(self, name, None) for name in ("image_student", "text_student")}
+        towers.update((name, teacher) for name, teacher in self.teachers.items() if name in towers)
+        return towers["image_student"], towers["text_student"]
+
+    @torch.no_grad()
+    def after_optimizer_step(self):
+        """Clamp the logit scale to [0, log logit_scale_max] (SLIP, A-CLIP, DetailCLIP, clip-rocket); 0 = never."""
+        if self.config.logit_scale_max > 0 and hasattr(self, "logit_scale"):
+            self.logit_scale.clamp_(0.0, math.log(self.config.logit_scale_max))
+
+    # Teachers, once per step.
+
+    @torch.no_grad()
+    def forward_teachers(self, global_crops, tokens, ibot_masks):
+        """global_crops: (G, B, 3, H, W); tokens: (B, T); ibot_masks: (G, B, H/p, W/p) bool.
+
+        Each teacher runs once, on what its readers need; returns {name: tensor} of what the enabled objectives
+        read, each popped by its one reader."""
+        views = {"global_crops": global_crops, "tokens": tokens, "ibot_masks": ibot_masks}
+        objectives = self.objectives.values()
+        image_views = max(objective.teacher_image_views for objective in objectives)
+        seen = {}
+        if image_views:
+            crops = global_crops[:image_views].flatten(0, 1)  # (G*B, 3, H, W)
+            if any(objective.teacher_attention for objective in objectives):
+                image_tokens, attention = self.teachers["image_student"].forward_with_attention(crops)
+                seen["image_attention"] = attention.unflatten(0, (image_views, -1))  # (G, B, N)
+            else:
+                image_tokens = self.teachers["image_student"](crops)
+            seen["image_tokens"] = image_tokens.unflatten(0, (image_views, -1))  # (G, B, 1 + N, D)
+        if "text_student" in self.teachers:
+            seen["text_embedding"], seen["text_features"] = self.teachers["text_student"](tokens)
+        outputs = {}
+        for objective in objectives:
+            outputs.update(objective.teacher_outputs(self, seen, views))
+        return outputs
+
+    def group_passes(self, group, global_crops, local_crops, ibot_masks, tokens, teacher, **values):
+        """The backward passes of one objective by name: an iterator of (loss, metrics), to be backwarded in turn.
+
+        values: the step's scheduled values (teacher temperatures, CLIP hard weight, ...)."""
+        if group not in self.objectives:
+            raise ValueError(f"unknown or disabled objective {group!r}; enabled: {self.backward_groups}")
+        views = {"global_crops": global_crops, "local_crops": local_crops, "ibot_masks": ibot_masks, "tokens": tokens}
+        return self.objectives[group].passes(self, views, teacher, values)

@@ -1,0 +1,18 @@
+"""The objectives a model is assembled from, one module each (model/objectives/objective.py says what one declares).
+
+`OBJECTIVES` is the registry, in the order their networks are built (which keeps Harmony's initial weights those of
+the former single-class model); `PASS_ORDER` is the order their backward passes run in a step (Harmony's official
+order first). A new objective is one module here, one entry in each, and the config switch that enables it.
+"""
+
+from model.objectives.clip import CLIP
+from model.objectives.detailclip import DetailCLIP
+from model.objectives.ibot import IBOT
+from model.objectives.mae import MAE
+from model.objectives.masked_distillation import MaskedDistillation
+from model.objectives.multimodal_mae import MultimodalMAE
+from model.objectives.text import MaskedText
+
+OBJECTIVES = {"ibot": IBOT, "clip": CLIP, "mae": MAE, "text": MaskedText, "masked_distillation": MaskedDistillation,
+              "multimodal_mae": MultimodalMAE, "detailclip": DetailCLIP}
+PASS_ORDER = ("ibot", "clip", "detailclip", "text", "mae", "masked_distillation", "multimodal_mae")

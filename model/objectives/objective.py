@@ -1,0 +1,59 @@
+"""What an objective is to the meta-architecture (model/meta_arch.py), and the centre update objectives share.
+
+An objective declares
+- `students`: the shared student networks it trains ("image_student", "text_student");
+- `networks(config, model)`: the networks of its own (heads, decoders, scalars), by attribute name, built once:
+  two objectives naming the same network share it;
+- `buffers(config)`: its state that is not trained (centres), by attribute name;
+- `teachers`: the networks whose EMA copy it reads; the meta-architecture builds a teacher only for those;
+- `teacher_image_views`: how many global crops the image teacher must see for it (0: none), and
+  `teacher_attention`: whether it reads the image teacher's CLS attention map;
+- `teacher_outputs(model, seen, views)`: what it reads from the teachers, computed once per step without gradient
+  from what the teachers saw (`seen`: image_tokens (G, B, 1 + N, D), image_attention (G, B, N), text_embedding
+  (B, clip_dim), text_features (B, T, width), those that some objective needs), each entry popped by this
+  objective's passes;
+- `passes(model, views, teacher, values)`: its backward passes, an iterator of (weighted loss, metrics).
+The networks and buffers live on the meta-architecture (so `model.ibot_head` is the one iBOT head, and checkpoints
+name it so); an objective holds only its configuration.
+"""
+
+import torch
+
+from model.collectives import all_reduce_sum, rank_and_world_size
+
+
+class Objective:
+    name = ""  # its backward group in metrics and in the order of passes
+    students = ()
+    teachers = ()
+    teacher_image_views = 0
+    teacher_attention = False
+
+    def __init__(self, config):
+        self.config = config
+
+    def networks(self, config, model):
+        return {}
+
+    def buffers(self, config):
+        return {}
+
+    def teacher_outputs(self, model, seen, views):
+        return {}
+
+    def passes(self, model, views, teacher, values):
+        raise NotImplementedError(f"objective {self.name!r} yields no backward pass")
+
+
+@torch.no_grad()
+def update_center(center, local_statistic, momentum, divide_by=None):
+    """center <- m * center + (1 - m) * statistic averaged over ranks.
+
+    divide_by None: the statistic is a per-rank mean; otherwise it is a sum and divide_by its count."""
+    statistic = local_statistic.float().reshape(center.shape)
+    if divide_by is None:
+        statistic = all_reduce_sum(statistic.clone()) / rank_and_world_size()[1]
+    else:
+        totals = all_reduce_sum(torch.cat([statistic.flatten(), divide_by.float().reshape(1)]))
+        statistic = (totals[:-1] / totals[-1].clamp(min=1.0)).reshape(center.shape)
+    center.mul_(momentum).add_(statistic, alpha=1 - momentum)
