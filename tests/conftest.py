@@ -4,6 +4,8 @@ generate a small demo set, serve it on 127.0.0.1, download it with img2dataset, 
 
 import io
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,18 @@ def fake_run(tmp_path, **config):
             param.add_(0.01 * torch.randn_like(param))
     save_teacher_weights(model, tmp_path / TEACHER_WEIGHTS)
     return tmp_path
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 1 MiB tmpfs mounted for the test: a real file system that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)

@@ -230,21 +230,6 @@ def test_disk_full_while_checkpointing_is_a_clear_error(demo_shards, tmp_path):
     assert not list((run / "checkpoints").iterdir())
 
 
-@pytest.fixture
-def small_file_system(tmp_path):
-    """A 1 MiB tmpfs mounted for the test: a real file system that fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
-
-
 def test_a_checkpoint_larger_than_the_free_space_says_what_it_needs_and_leaves_nothing(small_file_system):
     """torch.save reports the ENOSPC of its writes as a RuntimeError ("unexpected pos"); it is still a full disk."""
     path = small_file_system / "checkpoints" / "checkpoint-00000001.pt"

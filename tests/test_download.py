@@ -1,7 +1,6 @@
 import http.server
 import io
 import json
-import os
 import subprocess
 import threading
 import time
@@ -124,28 +123,13 @@ def test_values_img2dataset_cannot_work_with_are_refused_before_fetching(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs: a real full disk."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
-
-
-def test_a_url_list_download_onto_a_full_disk(tmp_path, small_disk):
+def test_a_url_list_download_onto_a_full_disk(tmp_path, small_file_system):
     www = tmp_path / "www"
     www.mkdir()
     for number in range(24):  # about 90 KB each: the 1 MiB disk holds about a dozen
         noise = np.random.default_rng(number).integers(0, 256, (200, 200, 3), dtype=np.uint8)
         Image.fromarray(noise).save(www / f"{number}.jpg", quality=95)
-    raw = small_disk / "raw"
+    raw = small_file_system / "raw"
     with demo_server.serve(www) as base_url:
         url_list_path = tmp_path / "list.tsv"
         url_list_path.write_text("".join(f"noise {number}\t{base_url}/{number}.jpg\n" for number in range(24)))
@@ -223,11 +207,11 @@ def test_a_dripping_server_is_given_an_overall_deadline_per_image(tmp_path):
     assert totals["successes"] == 0 and errors == ["the image took more than 3 s in all (3 x --timeout)"] * 2
 
 
-def test_a_full_disk_while_the_url_list_is_normalized(tmp_path, small_disk):
+def test_a_full_disk_while_the_url_list_is_normalized(tmp_path, small_file_system):
     url_list_path = tmp_path / "list.tsv"  # about 4 MiB of captions that do not compress
     captions = np.random.default_rng(0).integers(0, 2**63, (40_000, 3))
     url_list_path.write_text("".join(f"{' '.join(map(str, caption))}\thttp://127.0.0.1:9/{number}.jpg\n"
                                      for number, caption in enumerate(captions)))
-    with pytest.raises(SystemExit, match=r"disk holding .*small-disk is full: the normalized url list .*MiB"):
-        download.download_dataset("cc3m", small_disk / "raw", url_list_path)
-    assert not list(small_disk.glob("urls*"))  # nothing half-written is left
+    with pytest.raises(SystemExit, match=r"disk holding .*small_disk is full: the normalized url list .*MiB"):
+        download.download_dataset("cc3m", small_file_system / "raw", url_list_path)
+    assert not list(small_file_system.glob("urls*"))  # nothing half-written is left
