@@ -103,11 +103,16 @@ verify: setup
 	$(if $(REMOTE_OUT),$(PY) -m datapipe.publish get "$$OUT/train" "$$STAGING/published/train")
 	$(PY) -m datapipe.shards verify "$(if $(REMOTE_OUT),$$STAGING/published,$$OUT)/train"
 
+# A sub-make works its defaults out again: the demo's EXCLUDE and evaluation data name the held-out splits
+# only once the download has made them, so what this Makefile defaulted is not handed down as environment.
+SUBMAKE = env $(foreach name,EXCLUDE ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST,\
+	$(if $(filter file,$(origin $(name))),-u $(name))) $(MAKE) --no-print-directory
+
 # Training shards, downloaded and built first when missing (shards in object storage are read as they are).
 data: setup
 ifeq ($(REMOTE_OUT),)
-	@test -f "$$RAW/00000_stats.json" || $(MAKE) --no-print-directory download
-	@test -f "$$OUT/train/manifest.json" || $(MAKE) --no-print-directory shards
+	@test -f "$$RAW/00000_stats.json" || $(SUBMAKE) download
+	@test -f "$$OUT/train/manifest.json" || $(SUBMAKE) shards
 endif
 
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node). The config is
@@ -119,7 +124,7 @@ pretrain: data
 	$(RUN_WITH_ARGS) $(PY) -m torch.distributed.run --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
 		-m train.pretrain --config "$$CONFIG" "data.shards=$$OUT/train" "run.out_dir=$$(dirname -- "$$RUN")" \
 		"run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
-	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_DATA$$PROBE_TRAIN" ]; then $(MAKE) --no-print-directory eval; fi
+	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_DATA$$PROBE_TRAIN" ]; then $(SUBMAKE) eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
 eval: setup

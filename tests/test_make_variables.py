@@ -1,5 +1,6 @@
 """Values of make variables reach the programs as data: shell metacharacters in them run nothing."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -65,3 +66,13 @@ def test_args_are_split_with_shell_quoting():
         "prog", "--user_agent_token", "a b", "--disallowed_header_directives", "[]", "`x`;y", "{raw}"]
     with pytest.raises(SystemExit, match="DOWNLOAD_ARGS cannot be split into words .*close the quote"):
         make_args.expand(["{DOWNLOAD_ARGS}"], {"DOWNLOAD_ARGS": "--user_agent_token 'a"})
+
+
+def test_make_data_on_the_demo_excludes_the_splits_its_download_made(tmp_path):
+    """The demo's EXCLUDE names held-out splits that `make download` creates within the same `make data`: the
+    shards sub-make must work it out again, not inherit the empty value of before the download."""
+    out = tmp_path / "demo"
+    done = run_make("data", f"OUT={out}", "SAMPLES_PER_SHARD=20", "DOWNLOAD_ARGS=--demo-size 30 --processes 1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    excluded = json.loads((out / "train" / "manifest.json").read_text())["exclude"]
+    assert sorted(Path(entry["path"]).name for entry in excluded) == ["heldout", "heldout_pairs", "probe_train"]
