@@ -53,6 +53,16 @@ EVAL_ARGS = $(call option,--zeroshot,ZEROSHOT_DATA) $(call option,--zeroshot-lab
 # The demo excludes its own held-out splits (once `make download` has made them).
 EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
 
+# make compare: each method's preset (train/configs/<method>_$(SCALE).yaml; demo.yaml is harmony) on
+# the same shards, seed and budget, evaluated alike along the way (README: Compare methods). METHODS empty:
+# every method with a preset. BUDGET: epochs:N, flops:X, flops:<method>@<epochs> or time:<seconds>.
+# The demo's default is small enough for every method on 2 CPU cores (README: Compare methods).
+METHODS ?=
+BUDGET ?= $(if $(filter demo,$(DATASET)),epochs:2,epochs:8)
+SCALE ?= $(DATASET)
+COMPARE_NAME ?= $(DATASET)
+EVAL_POINTS ?= $(if $(filter demo,$(DATASET)),2,4)
+
 # Recipes read these from their environment ("$$RAW"), so that a value is data for the program, never shell
 # code; {NAME_ARGS} words are split by tools/make_args.py with shell quoting rules, and nothing else.
 export DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG NPROC
@@ -130,15 +140,7 @@ pretrain: data
 eval: setup
 	$(PY) -m tools.eval.run --run "$$RUN" $(EVAL_ARGS)
 
-# Methods side by side: each method's preset (train/configs/<method>_$(SCALE).yaml; demo.yaml is harmony) on
-# the same shards, seed and budget, evaluated alike along the way (README: Compare methods). METHODS empty:
-# every method with a preset. BUDGET: epochs:N, flops:X, flops:<method>@<epochs> or time:<seconds>.
-# The demo's default is small enough for every method on 2 CPU cores (README: Compare methods).
-METHODS ?=
-BUDGET ?= $(if $(filter demo,$(DATASET)),epochs:2,epochs:8)
-SCALE ?= $(DATASET)
-COMPARE_NAME ?= $(DATASET)
-EVAL_POINTS ?= $(if $(filter demo,$(DATASET)),2,4)
+# Methods side by side (the variables are with the others at the top: README "Compare methods").
 compare: data
 	$(RUN_WITH_ARGS) $(PY) -m tools.compare.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
 		--budget "$$BUDGET" --shards "$$OUT/train" --eval-points "$$EVAL_POINTS" $(EVAL_ARGS) \

@@ -5,7 +5,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import write_training_shards
 
 from tools import make_args
 
@@ -76,3 +78,13 @@ def test_make_data_on_the_demo_excludes_the_splits_its_download_made(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     excluded = json.loads((out / "train" / "manifest.json").read_text())["exclude"]
     assert sorted(Path(entry["path"]).name for entry in excluded) == ["heldout", "heldout_pairs", "probe_train"]
+
+
+def test_make_compare_hands_its_variables_to_the_comparison(tmp_path):
+    out = tmp_path / "data"
+    write_training_shards(out / "train", np.zeros((4, 32, 32, 3), dtype=np.uint8), samples_per_shard=4)
+    (out / "raw").mkdir()
+    (out / "raw" / "00000_stats.json").write_text("{}")  # `make data` finds the data there
+    done = run_make("compare", "DATASET=demo", f"OUT={out}", "METHODS=clip no_such_method", "EXCLUDE=",
+                    f"ZEROSHOT_DATA={tmp_path}")
+    assert done.returncode != 0 and "METHODS: no preset for no_such_method" in done.stderr, done.stderr[-2000:]
