@@ -15,7 +15,7 @@ from tools.compare import run as compare_run
 
 def test_methods_are_found_from_their_presets():
     found = methods.discover("demo")
-    assert found["harmony"] == "demo" and found["clip"] == "clip_demo"
+    assert found["harmony"] == "harmony_demo" and found["clip"] == "clip_demo" and found["siglip"] == "siglip_demo"
     assert "ablation_clip_text" not in found.values()  # not a demo-scale preset
     with pytest.raises(ValueError, match="no preset for nosuch at scale 'demo'"):
         methods.resolve(["nosuch"], "demo")
@@ -64,7 +64,7 @@ def test_compare_reports_continues_after_a_kill_and_refuses_another_budget(demo_
         assert len(summary["evaluations"]) == 2 and 0 <= summary["final"]["zero-shot top-1"] <= 1
     assert report["methods"]["harmony"]["flops_per_step"] > report["methods"]["clip"]["flops_per_step"]
     table = (tmp_path / "tiny" / "report.md").read_text()
-    assert "| clip (clip_demo) | finished |" in table and "| harmony (demo) | finished |" in table
+    assert "| clip (clip_demo) | finished |" in table and "| harmony (harmony_demo) | finished |" in table
     for chart in ("metrics_vs_compute.png", "loss_curves.png"):
         assert (tmp_path / "tiny" / chart).stat().st_size > 0
 
