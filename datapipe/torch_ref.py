@@ -10,6 +10,7 @@ w makes batches w, w + n, w + 2n, ... which the DataLoader hands back in plan or
 import io
 import math
 import multiprocessing
+import os
 
 import numpy as np
 import torch
@@ -126,9 +127,15 @@ class TorchBatches(IterableDataset):
     def __init__(self, plan, start_batch, dtype):
         self.plan, self.start_batch, self.dtype = plan, start_batch, dtype
         self.augment = ViewsAugment(plan.recipe)
+        # Workers come from a fork server that may have started before variables set since (object storage
+        # credentials and endpoints): they take the environment of the process that made this loader.
+        self.environment = dict(os.environ)
 
     def __iter__(self):
         worker = get_worker_info()
+        if worker is not None:
+            os.environ.clear()
+            os.environ.update(self.environment)
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for index in range(self.start_batch + worker_id, self.plan.num_batches, num_workers):
             raw = self.plan.read_batch(index)
