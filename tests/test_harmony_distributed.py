@@ -59,4 +59,6 @@ def test_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path):
         distributed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert distributed.keys() == single.keys()
         for name, value in single.items():
-            torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+            # fp32 sums taken in another order: the text positions' gradients differ by up to 1.1e-6 on this
+            # machine's CPU kernels (identically on the code before the objectives became parts)
+            torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=3e-6, msg=f"rank {rank}: {name}")
