@@ -65,10 +65,11 @@ EVAL_POINTS ?= $(if $(filter demo,$(DATASET)),2,4)
 
 # Recipes read these from their environment ("$$RAW"), so that a value is data for the program, never shell
 # code; {NAME_ARGS} words are split by tools/make_args.py with shell quoting rules, and nothing else.
-export DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG NPROC
-export TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS
-export ZEROSHOT_LABELS TEMPLATES RETRIEVAL_IMAGES PROBE_TRAIN_LABELS PROBE_TEST_LABELS METHODS BUDGET SCALE COMPARE_NAME
-export EVAL_POINTS
+EXPORTED := DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG \
+	NPROC TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS \
+	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_IMAGES PROBE_TRAIN_LABELS PROBE_TEST_LABELS METHODS BUDGET SCALE COMPARE_NAME \
+	EVAL_POINTS
+export $(EXPORTED)
 RUN_WITH_ARGS := $(PY) -m tools.make_args
 # DATASET=demo without a URL_LIST: the built-in demo set, generated and served by tools/demo_download.py.
 DOWNLOADER = $(if $(and $(filter demo,$(DATASET)),$(if $(URL_LIST),,no-list)),tools.demo_download,datapipe.download)
@@ -149,8 +150,12 @@ compare: data
 plot: setup
 	$(PY) -m train.log "$$RUN"
 
+# The tests run make themselves: they get neither this make's defaults (a `RAW ?=` in the tests' make would keep
+# this one's shards/demo/raw) nor its level (their make must say `make:`, not `make[1]:`).
+TEST_ENV = env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS $(foreach name,$(EXPORTED) STAGING BUILD_RAW BUILD_OUT OUT_DIR,\
+	$(if $(filter file,$(origin $(name))),-u $(name)))
 test: setup
-	$(RUN_WITH_ARGS) $(PY) -m pytest {PYTEST_ARGS}
+	$(RUN_WITH_ARGS) $(TEST_ENV) $(PY) -m pytest {PYTEST_ARGS}
 
 lint: setup
 	$(PY) -m ruff check .

@@ -88,3 +88,15 @@ def test_make_compare_hands_its_variables_to_the_comparison(tmp_path):
     done = run_make("compare", "DATASET=demo", f"OUT={out}", "METHODS=clip no_such_method", "EXCLUDE=",
                     f"ZEROSHOT_DATA={tmp_path}")
     assert done.returncode != 0 and "METHODS: no preset for no_such_method" in done.stderr, done.stderr[-2000:]
+
+
+def test_make_test_hands_pytest_none_of_its_defaults(tmp_path):
+    """CI runs `make test`: the suite's own `make download OUT=...` must not inherit this make's RAW (its
+    `RAW ?= $(OUT)/raw` would keep shards/demo/raw) nor its level (`make[1]:` instead of `make:`)."""
+    probe = tmp_path / "test_environment_probe.py"
+    probe.write_text("import os\n\n\ndef test_environment():\n"
+                     "    leaked = sorted({'RAW', 'OUT', 'EXCLUDE', 'MAKELEVEL', 'MAKEFLAGS'} & set(os.environ))\n"
+                     "    assert not leaked, leaked\n")
+    done = run_make("test", f"PYTEST_ARGS=-q -p no:cacheprovider --rootdir {tmp_path} {probe}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-1000:]
+    assert "1 passed" in done.stdout
