@@ -233,8 +233,9 @@ def simclr_crop(size_px=224, interpolation="bilinear"):
 
 
 def slip_views(size_px=224):
-    """SLIP: `clip` (RRC 0.5-1, no flip, no colour) and `simclr` (2 SimCLR crops), bilinear; one caption."""
-    return ViewRecipe({"clip": ImageView((plain_crop(size_px, (0.5, 1.0), "bilinear"),)),
+    """SLIP: `global_crops`, the CLIP view (RRC 0.5-1, no flip, no colour), and `simclr` (2 SimCLR crops), both
+    bilinear; one caption."""
+    return ViewRecipe({"global_crops": ImageView((plain_crop(size_px, (0.5, 1.0), "bilinear"),)),
                        "simclr": ImageView((simclr_crop(size_px),) * 2)})
 
 

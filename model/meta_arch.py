@@ -275,18 +275,24 @@ class MetaArch(nn.Module):
 
     # Teachers, once per step.
 
-    @torch.no_grad()
-    def forward_teachers(self, global_crops, tokens, ibot_masks):
-        """global_crops: (G, B, 3, H, W); tokens: (B, T); ibot_masks: (G, B, H/p, W/p) bool.
+    @property
+    def reads(self):
+        """The views the enabled objectives read, by name (the data recipe must make each)."""
+        return tuple(dict.fromkeys(name for objective in self.objectives.values() for name in objective.reads))
 
-        Each teacher runs once, on what its readers need; returns {name: tensor} of what the enabled objectives
-        read, each popped by its one reader."""
-        views = {"global_crops": global_crops, "tokens": tokens, "ibot_masks": ibot_masks}
-        objectives = self.objectives.values()
-        image_views = max(objective.teacher_image_views for objective in objectives)
+    @torch.no_grad()
+    def forward_teachers(self, views):
+        """views: the step's inputs by name (`group_passes`). Each teacher runs once, on what its readers need;
+        returns {name: tensor} of what the enabled objectives read, each popped by its one reader."""
+        objectives = [objective for objective in self.objectives.values() if objective.teacher_image_views]
+        image_views = max((objective.teacher_image_views for objective in objectives), default=0)
+        teacher_views = {objective.teacher_view for objective in objectives}
+        if len(teacher_views) > 1:
+            raise ValueError(f"the enabled objectives need the image teacher on the views {sorted(teacher_views)}; "
+                             f"it sees one view per step")
         seen = {}
         if image_views:
-            crops = global_crops[:image_views].flatten(0, 1)  # (G*B, 3, H, W)
+            crops = views[teacher_views.pop()][:image_views].flatten(0, 1)  # (G*B, 3, H, W)
             if any(objective.teacher_attention for objective in objectives):
                 image_tokens, attention = self.teachers["image_student"].forward_with_attention(crops)
                 seen["image_attention"] = attention.unflatten(0, (image_views, -1))  # (G, B, N)
@@ -294,17 +300,19 @@ class MetaArch(nn.Module):
                 image_tokens = self.teachers["image_student"](crops)
             seen["image_tokens"] = image_tokens.unflatten(0, (image_views, -1))  # (G, B, 1 + N, D)
         if "text_student" in self.teachers:
-            seen["text_embedding"], seen["text_features"] = self.teachers["text_student"](tokens)
+            seen["text_embedding"], seen["text_features"] = self.teachers["text_student"](views["tokens"])
         outputs = {}
-        for objective in objectives:
+        for objective in self.objectives.values():
             outputs.update(objective.teacher_outputs(self, seen, views))
         return outputs
 
-    def group_passes(self, group, global_crops, local_crops, ibot_masks, tokens, teacher, **values):
+    def group_passes(self, group, views, teacher, **values):
         """The backward passes of one objective by name: an iterator of (loss, metrics), to be backwarded in turn.
 
+        views: the step's inputs by name (train/views.py `model_views`): each image view (n, B, 3, H, W), each text
+        view (n, B, T), `<view>_boxes` (n, B, 4) where the recipe keeps boxes; with Harmony's and CLIP's recipes
+        also `local_crops` (L, B, 3, h, w), `ibot_masks` (G, B, H/p, W/p) and `tokens` (B, T), the one caption.
         values: the step's scheduled values (teacher temperatures, CLIP hard weight, ...)."""
         if group not in self.objectives:
             raise ValueError(f"unknown or disabled objective {group!r}; enabled: {self.backward_groups}")
-        views = {"global_crops": global_crops, "local_crops": local_crops, "ibot_masks": ibot_masks, "tokens": tokens}
         return self.objectives[group].passes(self, views, teacher, values)

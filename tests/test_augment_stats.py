@@ -138,7 +138,7 @@ def test_crop_area_and_aspect_distributions_agree(ramp_shards, scale):
 
 
 RECIPE_CROPS = {  # every distinct crop of the methods' recipes, at 32 px
-    "slip/clip": slip_views(32).image_views["clip"].crops[0],
+    "slip/clip": slip_views(32).image_views["global_crops"].crops[0],
     "slip/simclr": slip_views(32).image_views["simclr"].crops[0],
     "clip_rocket/weak": clip_rocket_views(32).image_views["weak"].crops[0],
     "clip_rocket/strong": clip_rocket_views(32).image_views["strong"].crops[0],

@@ -41,9 +41,9 @@ def run_group(model, group, batch, hard_weight=0.5, backward=True, teacher=None)
     """(loss, metrics) of one backward group, computed as the trainer does: each pass's loss backwarded in turn
     (backward=False: none), the losses and metrics summed over the passes."""
     if teacher is None:
-        teacher = model.forward_teachers(batch["global_crops"], batch["tokens"], batch["ibot_masks"])
+        teacher = model.forward_teachers(batch)
     total, metrics = 0, {}
-    for loss, stats in model.group_passes(group, **batch, teacher=teacher, **TEMPS, clip_hard_weight=hard_weight):
+    for loss, stats in model.group_passes(group, batch, teacher=teacher, **TEMPS, clip_hard_weight=hard_weight):
         if backward:
             loss.backward()
         total = total + loss
@@ -297,8 +297,8 @@ def test_passes_equal_the_previous_one_backward_group(group):
     previous = gradients_of(model)
     model = tiny_model(drop_path_rate=0.0)
     torch.manual_seed(7)  # the MAE masks: one draw of (2B, N) equals two of (B, N)
-    passes = list(model.group_passes(group, **batch, teacher=model.forward_teachers(
-        batch["global_crops"], batch["tokens"], batch["ibot_masks"]), **TEMPS, clip_hard_weight=0.5))
+    passes = list(model.group_passes(group, batch, teacher=model.forward_teachers(batch),
+                                     **TEMPS, clip_hard_weight=0.5))
     assert len(passes) == (4 if group == "ibot" else 2)
     sum(loss for loss, _ in passes).backward()
     torch.testing.assert_close(sum(loss for loss, _ in passes), loss)
@@ -338,7 +338,7 @@ def test_each_teacher_output_is_let_go_by_its_one_reader():
     """forward_teachers computes only what the enabled groups read; each group pops what it read, so nothing a
     teacher made outlives its reader (the iBOT head's logits only at CLS and masked patches)."""
     model, batch = tiny_model(), tiny_batch()
-    teacher = model.forward_teachers(batch["global_crops"], batch["tokens"], batch["ibot_masks"])
+    teacher = model.forward_teachers(batch)
     masked = int(batch["ibot_masks"].sum())
     assert teacher["ibot_cls"].shape == (2, 4, 64) and teacher["ibot_masked_patches"].shape == (masked, 64)
     held = {"ibot": {"ibot_cls", "ibot_masked_patches", "ibot_patch_mean"}, "clip": {"clip_image", "clip_text"},
@@ -349,4 +349,4 @@ def test_each_teacher_output_is_let_go_by_its_one_reader():
         assert before - set(teacher) == held[group], group
     assert teacher == {}
     clip_only = tiny_model(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
-    assert clip_only.forward_teachers(batch["global_crops"], batch["tokens"], batch["ibot_masks"]) == {}
+    assert clip_only.forward_teachers(batch) == {}

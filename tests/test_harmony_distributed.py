@@ -33,7 +33,7 @@ def ibot_and_clip_gradients(batch, rank=0, world_size=1):
     """Averaged gradients and centres after the iBOT and CLIP groups on this rank's share of the batch."""
     model = tiny_model(drop_path_rate=0.0)  # same initial weights on every rank
     local = rank_share(batch, rank, world_size)
-    teacher = model.forward_teachers(local["global_crops"], local["tokens"], local["ibot_masks"])
+    teacher = model.forward_teachers(local)
     for group in ("ibot", "clip"):
         run_group(model, group, local, hard_weight=0.5, teacher=teacher)
     result = averaged_gradients(model, world_size)

@@ -33,10 +33,10 @@ def train_steps(model, batch, steps, lr=2e-3):
     history = []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        teacher = model.forward_teachers(batch["global_crops"], batch["tokens"], batch["ibot_masks"])
+        teacher = model.forward_teachers(batch)
         total = 0.0
         for group in model.backward_groups:
-            for loss, _ in model.group_passes(group, **batch, teacher=teacher, **values):
+            for loss, _ in model.group_passes(group, batch, teacher=teacher, **values):
                 loss.backward()
                 total += float(loss.detach())
         optimizer.step()
@@ -96,7 +96,7 @@ def test_flip_encodes_half_the_patches_in_training_and_all_in_evaluation():
     model, batch = tiny_preset_model("flip_demo"), tiny_batch()
     seen = []
     handle = model.image_student.blocks[0].register_forward_hook(lambda _, inputs, __: seen.append(inputs[0].shape[1]))
-    next(model.group_passes("clip", **batch, teacher={}, clip_hard_weight=1.0))
+    next(model.group_passes("clip", batch, teacher={}, clip_hard_weight=1.0))
     model.image_student.embed_image(batch["global_crops"][0])
     handle.remove()
     assert seen == [1 + 8, 1 + 16]  # CLS + 8 of the 16 patches of a 32 px crop at patch 8; then every patch
@@ -120,8 +120,8 @@ def test_dino_mode_does_not_mask_the_student_views():
     batch, results = tiny_batch(), []
     for masks in (batch["ibot_masks"], torch.zeros_like(batch["ibot_masks"])):
         model, inputs = tiny_preset_model("silc_demo"), {**batch, "ibot_masks": masks}  # fresh centres
-        teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"], masks)
-        results.append(sum(loss for loss, _ in model.group_passes("ibot", **inputs, teacher=teacher,
+        teacher = model.forward_teachers(inputs)
+        results.append(sum(loss for loss, _ in model.group_passes("ibot", inputs, teacher=teacher,
                                                                   teacher_cls_temp=0.04, teacher_patch_temp=0.04)))
     torch.testing.assert_close(results[0], results[1])
 

@@ -19,6 +19,8 @@ import yaml
 
 from datapipe.samples import ShardSet
 from model.meta_arch import ModelConfig
+from model.objectives import OBJECTIVES
+from train.views import VIEW_CHOICES, check_views
 
 PRESETS = Path(__file__).parent / "configs"
 
@@ -35,6 +37,8 @@ class DataConfig:
     local_crop_px: int = 96
     local_crop_scale: tuple[float, float] = (0.05, 0.32)
     local_crops_number: int = 8
+    global_flip_prob: float = 0.5  # horizontal flip of the global (or single CLIP) crops; 0 for CLIP's weak view
+    views: str = "auto"  # the view recipe (train/views.py): auto (multi-crop or one crop), slip, clip_rocket, aclip
     hue: float = 0.1  # colour jitter's hue range (fraction of the colour circle), all crops
     grayscale_prob: float = 0.2
     shuffle_window: int = 4096
@@ -112,6 +116,12 @@ class TrainConfig:
             raise ValueError(f"run.precision={self.run.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.data.backend not in BACKENDS:
             raise ValueError(f"data.backend={self.data.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.data.views not in VIEW_CHOICES:
+            raise ValueError(f"data.views={self.data.views!r}: choose one of {', '.join(VIEW_CHOICES)}")
+        if not 0 <= self.data.global_flip_prob <= 1:
+            raise ValueError(f"data.global_flip_prob={self.data.global_flip_prob} is a probability: give 0 to 1")
+        check_views(self, [name for objective in self.model.objectives
+                           for name in OBJECTIVES[objective](self.model).reads])
         at_least = {"data.batch_size": 1, "data.num_workers": 0, "data.shuffle_window": 1,
                     "data.local_crops_number": 0, "data.cache_limit_gb": 0,
                     "data.fetch_retries": 0, "data.fetch_retry_wait_s": 0, "optim.epochs": 1, "optim.lr": 0,

@@ -19,12 +19,11 @@ import torch
 import tqdm
 import yaml
 
-from datapipe import MultiCrop, SingleCrop, make_loader
+from datapipe import make_loader
 from datapipe.folder_lock import FolderBusy
 from datapipe.loader import CacheOptions
 from datapipe.object_store import StorageError
 from model.meta_arch import MetaArch
-from model.text import trim_padding
 from train import checkpoint
 from train.checkpoint import CheckpointError, UnverifiedCheckpoint
 from train.config import RESUME_MAY_CHANGE, check_resume_choice, differences, parse_command_line, to_dict
@@ -34,23 +33,9 @@ from train.log import MetricsLog
 from train.preemption import EXIT_PREEMPTED, StopRequest
 from train.run_folder import lock_run, write_status
 from train.schedules import Schedules
+from train.views import model_views, view_recipe
 
 TEACHER_WEIGHTS = "teacher_weights.pt"
-
-
-def view_recipe(config):
-    """The recipe's crops at the configured sizes and colour changes; other numbers are MultiCrop's defaults."""
-    data = config.data
-    if data.local_crops_number == 0 and config.model.global_views == 1:
-        return SingleCrop(size_px=data.global_crop_px, scale=data.global_crop_scale, flip_prob=0.5)
-    defaults = MultiCrop()
-    colour = dict(hue=data.hue, grayscale_prob=data.grayscale_prob)
-    global_crop = dict(size_px=data.global_crop_px, scale=data.global_crop_scale, **colour)
-    local_crop = dict(size_px=data.local_crop_px, scale=data.local_crop_scale, **colour)
-    return MultiCrop(global_1=dataclasses.replace(defaults.global_1, **global_crop),
-                     global_2=dataclasses.replace(defaults.global_2, **global_crop),
-                     local=dataclasses.replace(defaults.local, **local_crop),
-                     local_crops_number=data.local_crops_number, patch_size=config.model.patch_size)
 
 
 def cache_options(data):
@@ -159,13 +144,12 @@ class Trainer:
         config, model = self.config, self.model
         epoch = self.step // len(self.loader)
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = trim_padding(batch.tokens) if model.config.uses_text else batch.tokens  # (B, T <= 77)
+        views = model_views(batch, trim=model.config.uses_text)  # text views cut to (n, B, T <= 77)
         with autocast(self.world.device, config.run.precision):
-            teacher = model.forward_teachers(batch.global_crops, tokens, batch.ibot_masks)
+            teacher = model.forward_teachers(views)
         losses, metrics = [], {}
         for group in model.backward_groups:
-            passes = model.group_passes(group, batch.global_crops, batch.local_crops, batch.ibot_masks, tokens,
-                                        teacher, **values)
+            passes = model.group_passes(group, views, teacher, **values)
             for loss, stats in forwards_under_autocast(passes, self.world.device, config.run.precision):
                 (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this pass's graph
                 losses.append(loss.detach())

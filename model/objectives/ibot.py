@@ -22,6 +22,7 @@ class IBOT(Objective):
     name = "ibot"
     students = ("image_student",)
     teachers = ("image_student", "ibot_head")
+    reads = ("global_crops", "local_crops")
     teacher_image_views = 2
 
     @property

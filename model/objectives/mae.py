@@ -10,6 +10,7 @@ from model.objectives.objective import Objective
 class MAE(Objective):
     name = "mae"
     students = ("image_student",)
+    reads = ("global_crops",)
 
     def networks(self, config, model):
         grid = (config.global_crop_px // config.patch_size,) * 2

@@ -15,6 +15,7 @@ class MaskedDistillation(Objective):
     name = "masked_distillation"
     students = ("image_student",)
     teachers = ("image_student",)
+    reads = ("global_crops",)
     teacher_image_views = 1
 
     def networks(self, config, model):

@@ -6,12 +6,14 @@ An objective declares
   two objectives naming the same network share it;
 - `buffers(config)`: its state that is not trained (centres), by attribute name;
 - `teachers`: the networks whose EMA copy it reads; the meta-architecture builds a teacher only for those;
-- `teacher_image_views`: how many global crops the image teacher must see for it (0: none), and
+- `reads`: the views it reads by name (the recipe's image and text views, `tokens` for the one caption); the
+  trainer checks that the data recipe makes them before training starts;
+- `teacher_image_views`: how many crops of view `teacher_view` the image teacher must see for it (0: none), and
   `teacher_attention`: whether it reads the image teacher's CLS attention map;
 - `teacher_outputs(model, seen, views)`: what it reads from the teachers, computed once per step without gradient
-  from what the teachers saw (`seen`: image_tokens (G, B, 1 + N, D), image_attention (G, B, N), text_embedding
-  (B, clip_dim), text_features (B, T, width), those that some objective needs), each entry popped by this
-  objective's passes;
+  from what the teachers saw (`seen`: image_tokens (G, B, 1 + N, D) of view `teacher_view`, image_attention
+  (G, B, N), text_embedding (B, clip_dim), text_features (B, T, width), those that some objective needs), each
+  entry popped by this objective's passes;
 - `passes(model, views, teacher, values)`: its backward passes, an iterator of (weighted loss, metrics).
 The networks and buffers live on the meta-architecture (so `model.ibot_head` is the one iBOT head, and checkpoints
 name it so); an objective holds only its configuration.
@@ -26,6 +28,8 @@ class Objective:
     name = ""  # its backward group in metrics and in the order of passes
     students = ()
     teachers = ()
+    reads = ("global_crops", "tokens")
+    teacher_view = "global_crops"
     teacher_image_views = 0
     teacher_attention = False
 

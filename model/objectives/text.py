@@ -16,6 +16,7 @@ MLM_LOGIT_CHUNKS = 8  # the MLM logits of a step in 8 parts: (n, 49409) floats w
 class MaskedText(Objective):
     name = "text"
     students = ("text_student",)
+    reads = ("tokens",)
 
     @property
     def teachers(self):

@@ -58,10 +58,10 @@ def backward_each_group(model, inputs, trim=True):
     trim=False keeps the captions' padding (before/after figures)."""
     if trim:
         inputs = {**inputs, "tokens": trim_padding(inputs["tokens"])}  # as the trainer
-    teacher = model.forward_teachers(inputs["global_crops"], inputs["tokens"], inputs["ibot_masks"])
+    teacher = model.forward_teachers(inputs)
     yield "teachers", []
     for group in model.backward_groups:
-        passes, saved_per_pass = model.group_passes(group, **inputs, teacher=teacher, **BENCH_SCHEDULE), []
+        passes, saved_per_pass = model.group_passes(group, inputs, teacher=teacher, **BENCH_SCHEDULE), []
         while True:
             item, saved = saved_bytes(lambda passes=passes: next(passes, None))
             if item is None:

@@ -1,0 +1,67 @@
+"""The data recipe a config asks for, and the step's inputs by name for the objectives.
+
+`data.views` names the recipe: `auto` is Harmony's multi-crop, or one CLIP crop when no objective reads more
+(the sizes, scales and colour of the `data.*` crop fields); `slip`, `clip_rocket` and `aclip` are METHODS.md
+section 3's recipes (datapipe/views.py) at `data.global_crop_px`. `check_views` fails before training when the
+recipe lacks a view an enabled objective reads.
+"""
+
+import dataclasses
+
+from datapipe.views import CAPTION, MultiCrop, SingleCrop, aclip_views, clip_rocket_views, slip_views
+from model.text import trim_padding
+
+RECIPES = {"slip": slip_views, "clip_rocket": clip_rocket_views, "aclip": aclip_views}
+VIEW_CHOICES = ("auto", *RECIPES)
+
+
+def view_recipe(config):
+    """The recipe of `config.data.views`; for `auto`, MultiCrop's defaults except the configured fields."""
+    data = config.data
+    if data.views != "auto":
+        return RECIPES[data.views](size_px=data.global_crop_px)
+    if data.local_crops_number == 0 and config.model.global_views == 1:
+        return SingleCrop(size_px=data.global_crop_px, scale=data.global_crop_scale, flip_prob=data.global_flip_prob)
+    defaults = MultiCrop()
+    colour = dict(hue=data.hue, grayscale_prob=data.grayscale_prob)
+    global_crop = dict(size_px=data.global_crop_px, scale=data.global_crop_scale, flip_prob=data.global_flip_prob,
+                       **colour)
+    local_crop = dict(size_px=data.local_crop_px, scale=data.local_crop_scale, **colour)
+    return MultiCrop(global_1=dataclasses.replace(defaults.global_1, **global_crop),
+                     global_2=dataclasses.replace(defaults.global_2, **global_crop),
+                     local=dataclasses.replace(defaults.local, **local_crop),
+                     local_crops_number=data.local_crops_number, patch_size=config.model.patch_size)
+
+
+def made_views(recipe):
+    """The names `model_views` gives the objectives for `recipe`."""
+    names = [*recipe.image_views, *recipe.text_views]
+    if "global_crops" in recipe.image_views:
+        names += ["local_crops", "ibot_masks"]
+    if CAPTION in recipe.text_views:
+        names.append("tokens")
+    return names
+
+
+def check_views(config, reads):
+    """ValueError naming the views the enabled objectives (`reads`) need and `data.views` does not make."""
+    made = made_views(view_recipe(config))
+    missing = [name for name in dict.fromkeys(reads) if name not in made]
+    if missing:
+        raise ValueError(f"data.views={config.data.views} makes the views {made}, but the enabled objectives also "
+                         f"read {missing}: choose the data.views recipe their method uses ({', '.join(VIEW_CHOICES)})")
+
+
+def model_views(batch, trim):
+    """A Batch as the objectives read it: each image view (n, B, 3, H, W) and text view (n, B, T) by name,
+    `<view>_boxes` (n, B, 4); with a `global_crops` view also `local_crops` and `ibot_masks`, and `tokens` (B, T)
+    for the one caption. trim: cut text views to their longest caption (train only what the text tower reads)."""
+    views = dict(batch.images)
+    for name, tokens in batch.texts.items():
+        views[name] = trim_padding(tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2]) if trim else tokens
+    views.update((f"{name}_boxes", boxes) for name, boxes in batch.boxes.items())
+    if "global_crops" in batch.images:
+        views["local_crops"], views["ibot_masks"] = batch.local_crops, batch.ibot_masks
+    if CAPTION in batch.texts:
+        views["tokens"] = views[CAPTION][0]
+    return views
