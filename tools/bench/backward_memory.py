@@ -15,9 +15,12 @@ from pathlib import Path
 import matplotlib
 import torch
 
+from datapipe.batch import Batch
+from datapipe.views import EnclosingCrop
 from model.meta_arch import MetaArch, ModelConfig
 from model.text import trim_padding
 from train.config import load_config
+from train.views import model_views
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -37,16 +40,41 @@ def saved_bytes(function):
     return result, sum(storages.values())
 
 
+def caption_tokens(batch):
+    """(B, 77): captions of 19 BPE ids between SOT and EOT."""
+    tokens = torch.zeros(batch, 77, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:20], tokens[:, 20] = 49406, 1000, 49407
+    return tokens
+
+
 def synthetic_batch(config, batch, local_px, locals_number, device):
     generator = torch.Generator().manual_seed(0)
     grid = config.global_crop_px // config.patch_size
-    tokens = torch.zeros(batch, 77, dtype=torch.long)
-    tokens[:, 0], tokens[:, 1:20], tokens[:, 20] = 49406, 1000, 49407
+    tokens = caption_tokens(batch)
     return dict(global_crops=torch.randn(2, batch, 3, config.global_crop_px, config.global_crop_px,
                                          generator=generator).to(device),
                 local_crops=torch.randn(locals_number, batch, 3, local_px, local_px, generator=generator).to(device),
                 ibot_masks=(torch.rand(2, batch, grid, grid, generator=generator) < 0.3).to(device),
                 tokens=tokens.to(device))
+
+
+def recipe_inputs(recipe, batch, device):
+    """Random inputs shaped and named as the trainer gives `recipe`'s views to the objectives (train/views.py),
+    captions untrimmed. Boxes: the source image is twice a crop's size; an enclosing view covers all of it, and
+    crop k of another view is the crop-sized square at (k * size / 2, size / 4)."""
+    generator = torch.Generator().manual_seed(0)
+    images, boxes = {}, {}
+    for name, view in recipe.image_views.items():
+        size, count = view.size_px, len(view.crops)
+        images[name] = torch.randn(count, batch, 3, size, size, generator=generator)  # (n, B, 3, H, W)
+        if view.boxes:
+            corners = [(0.0, 0.0, 2.0 * size, 2.0 * size)] if isinstance(view, EnclosingCrop) else \
+                [(crop * size / 2, size / 4, float(size), float(size)) for crop in range(count)]
+            boxes[name] = torch.tensor(corners)[:, None].expand(count, batch, 4)  # (n, B, 4)
+    texts = {name: caption_tokens(batch)[None].expand(view.captions, -1, -1)  # (n, B, 77)
+             for name, view in recipe.text_views.items()}
+    inputs = model_views(Batch(images, texts, {}, boxes, keys=[str(row) for row in range(batch)]), trim=False)
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 BENCH_SCHEDULE = dict(teacher_cls_temp=0.04, teacher_patch_temp=0.07, clip_hard_weight=0.5)  # soft CLIP on
@@ -56,8 +84,9 @@ def backward_each_group(model, inputs, trim=True):
     """One step as the trainer runs it. Yields ("teachers", []) once the teachers ran (they save nothing for
     backward), then (group, [bytes each of its passes saved for backward]) after each group's backward passes.
     trim=False keeps the captions' padding (before/after figures)."""
-    if trim:
-        inputs = {**inputs, "tokens": trim_padding(inputs["tokens"])}  # as the trainer
+    if trim:  # as the trainer: `tokens` (B, 77) and text views (n, B, 77) cut to their longest caption
+        inputs = {name: (trim_padding(tensor.flatten(0, -2)).unflatten(0, tensor.shape[:-1])
+                         if tensor.dtype == torch.long else tensor) for name, tensor in inputs.items()}
     teacher = model.forward_teachers(inputs)
     yield "teachers", []
     for group in model.backward_groups:

@@ -30,10 +30,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.meta_arch import MetaArch, ModelConfig
-from tools.bench.backward_memory import backward_each_group, synthetic_batch
+from tools.bench.backward_memory import backward_each_group, recipe_inputs, synthetic_batch
 from tools.bench.live_bytes import LiveTensorBytes
 from train.config import load_config
 from train.pretrain import autocast
+from train.views import view_recipe
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -82,8 +83,9 @@ def method_costs(methods, vit_s_batch, repeats, device):
         runs = {}
         for method in ("clip", *[name for name in methods if name != "clip"]):
             preset = load_config(f"{method}_{scale}")
+            recipe = view_recipe(preset) if preset.data.views != "auto" else None
             runs[method] = measure(dataclasses.replace(preset.model, **overrides), batch, local_px,
-                                   preset.data.local_crops_number, repeats, device)
+                                   preset.data.local_crops_number, repeats, device, recipe=recipe)
         clip = runs["clip"]
         results[shape] = {method: {"batch": batch, "step_s": run["step_s"],
                                    "activation_peak_bytes": run["activation_peak_bytes"],
@@ -128,12 +130,14 @@ def flops_per_part(model, inputs, device, trim):
     return counts
 
 
-def measure(config, batch, local_px, locals_number, repeats, device, trim=True, compile_backend=None):
+def measure(config, batch, local_px, locals_number, repeats, device, trim=True, compile_backend=None, recipe=None):
     """With compile_backend, FLOPs and activation peaks are counted on the eager model (counting modes do not see
-    inside compiled code), then the blocks are compiled for the warm-up (which compiles) and the timed steps."""
+    inside compiled code), then the blocks are compiled for the warm-up (which compiles) and the timed steps.
+    recipe: a method's own views (data.views other than auto), else Harmony's or CLIP's crops."""
     torch.manual_seed(0)
     model = MetaArch(config).to(device)
-    inputs = synthetic_batch(config, batch, local_px, locals_number if config.ibot else 0, device)
+    inputs = recipe_inputs(recipe, batch, device) if recipe else \
+        synthetic_batch(config, batch, local_px, locals_number if config.ibot else 0, device)
     flops = flops_per_part(model, inputs, device, trim)
     one_step(model, inputs, device, trim)  # warm-up: gradients exist from here on
     live_peaks = live_peak_per_part(model, inputs, device, trim)
