@@ -14,7 +14,8 @@ nothing a teacher computed outlives its reader.
 Ownership (HARMONY.md 3.8): one image student shared by every image objective; one text student shared by every
 text objective. `teachers[name]` is the EMA copy of the student module `self.<name>`: the image teacher (ViT with
 its contrastive projection, plus the iBOT head) serves iBOT and the soft CLIP targets; one text teacher serves soft
-CLIP and text distillation. Decoders and the logit scale have no teacher.
+CLIP and text distillation; A-CLIP's teacher is the image teacher (on its zoom-out view) plus the EMA BYOL projector.
+Decoders and the logit scale have no teacher.
 """
 
 import copy
