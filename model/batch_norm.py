@@ -19,7 +19,7 @@ class SyncedBatchNorm1d(nn.BatchNorm1d):
         """features: (B, C) -> (B, C), normalised by the statistics of the batch on every rank."""
         if not self.training or rank_and_world_size()[1] == 1:
             return super().forward(features)
-        values = features.float()
+        values = features.to(torch.promote_types(features.dtype, torch.float32))  # fp32 at least, fp64 kept
         local = torch.cat([values.new_full((1,), values.shape[0]), values.sum(0), (values * values).sum(0)])  # (1+2C)
         totals = dist_autograd.all_reduce(local)
         count, sums, squares = totals[0], totals[1:1 + values.shape[1]], totals[1 + values.shape[1]:]

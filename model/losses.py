@@ -2,7 +2,8 @@
 
 Harmony's five follow ../shared/HARMONY.md section 2 (the official code), with our decision #2:
 the text-distillation centre statistics are teacher logits over real tokens only. SigLIP, label smoothing,
-masked self-distillation (MaskCLIP) and raw-pixel reconstruction (M3AE) follow ../shared/METHODS.md.
+masked self-distillation (MaskCLIP), raw-pixel reconstruction (M3AE), SimCLR's NT-Xent (SLIP, A-CLIP) and
+BYOL (A-CLIP) follow ../shared/METHODS.md.
 Distributed gathers and all-reduces are the caller's job: functions take the gathered
 tensors and return the local statistics the caller reduces.
 """
@@ -61,6 +62,33 @@ def siglip_loss(image_local, text_all, logit_scale, logit_bias, rank=0):
     signs[rows, rank * batch + rows] = 1.0
     loss = -F.logsigmoid(signs * logits).sum() / batch
     return loss, {"siglip": loss.detach(), "logit_scale": scale.detach(), "logit_bias": logit_bias.detach()}
+
+
+def simclr_loss(view_a_local, view_b_local, view_a_all, view_b_all, temperature=0.1, rank=0):
+    """SLIP's NT-Xent (METHODS.md 2.3): each local row of one view is scored against the other view's gathered rows
+    (its positive at its own global index) and its own view's gathered rows without itself, 2N - 1 candidates, over
+    the temperature; the loss is the mean of the two views' cross-entropies.
+
+    view_a_local, view_b_local: (B, D) L2-normalized; view_a_all, view_b_all: (W*B, D), gathered with gradient.
+    """
+    batch = view_a_local.shape[0]
+    labels = rank * batch + torch.arange(batch, device=view_a_local.device)
+    itself = F.one_hot(labels, view_a_all.shape[0]).bool()  # (B, W*B): a row's own column in its own view
+
+    def one_view(query, other_all, own_all):
+        across = query @ other_all.T / temperature  # (B, W*B)
+        within = (query @ own_all.T / temperature).masked_fill(itself, float("-inf"))  # (B, W*B)
+        return F.cross_entropy(torch.cat([across, within], dim=1), labels)
+
+    loss = (one_view(view_a_local, view_b_all, view_a_all) + one_view(view_b_local, view_a_all, view_b_all)) / 2
+    return loss, {"simclr": loss.detach()}
+
+
+def byol_loss(predictions, targets):
+    """BYOL's regression (A-CLIP, METHODS.md 2.7): mean over rows of 2 - 2 cos(prediction, target); (n, D) each,
+    the targets constant (an EMA network's output)."""
+    loss = (2 - 2 * F.cosine_similarity(predictions, targets.detach(), dim=-1)).mean()
+    return loss, {"byol": loss.detach()}
 
 
 def teacher_probs(teacher_logits, center, temperature):

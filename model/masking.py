@@ -1,7 +1,9 @@
-"""Masks made on the training device: MLM caption masking, MAE patch removal, attention-guided patch removal."""
+"""Masks made on the training device: MLM caption masking, MAE patch removal, attention-guided patch removal (and
+A-CLIP's mapping of a zoom-out view's attention onto the crops it encloses)."""
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import roi_align
 
 MASK_ID = 49408  # one past the CLIP BPE vocabulary (datapipe.text.MASK_ID; model/ does not import datapipe)
 
@@ -62,3 +64,25 @@ def attentive_keep_indices(attention, grid, mask_ratio=0.5):
     removed = torch.ones(batch, rows * cols, dtype=torch.bool, device=attention.device)
     removed.scatter_(1, keep, False)
     return keep, removed
+
+
+def attention_in_boxes(attention, grid, enclosing_box, boxes):
+    """A-CLIP's attention for each online crop, from the teacher's attention on the zoom-out crop (METHODS.md 2.7):
+    the part of the enclosing crop's attention map that each online box covers, resized back to the grid (bilinear
+    samples at the bin centres, as their resize to the crop's pixels, crop and resize back).
+
+    attention: (B, rows*cols) on the enclosing crop; enclosing_box: (B, 4) and boxes: (V, B, 4), (top, left, height,
+    width) in source-image pixels, each box inside the enclosing one. Returns (V, B, rows*cols)."""
+    rows, cols = grid
+    views, batch = boxes.shape[:2]
+    enclosing = enclosing_box.float()[None]  # (1, B, 4)
+    boxes = boxes.float()
+    top = (boxes[..., 0] - enclosing[..., 0]) * rows / enclosing[..., 2]  # (V, B) in enclosing-grid cells
+    left = (boxes[..., 1] - enclosing[..., 1]) * cols / enclosing[..., 3]
+    bottom = top + boxes[..., 2] * rows / enclosing[..., 2]
+    right = left + boxes[..., 3] * cols / enclosing[..., 3]
+    image = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).expand(views, batch)
+    regions = torch.stack([image, left, top, right, bottom], dim=-1).flatten(0, 1)  # (V*B, 5): x1, y1, x2, y2
+    maps = attention.float().reshape(batch, 1, rows, cols)
+    mapped = roi_align(maps, regions, (rows, cols), spatial_scale=1.0, sampling_ratio=0, aligned=True)  # (V*B, 1, ..)
+    return mapped.reshape(views, batch, rows * cols)

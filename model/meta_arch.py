@@ -14,7 +14,8 @@ nothing a teacher computed outlives its reader.
 Ownership (HARMONY.md 3.8): one image student shared by every image objective; one text student shared by every
 text objective. `teachers[name]` is the EMA copy of the student module `self.<name>`: the image teacher (ViT with
 its contrastive projection, plus the iBOT head) serves iBOT and the soft CLIP targets; one text teacher serves soft
-CLIP and text distillation. Decoders and the logit scale have no teacher.
+CLIP and text distillation; A-CLIP's teacher is the image teacher (on its zoom-out view) plus the EMA BYOL projector.
+Decoders and the logit scale have no teacher.
 """
 
 import copy
@@ -110,6 +111,22 @@ class ModelConfig:
     detail_decoder_depth: int = 1
     detail_decoder_heads: int = 16
 
+    # SLIP's SimCLR term (METHODS.md 2.3; SLIP's CLIP term is `clip`), whose head and NT-Xent A-CLIP shares.
+    simclr: bool = False
+    simclr_hidden_dim: int = 4096
+    simclr_out_dim: int = 256
+    simclr_temperature: float = 0.1
+    simclr_weight: float = 1.0
+
+    # A-CLIP (METHODS.md 2.7): CLIP on two attention-masked views (weight clip_weight for their mean), SimCLR between
+    # them (simclr_*) and BYOL against the EMA projector on the zoom-out view.
+    aclip: bool = False
+    aclip_mask_ratio: float = 0.5  # removed in 2x2 blocks by the teacher's mapped attention (100 of 196 patches kept)
+    aclip_freeze_patch_embed: bool = True  # MoCo v3 style: the patch embedding keeps its initial weights
+    byol_hidden_dim: int = 4096
+    byol_out_dim: int = 256
+    byol_weight: float = 2.0
+
     ibot_weight: float = 1.0
     clip_weight: float = 1.0
     mlm_weight: float = 1.0
@@ -124,7 +141,8 @@ class ModelConfig:
                              f"patch_size={self.patch_size}")
         if not self.objectives:
             raise ValueError("every objective is switched off: enable at least one of "
-                             "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae, detailclip")
+                             "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae, "
+                             "detailclip, simclr, aclip")
         self._check_clip()
         if self.detailclip and (self.ibot or self.clip or self.mae):
             raise ValueError("detailclip holds its own CLIP, iBOT and reconstruction terms: set ibot, clip, soft_clip "
@@ -132,10 +150,24 @@ class ModelConfig:
         if self.detailclip and (self.global_crop_px // self.patch_size) % 2:
             raise ValueError(f"detailclip removes patches in 2x2 blocks: global_crop_px / patch_size = "
                              f"{self.global_crop_px // self.patch_size} must be even")
-        for name in ("mae_mask_ratio", "detail_mask_ratio", "masked_distillation_mask_ratio",
+        self._check_simclr_and_aclip()
+        for name in ("mae_mask_ratio", "detail_mask_ratio", "aclip_mask_ratio", "masked_distillation_mask_ratio",
                      "multimodal_image_mask_ratio", "multimodal_text_mask_ratio", "mlm_probability"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be between 0 and 1 (a share of tokens masked)")
+
+    def _check_simclr_and_aclip(self):
+        if self.aclip and (self.ibot or self.clip or self.mae or self.simclr or self.detailclip):
+            raise ValueError("aclip holds its own CLIP and SimCLR terms and its image teacher sees the enclosing view: "
+                             "set ibot, clip, soft_clip, mae, simclr and detailclip to false next to it")
+        if self.aclip and (self.global_crop_px // self.patch_size) % 2:
+            raise ValueError(f"aclip removes patches in 2x2 blocks: global_crop_px / patch_size = "
+                             f"{self.global_crop_px // self.patch_size} must be even")
+        if self.simclr_temperature <= 0:
+            raise ValueError(f"simclr_temperature={self.simclr_temperature} must be above 0 (SLIP, A-CLIP: 0.1)")
+        for name in ("simclr_hidden_dim", "simclr_out_dim", "byol_hidden_dim", "byol_out_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: a head width must be at least 1")
 
     def _check_clip(self):
         if self.clip_loss not in CLIP_LOSSES:
@@ -166,12 +198,13 @@ class ModelConfig:
         """The enabled objectives' names, in the order their backward passes run."""
         enabled = {"ibot": self.ibot, "clip": self.clip, "text": self.mlm or self.text_distillation, "mae": self.mae,
                    "masked_distillation": self.masked_distillation, "multimodal_mae": self.multimodal_mae,
-                   "detailclip": self.detailclip}
+                   "detailclip": self.detailclip, "simclr": self.simclr, "aclip": self.aclip}
         return tuple(name for name in PASS_ORDER if enabled[name])
 
     @property
     def uses_text(self):
-        return self.clip or self.mlm or self.text_distillation or self.multimodal_mae or self.detailclip
+        return (self.clip or self.mlm or self.text_distillation or self.multimodal_mae or self.detailclip
+                or self.aclip)
 
     @property
     def vit_embed_dim(self):
@@ -199,6 +232,9 @@ class MetaArch(nn.Module):
             for name, tensor in objective.buffers(config).items():
                 if not hasattr(self, name):
                     self.register_buffer(name, tensor)
+        for objective in self.objectives.values():
+            for name in objective.frozen:
+                self.get_submodule(name).requires_grad_(False)
         self.teachers = self._build_teachers()
         if config.activation_checkpointing:
             self._checkpoint_student_blocks()

@@ -36,6 +36,7 @@ def view_recipe(config):
 def made_views(recipe):
     """The names `model_views` gives the objectives for `recipe`."""
     names = [*recipe.image_views, *recipe.text_views]
+    names += [f"{name}_boxes" for name, view in recipe.image_views.items() if view.boxes]
     if "global_crops" in recipe.image_views:
         names += ["local_crops", "ibot_masks"]
     if CAPTION in recipe.text_views:

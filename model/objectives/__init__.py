@@ -5,14 +5,16 @@ the former single-class model); `PASS_ORDER` is the order their backward passes 
 order first). A new objective is one module here, one entry in each, and the config switch that enables it.
 """
 
+from model.objectives.aclip import ACLIP
 from model.objectives.clip import CLIP
 from model.objectives.detailclip import DetailCLIP
 from model.objectives.ibot import IBOT
 from model.objectives.mae import MAE
 from model.objectives.masked_distillation import MaskedDistillation
 from model.objectives.multimodal_mae import MultimodalMAE
+from model.objectives.simclr import SimCLR
 from model.objectives.text import MaskedText
 
 OBJECTIVES = {"ibot": IBOT, "clip": CLIP, "mae": MAE, "text": MaskedText, "masked_distillation": MaskedDistillation,
-              "multimodal_mae": MultimodalMAE, "detailclip": DetailCLIP}
-PASS_ORDER = ("ibot", "clip", "detailclip", "text", "mae", "masked_distillation", "multimodal_mae")
+              "multimodal_mae": MultimodalMAE, "detailclip": DetailCLIP, "simclr": SimCLR, "aclip": ACLIP}
+PASS_ORDER = ("ibot", "clip", "simclr", "detailclip", "aclip", "text", "mae", "masked_distillation", "multimodal_mae")

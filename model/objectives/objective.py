@@ -6,6 +6,8 @@ An objective declares
   two objectives naming the same network share it;
 - `buffers(config)`: its state that is not trained (centres), by attribute name;
 - `teachers`: the networks whose EMA copy it reads; the meta-architecture builds a teacher only for those;
+- `frozen`: submodules of its networks that keep their initial weights (e.g. "image_student.patch_embed"): their
+  parameters get requires_grad=False, so the optimizer leaves them out; they still have their EMA copy and checkpoint;
 - `reads`: the views it reads by name (the recipe's image and text views, `tokens` for the one caption); the
   trainer checks that the data recipe makes them before training starts;
 - `teacher_image_views`: how many crops of view `teacher_view` the image teacher must see for it (0: none), and
@@ -28,6 +30,7 @@ class Objective:
     name = ""  # its backward group in metrics and in the order of passes
     students = ()
     teachers = ()
+    frozen = ()
     reads = ("global_crops", "tokens")
     teacher_view = "global_crops"
     teacher_image_views = 0
