@@ -298,9 +298,14 @@ class MetaArch(nn.Module):
         return [param for param in self.ibot_head.last_layer.parameters() if param.requires_grad]
 
     def evaluation_towers(self):
-        """(image tower, text tower) for evaluation and export: the EMA teachers where they exist."""
-        towers = {name: getattr(self, name, None) for name in ("image_student", "text_student")}
-        towers.update((name, teacher) for name, teacher in self.teachers.items() if name in towers)
+        """(image tower, text tower) for evaluation and export: the EMA teachers where every tower the model has
+        has one (Harmony, BYOLIP); otherwise the students, which the contrastive loss trained together (an EMA image
+        tower beside a student text tower, as A-CLIP's and DetailCLIP's teachers would give, was never trained
+        against that text tower)."""
+        names = [name for name in ("image_student", "text_student") if hasattr(self, name)]
+        source = self.teachers if all(name in self.teachers for name in names) else {}
+        towers = {name: source[name] if name in source else getattr(self, name, None)
+                  for name in ("image_student", "text_student")}
         return towers["image_student"], towers["text_student"]
 
     @torch.no_grad()

@@ -79,6 +79,18 @@ def test_a_teacher_exists_only_where_an_objective_reads_it(method, teachers, obj
     assert set(model.teachers) == teachers and model.backward_groups == objectives
 
 
+@pytest.mark.parametrize("method, teachers", [("harmony", True), ("clip", False), ("silc", False),
+                                              ("detailclip", False), ("aclip", False), ("maskclip", False)])
+def test_evaluation_uses_the_teachers_only_where_both_towers_have_one(method, teachers):
+    """An EMA image tower was never trained against the student text tower: with no text teacher beside it,
+    evaluation reads the students."""
+    model = tiny_preset_model(f"{method}_demo")
+    image, text = model.evaluation_towers()
+    source = model.teachers if teachers else {"image_student": model.image_student,
+                                              "text_student": model.text_student}
+    assert image is source["image_student"] and text is source["text_student"]
+
+
 def test_networks_are_built_once_and_shared():
     """MaskCLIP's CLIP, MLM and masked distillation train one image and one text student."""
     model = tiny_preset_model("maskclip_demo")
