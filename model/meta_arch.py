@@ -148,8 +148,8 @@ class ModelConfig:
                              f"patch_size={self.patch_size}")
         if not self.objectives:
             raise ValueError("every objective is switched off: enable at least one of "
-                             "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae, detailclip, "
-                             "clip_rocket")
+                             "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae, "
+                             "detailclip, clip_rocket")
         self._check_clip()
         self._check_clip_rocket()
         if self.detailclip and (self.ibot or self.clip or self.mae):
@@ -190,7 +190,8 @@ class ModelConfig:
     def _check_clip_rocket(self):
         add_ons = [name for name in ("siamlip", "byolip", "barlip", "swalip") if getattr(self, name)]
         if add_ons and not self.clip_rocket:
-            raise ValueError(f"{', '.join(add_ons)} add to CLIP 🚀's pass and read its features: set clip_rocket=true")
+            raise ValueError(f"{', '.join(add_ons)} add to CLIP 🚀's pass and read its features: "
+                             f"set clip_rocket=true")
         if self.siamlip and self.byolip:
             raise ValueError("byolip is siamlip with EMA targets: set one of siamlip and byolip to false")
         if self.rocket_loss_mode not in ("avg", "sum"):

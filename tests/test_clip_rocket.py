@@ -185,9 +185,13 @@ def test_swalip_adds_0_2_times_the_swapped_sinkhorn_prediction():
         def soft_ce(logits, targets):
             return -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
-        swapped = sum((soft_ce(scale * image_scores[l1][l2], sinkhorn_written_out(image_scores[1 - l1][1 - l2], 0.05, 3))
-                       + soft_ce(scale * text_scores[l1][l2], sinkhorn_written_out(text_scores[1 - l1][1 - l2], 0.05, 3)))
-                      / 2 for l1 in (0, 1) for l2 in (0, 1)) / 4
+        swapped = 0.0
+        for l1 in (0, 1):
+            for l2 in (0, 1):
+                image_targets = sinkhorn_written_out(image_scores[1 - l1][1 - l2], 0.05, 3)  # the swapped pair's
+                text_targets = sinkhorn_written_out(text_scores[1 - l1][1 - l2], 0.05, 3)
+                swapped += (soft_ce(scale * image_scores[l1][l2], image_targets) +
+                            soft_ce(scale * text_scores[l1][l2], text_targets)) / 2 / 4
         expected = rocket_loss_written_out(model, batch, 0.0) + 0.2 * swapped
         torch.testing.assert_close(group_loss(model, batch), expected, rtol=1e-5, atol=1e-5)
 

@@ -31,7 +31,8 @@ def rank_main(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         for variant in VARIANTS:
-            torch.save(rocket_gradients(variant, rocket_batch(batch=8), rank, 2), os.path.join(out_dir, f"{variant}{rank}.pt"))
+            gradients = rocket_gradients(variant, rocket_batch(batch=8), rank, 2)
+            torch.save(gradients, os.path.join(out_dir, f"{variant}{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()

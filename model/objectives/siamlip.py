@@ -41,8 +41,8 @@ def siam_loss(image_predictions, text_predictions, image_targets, text_targets):
     """Each argument: 3 x (B, siam_dim) of [weak, strong 1, strong 2]. Mean of the 10 cross-modal terms."""
     terms = [negative_cosine(image_predictions[0], text_targets[0]),
              negative_cosine(text_predictions[0], image_targets[0])]
-    terms += [negative_cosine(prediction, target) for prediction in image_predictions[1:] for target in text_targets[1:]]
-    terms += [negative_cosine(prediction, target) for prediction in text_predictions[1:] for target in image_targets[1:]]
+    for predictions, targets in ((image_predictions, text_targets), (text_predictions, image_targets)):
+        terms += [negative_cosine(prediction, target) for prediction in predictions[1:] for target in targets[1:]]
     return torch.stack(terms).mean()
 
 
