@@ -5,8 +5,10 @@ OpenAI CLIP's QuickGELU). With GELU in both towers, open_clip's own model config
 image and text towers at every ViT size, so an export loads with `open_clip.create_model(...)` alone.
 
 Returns the pooled, projected EOT embedding and the token features before the final norm,
-which the MLM decoder and the text-distillation head read (HARMONY.md 2.4-2.5). open_clip's
-own forward returns the features after the final norm, so we call its parts in order.
+which the MLM decoder and the text-distillation head read (HARMONY.md 2.4-2.5); `encode` stops
+before the projection (CLIP 🚀's projectors read the EOT features after ln_final) and can drop out
+the residual stream at each block's input (CLIP 🚀's text dropout). open_clip's own forward returns
+the features after the final norm, so we call its parts in order.
 
 Attention is causal, so the features up to EOT do not depend on the padding after it: the encoder
 accepts captions cut to any length T <= 77, and `trim_padding` cuts a batch to its longest caption.

@@ -26,5 +26,5 @@ class BYOLIP(SiamLIP):
                                                                   tokens[:, 0].unflatten(0, (3, batch)))),
                 "byolip_text_targets": torch.stack(project_views(teachers["siam_text_projector"], text_eot))}
 
-    def targets(self, features, projected, teacher):
+    def targets(self, projected, teacher):
         return teacher.pop("byolip_image_targets"), teacher.pop("byolip_text_targets")

@@ -60,14 +60,14 @@ class SiamLIP(RocketAddOn):
                 "siam_image_predictor": lambda: siam_predictor(config),
                 "siam_text_predictor": lambda: siam_predictor(config)}
 
-    def targets(self, features, projected, teacher):
-        """(image v, text v), each 3 x (B, siam_dim): the students' own projections."""
+    def targets(self, projected, teacher):
+        """(image v, text v), each 3 x (B, siam_dim) of [weak, strong 1, strong 2]: the students' own projections."""
         return projected
 
     def term(self, model, features, teacher):
         image_v = project_views(model.siam_image_projector, features["image_cls"])
         text_v = project_views(model.siam_text_projector, features["text_eot"])
-        image_targets, text_targets = self.targets(features, (image_v, text_v), teacher)
+        image_targets, text_targets = self.targets((image_v, text_v), teacher)
         loss = siam_loss([model.siam_image_predictor(v) for v in image_v],
                          [model.siam_text_predictor(v) for v in text_v], image_targets, text_targets)
         return loss, {self.name: loss.detach()}
