@@ -1,4 +1,4 @@
-"""The two collectives the objectives need, as no-ops when torch.distributed is not initialized.
+"""The collectives the objectives need, as no-ops when torch.distributed is not initialized.
 
 CLIP gathers embeddings from every rank with gradient (torch's autograd-aware all_gather: its
 backward sums the gradients of all ranks and returns this rank's slice, as the official
@@ -28,3 +28,10 @@ def all_reduce_sum(tensor):
     if rank_and_world_size()[1] > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_reduce_sum_with_gradient(tensor):
+    """Sum over ranks, out of place; its backward sums the gradients of all ranks (BarLIP's cross-correlation)."""
+    if rank_and_world_size()[1] == 1:
+        return tensor
+    return dist_autograd.all_reduce(tensor)

@@ -127,6 +127,30 @@ class ModelConfig:
     byol_out_dim: int = 256
     byol_weight: float = 2.0
 
+    # CLIP 🚀 (METHODS.md 2.11) on the clip_rocket recipe's weak and strong views; its global term uses the towers'
+    # CLIP projections (clip_dim), logit_scale_init and logit_scale_max (which clamps rocket_logit_scale too).
+    clip_rocket: bool = False
+    rocket_hidden_dim: int = 4096  # the local projectors h: in -> 4096 -> 4096 -> rocket_dim (SyncBN)
+    rocket_dim: int = 256
+    rocket_logit_scale_init: float = math.log(10.0)  # s_h = 1 / 0.1
+    rocket_label_smoothing: float = 0.1  # local term only
+    rocket_text_dropout: float = 0.2  # residual-stream dropout on the strong captions (CC3M 0.2, CC12M 0.05)
+    rocket_loss_mode: str = "avg"  # avg (CC3M) | sum (CC12M, YFCC: the loss x2)
+    # Its SSL add-ons (METHODS.md 2.12-2.14), terms in clip_rocket's pass.
+    siamlip: bool = False
+    byolip: bool = False  # SiamLIP with EMA targets (optim.teacher_momentum, held by optim.teacher_momentum_end)
+    siam_hidden_dim: int = 2048
+    siam_dim: int = 128
+    barlip: bool = False
+    barlip_hidden_dim: int = 3000
+    barlip_dim: int = 8192
+    barlip_scale: float = 0.025
+    barlip_lambda: float = 5e-3  # weight of the off-diagonal terms
+    swalip: bool = False
+    swalip_weight: float = 0.2
+    swalip_epsilon: float = 0.05
+    swalip_iterations: int = 3
+
     ibot_weight: float = 1.0
     clip_weight: float = 1.0
     mlm_weight: float = 1.0
@@ -142,8 +166,9 @@ class ModelConfig:
         if not self.objectives:
             raise ValueError("every objective is switched off: enable at least one of "
                              "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae, "
-                             "detailclip, simclr, aclip")
+                             "detailclip, simclr, aclip, clip_rocket")
         self._check_clip()
+        self._check_clip_rocket()
         if self.detailclip and (self.ibot or self.clip or self.mae):
             raise ValueError("detailclip holds its own CLIP, iBOT and reconstruction terms: set ibot, clip, soft_clip "
                              "and mae to false next to it")
@@ -193,18 +218,42 @@ class ModelConfig:
         if self.soft_clip and self.clip_views != 1:
             raise ValueError("soft_clip reads the teachers on global crop 1 only: set clip_views=1 or soft_clip=false")
 
+    def _check_clip_rocket(self):
+        add_ons = [name for name in ("siamlip", "byolip", "barlip", "swalip") if getattr(self, name)]
+        if add_ons and not self.clip_rocket:
+            raise ValueError(f"{', '.join(add_ons)} add to CLIP 🚀's pass and read its features: "
+                             f"set clip_rocket=true")
+        if self.siamlip and self.byolip:
+            raise ValueError("byolip is siamlip with EMA targets: set one of siamlip and byolip to false")
+        if self.rocket_loss_mode not in ("avg", "sum"):
+            raise ValueError(f"rocket_loss_mode={self.rocket_loss_mode!r}: choose avg (CC3M) or sum (CC12M, YFCC)")
+        for name in ("rocket_label_smoothing", "rocket_text_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.swalip and self.rocket_label_smoothing:
+            raise ValueError(f"swalip trains CLIP 🚀 without label smoothing (rocket_label_smoothing="
+                             f"{self.rocket_label_smoothing}): set rocket_label_smoothing=0")
+        if self.swalip and not (self.swalip_epsilon > 0 and self.swalip_iterations >= 1):
+            raise ValueError(f"swalip_epsilon={self.swalip_epsilon} must be > 0 and swalip_iterations="
+                             f"{self.swalip_iterations} at least 1")
+        if self.clip_rocket and (self.ibot or self.clip or self.mae or self.detailclip):
+            raise ValueError("clip_rocket holds its own CLIP terms on its own views: set ibot, clip, soft_clip, mae "
+                             "and detailclip to false next to it")
+
     @property
     def objectives(self):
         """The enabled objectives' names, in the order their backward passes run."""
         enabled = {"ibot": self.ibot, "clip": self.clip, "text": self.mlm or self.text_distillation, "mae": self.mae,
                    "masked_distillation": self.masked_distillation, "multimodal_mae": self.multimodal_mae,
-                   "detailclip": self.detailclip, "simclr": self.simclr, "aclip": self.aclip}
+                   "detailclip": self.detailclip, "simclr": self.simclr, "aclip": self.aclip,
+                   "clip_rocket": self.clip_rocket, "siamlip": self.siamlip, "byolip": self.byolip,
+                   "barlip": self.barlip, "swalip": self.swalip}
         return tuple(name for name in PASS_ORDER if enabled[name])
 
     @property
     def uses_text(self):
         return (self.clip or self.mlm or self.text_distillation or self.multimodal_mae or self.detailclip
-                or self.aclip)
+                or self.aclip or self.clip_rocket)
 
     @property
     def vit_embed_dim(self):
@@ -299,20 +348,24 @@ class MetaArch(nn.Module):
 
     def evaluation_towers(self):
         """(image tower, text tower) for evaluation and export: the EMA teachers where every tower the model has
-        has one (Harmony, BYOLIP); otherwise the students, which the contrastive loss trained together (an EMA image
-        tower beside a student text tower, as A-CLIP's and DetailCLIP's teachers would give, was never trained
-        against that text tower)."""
+        has one (Harmony) and no objective says otherwise (BYOLIP's copy only gives targets); otherwise the
+        students, which the contrastive loss trained together (an EMA image tower beside a student text tower,
+        as A-CLIP's and DetailCLIP's teachers would give, was never trained against that text tower)."""
         names = [name for name in ("image_student", "text_student") if hasattr(self, name)]
-        source = self.teachers if all(name in self.teachers for name in names) else {}
+        by_teachers = not any(objective.evaluates_students for objective in self.objectives.values())
+        source = self.teachers if by_teachers and all(name in self.teachers for name in names) else {}
         towers = {name: source[name] if name in source else getattr(self, name, None)
                   for name in ("image_student", "text_student")}
         return towers["image_student"], towers["text_student"]
 
     @torch.no_grad()
     def after_optimizer_step(self):
-        """Clamp the logit scale to [0, log logit_scale_max] (SLIP, A-CLIP, DetailCLIP, clip-rocket); 0 = never."""
-        if self.config.logit_scale_max > 0 and hasattr(self, "logit_scale"):
-            self.logit_scale.clamp_(0.0, math.log(self.config.logit_scale_max))
+        """Clamp the logit scales (CLIP's; CLIP 🚀's second one) to [0, log logit_scale_max] (SLIP, A-CLIP,
+        DetailCLIP, clip-rocket); 0 = never."""
+        if self.config.logit_scale_max > 0:
+            for name in ("logit_scale", "rocket_logit_scale"):
+                if hasattr(self, name):
+                    getattr(self, name).clamp_(0.0, math.log(self.config.logit_scale_max))
 
     # Teachers, once per step.
 
@@ -340,7 +393,7 @@ class MetaArch(nn.Module):
             else:
                 image_tokens = self.teachers["image_student"](crops)
             seen["image_tokens"] = image_tokens.unflatten(0, (image_views, -1))  # (G, B, 1 + N, D)
-        if "text_student" in self.teachers:
+        if "text_student" in self.teachers and "tokens" in views:  # the one caption (BYOLIP's teacher reads its own)
             seen["text_embedding"], seen["text_features"] = self.teachers["text_student"](views["tokens"])
         outputs = {}
         for objective in self.objectives.values():

@@ -80,7 +80,8 @@ def test_a_teacher_exists_only_where_an_objective_reads_it(method, teachers, obj
 
 
 @pytest.mark.parametrize("method, teachers", [("harmony", True), ("clip", False), ("silc", False),
-                                              ("detailclip", False), ("aclip", False), ("maskclip", False)])
+                                              ("detailclip", False), ("aclip", False), ("maskclip", False),
+                                              ("byolip", False)])
 def test_evaluation_uses_the_teachers_only_where_both_towers_have_one(method, teachers):
     """An EMA image tower was never trained against the student text tower: with no text teacher beside it,
     evaluation reads the students."""

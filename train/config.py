@@ -62,7 +62,8 @@ class OptimConfig:
     eps: float = 1e-6
     clip_grad: float = 3.0  # per parameter, image student and iBOT head; 0 = off
     freeze_last_layer_epochs: int = 1
-    teacher_momentum: float = 0.996  # cosine to 1
+    teacher_momentum: float = 0.996  # cosine to teacher_momentum_end
+    teacher_momentum_end: float = 1.0  # BYOLIP: 0.99, as teacher_momentum (a constant momentum)
     teacher_cls_temp: float = 0.04
     warmup_teacher_cls_temp: float = 0.04
     teacher_patch_temp: float = 0.07

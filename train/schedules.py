@@ -35,7 +35,8 @@ class Schedules:
         return {
             "lr": cosine(self.peak_lr, optim.min_lr, iteration, self.total, optim.warmup_epochs * self.per_epoch),
             "weight_decay": cosine(optim.weight_decay, optim.weight_decay_end, iteration, self.total),
-            "teacher_momentum": cosine(optim.teacher_momentum, 1.0, iteration, self.total),
+            "teacher_momentum": cosine(optim.teacher_momentum, optim.teacher_momentum_end, iteration,
+                                       self.total),
             "clip_hard_weight": cosine(1.0, optim.clip_hard_weight_end, iteration,
                                        optim.clip_hard_weight_epochs * self.per_epoch),
             "teacher_cls_temp": linear_per_epoch(optim.warmup_teacher_cls_temp, optim.teacher_cls_temp, epoch,

@@ -6,6 +6,7 @@ An objective declares
   two objectives naming the same network share it;
 - `buffers(config)`: its state that is not trained (centres), by attribute name;
 - `teachers`: the networks whose EMA copy it reads; the meta-architecture builds a teacher only for those;
+  `evaluates_students`: the method is evaluated on its students even where both towers have an EMA copy;
 - `frozen`: submodules of its networks that keep their initial weights (e.g. "image_student.patch_embed"): their
   parameters get requires_grad=False, so the optimizer leaves them out; they still have their EMA copy and checkpoint;
 - `reads`: the views it reads by name (the recipe's image and text views, `tokens` for the one caption); the
@@ -30,6 +31,7 @@ class Objective:
     name = ""  # its backward group in metrics and in the order of passes
     students = ()
     teachers = ()
+    evaluates_students = False
     frozen = ()
     reads = ("global_crops", "tokens")
     teacher_view = "global_crops"

@@ -1,0 +1,47 @@
+"""BarLIP (METHODS.md 2.13): cross-modal Barlow Twins on CLIP 🚀's tower features, added to clip_rocket's pass.
+
+Per modality a projector Linear(in -> barlip_hidden_dim)-BN-ReLU-Linear(-> barlip_hidden_dim)-BN-ReLU-
+Linear(-> barlip_dim)-BN(affine) reads the features h reads (image CLS after the final norm, caption EOT features
+after ln_final), each view on its own. For a pair (a, b) of (B, barlip_dim): C = a^T b / B, summed over ranks
+(with gradient, so two ranks equal one) and divided by the world size;
+L = barlip_scale [sum_i (C_ii - 1)^2 + barlip_lambda sum_{i != j} C_ij^2], averaged over the 5 (image, caption)
+pairs: the weak pair and the 2x2 strong pairs. C is not standardised: the projectors' last BN does that.
+"""
+
+import torch
+
+from model.batch_norm import SyncedBatchNorm1d, mlp
+from model.collectives import all_reduce_sum_with_gradient, rank_and_world_size
+from model.objectives.clip_rocket import RocketAddOn
+
+
+def barlow_projector(in_dim, config):
+    hidden = (config.barlip_hidden_dim, config.barlip_hidden_dim)
+    return mlp(in_dim, hidden, config.barlip_dim, last_norm=SyncedBatchNorm1d(config.barlip_dim))
+
+
+def barlow_loss(image, text, scale, off_diagonal_weight):
+    """image, text: (B, K) projector outputs of this rank -> the Barlow Twins loss of their cross-correlation."""
+    correlation = all_reduce_sum_with_gradient(image.float().T @ text.float() / image.shape[0])  # (K, K)
+    correlation = correlation / rank_and_world_size()[1]
+    identity = torch.eye(correlation.shape[0], device=correlation.device)
+    squared = (correlation - identity).pow(2)
+    on_diagonal = squared.diagonal().sum()
+    return scale * (on_diagonal + off_diagonal_weight * (squared.sum() - on_diagonal))
+
+
+class BarLIP(RocketAddOn):
+    name = "barlip"
+
+    def networks(self, config, model):
+        return {"barlip_image_projector": lambda: barlow_projector(model.image_student.embed_dim, config),
+                "barlip_text_projector": lambda: barlow_projector(config.text_width, config)}
+
+    def term(self, model, features, teacher):
+        config = self.config
+        images = [model.barlip_image_projector(view) for view in features["image_cls"]]  # 3 x (B, barlip_dim)
+        texts = [model.barlip_text_projector(view) for view in features["text_eot"]]
+        pairs = [(images[0], texts[0])] + [(image, text) for image in images[1:] for text in texts[1:]]
+        loss = torch.stack([barlow_loss(image, text, config.barlip_scale, config.barlip_lambda)
+                            for image, text in pairs]).mean()
+        return loss, {self.name: loss.detach()}

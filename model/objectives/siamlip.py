@@ -1,0 +1,73 @@
+"""SiamLIP (METHODS.md 2.12): cross-modal SimSiam on CLIP 🚀's tower features, added to clip_rocket's pass.
+
+Per modality a projector Linear(in -> siam_hidden_dim, no bias)-BN-ReLU-Linear(-> siam_dim, no bias)-BN(affine
+off) gives v, and a predictor Linear(siam_dim -> siam_hidden_dim, no bias)-BN-ReLU-Linear(-> siam_dim) gives p;
+the image predictor aims at text targets and the text predictor at image targets. The heads read the features h
+reads (the image CLS after the final norm, the caption's EOT features after ln_final), as clip-rocket's
+`feats_image`/`feats_text` (models.py L496-506); the weak and strong views share the heads (no
+`--separate-proj-child`), each view through them on its own (per-view BN statistics, as the official).
+L_siam = mean of 10 terms 2 - 2 cos(p, stopgrad(v)): weak image -> weak text, weak text -> weak image, and the
+4 + 4 (strong j, strong k) pairs of each direction. `siamlip_targets` gives v from the students (SiamLIP); BYOLIP
+(model/objectives/byolip.py) reads it from their EMA copies.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.batch_norm import SyncedBatchNorm1d, mlp
+from model.objectives.clip_rocket import RocketAddOn
+
+SIAM_HEADS = ("siam_image_projector", "siam_text_projector")
+
+
+def siam_projector(in_dim, config):
+    return mlp(in_dim, (config.siam_hidden_dim,), config.siam_dim, bias=False,
+               last_norm=SyncedBatchNorm1d(config.siam_dim, affine=False))
+
+
+def siam_predictor(config):
+    """Linear (no bias)-BN-ReLU, then a Linear with bias (the projector form's last layer swapped)."""
+    return nn.Sequential(*mlp(config.siam_dim, (config.siam_hidden_dim,), config.siam_dim, bias=False)[:-1],
+                         nn.Linear(config.siam_hidden_dim, config.siam_dim))
+
+
+def negative_cosine(prediction, target):
+    """2 - 2 cos(p, v) averaged over the rows; v carries no gradient."""
+    return 2 - 2 * (F.normalize(prediction, dim=-1) * F.normalize(target.detach(), dim=-1)).sum(-1).mean()
+
+
+def siam_loss(image_predictions, text_predictions, image_targets, text_targets):
+    """Each argument: 3 x (B, siam_dim) of [weak, strong 1, strong 2]. Mean of the 10 cross-modal terms."""
+    terms = [negative_cosine(image_predictions[0], text_targets[0]),
+             negative_cosine(text_predictions[0], image_targets[0])]
+    for predictions, targets in ((image_predictions, text_targets), (text_predictions, image_targets)):
+        terms += [negative_cosine(prediction, target) for prediction in predictions[1:] for target in targets[1:]]
+    return torch.stack(terms).mean()
+
+
+def project_views(projector, features):
+    """(3, B, in) -> 3 x (B, siam_dim), each view through the projector on its own."""
+    return [projector(view) for view in features]
+
+
+class SiamLIP(RocketAddOn):
+    name = "siamlip"
+
+    def networks(self, config, model):
+        return {"siam_image_projector": lambda: siam_projector(model.image_student.embed_dim, config),
+                "siam_text_projector": lambda: siam_projector(config.text_width, config),
+                "siam_image_predictor": lambda: siam_predictor(config),
+                "siam_text_predictor": lambda: siam_predictor(config)}
+
+    def targets(self, projected, teacher):
+        """(image v, text v), each 3 x (B, siam_dim) of [weak, strong 1, strong 2]: the students' own projections."""
+        return projected
+
+    def term(self, model, features, teacher):
+        image_v = project_views(model.siam_image_projector, features["image_cls"])
+        text_v = project_views(model.siam_text_projector, features["text_eot"])
+        image_targets, text_targets = self.targets((image_v, text_v), teacher)
+        loss = siam_loss([model.siam_image_predictor(v) for v in image_v],
+                         [model.siam_text_predictor(v) for v in text_v], image_targets, text_targets)
+        return loss, {self.name: loss.detach()}
