@@ -58,3 +58,16 @@ def test_model_views_of_a_single_crop_recipe_give_the_harmony_names():
     views = model_views(batch, trim=True)
     assert views["tokens"].shape == (2, 16) and views["local_crops"].shape == (0, 2, 3, 0, 0)
     assert views["ibot_masks"].shape == (0, 2, 0, 0)
+
+
+@pytest.mark.parametrize("preset, hue, grey", [("slip_demo", 0.0, 0.0), ("aclip_demo", 0.0, 0.0),
+                                               ("clip_rocket_demo", 0.0, 0.0), ("slip_cc3m", 0.1, 0.2),
+                                               ("clip_rocket_cc3m", 0.1, 0.2)])
+def test_a_methods_own_recipe_takes_the_configured_colour(preset, hue, grey):
+    """The demo's classes are colours: its presets turn hue jitter and grey off in every recipe's jittered crops;
+    the cc3m presets keep the recipes' 0.1 and 0.2."""
+    recipe = view_recipe(load_config(preset))
+    jittered = [crop for view in recipe.image_views.values() for crop in view.crops if crop.jitter_prob]
+    assert jittered and {(crop.hue, crop.grayscale_prob) for crop in jittered} == {(hue, grey)}
+    plain = [crop for view in recipe.image_views.values() for crop in view.crops if not crop.jitter_prob]
+    assert plain and all(crop.grayscale_prob == 0 for crop in plain)

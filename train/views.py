@@ -2,13 +2,13 @@
 
 `data.views` names the recipe: `auto` is Harmony's multi-crop, or one CLIP crop when no objective reads more
 (the sizes, scales and colour of the `data.*` crop fields); `slip`, `clip_rocket` and `aclip` are METHODS.md
-section 3's recipes (datapipe/views.py) at `data.global_crop_px`. `check_views` fails before training when the
-recipe lacks a view an enabled objective reads.
+section 3's recipes (datapipe/views.py) at `data.global_crop_px`, with `data.hue` and `data.grayscale_prob`.
+`check_views` fails before training when the recipe lacks a view an enabled objective reads.
 """
 
 import dataclasses
 
-from datapipe.views import CAPTION, MultiCrop, SingleCrop, aclip_views, clip_rocket_views, slip_views
+from datapipe.views import CAPTION, ImageView, MultiCrop, SingleCrop, aclip_views, clip_rocket_views, slip_views
 from model.text import trim_padding
 
 RECIPES = {"slip": slip_views, "clip_rocket": clip_rocket_views, "aclip": aclip_views}
@@ -19,7 +19,7 @@ def view_recipe(config):
     """The recipe of `config.data.views`; for `auto`, MultiCrop's defaults except the configured fields."""
     data = config.data
     if data.views != "auto":
-        return RECIPES[data.views](size_px=data.global_crop_px)
+        return with_colour(RECIPES[data.views](size_px=data.global_crop_px), data.hue, data.grayscale_prob)
     if data.local_crops_number == 0 and config.model.global_views == 1:
         return SingleCrop(size_px=data.global_crop_px, scale=data.global_crop_scale, flip_prob=data.global_flip_prob)
     defaults = MultiCrop()
@@ -31,6 +31,19 @@ def view_recipe(config):
                      global_2=dataclasses.replace(defaults.global_2, **global_crop),
                      local=dataclasses.replace(defaults.local, **local_crop),
                      local_crops_number=data.local_crops_number, patch_size=config.model.patch_size)
+
+
+def with_colour(recipe, hue, grayscale_prob):
+    """`recipe` with the hue range of its colour-jittered crops and the grey probability of its greyed crops set
+    to the configured ones (the recipes' own are the data fields' defaults, 0.1 and 0.2; the demo's classes are
+    colours, so its presets turn both off)."""
+    def recoloured(crop):
+        return dataclasses.replace(crop, hue=hue if crop.jitter_prob else crop.hue,
+                                   grayscale_prob=grayscale_prob if crop.grayscale_prob else 0.0)
+
+    views = {name: dataclasses.replace(view, crops=tuple(map(recoloured, view.crops))) if isinstance(view, ImageView)
+             else view for name, view in recipe.image_views.items()}
+    return dataclasses.replace(recipe, image_views=views)
 
 
 def made_views(recipe):

@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
 PRECISION = {"cuda": "bf16", "cpu": "fp32"}  # the trainer's autocast: bf16 on a GPU, as the GPU presets
 METHODS = ("clip", "harmony", "clip_gap", "clip_max", "clip_map", "siglip", "flip", "silc", "maskclip", "mae_clip",
-           "m3ae", "detailclip", "slip", "aclip")
+           "m3ae", "detailclip", "slip", "aclip", "clip_rocket", "siamlip", "byolip", "barlip", "swalip")
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 
