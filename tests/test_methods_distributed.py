@@ -1,15 +1,9 @@
 """The objectives that gather across ranks (CLIP's variants, SigLIP): two gloo ranks with half the batch each give
 the averaged gradients of one rank with all of it."""
 
-import os
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_harmony import run_group, tiny_batch, tiny_model
-from test_harmony_distributed import averaged_gradients, rank_share
-
-from train.distributed import free_loopback_port
+from test_harmony_distributed import assert_equal_to_one_rank, averaged_gradients, on_two_ranks, rank_share
 
 CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False, drop_path_rate=0.0)
 VARIANTS = {
@@ -24,25 +18,13 @@ def clip_gradients(variant, batch, rank=0, world_size=1):
     return averaged_gradients(model, world_size)
 
 
-def rank_main(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        for variant in VARIANTS:
-            torch.save(clip_gradients(variant, tiny_batch(), rank, 2), os.path.join(out_dir, f"{variant}{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def distributed_clip_gradients(variant, rank, world_size):
+    return clip_gradients(variant, tiny_batch(), rank, world_size)
 
 
 def test_two_ranks_equal_one_rank_for_every_gathering_objective(tmp_path):
-    mp.spawn(rank_main, args=(free_loopback_port(), str(tmp_path)), nprocs=2)
+    results = on_two_ranks(distributed_clip_gradients, VARIANTS, tmp_path)
     for variant in VARIANTS:
         single = clip_gradients(variant, tiny_batch())
         assert "logit_scale" in single and ("logit_bias" in single) == (variant == "siglip")
-        for rank in range(2):
-            distributed = torch.load(tmp_path / f"{variant}{rank}.pt", weights_only=True)
-            assert distributed.keys() == single.keys()
-            for name, value in single.items():
-                torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=1e-5,
-                                           msg=f"{variant}, rank {rank}: {name}")
+        assert_equal_to_one_rank(results[variant], single, variant)

@@ -1,16 +1,10 @@
 """SLIP's and A-CLIP's objectives gather with gradient and normalise their heads with SyncBN: two gloo ranks with half
 the batch each give the averaged gradients of one rank with all of it (the EMA projector's target included)."""
 
-import os
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_harmony import run_group
-from test_harmony_distributed import averaged_gradients, rank_share
+from test_harmony_distributed import assert_equal_to_one_rank, averaged_gradients, on_two_ranks, rank_share
 from test_slip_aclip import aclip_batch, slip_batch, tiny_method_model
-
-from train.distributed import free_loopback_port
 
 METHODS = {"slip": slip_batch, "aclip": aclip_batch}
 
@@ -27,26 +21,10 @@ def method_gradients(method, rank=0, world_size=1):
     return averaged_gradients(model, world_size)
 
 
-def rank_main(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        for method in METHODS:
-            torch.save(method_gradients(method, rank, 2), os.path.join(out_dir, f"{method}{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_ranks_equal_one_rank_for_slip_and_aclip(tmp_path):
-    mp.spawn(rank_main, args=(free_loopback_port(), str(tmp_path)), nprocs=2)
+    results = on_two_ranks(method_gradients, METHODS, tmp_path)
     for method in METHODS:
         single = method_gradients(method)
         assert "simclr_head.0.weight" in single and "image_student.blocks.0.attn.qkv.weight" in single
         assert ("byol_predictor.0.weight" in single) == (method == "aclip")
-        for rank in range(2):
-            distributed = torch.load(tmp_path / f"{method}{rank}.pt", weights_only=True)
-            assert distributed.keys() == single.keys()
-            for name, value in single.items():
-                torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=1e-5,
-                                           msg=f"{method}, rank {rank}: {name}")
+        assert_equal_to_one_rank(results[method], single, method)
