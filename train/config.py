@@ -245,8 +245,9 @@ def flatten(values, prefix=""):
 
 
 def differences(saved, current):
-    """[(key, saved value, current value)] of two config dicts, every key that differs."""
-    saved, current = flatten(saved), flatten(current)
+    """[(key, saved value, current value)] of two config dicts, every key that differs. A setting the saved config
+    predates counts as its default there (a setting added later keeps, at its default, what the code did before)."""
+    saved, current = {**flatten(to_dict(TrainConfig())), **flatten(saved)}, flatten(current)
     return [(key, saved.get(key), current.get(key)) for key in sorted(saved.keys() | current.keys())
             if saved.get(key) != current.get(key)]
 
