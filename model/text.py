@@ -26,13 +26,13 @@ TRIM_MULTIPLE = 16  # trimmed lengths are 16, 32, 48, 64 or 77: few shapes for t
 
 
 def trim_padding(tokens, multiple=TRIM_MULTIPLE):
-    """(B, 77) -> (B, T): the padding columns after the batch's longest caption removed, T rounded up to
-    `multiple` (at most 77). Every loss reads positions up to EOT only, so the result is the same.
-    One host read (the length)."""
-    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    """(..., 77) -> (..., T), e.g. (B, 77) or a text view's (n, B, 77): the padding columns after the longest
+    caption removed, T rounded up to `multiple` (at most 77). Every loss reads positions up to EOT only, so the
+    result is the same. One host read (the length)."""
+    positions = torch.arange(1, tokens.shape[-1] + 1, device=tokens.device)
     last = int((positions * (tokens != 0)).max())  # position after the last non-padding id (id 0 is "!")
-    length = min(tokens.shape[1], -(-max(last, 1) // multiple) * multiple)
-    return tokens[:, :length]
+    length = min(tokens.shape[-1], -(-max(last, 1) // multiple) * multiple)
+    return tokens[..., :length]
 
 
 class TextEncoder(nn.Module):

@@ -72,7 +72,7 @@ def model_views(batch, trim):
     for the one caption. trim: cut text views to their longest caption (train only what the text tower reads)."""
     views = dict(batch.images)
     for name, tokens in batch.texts.items():
-        views[name] = trim_padding(tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2]) if trim else tokens
+        views[name] = trim_padding(tokens) if trim else tokens
     views.update((f"{name}_boxes", boxes) for name, boxes in batch.boxes.items())
     if "global_crops" in batch.images:
         views["local_crops"], views["ibot_masks"] = batch.local_crops, batch.ibot_masks

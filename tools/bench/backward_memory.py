@@ -85,8 +85,8 @@ def backward_each_group(model, inputs, trim=True):
     backward), then (group, [bytes each of its passes saved for backward]) after each group's backward passes.
     trim=False keeps the captions' padding (before/after figures)."""
     if trim:  # as the trainer: `tokens` (B, 77) and text views (n, B, 77) cut to their longest caption
-        inputs = {name: (trim_padding(tensor.flatten(0, -2)).unflatten(0, tensor.shape[:-1])
-                         if tensor.dtype == torch.long else tensor) for name, tensor in inputs.items()}
+        inputs = {name: trim_padding(tensor) if tensor.dtype == torch.long else tensor
+                  for name, tensor in inputs.items()}
     teacher = model.forward_teachers(inputs)
     yield "teachers", []
     for group in model.backward_groups:
