@@ -33,6 +33,18 @@ def test_budgets_turn_into_steps():
         budget.parse("weeks:2")
 
 
+def test_a_plan_continues_with_its_own_settings_and_refuses_others(tmp_path):
+    """The settings of a comparison, written at its start, match themselves on the next run; a changed value is
+    refused naming it (and nothing else)."""
+    settings = {"methods": {"clip": {"preset": "clip_demo", "config": {"data.batch_size": 32, "optim.lr": 0.1}}},
+                "budget": "epochs:1", "seed": 0}
+    assert compare_run.load_or_start_plan(tmp_path, settings)["settings"] == settings
+    assert compare_run.load_or_start_plan(tmp_path, json.loads(json.dumps(settings)))["settings"] == settings
+    settings["methods"]["clip"]["config"]["data.batch_size"] = 64
+    with pytest.raises(ValueError, match=r"other settings: methods\.clip\.config\.data\.batch_size: 32 -> 64\. Run"):
+        compare_run.load_or_start_plan(tmp_path, settings)
+
+
 @pytest.mark.slow
 def test_compare_reports_continues_after_a_kill_and_refuses_another_budget(demo_shards, tmp_path):
     arguments = ["--name", "tiny", "--methods", "clip harmony", "--budget", "epochs:1", "--eval-points", "2",

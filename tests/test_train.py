@@ -296,11 +296,11 @@ def test_a_setting_added_after_a_checkpoint_counts_as_its_default_on_resume():
     """A checkpoint's config from before data.views, data.global_flip_prob and optim.teacher_momentum_end resumes
     without a reported change when they are at their defaults (what the code did before); CLIP's preset turned flip
     off, and a resume of a CLIP run from before says so."""
-    from train.config import differences, to_dict
+    from train.config import resume_differences, to_dict
 
     saved = to_dict(load_config("demo"))
     del saved["data"]["views"], saved["data"]["global_flip_prob"], saved["optim"]["teacher_momentum_end"]
-    assert differences(saved, to_dict(load_config("demo"))) == []
+    assert resume_differences(saved, to_dict(load_config("demo"))) == []
     saved = to_dict(load_config("clip_demo"))
     del saved["data"]["global_flip_prob"]
-    assert differences(saved, to_dict(load_config("clip_demo"))) == [("data.global_flip_prob", 0.5, 0.0)]
+    assert resume_differences(saved, to_dict(load_config("clip_demo"))) == [("data.global_flip_prob", 0.5, 0.0)]

@@ -245,11 +245,16 @@ def flatten(values, prefix=""):
 
 
 def differences(saved, current):
-    """[(key, saved value, current value)] of two config dicts, every key that differs. A setting the saved config
-    predates counts as its default there (a setting added later keeps, at its default, what the code did before)."""
-    saved, current = {**flatten(to_dict(TrainConfig())), **flatten(saved)}, flatten(current)
+    """[(key, saved value, current value)] of two nested dicts, every flattened key that differs."""
+    saved, current = flatten(saved), flatten(current)
     return [(key, saved.get(key), current.get(key)) for key in sorted(saved.keys() | current.keys())
             if saved.get(key) != current.get(key)]
+
+
+def resume_differences(saved, current):
+    """differences() of a checkpoint's config and the current one, where a setting the checkpoint's config predates
+    counts as its default there (a setting added later keeps, at its default, what the code did before)."""
+    return differences({**flatten(to_dict(TrainConfig())), **flatten(saved)}, current)
 
 
 def check_resume_choice(run):

@@ -26,7 +26,7 @@ from datapipe.object_store import StorageError
 from model.meta_arch import MetaArch
 from train import checkpoint
 from train.checkpoint import CheckpointError, UnverifiedCheckpoint
-from train.config import RESUME_MAY_CHANGE, check_resume_choice, differences, parse_command_line, to_dict
+from train.config import RESUME_MAY_CHANGE, check_resume_choice, parse_command_line, resume_differences, to_dict
 from train.distributed import all_ranks_agree, average_gradients, close_distributed, init_distributed
 from train.ema import update_teachers
 from train.log import MetricsLog
@@ -285,7 +285,7 @@ def reconcile_with_checkpoint(config, state, world):
                   f"with another batch, start a new run (run.name=... or run.resume=none).", file=sys.stderr,
                   flush=True)
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=per_rank))
-    changed = differences(saved, to_dict(config))
+    changed = resume_differences(saved, to_dict(config))
     for key, before, now in changed:
         say(f"resume: {key} was {before!r} in the checkpoint, now {now!r}")
     refused = [key for key, _, _ in changed if key not in RESUME_MAY_CHANGE]
