@@ -1,6 +1,7 @@
 """`make compare` on the tiny demo shards: two methods, a tiny budget. A complete report; a comparison killed in
 the middle continues where it stopped without training a finished method again; another budget is refused."""
 
+import argparse
 import json
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import time
 
 import pytest
 
-from tools.compare import budget, methods
+from tools.compare import budget, methods, report
 from tools.compare import run as compare_run
+from tools.eval.run import EvalData
+from train.run_folder import write_status
 
 
 def test_methods_are_found_from_their_presets():
@@ -91,3 +94,32 @@ def test_a_failing_trainer_is_reported_with_its_last_words(tmp_path):
             compare_run.train_to(trainers, tmp_path / "run", "nosuch", [], epochs=1, step=1)
     finally:
         trainers.restore()
+
+
+def test_evaluation_sets_are_checked_before_anything_trains(tmp_path):
+    (tmp_path / "not_a_set").mkdir()
+    with pytest.raises(SystemExit, match="not_a_set.* in none of the evaluation layouts"):
+        compare_run.main(["--methods", "clip", "--out", str(tmp_path / "out"), "--zeroshot",
+                          str(tmp_path / "not_a_set")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_method_whose_evaluation_fails_is_reported_failed_with_the_reason(tmp_path):
+    """A trainer that finished its step but left no weights to evaluate: the method fails with the evaluation's
+    error (the comparison's loop reports it and goes on with the others), and the table says why."""
+    out_dir, method = tmp_path / "cmp", "clip"
+    (out_dir / method).mkdir(parents=True)
+    write_status(out_dir / method, "finished", 3)
+    entry = {"preset": "clip_demo", "steps": 3, "epochs": 1, "eval_steps": [3],
+             "measured": {"steps_per_epoch": 3, "flops_per_step": 1.0, "global_batch": 8}}
+    args = argparse.Namespace(shards="shards/demo/train", seed=0, train_args=[], device="cpu")
+    trainers = compare_run.Trainers()
+    try:
+        with pytest.raises(compare_run.MethodFailed, match="evaluating step 3: FileNotFoundError: .*teacher_weights"):
+            compare_run.run_method(trainers, out_dir, method, entry, args, EvalData(zeroshot=str(tmp_path)))
+    finally:
+        trainers.restore()
+    summary = report.method_summary(out_dir / method, entry, [], "evaluating step 3: FileNotFoundError: gone")
+    assert summary["status"] == "failed"
+    assert "| clip (clip_demo) | failed: evaluating step 3: FileNotFoundError: gone |" in \
+        report.markdown("cmp", [], {"clip": summary})

@@ -100,3 +100,27 @@ def test_retrieval_names_the_sample_whose_image_does_not_decode(tmp_path):
         retrieval.main(["--run", str(run), "--data", str(shards)])
     with pytest.raises(SystemExit, match="in none of the evaluation layouts"):
         retrieval.main(["--run", str(run), "--data", str(tmp_path / "run")])
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_refused_with_the_choices(tmp_path):
+    from tools.eval.towers import eval_device
+
+    assert eval_device("cpu") == "cpu" and eval_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: this machine has no CUDA device; use --device cpu"):
+            eval_run.main(["--run", str(tmp_path), "--zeroshot", str(tmp_path), "--device", "cuda"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluations_on_the_gpu_give_the_cpus_results(tmp_path, tiny_eval_data):
+    runs = {device: fake_run(tmp_path / device, vit_size="micro", patch_size=8, global_crop_px=32)
+            for device in ("cpu", "cuda")}  # the same weights; each its own feature cache
+    data = eval_run.EvalData(zeroshot=str(tiny_eval_data / "heldout"),
+                             retrieval=str(tiny_eval_data / "heldout_pairs"),
+                             probe_train=str(tiny_eval_data / "probe_train"),
+                             probe_test=str(tiny_eval_data / "heldout"), probe_epochs=2)
+    on_cpu, on_gpu = (eval_run.evaluate(runs[device], data, device) for device in ("cpu", "cuda"))
+    assert on_gpu["zeroshot"]["top1"] == pytest.approx(on_cpu["zeroshot"]["top1"], abs=1 / 60)
+    assert on_gpu["retrieval"]["mean_recall"] == pytest.approx(on_cpu["retrieval"]["mean_recall"], abs=0.05)
+    assert on_gpu["linear_probe"]["knn_top1"] == pytest.approx(on_cpu["linear_probe"]["knn_top1"], abs=0.05)

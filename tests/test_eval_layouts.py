@@ -130,6 +130,34 @@ def test_karpathy_json_and_clip_benchmark_retrieval_give_the_held_out_pairs_reca
     assert {key: from_wds[key] for key in recalls} == {key: from_shards[key] for key in recalls}
 
 
+def test_five_captions_per_image_read_alike_from_karpathy_json_and_clip_benchmark(tmp_path, demo_source, run):
+    """COCO's and Flickr30k's Karpathy splits give five captions per image: each image counts a hit when any
+    of its five ranks high, each caption when its one image does; both readers give the same recalls."""
+    pairs = list(shard_io.read_samples(sorted((demo_source / "heldout_pairs").glob("*.tar"))))
+    captions = [sample["txt"].decode() for sample in pairs]
+    five = {index: [captions[(index + shift) % len(pairs)] + f" ({shift})" for shift in range(5)]
+            for index in range(len(pairs))}
+    (tmp_path / "images").mkdir()
+    karpathy = {"images": [{"filename": f"{sample['__key__']}.jpg", "split": "test",
+                            "sentences": [{"raw": caption} for caption in five[index]]}
+                           for index, sample in enumerate(pairs)]}
+    for sample in pairs:
+        (tmp_path / "images" / f"{sample['__key__']}.jpg").write_bytes(sample["jpg"])
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(karpathy))
+    wds = tmp_path / "wds_pairs"
+    (wds / "test").mkdir(parents=True)
+    (wds / "dataset_type.txt").write_text("retrieval\n")
+    shard_io.write_tar(wds / "test" / "0.tar", [{"__key__": sample["__key__"], "webp": sample["jpg"],
+                                                 "txt": "\n".join(five[index]).encode()}
+                                                for index, sample in enumerate(pairs)])
+    towers = RunTowers(run)
+    from_json = retrieval.retrieval(towers, tmp_path / "dataset_flickr30k.json", tmp_path / "images")
+    from_wds = retrieval.retrieval(towers, wds)
+    assert from_json["images"] == from_wds["images"] == 12 and from_json["captions"] == from_wds["captions"] == 60
+    recalls = [key for key in from_json if "_R@" in key and not key.startswith("chance")]
+    assert {key: from_json[key] for key in recalls} == {key: from_wds[key] for key in recalls}
+
+
 def test_retrieval_ranks_ties_by_index_and_counts_any_of_an_images_captions():
     similarity = torch.tensor([[0.5, 0.5, 0.1, 0.0],   # right answer (1) tied with an earlier one: rank 1
                                [0.5, 0.5, 0.1, 0.0],   # right answer (0) tied with a later one: rank 0

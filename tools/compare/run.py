@@ -32,7 +32,7 @@ from datapipe.manifest import write_atomic
 from tools.compare import budget as budgets
 from tools.compare import methods as method_presets
 from tools.compare import report
-from tools.eval.run import add_eval_arguments, eval_data, evaluate
+from tools.eval.run import add_eval_arguments, check_eval_data, eval_data, evaluate
 from train.config import RESUME_MAY_CHANGE, differences, flatten, load_config, to_dict
 from train.preemption import EXIT_PREEMPTED
 from train.run_folder import read_status
@@ -213,7 +213,10 @@ def run_method(trainers, out_dir, method, entry, args, evaluations):
             continue
         print(f"compare: {method} to step {step} of {entry['steps']}", flush=True)
         peak_bytes = train_to(trainers, run_dir, entry["preset"], overrides, entry["epochs"], step)
-        results = evaluate(run_dir, evaluations)
+        try:
+            results = evaluate(run_dir, evaluations, args.device)
+        except Exception as error:  # any failure of one method's evaluation is reported, others go on
+            raise MethodFailed(f"evaluating step {step}: {type(error).__name__}: {error}") from error
         result_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(result_path, json.dumps({"step": step, "trainer_peak_rss_bytes": peak_bytes,
                                               "results": results}, indent=2))
@@ -306,6 +309,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     evaluations = eval_data(parser, args)
     try:
+        check_eval_data(evaluations)
         table = compare(args, evaluations)
     except Stopped as stop:
         raise SystemExit(f"compare stopped ({stop}); every trainer is at a checkpoint. Run the same command "

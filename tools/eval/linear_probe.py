@@ -49,13 +49,14 @@ def split_for_validation(labels, fraction, seed=0):
     return torch.cat(train), torch.cat(validation)
 
 
-def train_linear_classifiers(features, labels, classes, epochs, batch_size, seed=0):
-    """One linear classifier per learning rate, trained together: weights (R, D, C), biases (R, 1, C)."""
-    rates = torch.tensor(LEARNING_RATES) * batch_size / 256
+def train_linear_classifiers(features, labels, classes, epochs, batch_size, seed=0, device="cpu"):
+    """One linear classifier per learning rate, trained together on `device` (a batch of features moved there
+    at a time): weights (R, D, C), biases (R, 1, C)."""
+    rates = torch.tensor(LEARNING_RATES, device=device) * batch_size / 256
     dim = features.shape[1]
     start = torch.randn(dim, classes, generator=torch.Generator().manual_seed(seed)) * 0.01
-    weights = start.expand(len(rates), -1, -1).clone().requires_grad_()  # every rate from the same start
-    biases = torch.zeros(len(rates), 1, classes, requires_grad=True)
+    weights = start.to(device).expand(len(rates), -1, -1).clone().requires_grad_()  # every rate from the same start
+    biases = torch.zeros(len(rates), 1, classes, device=device, requires_grad=True)
     optimizer = torch.optim.SGD([weights, biases], lr=1.0, momentum=0.9, weight_decay=0.0)
     steps_per_epoch = -(-len(labels) // batch_size)
     total_steps = epochs * steps_per_epoch
@@ -68,33 +69,37 @@ def train_linear_classifiers(features, labels, classes, epochs, batch_size, seed
         rows = order[(step % steps_per_epoch) * batch_size:(step % steps_per_epoch + 1) * batch_size]
         for group in optimizer.param_groups:
             group["lr"] = 0.5 * (1 + math.cos(math.pi * step / total_steps))
-        logits = torch.baddbmm(biases, features[rows].expand(len(rates), -1, -1), weights)  # (R, b, C)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[rows].repeat(len(rates)), reduction="sum") / len(rows)
+        batch = features[rows].to(device).expand(len(rates), -1, -1)  # (R, b, D)
+        logits = torch.baddbmm(biases, batch, weights)  # (R, b, C)
+        targets = labels[rows].to(device).repeat(len(rates))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum") / len(rows)
         optimizer.zero_grad()
         loss.backward()  # the classifiers are independent: each gets its own gradient
         weights.grad *= scale
         biases.grad *= scale
         optimizer.step()
-    return weights.detach(), biases.detach()
+    return weights.detach().cpu(), biases.detach().cpu()
 
 
-def accuracies(weights, biases, features, labels, chunk_rows=4096):
-    """Top-1 accuracy of each classifier: (R,); the rows are scored a chunk at a time."""
-    hits = torch.zeros(len(weights))
+def accuracies(weights, biases, features, labels, chunk_rows=4096, device="cpu"):
+    """Top-1 accuracy of each classifier: (R,); the rows are scored a chunk at a time on `device`."""
+    weights, biases, hits = weights.to(device), biases.to(device), torch.zeros(len(weights))
     for start in range(0, len(labels), chunk_rows):
-        rows = features[start:start + chunk_rows]
+        rows = features[start:start + chunk_rows].to(device)
         logits = torch.baddbmm(biases, rows.expand(len(weights), -1, -1), weights)  # (R, chunk, C)
-        hits += (logits.argmax(dim=-1) == labels[start:start + chunk_rows]).sum(dim=1)
+        hits += (logits.argmax(dim=-1).cpu() == labels[start:start + chunk_rows]).sum(dim=1)
     return hits / len(labels)
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, classes, epochs=100, batch_size=256,
-                 validation_fraction=0.2):
+                 validation_fraction=0.2, device="cpu"):
     fit, validation = split_for_validation(train_labels, validation_fraction)
     batch_size = min(batch_size, len(fit))
-    weights, biases = train_linear_classifiers(train_features[fit], train_labels[fit], classes, epochs, batch_size)
-    validation_accuracy = accuracies(weights, biases, train_features[validation], train_labels[validation])
-    test_accuracy = accuracies(weights, biases, test_features, test_labels)
+    weights, biases = train_linear_classifiers(train_features[fit], train_labels[fit], classes, epochs, batch_size,
+                                               device=device)
+    validation_accuracy = accuracies(weights, biases, train_features[validation], train_labels[validation],
+                                     device=device)
+    test_accuracy = accuracies(weights, biases, test_features, test_labels, device=device)
     best = int(validation_accuracy.argmax())
     return {"top1": round(float(test_accuracy[best]), 4), "chosen_lr": LEARNING_RATES[best],
             "epochs": epochs, "batch_size": batch_size, "train_images": len(fit), "validation_images": len(validation),
@@ -103,21 +108,21 @@ def linear_probe(train_features, train_labels, test_features, test_labels, class
 
 
 def knn(train_features, train_labels, test_features, test_labels, classes, ks=KNN_K,
-        temperature=KNN_TEMPERATURE, chunk_elements=1 << 26):
-    """{k: top-1} of DINO's weighted k-NN vote; ks above the training-set size are left out. Test rows are
-    compared with every training row a chunk at a time (about chunk_elements similarities at once)."""
+        temperature=KNN_TEMPERATURE, chunk_elements=1 << 26, device="cpu"):
+    """{k: top-1} of DINO's weighted k-NN vote on `device`; ks above the training-set size are left out. Test
+    rows are compared with every training row a chunk at a time (about chunk_elements similarities at once)."""
     ks = [k for k in ks if k <= len(train_labels)]
     if not ks:
         return {}
-    train = F.normalize(train_features, dim=-1)
+    train, train_labels = F.normalize(train_features.to(device), dim=-1), train_labels.to(device)
     hits = torch.zeros(len(ks))
     chunk_rows = max(1, chunk_elements // len(train))
     for start in range(0, len(test_labels), chunk_rows):
-        test = F.normalize(test_features[start:start + chunk_rows], dim=-1)
+        test = F.normalize(test_features[start:start + chunk_rows].to(device), dim=-1)
         similarity, neighbours = (test @ train.T).topk(max(ks), dim=1)  # (chunk, k_max)
         votes = F.one_hot(train_labels[neighbours], classes).float() * (similarity / temperature).exp()[..., None]
-        right = test_labels[start:start + chunk_rows]
-        hits += torch.stack([(votes[:, :k].sum(dim=1).argmax(dim=1) == right).sum() for k in ks])
+        right = test_labels[start:start + chunk_rows].to(device)
+        hits += torch.stack([(votes[:, :k].sum(dim=1).argmax(dim=1) == right).sum() for k in ks]).cpu()
     return {str(k): round(float(hit / len(test_labels)), 4) for k, hit in zip(ks, hits, strict=True)}
 
 
@@ -143,8 +148,8 @@ def probe(towers, train_data, test_data, epochs=100, train_labels_file=None, tes
     return {"train": str(train_set.source), "test": str(test_set.source), "run": str(towers.run_dir),
             "classes": classes, "chance": round(1 / classes, 4), "test_images": len(test_labels),
             "linear": linear_probe(linear_features(train), train_labels, linear_features(test), test_labels,
-                                   classes, epochs),
-            "knn_top1": knn(train["cls"], train_labels, test["cls"], test_labels, classes)}
+                                   classes, epochs, device=towers.device),
+            "knn_top1": knn(train["cls"], train_labels, test["cls"], test_labels, classes, device=towers.device)}
 
 
 def main(argv=None):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import matplotlib
 
+from datapipe.object_store import is_remote
+from tools.eval.datasets import LayoutError, open_eval_set
 from tools.eval.linear_probe import probe
 from tools.eval.retrieval import RECALL_AT, retrieval
 from tools.eval.towers import RunTowers
@@ -38,10 +40,11 @@ class EvalData:
     probe_epochs: int = 100
 
 
-def evaluate(run_dir, data):
-    """Every evaluation `data` (an EvalData) gives. The towers load once; a set read by two evaluations (by
-    default the held-out split, for zero-shot and as the probe's test set) is encoded once."""
-    towers, results = RunTowers(run_dir), {}
+def evaluate(run_dir, data, device="auto"):
+    """Every evaluation `data` (an EvalData) gives, on `device` (tools.eval.towers.eval_device). The towers load
+    once; a set read by two evaluations (by default the held-out split, for zero-shot and as the probe's test
+    set) is encoded once."""
+    towers, results = RunTowers(run_dir, device), {}
     if data.zeroshot:
         results["zeroshot"] = zero_shot(towers, data.zeroshot, data.templates, data.zeroshot_labels)
     if data.retrieval:
@@ -103,6 +106,7 @@ def add_eval_arguments(parser):
     parser.add_argument("--probe-test", help="test classification set for the linear probe and k-NN")
     parser.add_argument("--probe-test-labels", help="label file of a flat ImageNet folder given to --probe-test")
     parser.add_argument("--probe-epochs", type=int, default=100)
+    parser.add_argument("--device", default="auto", help="auto (a CUDA device when there is one) | cpu | cuda[:N]")
 
 
 def eval_data(parser, args):
@@ -114,13 +118,27 @@ def eval_data(parser, args):
     return EvalData(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EvalData)})
 
 
+def check_eval_data(data):
+    """Open every local set `data` (an EvalData) names, so that a wrong path or layout stops a long job (make
+    compare) before it trains anything; sets in object storage are read when evaluated."""
+    wanted = ((data.zeroshot, data.zeroshot_labels, None, "classification", "--zeroshot"),
+              (data.retrieval, None, data.retrieval_images, "retrieval", "--retrieval"),
+              (data.probe_train, data.probe_train_labels, None, "classification", "--probe-train"),
+              (data.probe_test, data.probe_test_labels, None, "classification", "--probe-test"))
+    for source, labels, images, kind, option in wanted:
+        if source and not is_remote(source):
+            eval_set = open_eval_set(source, labels, images)
+            if eval_set.kind != kind:
+                raise LayoutError(f"{option} {source}: a {eval_set.layout} set is for {eval_set.kind}, not {kind}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a training run folder (holding teacher_weights.pt)")
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        results = evaluate(args.run, eval_data(parser, args))
+        results = evaluate(args.run, eval_data(parser, args), args.device)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     run_dir = Path(args.run)

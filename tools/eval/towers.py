@@ -92,13 +92,22 @@ def image_features(image_tower, images, crop_px, batch_size=64, device="cpu", de
     return {name: torch.cat([batch[name] for batch in batches]) for name in FEATURE_NAMES}
 
 
+def eval_device(choice="auto"):
+    """The torch device evaluations run on: auto = the first CUDA device when there is one, else the CPU."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {choice}: this machine has no CUDA device; use --device cpu (or auto)")
+    return choice
+
+
 class RunTowers:
     """A run's EMA teacher towers, loaded once, and the features of each evaluation set, computed once and
-    cached on disk in <run>/features/ (see tools.eval.feature_cache)."""
+    cached on disk in <run>/features/ (see tools.eval.feature_cache). `device`: see eval_device."""
 
-    def __init__(self, run_dir, device="cpu"):
-        self.run_dir, self.device = Path(run_dir), device
-        self.image, self.text, self.config = load_towers(run_dir, device)
+    def __init__(self, run_dir, device="auto"):
+        self.run_dir, self.device = Path(run_dir), eval_device(device)
+        self.image, self.text, self.config = load_towers(run_dir, self.device)
         self.weights_sha256 = shard_io.sha256_file(self.run_dir / TEACHER_WEIGHTS)
         self._encoded = {}
 
