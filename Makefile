@@ -41,6 +41,7 @@ PROBE_TRAIN ?= $(call existing,$(EVAL_DATA)/probe_train)
 PROBE_TEST ?= $(call existing,$(EVAL_DATA)/heldout)
 PROBE_TRAIN_LABELS ?=
 PROBE_TEST_LABELS ?=
+EVAL_DEVICE ?= auto# auto: a CUDA device when there is one | cpu | cuda[:N]
 # An option and the variable named $(2) as its value, read from the recipe's environment (data, never shell
 # code), or nothing when the variable is empty.
 option = $(if $($(2)),$(1) "$$$(2)")
@@ -48,7 +49,8 @@ EVAL_ARGS = $(call option,--zeroshot,ZEROSHOT_DATA) $(call option,--zeroshot-lab
 	$(call option,--templates,TEMPLATES) $(call option,--retrieval,RETRIEVAL_DATA) \
 	$(call option,--retrieval-images,RETRIEVAL_IMAGES) \
 	$(if $(and $(PROBE_TRAIN),$(PROBE_TEST)),--probe-train "$$PROBE_TRAIN" --probe-test "$$PROBE_TEST" \
-	  $(call option,--probe-train-labels,PROBE_TRAIN_LABELS) $(call option,--probe-test-labels,PROBE_TEST_LABELS))
+	  $(call option,--probe-train-labels,PROBE_TRAIN_LABELS) $(call option,--probe-test-labels,PROBE_TEST_LABELS)) \
+	$(call option,--device,EVAL_DEVICE)
 # Evaluation images the training shards must not contain: folders, images or .tar shards, ':' between them.
 # The demo excludes its own held-out splits (once `make download` has made them).
 EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
@@ -68,7 +70,7 @@ EVAL_POINTS ?= $(if $(filter demo,$(DATASET)),2,4)
 EXPORTED := DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG \
 	NPROC TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS \
 	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_IMAGES PROBE_TRAIN_LABELS PROBE_TEST_LABELS METHODS BUDGET SCALE COMPARE_NAME \
-	EVAL_POINTS
+	EVAL_POINTS EVAL_DEVICE
 export $(EXPORTED)
 RUN_WITH_ARGS := $(PY) -m tools.make_args
 # DATASET=demo without a URL_LIST: the built-in demo set, generated and served by tools/demo_download.py.

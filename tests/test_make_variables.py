@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_training_shards
+from PIL import Image
 
 from tools import make_args
 
@@ -85,9 +87,17 @@ def test_make_compare_hands_its_variables_to_the_comparison(tmp_path):
     write_training_shards(out / "train", np.zeros((4, 32, 32, 3), dtype=np.uint8), samples_per_shard=4)
     (out / "raw").mkdir()
     (out / "raw" / "00000_stats.json").write_text("{}")  # `make data` finds the data there
+    classes = tmp_path / "zeroshot"
+    for name in ("red", "blue"):
+        (classes / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), name).save(classes / name / "0.jpg")
     done = run_make("compare", "DATASET=demo", f"OUT={out}", "METHODS=clip no_such_method", "EXCLUDE=",
-                    f"ZEROSHOT_DATA={tmp_path}")
+                    f"ZEROSHOT_DATA={classes}")
     assert done.returncode != 0 and "METHODS: no preset for no_such_method" in done.stderr, done.stderr[-2000:]
+    if not torch.cuda.is_available():
+        done = run_make("compare", "DATASET=demo", f"OUT={out}", "METHODS=clip", "EXCLUDE=",
+                        f"ZEROSHOT_DATA={classes}", "EVAL_DEVICE=cuda")
+        assert done.returncode != 0 and "--device cuda: this machine has no CUDA device" in done.stderr
 
 
 def test_make_test_hands_pytest_none_of_its_defaults(tmp_path):

@@ -33,6 +33,7 @@ from tools.compare import budget as budgets
 from tools.compare import methods as method_presets
 from tools.compare import report
 from tools.eval.run import add_eval_arguments, check_eval_data, eval_data, evaluate
+from tools.eval.towers import eval_device
 from train.config import RESUME_MAY_CHANGE, differences, flatten, load_config, to_dict
 from train.preemption import EXIT_PREEMPTED
 from train.run_folder import read_status
@@ -309,6 +310,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     evaluations = eval_data(parser, args)
     try:
+        args.device = eval_device(args.device)
         check_eval_data(evaluations)
         table = compare(args, evaluations)
     except Stopped as stop:
