@@ -129,12 +129,13 @@ ifeq ($(REMOTE_OUT),)
 endif
 
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node). The config is
-# checked first, so a bad one gets one message and torchrun never starts.
+# checked first, so a bad one gets one message and torchrun never starts; train.launch is torchrun ending with
+# the trainers' one-line errors and exit code instead of its ChildFailedError report.
 # The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
 	$(RUN_WITH_ARGS) $(PY) -m train.config --config "$$CONFIG" "data.shards=$$OUT/train" \
 		"run.out_dir=$$(dirname -- "$$RUN")" "run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
-	$(RUN_WITH_ARGS) $(PY) -m torch.distributed.run --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
+	$(RUN_WITH_ARGS) $(PY) -m train.launch --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
 		-m train.pretrain --config "$$CONFIG" "data.shards=$$OUT/train" "run.out_dir=$$(dirname -- "$$RUN")" \
 		"run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
 	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_DATA$$PROBE_TRAIN" ]; then $(SUBMAKE) eval; fi

@@ -34,7 +34,8 @@ TORCHRUN_ARGS = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-
 
 
 def torchrun(nproc, arguments):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """torchrun as `make pretrain` runs it: through train.launch."""
+    command = [sys.executable, "-m", "train.launch", "--standalone", f"--nproc_per_node={nproc}",
                *TORCHRUN_ARGS, "-m", "train.pretrain", "--config", "demo", *arguments]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -64,10 +65,18 @@ def test_a_signal_to_torchrun_checkpoints_the_step_and_resume_continues(demo_sha
     process.send_signal(stop_signal)
     _, errors = process.communicate(timeout=120)
     assert time.monotonic() - signalled < 30, errors[-3000:]
+    assert process.returncode == 128 + stop_signal and "Traceback" not in errors, errors[-3000:]
+    assert errors.rstrip().endswith(f"training stopped by {stop_signal.name}; the trainers' messages above say "
+                                    "where it stands")
     status = read_status(run)
     assert status["state"] == "preempted" and stop_signal.name in status["reason"], status
     assert logged_steps(run) == list(range(1, status["step"] + 1))  # nothing after the checkpointed step
     assert checkpoint.load(checkpoint.latest_checkpoint(run))["step"] == status["step"]  # no step lost
+    refused = torchrun(2, [*arguments, "optim.lr=0.5"])  # an error a rank finds once torchrun has started it
+    _, errors = refused.communicate(timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in errors and "ChildFailedError" not in errors, errors[-3000:]
+    assert "would not continue the run the checkpoint belongs to" in errors
+    assert errors.rstrip().endswith("exited with code 1 (its message is above)")
     resumed = torchrun(2, [*arguments, f"run.max_steps={status['step'] + 2}"])
     output, errors = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, errors[-3000:]

@@ -17,6 +17,7 @@ def imported_packages(path):
             yield node.module.split(".")[0]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "datapipe").glob("*.py")), ids=lambda path: path.name)
+@pytest.mark.parametrize("path", sorted((REPO / "datapipe").rglob("*.py")),
+                         ids=lambda path: str(path.relative_to(REPO / "datapipe")))
 def test_datapipe_imports_no_layer_above_it(path):
     assert not {"tools", "train", "model"} & set(imported_packages(path))
