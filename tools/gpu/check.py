@@ -1,6 +1,6 @@
 """`make gpu-check`: on the GPU machine, install the kit, then validate and measure everything, stage by stage.
 
-Stops at once without a CUDA device. Otherwise: joins the received parts (tools/gpu/receive.py), checks every
+Stops at once without a CUDA device. Otherwise: joins the received parts (python3 -m tools.gpu.receive), checks every
 sha256, installs the wheels into /tmp/harmony-gpu-site without network, then runs each stage as its own process
 under a time budget (the whole about 8 minutes): the GPU-marked tests, then the model, loss, loader and trainer
 tests on the device; the demo preset trained a few hundred steps fed by DALI on the GPU (data-wait fraction), and its

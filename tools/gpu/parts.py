@@ -71,7 +71,7 @@ def assemble(manifest, received_dir=RECEIVED_DIR, unpacked_dir=UNPACKED_DIR):
     missing = missing_parts(manifest, received_dir)
     if missing:
         raise KitError(f"parts not received yet: {', '.join(missing)}; send each with "
-                       "`python3 tools/gpu/receive.py .gpu-kit/<part>` (make gpu-kit printed the commands)")
+                       "`python3 -m tools.gpu.receive .gpu-kit/<part>` (make gpu-kit printed the commands)")
     archive = Path(received_dir) / manifest["archive"]["name"]
     with open(archive, "wb") as joined:
         for entry in manifest["parts"]:
