@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"data.backend={self.data.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.data.views not in VIEW_CHOICES:
             raise ValueError(f"data.views={self.data.views!r}: choose one of {', '.join(VIEW_CHOICES)}")
+        if not self.data.shards:
+            raise ValueError("data.shards is empty: give the training shards' folder or location (s3://, gs://, "
+                             "hf://), or a list of them mixed by data.mix_weights")
         if not 0 <= self.data.global_flip_prob <= 1:
             raise ValueError(f"data.global_flip_prob={self.data.global_flip_prob} is a probability: give 0 to 1")
         check_views(self, [name for objective in self.model.objectives
@@ -185,21 +189,60 @@ def _parse_override(text):
     return nested
 
 
+ONE_VALUE = {int: "a whole number", float: "a number", bool: "true or false",
+             str: "text (quote it if it reads as a number or true/false)"}
+LIST_OF = {int: "whole numbers, e.g. [1, 2]", float: "numbers, e.g. [1, 2]", bool: "true/false values",
+           str: "texts, e.g. [a, b]"}
+
+
+def _expected(annotation):
+    """What a value of `annotation` is, in words."""
+    origin, items = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is types.UnionType:
+        return " or ".join(_expected(choice) for choice in items)
+    if origin is tuple and Ellipsis not in items:
+        return f"a list of {len(items)} values, e.g. [0.5, 1.0]"
+    if origin in (tuple, list):
+        return f"a list of {LIST_OF[items[0]]}"
+    return ONE_VALUE[annotation]
+
+
+def _takes_a_list(annotation):
+    if typing.get_origin(annotation) is types.UnionType:
+        return any(_takes_a_list(choice) for choice in typing.get_args(annotation))
+    return typing.get_origin(annotation) in (tuple, list)
+
+
 def _typed(key, value, annotation):
-    """`value` as the field's declared type (int, float, bool, str or a tuple of them); a ValueError naming
-    the key otherwise. Integers are taken for floats; nothing is rounded or guessed."""
-    if typing.get_origin(annotation) is tuple:
-        items = typing.get_args(annotation)
-        if not isinstance(value, list | tuple) or len(value) != len(items):
-            raise ValueError(f"{key}={value!r}: it must be a list of {len(items)} values, e.g. {key}=[0.5, 1.0]")
-        return tuple(_typed(key, item, item_type) for item, item_type in zip(value, items, strict=True))
+    """`value` as the field's declared type: int, float, bool or str; a tuple of them (of a fixed length, or any
+    length as `tuple[float, ...]`) or a list; or a choice of those (`str | list[str]`). A ValueError naming the key
+    otherwise. Integers are taken for floats; nothing is rounded or guessed."""
+    converted = _converted(value, annotation)
+    if converted is not None:
+        return converted
+    one_value = "it takes one value, not a list; " if isinstance(value, list) and not _takes_a_list(annotation) else ""
+    raise ValueError(f"{key}={value!r}: {one_value}it must be {_expected(annotation)}")
+
+
+def _converted(value, annotation):
+    """`value` as `annotation` (see _typed), or None when it is not one."""
+    origin, items = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is types.UnionType:
+        return next((typed for choice in items if (typed := _converted(value, choice)) is not None), None)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return None
+        if origin is list or Ellipsis in items:
+            items = items[:1] * len(value)
+        if len(value) != len(items):
+            return None
+        typed = [_converted(item, item_type) for item, item_type in zip(value, items, strict=True)]
+        return None if None in typed else origin(typed)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
-    expected = {int: "a whole number", float: "a number", bool: "true or false",
-                str: "text (quote it if it reads as a number or true/false)"}[annotation]
-    raise ValueError(f"{key}={value!r}: it must be {expected}")
+    return None
 
 
 def _build(cls, values, where):
