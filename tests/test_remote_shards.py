@@ -4,6 +4,8 @@ import contextlib
 import io
 import json
 import logging
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -163,6 +165,24 @@ def test_missing_bucket_manifest_and_bad_credentials_say_what_to_fix(server, tmp
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(StorageError, match="access denied.*AWS_ACCESS_KEY_ID"):
         make_loader("s3://datasets/demo/train", backend="dali", cache=options, **SETTINGS)
+
+
+def test_the_config_check_reads_remote_shards_through_the_configs_cache(server, tmp_path):
+    """What `make pretrain OUT=s3://...` runs before torchrun (and train.pretrain on every rank)."""
+    from train.config import parse_command_line
+
+    config = parse_command_line(["--config", "demo", "data.shards=s3://datasets/demo/train",
+                                 f"data.cache_dir={tmp_path / 'cache'}"], "")
+    assert config.data.shards == "s3://datasets/demo/train"
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [MARKER]  # made, nothing fetched
+
+
+def test_a_missing_bucket_is_one_line_from_the_config_check(server, tmp_path):
+    checked = subprocess.run([sys.executable, "-m", "train.config", "--config", "demo",
+                              "data.shards=s3://no-such-bucket/train", f"data.cache_dir={tmp_path / 'cache'}"],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 1 and checked.stderr.count("\n") == 1, checked.stderr
+    assert checked.stderr.startswith("config error: reading s3://no-such-bucket/train/manifest.json: no such bucket")
 
 
 def test_a_cache_folder_of_other_files_is_refused(server, tmp_path):

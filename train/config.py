@@ -18,7 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from datapipe.samples import ShardSet
+from datapipe.loader import CacheOptions
+from datapipe.mixing import open_shards
+from datapipe.object_store import StorageError
 from model.meta_arch import ModelConfig
 from model.objectives import OBJECTIVES
 from train.views import VIEW_CHOICES, check_views
@@ -300,6 +302,13 @@ def resume_differences(saved, current):
     return differences({**flatten(to_dict(TrainConfig())), **flatten(saved)}, current)
 
 
+def cache_options(data):
+    """How remote shards are cached: data.cache_dir ("" = the default folder), its limit, the retries."""
+    folder = {"folder": Path(data.cache_dir)} if data.cache_dir else {}
+    return CacheOptions(**folder, limit_gb=data.cache_limit_gb, fetch_retries=data.fetch_retries,
+                        retry_wait_s=data.fetch_retry_wait_s)
+
+
 def check_resume_choice(run):
     """Raise ValueError unless run.resume is auto, none or an existing checkpoint file."""
     if run.resume in ("auto", "none") or Path(run.resume).is_file():
@@ -313,7 +322,7 @@ def check_resume_choice(run):
 
 def parse_command_line(argv, description):
     """The config of `--config <preset> [key=value ...]`, run.resume and data.shards checked; a one-line exit on
-    any error."""
+    any error (object storage's too: a missing bucket, no credentials, access denied)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo", help="a preset in train/configs/ or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=5 data.batch_size=64")
@@ -321,8 +330,10 @@ def parse_command_line(argv, description):
     try:
         config = load_config(args.config, args.overrides)
         check_resume_choice(config.run)
-        ShardSet.from_path(config.data.shards)  # the training shards are there, each with its index
-    except (ValueError, FileNotFoundError) as error:
+        # The shards are there, each with its index, and the weights fit them; a remote set's manifest is read and its
+        # objects listed with the user's credentials, and its cache folder made (nothing is fetched).
+        open_shards(config.data.shards, config.data.mix_weights, cache_options(config.data))
+    except (ValueError, FileNotFoundError, StorageError) as error:
         raise SystemExit(f"config error: {error}") from None
     return config
 
