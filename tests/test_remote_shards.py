@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import write_training_shards
 from PIL import Image
-from test_train import losses_logged, tiny_config
+from test_train import TINY_MODEL, losses_logged, tiny_config
 
 from datapipe import SingleCrop, make_loader, shard_io
 from datapipe.loader import CacheOptions
@@ -221,17 +221,17 @@ def test_a_server_gone_mid_epoch_is_retried_then_named_and_the_resumed_epoch_mat
     assert_same_batches(got + batches(resumed), expected)
 
 
-@pytest.mark.slow
-def test_training_on_remote_shards_logs_the_local_losses(local_shards, server, tmp_path):
-    """Through a cache smaller than the dataset, as `make pretrain OUT=s3://...` runs it (the loader tests above
-    show both backends give the local batches)."""
-    from train.pretrain import train
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_training_on_remote_shards_logs_the_local_losses(local_shards, server, tmp_path, backend):
+    """Through a cache smaller than the dataset, from the command line as `make pretrain OUT=s3://...` runs it (the
+    loader tests above show both backends give the local batches)."""
+    from train.pretrain import main, train
 
     limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
-    common = ("run.max_steps=2", "data.backend=dali", "data.shuffle_window=8")
+    common = ("run.max_steps=2", f"data.backend={backend}", "data.shuffle_window=8")
     train(tiny_config(local_shards, tmp_path / "local", *common))
-    train(tiny_config("s3://datasets/demo/train", tmp_path / "remote", *common, f"data.cache_dir={tmp_path / 'cache'}",
-                      f"data.cache_limit_gb={limit_gb}"))
+    main(["--config", "demo", *TINY_MODEL, "data.shards=s3://datasets/demo/train", f"run.out_dir={tmp_path}",
+          "run.name=remote", *common, f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit_gb={limit_gb}"])
     assert len(losses_logged(tmp_path / "remote")) == 2
     assert losses_logged(tmp_path / "remote") == losses_logged(tmp_path / "local")
 
