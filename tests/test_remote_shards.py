@@ -185,6 +185,15 @@ def test_a_missing_bucket_is_one_line_from_the_config_check(server, tmp_path):
     assert checked.stderr.startswith("config error: reading s3://no-such-bucket/train/manifest.json: no such bucket")
 
 
+def test_make_compare_fingerprints_a_remote_set_as_its_local_copy(local_shards, server):
+    from tools.compare.run import shards_digest
+
+    local = shards_digest(str(local_shards))
+    assert shards_digest(["s3://datasets/demo/train", str(local_shards)]) == [local, local]
+    with pytest.raises(StorageError, match="reading s3://no-such-bucket/train/manifest.json: no such bucket"):
+        shards_digest("s3://no-such-bucket/train")
+
+
 def test_a_cache_folder_of_other_files_is_refused(server, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "000000.tar").write_bytes(b"the user's own file")

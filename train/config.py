@@ -309,6 +309,13 @@ def cache_options(data):
                         retry_wait_s=data.fetch_retry_wait_s)
 
 
+def check_shards(data):
+    """Raise ValueError, FileNotFoundError or StorageError unless data.shards opens as training opens it: each set
+    there with its indexes, the weights fitting the sets, a remote set's manifest read and its objects listed with
+    the user's credentials, and its cache folder made or found a cache (nothing is fetched)."""
+    open_shards(data.shards, data.mix_weights, cache_options(data))
+
+
 def check_resume_choice(run):
     """Raise ValueError unless run.resume is auto, none or an existing checkpoint file."""
     if run.resume in ("auto", "none") or Path(run.resume).is_file():
@@ -330,9 +337,7 @@ def parse_command_line(argv, description):
     try:
         config = load_config(args.config, args.overrides)
         check_resume_choice(config.run)
-        # The shards are there, each with its index, and the weights fit them; a remote set's manifest is read and its
-        # objects listed with the user's credentials, and its cache folder made (nothing is fetched).
-        open_shards(config.data.shards, config.data.mix_weights, cache_options(config.data))
+        check_shards(config.data)
     except (ValueError, FileNotFoundError, StorageError) as error:
         raise SystemExit(f"config error: {error}") from None
     return config
