@@ -26,6 +26,11 @@ NPROC ?= 1
 TORCHRUN_ARGS ?= --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
+# The shards make pretrain and make compare train on (data.shards, data.mix_weights): $(OUT)/train by default, or
+# any folder, s3://, gs:// or hf:// location, or a list of them with one weight each (README "Mixing datasets by
+# weight"): TRAIN_SHARDS='[shards/cc3m/train, s3://bucket/cc12m/train]' MIX_WEIGHTS='[1, 2]'.
+TRAIN_SHARDS ?= $(OUT)/train
+MIX_WEIGHTS ?=
 # `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty),
 # in any layout tools/eval/datasets.py reads (README: "Evaluate on standard benchmarks").
 EVAL_DATA ?= $(OUT)/source
@@ -70,7 +75,7 @@ EVAL_POINTS ?= $(if $(filter demo,$(DATASET)),2,4)
 EXPORTED := DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG \
 	NPROC TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS \
 	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_IMAGES PROBE_TRAIN_LABELS PROBE_TEST_LABELS METHODS BUDGET SCALE COMPARE_NAME \
-	EVAL_POINTS EVAL_DEVICE
+	EVAL_POINTS EVAL_DEVICE TRAIN_SHARDS MIX_WEIGHTS
 export $(EXPORTED)
 RUN_WITH_ARGS := $(PY) -m tools.make_args
 # DATASET=demo without a URL_LIST: the built-in demo set, generated and served by tools/demo_download.py.
@@ -118,26 +123,30 @@ verify: setup
 
 # A sub-make works its defaults out again: the demo's EXCLUDE and evaluation data name the held-out splits
 # only once the download has made them, so what this Makefile defaulted is not handed down as environment.
-SUBMAKE = env $(foreach name,EXCLUDE ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST,\
+SUBMAKE = env $(foreach name,EXCLUDE ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST TRAIN_SHARDS,\
 	$(if $(filter file,$(origin $(name))),-u $(name))) $(MAKE) --no-print-directory
 
-# Training shards, downloaded and built first when missing (shards in object storage are read as they are).
+# Training shards, downloaded and built first when missing (shards in object storage, and TRAIN_SHARDS given, are
+# read as they are).
 data: setup
-ifeq ($(REMOTE_OUT),)
+ifeq ($(REMOTE_OUT)$(filter-out file,$(origin TRAIN_SHARDS)),)
 	@test -f "$$RAW/00000_stats.json" || $(SUBMAKE) download
 	@test -f "$$OUT/train/manifest.json" || $(SUBMAKE) shards
 endif
+
+# MIX_WEIGHTS as a config override, or nothing when it is empty.
+MIX_WEIGHTS_OVERRIDE = $(if $(MIX_WEIGHTS),"data.mix_weights=$$MIX_WEIGHTS")
 
 # Pretraining under torchrun (NPROC processes on this machine; see README for multi-node). The config is
 # checked first, so a bad one gets one message and torchrun never starts; train.launch is torchrun ending with
 # the trainers' one-line errors and exit code instead of its ChildFailedError report.
 # The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
-	$(RUN_WITH_ARGS) $(PY) -m train.config --config "$$CONFIG" "data.shards=$$OUT/train" \
+	$(RUN_WITH_ARGS) $(PY) -m train.config --config "$$CONFIG" "data.shards=$$TRAIN_SHARDS" $(MIX_WEIGHTS_OVERRIDE) \
 		"run.out_dir=$$(dirname -- "$$RUN")" "run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
 	$(RUN_WITH_ARGS) $(PY) -m train.launch --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
-		-m train.pretrain --config "$$CONFIG" "data.shards=$$OUT/train" "run.out_dir=$$(dirname -- "$$RUN")" \
-		"run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
+		-m train.pretrain --config "$$CONFIG" "data.shards=$$TRAIN_SHARDS" $(MIX_WEIGHTS_OVERRIDE) \
+		"run.out_dir=$$(dirname -- "$$RUN")" "run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
 	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_DATA$$PROBE_TRAIN" ]; then $(SUBMAKE) eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
@@ -147,7 +156,8 @@ eval: setup
 # Methods side by side (the variables are with the others at the top: README "Compare methods").
 compare: data
 	$(RUN_WITH_ARGS) $(PY) -m tools.compare.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
-		--budget "$$BUDGET" --shards "$$OUT/train" --eval-points "$$EVAL_POINTS" $(EVAL_ARGS) \
+		--budget "$$BUDGET" --shards "$$TRAIN_SHARDS" $(call option,--mix-weights,MIX_WEIGHTS) \
+		--eval-points "$$EVAL_POINTS" $(EVAL_ARGS) \
 		$(if $(strip $(TRAIN_ARGS)),--train-args {TRAIN_ARGS})
 
 plot: setup

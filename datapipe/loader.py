@@ -45,8 +45,7 @@ class Loader:
         recipe.check()
         if any(view.augments for view in recipe.text_views.values()):
             package_data()  # text augmentation's WordNet: a missing install fails here, not in a worker
-        self.shards = open_shards(shards, mix_weights, cache.folder, cache.limit_bytes, cache.fetch_retries,
-                                  cache.retry_wait_s)
+        self.shards = open_shards(shards, mix_weights, cache)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.recipe, self.batch_size, self.device, self.dtype = recipe, batch_size, torch.device(device), dtype

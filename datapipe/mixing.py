@@ -89,13 +89,14 @@ class ShardMixture:
         return f"{self.sets.index(shard_set)}:{shard_set.shard_key(local)}"
 
 
-def open_shards(locations, weights, cache_dir, cache_limit_bytes, fetch_retries, retry_wait_s):
-    """A ShardSet for one location (weights empty or [1]), else a ShardMixture."""
+def open_shards(locations, weights, cache):
+    """A ShardSet for one location (weights empty or [1]), else a ShardMixture; remote sets are read through the
+    cache `cache` (a datapipe.loader.CacheOptions) describes."""
     if isinstance(locations, str | bytes) or not isinstance(locations, list | tuple):
         locations = [locations]
     weights = list(weights) if weights else [1] * len(locations)
-    sets = [ShardSet.from_path(location, cache_dir, cache_limit_bytes, fetch_retries, retry_wait_s)
+    sets = [ShardSet.from_path(location, cache.folder, cache.limit_bytes, cache.fetch_retries, cache.retry_wait_s)
             for location in locations]
     if len(sets) == 1 and weights == [1]:
         return sets[0]
-    return ShardMixture(sets, weights, cache_dir, cache_limit_bytes)
+    return ShardMixture(sets, weights, cache.folder, cache.limit_bytes)

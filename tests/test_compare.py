@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from conftest import write_training_shards
 
 from tools.compare import budget, methods, report
 from tools.compare import run as compare_run
@@ -46,6 +48,34 @@ def test_a_plan_continues_with_its_own_settings_and_refuses_others(tmp_path):
     settings["methods"]["clip"]["config"]["data.batch_size"] = 64
     with pytest.raises(ValueError, match=r"other settings: methods\.clip\.config\.data\.batch_size: 32 -> 64\. Run"):
         compare_run.load_or_start_plan(tmp_path, settings)
+
+
+def test_a_mixture_of_sets_is_in_the_plan_and_a_changed_set_or_weight_is_refused(tmp_path):
+    """`--shards "[a, b]" --mix-weights "[1, 0.5]"`: every set's manifest is fingerprinted, the weights are in the
+    methods' configs; another manifest for one of the sets, or other weights, is another comparison."""
+    def shards(folder, samples):
+        return write_training_shards(folder, np.zeros((samples, 24, 24, 3), dtype=np.uint8), samples_per_shard=4)
+
+    first, second = shards(tmp_path / "a" / "train", 4), shards(tmp_path / "b" / "train", 8)
+    out_dir, presets, evaluations = tmp_path / "compare", {"clip": "clip_demo"}, EvalData(zeroshot=str(tmp_path))
+
+    def settings(mix_weights="[1, 0.5]"):  # of main()'s arguments
+        arguments = argparse.Namespace(shards=f"[{first}, {second}]", mix_weights=mix_weights, seed=0,
+                                       budget="epochs:1", eval_points=1, train_args=["data.batch_size=4"])
+        return compare_run.settings(arguments, out_dir, presets, evaluations)
+
+    started = compare_run.load_or_start_plan(out_dir, settings())["settings"]
+    assert started["shards"] == [str(first), str(second)]
+    assert len(set(started["shards_manifest_sha256"])) == 2
+    assert started["methods"]["clip"]["config"]["data.mix_weights"] == [1.0, 0.5]
+    assert compare_run.described_shards(started).endswith("weighted [1.0, 0.5]")
+    with pytest.raises(ValueError, match=r"data.mix_weights: \[1.0, 0.5\] -> \[1.0, 2.0\]"):
+        compare_run.load_or_start_plan(out_dir, settings("[1, 2]"))
+    with pytest.raises(ValueError, match=r"3 weight\(s\) for 2 shard set\(s\)"):  # before any plan is written
+        settings("[1, 2, 3]")
+    shards(second, 6)  # rebuilt with other samples
+    with pytest.raises(ValueError, match=r"other settings: shards_manifest_sha256: \['"):
+        compare_run.load_or_start_plan(out_dir, settings())
 
 
 @pytest.mark.slow
@@ -112,7 +142,7 @@ def test_a_method_whose_evaluation_fails_is_reported_failed_with_the_reason(tmp_
     write_status(out_dir / method, "finished", 3)
     entry = {"preset": "clip_demo", "steps": 3, "epochs": 1, "eval_steps": [3],
              "measured": {"steps_per_epoch": 3, "flops_per_step": 1.0, "global_batch": 8}}
-    args = argparse.Namespace(shards="shards/demo/train", seed=0, train_args=[], device="cpu")
+    args = argparse.Namespace(shards="shards/demo/train", mix_weights="", seed=0, train_args=[], device="cpu")
     trainers = compare_run.Trainers()
     try:
         with pytest.raises(compare_run.MethodFailed, match="evaluating step 3: FileNotFoundError: .*teacher_weights"):

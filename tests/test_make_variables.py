@@ -100,6 +100,19 @@ def test_make_compare_hands_its_variables_to_the_comparison(tmp_path):
         assert done.returncode != 0 and "--device cuda: this machine has no CUDA device" in done.stderr
 
 
+@pytest.mark.parametrize("target", ["pretrain", "compare"])
+def test_train_shards_and_mix_weights_reach_the_config_check(tmp_path, target):
+    """A mixture given as TRAIN_SHARDS is read as it is (`make data` builds nothing for DATASET=cc3m, which has no
+    URL_LIST here) and its weights reach the check, which counts the sets."""
+    sets = [write_training_shards(tmp_path / name, np.zeros((4, 32, 32, 3), dtype=np.uint8), samples_per_shard=4)
+            for name in ("a", "b")]
+    done = run_make(target, "DATASET=cc3m", f"OUT={tmp_path}/nothing", f"TRAIN_SHARDS=[{sets[0]}, {sets[1]}]",
+                    "MIX_WEIGHTS=[1, 2, 3]", "METHODS=clip", "ZEROSHOT_DATA=", f"RETRIEVAL_DATA={sets[0]}",
+                    f"RUN={tmp_path}/run")
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "data.mix_weights has 3 weight(s) for 2 shard set(s)" in done.stderr, done.stderr[-2000:]
+
+
 def test_make_test_hands_pytest_none_of_its_defaults(tmp_path):
     """CI runs `make test`: the suite's own `make download OUT=...` must not inherit this make's RAW (its
     `RAW ?= $(OUT)/raw` would keep shards/demo/raw) nor its level (`make[1]:` instead of `make:`)."""

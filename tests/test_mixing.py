@@ -65,3 +65,14 @@ def test_weights_that_do_not_match_the_sets_are_refused(two_sets):
         make_loader([two_sets[0]], **SETTINGS, mix_weights=[1, 2])
     with pytest.raises(ValueError, match="not a positive number"):
         make_loader(list(two_sets), **SETTINGS, mix_weights=[1, 0])
+
+
+def test_the_config_check_takes_a_mixture_and_refuses_weights_that_do_not_fit_it(two_sets):
+    """README "Mixing datasets by weight", as `make pretrain TRAIN_ARGS=...` hands it to train.config."""
+    from train.config import parse_command_line
+
+    shards = f"data.shards=[{two_sets[0]}, {two_sets[1]}]"
+    config = parse_command_line(["--config", "demo", shards, "data.mix_weights=[2, 0.5]"], "")
+    assert config.data.shards == [str(path) for path in two_sets] and config.data.mix_weights == (2.0, 0.5)
+    with pytest.raises(SystemExit, match=r"config error: data.mix_weights has 3 weight\(s\) for 2 shard set\(s\)"):
+        parse_command_line(["--config", "demo", shards, "data.mix_weights=[1, 2, 3]"], "")

@@ -4,6 +4,8 @@ import contextlib
 import io
 import json
 import logging
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 from conftest import write_training_shards
 from PIL import Image
-from test_train import losses_logged, tiny_config
+from test_train import TINY_MODEL, losses_logged, tiny_config
 
 from datapipe import SingleCrop, make_loader, shard_io
 from datapipe.loader import CacheOptions
@@ -165,6 +167,33 @@ def test_missing_bucket_manifest_and_bad_credentials_say_what_to_fix(server, tmp
         make_loader("s3://datasets/demo/train", backend="dali", cache=options, **SETTINGS)
 
 
+def test_the_config_check_reads_remote_shards_through_the_configs_cache(server, tmp_path):
+    """What `make pretrain OUT=s3://...` runs before torchrun (and train.pretrain on every rank)."""
+    from train.config import parse_command_line
+
+    config = parse_command_line(["--config", "demo", "data.shards=s3://datasets/demo/train",
+                                 f"data.cache_dir={tmp_path / 'cache'}"], "")
+    assert config.data.shards == "s3://datasets/demo/train"
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [MARKER]  # made, nothing fetched
+
+
+def test_a_missing_bucket_is_one_line_from_the_config_check(server, tmp_path):
+    checked = subprocess.run([sys.executable, "-m", "train.config", "--config", "demo",
+                              "data.shards=s3://no-such-bucket/train", f"data.cache_dir={tmp_path / 'cache'}"],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 1 and checked.stderr.count("\n") == 1, checked.stderr
+    assert checked.stderr.startswith("config error: reading s3://no-such-bucket/train/manifest.json: no such bucket")
+
+
+def test_make_compare_fingerprints_a_remote_set_as_its_local_copy(local_shards, server):
+    from tools.compare.run import shards_digest
+
+    local = shards_digest(str(local_shards))
+    assert shards_digest(["s3://datasets/demo/train", str(local_shards)]) == [local, local]
+    with pytest.raises(StorageError, match="reading s3://no-such-bucket/train/manifest.json: no such bucket"):
+        shards_digest("s3://no-such-bucket/train")
+
+
 def test_a_cache_folder_of_other_files_is_refused(server, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "000000.tar").write_bytes(b"the user's own file")
@@ -201,17 +230,17 @@ def test_a_server_gone_mid_epoch_is_retried_then_named_and_the_resumed_epoch_mat
     assert_same_batches(got + batches(resumed), expected)
 
 
-@pytest.mark.slow
-def test_training_on_remote_shards_logs_the_local_losses(local_shards, server, tmp_path):
-    """Through a cache smaller than the dataset, as `make pretrain OUT=s3://...` runs it (the loader tests above
-    show both backends give the local batches)."""
-    from train.pretrain import train
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_training_on_remote_shards_logs_the_local_losses(local_shards, server, tmp_path, backend):
+    """Through a cache smaller than the dataset, from the command line as `make pretrain OUT=s3://...` runs it (the
+    loader tests above show both backends give the local batches)."""
+    from train.pretrain import main, train
 
     limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
-    common = ("run.max_steps=2", "data.backend=dali", "data.shuffle_window=8")
+    common = ("run.max_steps=2", f"data.backend={backend}", "data.shuffle_window=8")
     train(tiny_config(local_shards, tmp_path / "local", *common))
-    train(tiny_config("s3://datasets/demo/train", tmp_path / "remote", *common, f"data.cache_dir={tmp_path / 'cache'}",
-                      f"data.cache_limit_gb={limit_gb}"))
+    main(["--config", "demo", *TINY_MODEL, "data.shards=s3://datasets/demo/train", f"run.out_dir={tmp_path}",
+          "run.name=remote", *common, f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit_gb={limit_gb}"])
     assert len(losses_logged(tmp_path / "remote")) == 2
     assert losses_logged(tmp_path / "remote") == losses_logged(tmp_path / "local")
 

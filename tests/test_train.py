@@ -66,6 +66,11 @@ def test_every_preset_loads_and_overrides_apply():
     (["run.name=2024"], "run.name=2024: it must be text"),
     (["data.global_crop_scale=0.5"], r"data.global_crop_scale=0.5: it must be a list of 2 values"),
     (["optim.lr=[1,"], "override 'optim.lr=\\[1,': '\\[1,' is not a value"),
+    (["data.mix_weights=[1, x]"], r"data.mix_weights=\[1, 'x'\]: it must be a list of numbers"),
+    (["data.mix_weights=2"], "data.mix_weights=2: it must be a list of numbers"),
+    (["data.batch_size=[8, 16]"], r"data.batch_size=\[8, 16\]: it takes one value, not a list; it must be a whole"),
+    (["data.shards=[[a]]"], r"data.shards=\[\['a'\]\]: it must be text .* or a list of texts"),
+    (["data.shards=[]"], "data.shards is empty"),
     (["run.trust_unverified_checkpoint=true"], "applies to run.resume=<a checkpoint path> only"),
 ])
 def test_config_errors_name_the_key(overrides, message):
@@ -93,6 +98,16 @@ def test_shards_that_are_not_there_are_a_config_error(tmp_path):
     with pytest.raises(SystemExit, match=f"config error: {tmp_path}/nowhere/manifest.json not found: point the "
                                          f"loader at a folder written by `make shards`"):
         main(["--config", "demo", f"data.shards={tmp_path}/nowhere", f"run.out_dir={tmp_path}"])
+
+
+def test_a_mixture_is_set_by_overrides_and_by_presets(tmp_path):
+    """README "Mixing datasets by weight": several shard locations and their weights, as key=value or in YAML."""
+    preset = tmp_path / "mixture.yaml"
+    preset.write_text("base: demo\ndata:\n  shards: [a/train, s3://bucket/b/train]\n  mix_weights: [1, 0.5]\n")
+    overridden = load_config("demo", ["data.shards=[a/train, s3://bucket/b/train]", "data.mix_weights=[1, 0.5]"])
+    for config in (overridden, load_config(preset)):
+        assert config.data.shards == ["a/train", "s3://bucket/b/train"] and config.data.mix_weights == (1.0, 0.5)
+    assert load_config("demo", ["data.shards=s3://bucket/b/train"]).data.shards == "s3://bucket/b/train"
 
 
 def test_integers_are_taken_for_numbers_and_nothing_else_is_converted():

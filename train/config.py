@@ -11,13 +11,16 @@ import argparse
 import dataclasses
 import difflib
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from datapipe.samples import ShardSet
+from datapipe.loader import CacheOptions
+from datapipe.mixing import open_shards
+from datapipe.object_store import StorageError
 from model.meta_arch import ModelConfig
 from model.objectives import OBJECTIVES
 from train.views import VIEW_CHOICES, check_views
@@ -119,6 +122,9 @@ class TrainConfig:
             raise ValueError(f"data.backend={self.data.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.data.views not in VIEW_CHOICES:
             raise ValueError(f"data.views={self.data.views!r}: choose one of {', '.join(VIEW_CHOICES)}")
+        if not self.data.shards:
+            raise ValueError("data.shards is empty: give the training shards' folder or location (s3://, gs://, "
+                             "hf://), or a list of them mixed by data.mix_weights")
         if not 0 <= self.data.global_flip_prob <= 1:
             raise ValueError(f"data.global_flip_prob={self.data.global_flip_prob} is a probability: give 0 to 1")
         check_views(self, [name for objective in self.model.objectives
@@ -185,21 +191,60 @@ def _parse_override(text):
     return nested
 
 
+ONE_VALUE = {int: "a whole number", float: "a number", bool: "true or false",
+             str: "text (quote it if it reads as a number or true/false)"}
+LIST_OF = {int: "whole numbers, e.g. [1, 2]", float: "numbers, e.g. [1, 2]", bool: "true/false values",
+           str: "texts, e.g. [a, b]"}
+
+
+def _expected(annotation):
+    """What a value of `annotation` is, in words."""
+    origin, items = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is types.UnionType:
+        return " or ".join(_expected(choice) for choice in items)
+    if origin is tuple and Ellipsis not in items:
+        return f"a list of {len(items)} values, e.g. [0.5, 1.0]"
+    if origin in (tuple, list):
+        return f"a list of {LIST_OF[items[0]]}"
+    return ONE_VALUE[annotation]
+
+
+def _takes_a_list(annotation):
+    if typing.get_origin(annotation) is types.UnionType:
+        return any(_takes_a_list(choice) for choice in typing.get_args(annotation))
+    return typing.get_origin(annotation) in (tuple, list)
+
+
 def _typed(key, value, annotation):
-    """`value` as the field's declared type (int, float, bool, str or a tuple of them); a ValueError naming
-    the key otherwise. Integers are taken for floats; nothing is rounded or guessed."""
-    if typing.get_origin(annotation) is tuple:
-        items = typing.get_args(annotation)
-        if not isinstance(value, list | tuple) or len(value) != len(items):
-            raise ValueError(f"{key}={value!r}: it must be a list of {len(items)} values, e.g. {key}=[0.5, 1.0]")
-        return tuple(_typed(key, item, item_type) for item, item_type in zip(value, items, strict=True))
+    """`value` as the field's declared type: int, float, bool or str; a tuple of them (of a fixed length, or any
+    length as `tuple[float, ...]`) or a list; or a choice of those (`str | list[str]`). A ValueError naming the key
+    otherwise. Integers are taken for floats; nothing is rounded or guessed."""
+    converted = _converted(value, annotation)
+    if converted is not None:
+        return converted
+    one_value = "it takes one value, not a list; " if isinstance(value, list) and not _takes_a_list(annotation) else ""
+    raise ValueError(f"{key}={value!r}: {one_value}it must be {_expected(annotation)}")
+
+
+def _converted(value, annotation):
+    """`value` as `annotation` (see _typed), or None when it is not one."""
+    origin, items = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is types.UnionType:
+        return next((typed for choice in items if (typed := _converted(value, choice)) is not None), None)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return None
+        if origin is list or Ellipsis in items:
+            items = items[:1] * len(value)
+        if len(value) != len(items):
+            return None
+        typed = [_converted(item, item_type) for item, item_type in zip(value, items, strict=True)]
+        return None if None in typed else origin(typed)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
-    expected = {int: "a whole number", float: "a number", bool: "true or false",
-                str: "text (quote it if it reads as a number or true/false)"}[annotation]
-    raise ValueError(f"{key}={value!r}: it must be {expected}")
+    return None
 
 
 def _build(cls, values, where):
@@ -257,6 +302,20 @@ def resume_differences(saved, current):
     return differences({**flatten(to_dict(TrainConfig())), **flatten(saved)}, current)
 
 
+def cache_options(data):
+    """How remote shards are cached: data.cache_dir ("" = the default folder), its limit, the retries."""
+    folder = {"folder": Path(data.cache_dir)} if data.cache_dir else {}
+    return CacheOptions(**folder, limit_gb=data.cache_limit_gb, fetch_retries=data.fetch_retries,
+                        retry_wait_s=data.fetch_retry_wait_s)
+
+
+def check_shards(data):
+    """Raise ValueError, FileNotFoundError or StorageError unless data.shards opens as training opens it: each set
+    there with its indexes, the weights fitting the sets, a remote set's manifest read and its objects listed with
+    the user's credentials, and its cache folder made or found a cache (nothing is fetched)."""
+    open_shards(data.shards, data.mix_weights, cache_options(data))
+
+
 def check_resume_choice(run):
     """Raise ValueError unless run.resume is auto, none or an existing checkpoint file."""
     if run.resume in ("auto", "none") or Path(run.resume).is_file():
@@ -270,7 +329,7 @@ def check_resume_choice(run):
 
 def parse_command_line(argv, description):
     """The config of `--config <preset> [key=value ...]`, run.resume and data.shards checked; a one-line exit on
-    any error."""
+    any error (object storage's too: a missing bucket, no credentials, access denied)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo", help="a preset in train/configs/ or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=5 data.batch_size=64")
@@ -278,8 +337,8 @@ def parse_command_line(argv, description):
     try:
         config = load_config(args.config, args.overrides)
         check_resume_choice(config.run)
-        ShardSet.from_path(config.data.shards)  # the training shards are there, each with its index
-    except (ValueError, FileNotFoundError) as error:
+        check_shards(config.data)
+    except (ValueError, FileNotFoundError, StorageError) as error:
         raise SystemExit(f"config error: {error}") from None
     return config
 

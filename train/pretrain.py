@@ -21,12 +21,18 @@ import yaml
 
 from datapipe import make_loader
 from datapipe.folder_lock import FolderBusy
-from datapipe.loader import CacheOptions
 from datapipe.object_store import StorageError
 from model.meta_arch import MetaArch
 from train import checkpoint
 from train.checkpoint import CheckpointError, UnverifiedCheckpoint
-from train.config import RESUME_MAY_CHANGE, check_resume_choice, parse_command_line, resume_differences, to_dict
+from train.config import (
+    RESUME_MAY_CHANGE,
+    cache_options,
+    check_resume_choice,
+    parse_command_line,
+    resume_differences,
+    to_dict,
+)
 from train.distributed import all_ranks_agree, average_gradients, close_distributed, init_distributed
 from train.ema import update_teachers
 from train.log import MetricsLog
@@ -36,13 +42,6 @@ from train.schedules import Schedules
 from train.views import model_views, view_recipe
 
 TEACHER_WEIGHTS = "teacher_weights.pt"
-
-
-def cache_options(data):
-    """How remote shards are cached: data.cache_dir ("" = the default folder), its limit, the retries."""
-    folder = {"folder": Path(data.cache_dir)} if data.cache_dir else {}
-    return CacheOptions(**folder, limit_gb=data.cache_limit_gb, fetch_retries=data.fetch_retries,
-                        retry_wait_s=data.fetch_retry_wait_s)
 
 
 def parameter_groups(model):

@@ -2,13 +2,17 @@
 
     python -m tools.compare.run --name demo --methods "clip harmony" --budget epochs:8 \
         --shards shards/demo/train --zeroshot shards/demo/source/heldout ...
+    python -m tools.compare.run ... --shards "[shards/cc3m/train, s3://bucket/cc12m/train]" --mix-weights "[1, 2]"
+
+--shards and --mix-weights take what data.shards and data.mix_weights do: a training-shard folder, its s3://,
+gs:// or hf:// location, or a list of them mixed by one weight each.
 
 Each method is its preset (tools.compare.methods) trained as an ordinary run folder,
 runs/compare/<name>/<method>/, by train.pretrain in a process of its own, with the comparison's seed and
 its budget's steps (tools.compare.budget). It trains to each of --eval-points evenly spaced steps in turn
 (run.max_steps, which a resume may change) and is evaluated there with tools.eval.run's evaluations, so
 every method has the same evaluations along the way. The comparison's settings are fixed in plan.json at its
-start: methods and their full configs, budget, seed, the shards' manifest, the evaluations, and the code's
+start: methods and their full configs, budget, seed, every shard set's manifest, the evaluations, and the code's
 digest. Run again, the same command continues where it stopped (a trainer resumes exactly from its last
 checkpoint; finished methods and evaluations are not redone); other settings are refused with what differs.
 A method that fails (an error, out of memory) is reported failed with its error and the others go on; the
@@ -29,12 +33,13 @@ import time
 from pathlib import Path
 
 from datapipe.manifest import write_atomic
+from datapipe.object_store import RemoteFolder, StorageError, is_remote
 from tools.compare import budget as budgets
 from tools.compare import methods as method_presets
 from tools.compare import report
 from tools.eval.run import add_eval_arguments, check_eval_data, eval_data, evaluate
 from tools.eval.towers import eval_device
-from train.config import RESUME_MAY_CHANGE, differences, flatten, load_config, to_dict
+from train.config import RESUME_MAY_CHANGE, check_shards, differences, flatten, load_config, to_dict
 from train.preemption import EXIT_PREEMPTED
 from train.run_folder import read_status
 
@@ -67,26 +72,34 @@ def code_digest(root=REPO_ROOT):
 
 
 def shards_digest(shards):
-    manifest = Path(shards) / "manifest.json"
-    if not manifest.is_file():
-        raise ValueError(f"{manifest} not found: build the training shards first (make data)")
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    """SHA-256 of the manifest.json of the training shards (data.shards, checked to be there): of a local folder or
+    one in object storage; a list of them, one per set, for a list of sets."""
+    if isinstance(shards, list):
+        return [shards_digest(location) for location in shards]
+    folder = shards.rstrip("/").removesuffix("/manifest.json")
+    manifest = RemoteFolder(folder).read_bytes("manifest.json") if is_remote(folder) else \
+        (Path(folder) / "manifest.json").read_bytes()
+    return hashlib.sha256(manifest).hexdigest()
 
 
-def method_overrides(out_dir, method, shards, seed, train_args):
-    return [f"data.shards={shards}", f"run.out_dir={out_dir}", f"run.name={method}", f"run.seed={seed}",
-            *train_args]
+def method_overrides(out_dir, method, args):
+    weights = [f"data.mix_weights={args.mix_weights}"] if args.mix_weights else []
+    return [f"data.shards={args.shards}", *weights, f"run.out_dir={out_dir}", f"run.name={method}",
+            f"run.seed={args.seed}", *args.train_args]
 
 
 def settings(args, out_dir, presets, evaluations):
-    """What the comparison is: everything that, changed, would mix results (compared on every run)."""
+    """What the comparison is: everything that, changed, would mix results (compared on every run). A mixture's
+    weights are in the methods' configs (data.mix_weights)."""
     configs = {}
     for method, preset in presets.items():
-        config = load_config(preset, method_overrides(out_dir, method, args.shards, args.seed, args.train_args))
+        config = load_config(preset, method_overrides(out_dir, method, args))
         configs[method] = {"preset": preset, "config": {key: value for key, value in flatten(to_dict(config)).items()
                                                         if key not in NOT_SETTINGS}}
+    check_shards(config.data)  # every method's shards: the overrides set them after the preset
+    shards = config.data.shards
     return {"methods": configs, "budget": str(budgets.parse(args.budget)), "seed": args.seed,
-            "shards": str(args.shards), "shards_manifest_sha256": shards_digest(args.shards),
+            "shards": shards, "shards_manifest_sha256": shards_digest(shards),
             "eval_points": args.eval_points, "evaluations": dataclasses.asdict(evaluations),
             "train_args": list(args.train_args), "code_sha256": code_digest()}
 
@@ -207,7 +220,7 @@ def train_to(trainers, run_dir, preset, overrides, epochs, step):
 
 def run_method(trainers, out_dir, method, entry, args, evaluations):
     run_dir = out_dir / method
-    overrides = method_overrides(out_dir, method, args.shards, args.seed, args.train_args)
+    overrides = method_overrides(out_dir, method, args)
     for step in entry["eval_steps"]:
         result_path = run_dir / EVALUATIONS / f"step-{step:08d}.json"
         if result_path.is_file():
@@ -230,7 +243,7 @@ def measure_methods(plan, out_dir, args, budget):
     for method, entry in plan["methods"].items():
         if "measured" not in entry:
             print(f"compare: measuring a training step of {method}", flush=True)
-            overrides = method_overrides(out_dir, method, args.shards, args.seed, args.train_args)
+            overrides = method_overrides(out_dir, method, args)
             try:
                 entry["measured"] = budgets.measure(load_config(entry["preset"], overrides),
                                                     budgets.TIMED_STEPS if budget.kind == "time" else 0)
@@ -254,6 +267,17 @@ def read_evaluations(run_dir):
     return [json.loads(path.read_text()) for path in sorted((run_dir / EVALUATIONS).glob("step-*.json"))]
 
 
+def described_shards(settings_):
+    """The report's words for the training shards: each set with its manifest's digest, then a mixture's weights."""
+    locations, digests = settings_["shards"], settings_["shards_manifest_sha256"]
+    if isinstance(locations, str):
+        locations, digests = [locations], [digests]
+    sets = ", ".join(f"{location} (manifest sha256 {digest[:12]})" for location, digest in zip(locations, digests,
+                                                                                             strict=True))
+    weights = next(iter(settings_["methods"].values()))["config"]["data.mix_weights"]
+    return f"{sets} weighted {weights}" if weights else sets
+
+
 def write_report(out_dir, plan, args, failures):
     settings_, entries = plan["settings"], plan["methods"]
     budget = budgets.parse(settings_["budget"])
@@ -265,8 +289,7 @@ def write_report(out_dir, plan, args, failures):
         measured = {method: entry["measured"] for method, entry in entries.items() if "measured" in entry}
         amount = f" = {budgets.flops_amount(budget, measured):.3g} FLOPs"
     header = [f"Budget: **{settings_['budget']}**{amount} (equal {budget.kind}); seed {settings_['seed']}; shards "
-              f"{settings_['shards']} (manifest sha256 {settings_['shards_manifest_sha256'][:12]}); code sha256 "
-              f"{settings_['code_sha256'][:12]}.",
+              f"{described_shards(settings_)}; code sha256 {settings_['code_sha256'][:12]}.",
               "Training FLOPs: the model's own count (torch FlopCounterMode) of real steps times the steps "
               "trained. Training time: the trainer's step times in metrics.jsonl. Results at the last evaluated "
               f"step; each method's run folder is {out_dir}/<method>/."]
@@ -301,7 +324,11 @@ def main(argv=None):
     parser.add_argument("--methods", default="", help="methods, space-separated (default: every one with a preset)")
     parser.add_argument("--scale", default="demo", help="presets <method>_<scale>.yaml (default: demo)")
     parser.add_argument("--budget", default="epochs:8", help="epochs:N | flops:X | flops:<method>@<epochs> | time:S")
-    parser.add_argument("--shards", default="shards/demo/train", help="training shards (make shards output)")
+    parser.add_argument("--shards", default="shards/demo/train",
+                        help="training shards as data.shards takes them: a make shards output folder, its s3://, "
+                             "gs:// or hf:// location, or a list of them, e.g. \"[shards/a/train, s3://bucket/b/train]\"")
+    parser.add_argument("--mix-weights", default="", help="one weight per set of a --shards list, as data.mix_weights "
+                                                          "(e.g. \"[1, 2]\"); default 1 each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-points", type=int, default=4, help="evaluations along each method's training")
     parser.add_argument("--out", default="runs/compare")
@@ -316,7 +343,7 @@ def main(argv=None):
     except Stopped as stop:
         raise SystemExit(f"compare stopped ({stop}); every trainer is at a checkpoint. Run the same command "
                          "again to continue.") from None
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, StorageError) as error:
         raise SystemExit(f"error: {error}") from None
     print(table)
     print(f"compare done: {Path(args.out) / args.name}/report.md, report.json, metrics_vs_compute.png, "
