@@ -99,15 +99,28 @@ def test_sigusr1_stops_a_single_process_run_with_the_documented_exit_code(demo_s
     assert "Run the same command again to continue" in output
 
 
-def test_killing_torchrun_stops_its_trainer_after_a_checkpoint(demo_shards, tmp_path):
-    """torchrun starts workers in sessions of their own; killed with SIGKILL it cannot stop them, so they notice."""
-    run = tmp_path / "run"
-    with open(tmp_path / "output.txt", "w") as output:  # not a pipe: nobody reads it once torchrun is gone
-        process = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *TORCHRUN_ARGS,
-             "-m", "train.pretrain", "--config", "demo",
-             *overrides(demo_shards["train"], run, "optim.epochs=100", "run.checkpoint_every=1000")],
-            cwd=REPO, stdout=output, stderr=output)
+def launched(launcher, demo_shards, tmp_path, output):
+    """(launcher process, run folder) of a long demo training started by torchrun or by make compare."""
+    if launcher == "torchrun":
+        run = tmp_path / "run"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                   *TORCHRUN_ARGS, "-m", "train.pretrain", "--config", "demo",
+                   *overrides(demo_shards["train"], run, "optim.epochs=100", "run.checkpoint_every=1000")]
+    else:
+        run = tmp_path / "cmp" / "clip"
+        command = [sys.executable, "-m", "tools.compare.run", "--name", "cmp", "--methods", "clip", "--budget",
+                   "epochs:20", "--eval-points", "1", "--shards", str(demo_shards["train"]), "--out", str(tmp_path),
+                   "--zeroshot", str(demo_shards["heldout"]), "--train-args", "data.batch_size=8",
+                   "data.num_workers=0", "run.checkpoint_every=1000"]
+    return subprocess.Popen(command, cwd=REPO, stdout=output, stderr=output), run
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "make compare"])
+def test_killing_the_launcher_stops_its_trainer_after_a_checkpoint(demo_shards, tmp_path, launcher):
+    """torchrun and make compare start trainers in sessions of their own; killed with SIGKILL they cannot stop
+    them, so the trainers notice."""
+    with open(tmp_path / "output.txt", "w") as output:  # not a pipe: nobody reads it once the launcher is gone
+        process, run = launched(launcher, demo_shards, tmp_path, output)
         wait_for_steps(process, run, 2)
         trainer_pid = int(re.search(r"pid (\d+)", (run / ".lock").read_text())[1])
         process.kill()
@@ -115,9 +128,9 @@ def test_killing_torchrun_stops_its_trainer_after_a_checkpoint(demo_shards, tmp_
         deadline = time.monotonic() + 60
         while Path(f"/proc/{trainer_pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-    assert not Path(f"/proc/{trainer_pid}").exists(), "the trainer outlived torchrun"
+    assert not Path(f"/proc/{trainer_pid}").exists(), f"the trainer outlived {launcher}"
     status = read_status(run)
-    assert status["state"] == "preempted" and "torchrun" in status["reason"], status
+    assert status["state"] == "preempted" and f"{launcher}, which launched" in status["reason"], status
     assert checkpoint.load(checkpoint.latest_checkpoint(run))["step"] == status["step"]
 
 

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -40,7 +41,7 @@ from tools.compare import report
 from tools.eval.run import add_eval_arguments, check_eval_data, eval_data, evaluate
 from tools.eval.towers import eval_device
 from train.config import RESUME_MAY_CHANGE, check_shards, differences, flatten, load_config, to_dict
-from train.preemption import EXIT_PREEMPTED
+from train.preemption import EXIT_PREEMPTED, LAUNCHER_ENV
 from train.run_folder import read_status
 
 PLAN_FILE = "plan.json"
@@ -49,6 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CODE_FOLDERS = ("datapipe", "model", "train", "tools/eval")
 ERROR_TAIL_CHARS = 2000
 MEMORY_POLL_S = 0.5
+LOG_POLL_S = 0.1
+TRAINER_LOG = "trainer_stderr.log"  # <run>/trainer_stderr.log: every trainer run's stderr, appended
 # Config keys that do not change what a method learns (a resume may change them), and optim.epochs, which the
 # budget sets. data.batch_size is a setting here: a resume would silently keep the checkpoint's.
 NOT_SETTINGS = (RESUME_MAY_CHANGE - {"data.batch_size"}) | {"optim.epochs"}
@@ -151,21 +154,32 @@ class Trainers:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
 
-    def run(self, command):
-        """Run `command`; its stderr is shown as it comes and its tail kept.
+    def run(self, command, log_path):
+        """Run `command`; its stderr goes to `log_path` (appended; a file, not a pipe, so that the trainer can
+        still write when the comparison is killed) and is shown as it comes, its tail kept.
         Returns (exit code, stderr tail, the process's peak resident memory in bytes or None)."""
         if self.stop_signal:
             raise Stopped(self.stop_signal)
-        # A session of its own: a terminal's Ctrl-C reaches it only as the SIGTERM sent above, after a step.
-        self.child = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            start = log.tell()
+            # A session of its own: a terminal's Ctrl-C reaches it only as the SIGTERM sent above, after a step;
+            # killed outright, the comparison leaves the trainer to see its launcher gone and checkpoint.
+            self.child = subprocess.Popen(command, stderr=log, start_new_session=True,
+                                          env={**os.environ, LAUNCHER_ENV: "make compare"})
         tail, peak = bytearray(), [None]
 
-        def pump():
-            while chunk := self.child.stderr.read1(4096):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
-                tail.extend(chunk)
-                del tail[:-ERROR_TAIL_CHARS]
+        def pump(child=self.child):
+            with open(log_path, "rb") as source:
+                source.seek(start)
+                while (chunk := source.read(4096)) or child.poll() is None:
+                    if not chunk:
+                        time.sleep(LOG_POLL_S)
+                        continue
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
+                    tail.extend(chunk)
+                    del tail[:-ERROR_TAIL_CHARS]
 
         def watch(child=self.child):
             while child.poll() is None:
@@ -210,7 +224,7 @@ def train_to(trainers, run_dir, preset, overrides, epochs, step):
         return None
     command = [sys.executable, "-m", "train.pretrain", "--config", preset, *overrides, f"optim.epochs={epochs}",
                f"run.max_steps={step}"]
-    code, tail, peak_bytes = trainers.run(command)
+    code, tail, peak_bytes = trainers.run(command, Path(run_dir) / TRAINER_LOG)
     if code == EXIT_PREEMPTED:
         raise Stopped("the trainer was stopped")
     if code != 0:
