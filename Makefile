@@ -65,7 +65,7 @@ EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/hel
 # every method with a preset. BUDGET: epochs:N, flops:X, flops:<method>@<epochs> or time:<seconds>.
 # The demo's default is small enough for every method on 2 CPU cores (README: Compare methods).
 METHODS ?=
-BUDGET ?= $(if $(filter demo,$(DATASET)),epochs:2,epochs:8)
+BUDGET ?= $(if $(filter demo,$(DATASET)),epochs:1,epochs:8)
 SCALE ?= $(DATASET)
 COMPARE_NAME ?= $(DATASET)
 EVAL_POINTS ?= $(if $(filter demo,$(DATASET)),2,4)
