@@ -89,9 +89,13 @@ def measure(config, timed_steps=TIMED_STEPS):
         if world.device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
-    return {"flops_per_step": counter.get_total_flops() / MEASURED_STEPS,
-            "seconds_per_step": statistics.median(seconds) if seconds else None,
-            "steps_per_epoch": len(trainer.loader), "global_batch": config.data.batch_size * world.world_size}
+    measured = {"flops_per_step": counter.get_total_flops() / MEASURED_STEPS,
+                "seconds_per_step": statistics.median(seconds) if seconds else None,
+                "steps_per_epoch": len(trainer.loader), "global_batch": config.data.batch_size * world.world_size}
+    del trainer, batches
+    if world.device.type == "cuda":
+        torch.cuda.empty_cache()  # the comparison goes on in this process: the GPU is the trainers' again
+    return measured
 
 
 def flops_amount(budget, measured):
