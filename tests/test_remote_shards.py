@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -168,6 +169,21 @@ def test_missing_bucket_manifest_and_bad_credentials_say_what_to_fix(server, tmp
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(StorageError, match="access denied.*AWS_ACCESS_KEY_ID"):
         make_loader("s3://datasets/demo/train", backend="dali", cache=options, **SETTINGS)
+
+
+def test_no_credentials_anywhere_says_how_to_give_them(server, tmp_path, monkeypatch):
+    """No key in the environment, empty credential and config files, no instance metadata: botocore finds none."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        if name not in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+            monkeypatch.delenv(name)
+    (tmp_path / "empty").write_text("")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError, match=r"^reading s3://datasets/demo/train/manifest.json: no credentials found "
+                                           r"\(NoCredentialsError: .*\); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                                           r"or AWS_PROFILE"):
+        make_loader("s3://datasets/demo/train", backend="dali", cache=cache_options(tmp_path), **SETTINGS)
 
 
 def test_the_config_check_reads_remote_shards_through_the_configs_cache(server, tmp_path):
