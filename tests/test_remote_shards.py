@@ -226,7 +226,7 @@ def test_a_cache_folder_of_other_files_is_refused(server, tmp_path):
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_a_server_gone_mid_epoch_is_retried_then_named_and_the_resumed_epoch_matches(local_shards, server, tmp_path,
                                                                                       caplog, backend):
-    limit_gb = 3 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
+    limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
     settings = dict(SETTINGS, backend=backend, cache=cache_options(tmp_path, limit_gb))
     expected = batches(make_loader(local_shards, **{**SETTINGS, "backend": backend}))
     loader = make_loader("s3://datasets/demo/train", **settings)
@@ -377,7 +377,7 @@ def test_the_cache_evicts_the_shard_read_farthest_ahead_and_used_up_shards_first
 
 def test_a_server_gone_mid_training_fails_the_run_at_its_last_checkpoint_and_the_resume_matches(local_shards, server,
                                                                                                  tmp_path):
-    """`make pretrain` on s3:// shards through a cache of 3 of the 6 shards, the network cut after step 2: the trainer
+    """`make pretrain` on s3:// shards through a cache of 4 of the 6 shards, the network cut after step 2: the trainer
     retries, stops with one line naming the shard and keeps its checkpoints; run again, it passes the step it failed
     at as a run never cut does (on the local copy, whose losses the remote shards give)."""
     from test_cluster import REPO, logged_steps
@@ -385,7 +385,7 @@ def test_a_server_gone_mid_training_fails_the_run_at_its_last_checkpoint_and_the
     from train.pretrain import main, train
     from train.run_folder import read_status
 
-    limit_gb = 3 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
+    limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
     common = (*TINY_MODEL, "data.batch_size=4", "data.shuffle_window=8")  # an epoch: 11 steps, every shard
     arguments = ["--config", "demo", *common, "data.shards=s3://datasets/demo/train", f"run.out_dir={tmp_path}",
                  "run.name=remote", "run.checkpoint_every=2", "data.num_workers=1",
