@@ -82,9 +82,10 @@ def assert_same_batches(got, expected):
 
 def cached_bytes(folder):
     """Bytes of the cache's files now; a .partial renamed to its shard (or an evicted file) between the listing and
-    its stat is not counted twice or at all: the loader's fetch threads keep working while the test looks."""
+    its stat is not counted twice or at all: the loader's fetch threads keep working while the test looks. The
+    listing is taken whole before any stat: a rename while it is read may list both names, and only one exists."""
     total = 0
-    for path in folder.iterdir():
+    for path in list(folder.iterdir()):
         if path.suffix in (".tar", ".idx", ".partial"):
             with contextlib.suppress(FileNotFoundError):
                 total += path.stat().st_size
