@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from datapipe.batch import assemble
 from datapipe.draws import enclosing_draws, enclosing_windows
+from datapipe.object_store import StorageError
 from datapipe.samples import RawBatch
 from datapipe.views import EnclosingCrop
 
@@ -138,7 +139,13 @@ class TorchBatches(IterableDataset):
             os.environ.update(self.environment)
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for index in range(self.start_batch + worker_id, self.plan.num_batches, num_workers):
-            raw = self.plan.read_batch(index)
+            try:
+                raw = self.plan.read_batch(index)
+            except StorageError as error:
+                # Handed over as a batch, raised as it is by torch_batches: DataLoader would re-raise it with
+                # the worker's traceback for its message.
+                yield index, error
+                return
             yield index, assemble(*self.augment(raw), raw, self.plan.recipe, self.dtype)
 
 
@@ -158,7 +165,7 @@ UNGUARDED_SCRIPT = (
 
 
 def torch_batches(plan, start_batch, dtype, num_workers, pin_memory):
-    """Iterator of (batch index, Batch) in plan order."""
+    """Iterator of (batch index, Batch) in plan order; a worker's StorageError is raised as the worker met it."""
     if num_workers and getattr(multiprocessing.current_process(), "_inheriting", False):
         # We are a worker still importing the user's script: the script has no __main__ guard.
         raise RuntimeError(f"a DataLoader worker re-ran your script: {UNGUARDED_SCRIPT}")
@@ -169,7 +176,10 @@ def torch_batches(plan, start_batch, dtype, num_workers, pin_memory):
                               multiprocessing_context=_worker_context() if num_workers else None,
                               generator=torch.Generator().manual_seed(plan.seed)))
     try:
-        yield from batches
+        for index, batch in batches:
+            if isinstance(batch, StorageError):
+                raise batch
+            yield index, batch
     except RuntimeError as error:
         if "exited unexpectedly" not in str(error):
             raise

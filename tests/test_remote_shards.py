@@ -4,9 +4,12 @@ import contextlib
 import io
 import json
 import logging
+import os
+import re
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from datapipe.samples import ShardSet, epoch_order
 from datapipe.shard_cache import MARKER, ShardCache, ShardRefused
 from datapipe.shard_schedule import ShardSchedule
 from tools.s3_loopback import S3Server
+from train import checkpoint
 
 pytestmark = pytest.mark.network
 RECIPE = SingleCrop(size_px=32, flip_prob=0.5)
@@ -78,9 +82,10 @@ def assert_same_batches(got, expected):
 
 def cached_bytes(folder):
     """Bytes of the cache's files now; a .partial renamed to its shard (or an evicted file) between the listing and
-    its stat is not counted twice or at all: the loader's fetch threads keep working while the test looks."""
+    its stat is not counted twice or at all: the loader's fetch threads keep working while the test looks. The
+    listing is taken whole before any stat: a rename while it is read may list both names, and only one exists."""
     total = 0
-    for path in folder.iterdir():
+    for path in list(folder.iterdir()):
         if path.suffix in (".tar", ".idx", ".partial"):
             with contextlib.suppress(FileNotFoundError):
                 total += path.stat().st_size
@@ -167,6 +172,21 @@ def test_missing_bucket_manifest_and_bad_credentials_say_what_to_fix(server, tmp
         make_loader("s3://datasets/demo/train", backend="dali", cache=options, **SETTINGS)
 
 
+def test_no_credentials_anywhere_says_how_to_give_them(server, tmp_path, monkeypatch):
+    """No key in the environment, empty credential and config files, no instance metadata: botocore finds none."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        if name not in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+            monkeypatch.delenv(name)
+    (tmp_path / "empty").write_text("")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError, match=r"^reading s3://datasets/demo/train/manifest.json: no credentials found "
+                                           r"\(NoCredentialsError: .*\); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                                           r"or AWS_PROFILE"):
+        make_loader("s3://datasets/demo/train", backend="dali", cache=cache_options(tmp_path), **SETTINGS)
+
+
 def test_the_config_check_reads_remote_shards_through_the_configs_cache(server, tmp_path):
     """What `make pretrain OUT=s3://...` runs before torchrun (and train.pretrain on every rank)."""
     from train.config import parse_command_line
@@ -207,7 +227,7 @@ def test_a_cache_folder_of_other_files_is_refused(server, tmp_path):
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_a_server_gone_mid_epoch_is_retried_then_named_and_the_resumed_epoch_matches(local_shards, server, tmp_path,
                                                                                       caplog, backend):
-    limit_gb = 3 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
+    limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
     settings = dict(SETTINGS, backend=backend, cache=cache_options(tmp_path, limit_gb))
     expected = batches(make_loader(local_shards, **{**SETTINGS, "backend": backend}))
     loader = make_loader("s3://datasets/demo/train", **settings)
@@ -354,3 +374,48 @@ def test_the_cache_evicts_the_shard_read_farthest_ahead_and_used_up_shards_first
     schedule.advance(3 * 8)  # now in window 3: the shards of slots 1 and 2 are done with this epoch
     cache.paths(by_slot[5])
     assert len(cached_slots() & {1, 2}) == 1 and {3, 5} <= cached_slots()
+
+
+def test_a_server_gone_mid_training_fails_the_run_at_its_last_checkpoint_and_the_resume_matches(local_shards, server,
+                                                                                                 tmp_path):
+    """`make pretrain` on s3:// shards through a cache of 4 of the 6 shards, the network cut after step 2: the trainer
+    retries, stops with one line naming the shard and keeps its checkpoints; run again, it passes the step it failed
+    at as a run never cut does (on the local copy, whose losses the remote shards give)."""
+    from test_cluster import REPO, logged_steps
+
+    from train.pretrain import main, train
+    from train.run_folder import read_status
+
+    limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
+    common = (*TINY_MODEL, "data.batch_size=4", "data.shuffle_window=8")  # an epoch: 11 steps, every shard
+    arguments = ["--config", "demo", *common, "data.shards=s3://datasets/demo/train", f"run.out_dir={tmp_path}",
+                 "run.name=remote", "run.checkpoint_every=2", "data.num_workers=1",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit_gb={limit_gb}", "data.fetch_retries=2",
+                 "data.fetch_retry_wait_s=0.01"]
+    run = tmp_path / "remote"
+    # Two epochs: the second reads every shard, so one is fetched after the cut whatever the cache holds then.
+    trainer = subprocess.Popen([sys.executable, "-m", "train.pretrain", *arguments, "run.max_steps=22"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while len(logged_steps(run)) < 2:
+            assert trainer.poll() is None, trainer.stderr.read()[-3000:]
+            time.sleep(0.05)
+        server.relay.cut()
+        errors = trainer.communicate(timeout=120)[1]
+    finally:
+        server.relay.restore()
+    assert trainer.returncode == 1 and "Traceback" not in errors, errors[-3000:]
+    assert "; try 3 of 3 in" in errors  # the worker's warnings
+    stopped = [line for line in errors.splitlines() if line.startswith("rank 0: stopped by")]
+    assert len(stopped) == 1 and re.match(r"rank 0: stopped by StorageError: downloading s3://datasets/demo/train/"
+                                          r"000\d+\.(tar|idx): the connection failed 3 times .*training resumes from "
+                                          r"its last checkpoint\)$", stopped[0]), errors[-3000:]
+    status = read_status(run)
+    assert status["state"] == "failed" and "s3://datasets/demo/train/000" in status["error"], status
+    last_logged = logged_steps(run)[-1]
+    _, saved = checkpoint.latest_good(run)
+    assert logged_steps(run) == list(range(1, last_logged + 1)) and saved["step"] == last_logged - last_logged % 2
+    main([*arguments, f"run.max_steps={last_logged + 2}"])  # past the step that could not be fetched
+    train(tiny_config(local_shards, tmp_path / "local", *common, f"run.max_steps={last_logged + 2}"))
+    assert logged_steps(run) == list(range(1, last_logged + 3))
+    assert losses_logged(run) == losses_logged(tmp_path / "local")

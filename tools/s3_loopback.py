@@ -37,6 +37,9 @@ class Relay:
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def cut(self):
+        # shutdown first: a bare close leaves the socket listening while its thread is blocked in accept(), and
+        # with reuse_port a restored listener would then share the port with it (connections left unaccepted).
+        self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         with self.lock:
             for connection in self.connections:

@@ -400,7 +400,9 @@ def report_failure(error, world, run_dir, lock):
     collective = isinstance(error, torch.distributed.DistError) or "gloo" in str(error).lower()
     hint = " (a collective failed: another rank has most likely stopped; its error is printed above it)" \
         if collective else ""
-    print(f"rank {world.rank}: stopped by {type(error).__name__}: {error}{hint}", file=sys.stderr, flush=True)
+    # On a line of its own, not after the progress bar's.
+    tqdm.tqdm.write(f"rank {world.rank}: stopped by {type(error).__name__}: {error}{hint}", file=sys.stderr)
+    sys.stderr.flush()
     if lock is not None:  # rank 0, holding the run folder
         with contextlib.suppress(OSError, CheckpointError):
             write_status(run_dir, "failed", None, error=f"{type(error).__name__}: {error}")
