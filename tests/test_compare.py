@@ -3,6 +3,7 @@ the middle continues where it stopped without training a finished method again; 
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import write_training_shards
+from conftest import jpeg_bytes, write_training_shards
 
+from datapipe.folder_lock import FolderLock
 from tools.compare import budget, methods, report
 from tools.compare import run as compare_run
 from tools.eval.run import EvalData
@@ -153,3 +155,101 @@ def test_a_method_whose_evaluation_fails_is_reported_failed_with_the_reason(tmp_
     assert summary["status"] == "failed"
     assert "| clip (clip_demo) | failed: evaluating step 3: FileNotFoundError: gone |" in \
         report.markdown("cmp", [], {"clip": summary})
+
+
+def test_every_budget_kind_takes_one_number_syntax_and_refuses_what_is_not_finite_and_above_0():
+    assert budget.parse("time:1e3").amount == 1000 and budget.parse("time:2.5m").amount == 150
+    assert budget.parse("flops:3e14").amount == 3e14 and budget.parse("epochs:1e1") == budget.Budget("epochs", 10)
+    assert budget.parse("flops:clip@2.0") == budget.Budget("flops", 0.0, "clip", 2)
+    for text, says in (("flops:inf", "FLOPs must be a finite number above 0, not 'inf'"),
+                       ("flops:nan", "FLOPs must be a finite number above 0"), ("time:0", "seconds must be a finite"),
+                       ("time:-1e3s", "seconds must be a finite"), ("epochs:1.5", "epochs must be a whole number"),
+                       ("flops:clip@0", "epochs must be a finite"), ("time:soon", "'soon' is not a number")):
+        with pytest.raises(ValueError, match=f"^BUDGET='{text}': {says}"):
+            budget.parse(text)
+
+
+def test_an_unknown_equal_compute_method_is_refused_before_anything_is_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "measure", lambda *args: pytest.fail("measured before the budget was checked"))
+    with pytest.raises(SystemExit, match="BUDGET=flops:harmny@2: harmny is not among the comparison's methods "
+                                         r"\(clip, harmony\); did you mean harmony\?"):
+        compare_run.main(["--methods", "clip harmony", "--budget", "flops:harmny@2", *fake_comparison(tmp_path)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_points_below_1_are_refused_up_front(tmp_path):
+    for points in ("0", "-1"):
+        with pytest.raises(SystemExit, match=f"^error: EVAL_POINTS={points} \\(--eval-points\\): .* 1 or more$"):
+            compare_run.main(["--methods", "clip", *fake_comparison(tmp_path), "--eval-points", points])
+    assert not (tmp_path / "out").exists()
+
+
+def fake_comparison(tmp_path, name="cmp"):
+    """main()'s arguments for a comparison on tiny shards and a one-image zero-shot set (nothing trains in the
+    tests that use it: they replace the measurement and the training)."""
+    shards = write_training_shards(tmp_path / "train", np.zeros((4, 24, 24, 3), dtype=np.uint8), samples_per_shard=4)
+    (tmp_path / "zeroshot" / "cat").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "zeroshot" / "cat" / "0.jpg").write_bytes(jpeg_bytes())
+    return ["--name", name, "--shards", str(shards), "--out", str(tmp_path / "out"), "--zeroshot",
+            str(tmp_path / "zeroshot"), "--eval-points", "1", "--device", "cpu"]
+
+
+MEASURED = {"clip": {"flops_per_step": 1e3, "seconds_per_step": 0.125, "steps_per_epoch": 2, "global_batch": 2},
+            "harmony": {"flops_per_step": 4e3, "seconds_per_step": 0.5, "steps_per_epoch": 2, "global_batch": 2}}
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Measurement and training replaced: each method's step is MEASURED's, and training to a step writes its
+    evaluation, except for the methods listed in the fixture's value, which fail."""
+    failing = []
+
+    def run_method(trainers, out_dir, method, entry, args, evaluations):
+        if method in failing:
+            raise compare_run.MethodFailed("out of memory")
+        for step in entry["eval_steps"]:
+            path = out_dir / method / compare_run.EVALUATIONS / f"step-{step:08d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"step": step, "results": {}}))
+
+    monkeypatch.setattr(budget, "measure", lambda config, timed_steps: MEASURED[config.run.name])
+    monkeypatch.setattr(compare_run, "run_method", run_method)
+    return failing
+
+
+def test_a_comparison_with_a_failed_method_exits_non_zero_saying_how_many_finished(tmp_path, fake_training,
+                                                                                    capsys):
+    fake_training.append("harmony")
+    with pytest.raises(SystemExit) as stopped:
+        compare_run.main(["--methods", "clip harmony", *fake_comparison(tmp_path)])
+    report_md = tmp_path / "out" / "cmp" / "report.md"
+    assert stopped.value.code == f"compare: 1 of 2 methods finished, 1 failed (harmony): see {report_md}"
+    assert "| harmony (harmony_demo) | failed: out of memory |" in capsys.readouterr().out
+    fake_training.clear()
+    compare_run.main(["--methods", "clip harmony", *fake_comparison(tmp_path)])  # tried again: both finish
+    assert "compare done" in capsys.readouterr().out
+
+
+def test_a_budget_under_one_step_is_refused_before_training_and_leaves_the_name_free(tmp_path, fake_training,
+                                                                                     capsys):
+    arguments = ["--methods", "clip harmony", *fake_comparison(tmp_path)]
+    with pytest.raises(SystemExit, match=r"^error: BUDGET=flops:2000: 2e\+03 FLOPs is less than one training step "
+                                         r"of harmony; the budget must be at least 4e\+03 FLOPs \(one step of "
+                                         r"harmony, the costliest method\)$"):
+        compare_run.main([*arguments, "--budget", "flops:2e3"])
+    assert not (tmp_path / "out" / "cmp" / compare_run.PLAN_FILE).exists()
+    assert not (tmp_path / "out" / "cmp" / "clip").exists()  # nothing trained
+    compare_run.main([*arguments, "--budget", "time:1e0"])  # the same name, another budget
+    plan = json.loads((tmp_path / "out" / "cmp" / compare_run.PLAN_FILE).read_text())
+    assert (plan["methods"]["clip"]["steps"], plan["methods"]["harmony"]["steps"]) == (8, 2)
+    assert "compare done" in capsys.readouterr().out
+
+
+def test_a_second_comparison_of_the_same_name_is_refused_naming_the_folder_and_its_holder(tmp_path, fake_training):
+    arguments = ["--methods", "clip", *fake_comparison(tmp_path)]
+    folder = tmp_path / "out" / "cmp"
+    busy = f"^error: {folder} is in use by make compare \\(make compare: pid {os.getpid()} on .*\\); wait for that"
+    with FolderLock(folder, "make compare", "wait"), pytest.raises(SystemExit, match=busy):
+        compare_run.main(arguments)  # as another `make compare` of this name holds the folder
+    assert not (folder / compare_run.PLAN_FILE).exists()
+    compare_run.main(arguments)  # released: it runs

@@ -13,6 +13,7 @@ plan, so a continued comparison trains the same steps. A FLOPs or time budget is
 method's schedules span the whole epochs those steps begin (the last may be cut short).
 """
 
+import difflib
 import math
 import re
 import statistics
@@ -45,22 +46,52 @@ class Budget:
         return f"{self.kind}:{self.amount:g}"
 
 
-def parse(text):
-    """A Budget from `epochs:N`, `flops:X`, `flops:<method>@<epochs>` or `time:S[s|m|h]`."""
-    kind, _, value = text.partition(":")
-    hint = "BUDGET is epochs:N, flops:X (e.g. 3e14), flops:<method>@<epochs> or time:<seconds>[s|m|h]"
+HINT = "BUDGET is epochs:N, flops:X (e.g. 3e14), flops:<method>@<epochs> or time:<seconds>[s|m|h] (e.g. 1e3, 10m)"
+UNITS = {"epochs": "epochs", "flops": "FLOPs", "time": "seconds"}
+
+
+def _positive_number(text, kind, budget_text):
+    """The finite number above 0 written `text` (600, 2.5, 3e14: the same syntax for every kind)."""
     try:
-        if kind == "epochs" and value.isdigit() and int(value) > 0:
-            return Budget("epochs", int(value))
-        if kind == "flops" and (match := re.fullmatch(r"([\w-]+)@(\d+)", value)) and int(match[2]) > 0:
-            return Budget("flops", 0.0, match[1], int(match[2]))
-        if kind == "flops" and float(value) > 0:
-            return Budget("flops", float(value))
-        if kind == "time" and (match := re.fullmatch(r"([\d.]+)([smh]?)", value)) and float(match[1]) > 0:
-            return Budget("time", float(match[1]) * TIME_UNITS_S[match[2]])
+        number = float(text)
     except ValueError:
-        pass
-    raise ValueError(f"BUDGET={text!r}: {hint}")
+        raise ValueError(f"BUDGET={budget_text!r}: {text!r} is not a number; {HINT}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"BUDGET={budget_text!r}: {UNITS[kind]} must be a finite number above 0, not {text!r}; "
+                         f"{HINT}")
+    return number
+
+
+def _whole_epochs(text, budget_text):
+    epochs = _positive_number(text, "epochs", budget_text)
+    if not epochs.is_integer():
+        raise ValueError(f"BUDGET={budget_text!r}: epochs must be a whole number of 1 or more, not {text!r}; {HINT}")
+    return int(epochs)
+
+
+def parse(text):
+    """A Budget from `epochs:N`, `flops:X`, `flops:<method>@<epochs>` or `time:S[s|m|h]`; every number a finite
+    one above 0 in Python's float syntax (8, 2.5, 3e14), epochs whole."""
+    kind, _, value = text.partition(":")
+    if kind == "epochs":
+        return Budget("epochs", _whole_epochs(value, text))
+    if kind == "flops" and (match := re.fullmatch(r"([A-Za-z_][\w-]*)@(.+)", value)):
+        return Budget("flops", 0.0, match[1], _whole_epochs(match[2], text))
+    if kind == "flops":
+        return Budget("flops", _positive_number(value, kind, text))
+    if kind == "time":
+        number, unit = re.fullmatch(r"(.*?)([smh]?)", value).groups()
+        return Budget("time", _positive_number(number, kind, text) * TIME_UNITS_S[unit])
+    raise ValueError(f"BUDGET={text!r}: {HINT}")
+
+
+def check_reference(budget, methods):
+    """Refuse flops:<method>@<epochs> whose method is not among `methods`, before anything is measured."""
+    if budget.reference and budget.reference not in methods:
+        close = difflib.get_close_matches(budget.reference, methods, n=3)
+        guess = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"BUDGET={budget}: {budget.reference} is not among the comparison's methods "
+                         f"({', '.join(methods)}){guess}")
 
 
 def _batches(loader):
@@ -123,3 +154,26 @@ def steps_and_epochs(budget, measurement, measured):
             else f"{measurement['seconds_per_step']:.2f} s"
         raise ValueError(f"BUDGET={budget} is less than one training step of this method ({cost})")
     return steps, math.ceil(steps / per_epoch)
+
+
+def step_costs(budget, measured):
+    """{method: FLOPs or seconds of one training step} of the measured methods, in the budget's kind."""
+    key = "flops_per_step" if budget.kind == "flops" else "seconds_per_step"
+    return {method: measurement[key] for method, measurement in measured.items()}
+
+
+def check_one_step_each(budget, measured):
+    """Refuse a FLOPs or time budget that is less than one training step of any measured method, naming the
+    least budget that trains every one (one step of the costliest). A budget whose reference method was not
+    measured is left to each method's steps_and_epochs."""
+    if budget.kind == "epochs" or (budget.reference and budget.reference not in measured) or not measured:
+        return
+    costs = step_costs(budget, measured)
+    amount = flops_amount(budget, measured)  # a time budget's own amount
+    short = [method for method, cost in costs.items() if amount < cost]
+    if short:
+        costliest = max(costs, key=costs.get)
+        unit = UNITS[budget.kind]
+        raise ValueError(f"BUDGET={budget}: {amount:.3g} {unit} is less than one training step of "
+                         f"{', '.join(short)}; the budget must be at least {costs[costliest]:.3g} {unit} (one step "
+                         f"of {costliest}, the costliest method)")

@@ -17,7 +17,11 @@ digest. Run again, the same command continues where it stopped (a trainer resume
 checkpoint; finished methods and evaluations are not redone); other settings are refused with what differs.
 A method that fails (an error, out of memory) is reported failed with its error and the others go on; the
 next run of the command tries it again. SIGINT/SIGTERM stop the trainer at a checkpoint, then the comparison.
-Writes runs/compare/<name>/report.md (printed), report.json, metrics_vs_compute.png and loss_curves.png.
+Writes runs/compare/<name>/report.md (printed), report.json, metrics_vs_compute.png and loss_curves.png, and exits
+0 only when every method finished; else its last line says how many finished and which failed or did not.
+The comparison's folder is locked while it runs (datapipe.folder_lock): a second run of the same name is refused.
+EVAL_POINTS below 1, a budget that is not finite and above 0, and (once the steps are measured, before anything
+trains) a FLOPs or time budget under one step of a method are refused up front.
 """
 
 import argparse
@@ -33,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+from datapipe.folder_lock import FolderBusy, FolderLock
 from datapipe.manifest import write_atomic
 from datapipe.object_store import RemoteFolder, StorageError, is_remote
 from tools.compare import budget as budgets
@@ -265,6 +270,8 @@ def measure_methods(plan, out_dir, args, budget):
                 failures[method] = f"measuring a step: {type(error).__name__}: {error}"
             save_plan(out_dir, plan)
     measured = {method: entry["measured"] for method, entry in plan["methods"].items() if "measured" in entry}
+    if not any("steps" in entry for entry in plan["methods"].values()):
+        refuse_below_one_step(out_dir, budget, measured)
     for method, entry in plan["methods"].items():
         if "measured" in entry and "steps" not in entry:
             try:
@@ -275,6 +282,16 @@ def measure_methods(plan, out_dir, args, budget):
             entry["eval_steps"] = eval_steps(entry["steps"], args.eval_points)
     save_plan(out_dir, plan)
     return failures
+
+
+def refuse_below_one_step(out_dir, budget, measured):
+    """Before any method is planned, a budget under one training step of a measured method is refused; the plan
+    goes with it, so that the same COMPARE_NAME can be run again with a larger budget."""
+    try:
+        budgets.check_one_step_each(budget, measured)
+    except ValueError:
+        (out_dir / PLAN_FILE).unlink(missing_ok=True)
+        raise
 
 
 def read_evaluations(run_dir):
@@ -307,15 +324,26 @@ def write_report(out_dir, plan, args, failures):
               "Training FLOPs: the model's own count (torch FlopCounterMode) of real steps times the steps "
               "trained. Training time: the trainer's step times in metrics.jsonl. Results at the last evaluated "
               f"step; each method's run folder is {out_dir}/<method>/."]
-    return report.write(out_dir, args.name, header, {"name": args.name, "settings": settings_, "plan": entries},
-                        methods)
+    table = report.write(out_dir, args.name, header, {"name": args.name, "settings": settings_, "plan": entries},
+                         methods)
+    return table, methods
 
 
 def compare(args, evaluations):
+    """Train and evaluate every method with the comparison's folder locked; (the report's table, {method:
+    summary})."""
     budget = budgets.parse(args.budget)
     presets = method_presets.resolve(args.methods.split(), args.scale)
+    budgets.check_reference(budget, list(presets))
     out_dir = Path(args.out) / args.name
-    plan = load_or_start_plan(out_dir, settings(args, out_dir, presets, evaluations))
+    current = settings(args, out_dir, presets, evaluations)
+    with FolderLock(out_dir, "make compare", "wait for that comparison to end, stop it, or give this one another "
+                                             "COMPARE_NAME"):
+        return compare_in(out_dir, load_or_start_plan(out_dir, current), args, evaluations, budget)
+
+
+def compare_in(out_dir, plan, args, evaluations, budget):
+    """compare()'s work in its locked folder `out_dir`, from its `plan`."""
     failures = measure_methods(plan, out_dir, args, budget)
     trainers = Trainers()
     try:
@@ -330,6 +358,25 @@ def compare(args, evaluations):
     finally:
         trainers.restore()
     return write_report(out_dir, plan, args, failures)
+
+
+def check_arguments(args):
+    """Refuse, before anything is read or trained, an EVAL_POINTS below 1 or a BUDGET that cannot be."""
+    if args.eval_points < 1:
+        raise ValueError(f"EVAL_POINTS={args.eval_points} (--eval-points): the evaluations along each method's "
+                         "training must be a whole number of 1 or more")
+    budgets.parse(args.budget)
+
+
+def outcome(methods, report_path):
+    """The last line of a comparison: how many methods finished, and which failed or did not finish."""
+    said = [f"{sum(summary['status'] == 'finished' for summary in methods.values())} of {len(methods)} methods "
+            "finished"]
+    for status in ("failed", "not finished"):
+        names = [method for method, summary in methods.items() if summary["status"] == status]
+        if names:
+            said.append(f"{len(names)} {status} ({', '.join(names)})")
+    return f"compare: {', '.join(said)}: see {report_path}"
 
 
 def main(argv=None):
@@ -351,15 +398,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     evaluations = eval_data(parser, args)
     try:
+        check_arguments(args)
         args.device = eval_device(args.device)
         check_eval_data(evaluations)
-        table = compare(args, evaluations)
+        table, methods = compare(args, evaluations)
     except Stopped as stop:
         raise SystemExit(f"compare stopped ({stop}); every trainer is at a checkpoint. Run the same command "
                          "again to continue.") from None
-    except (ValueError, FileNotFoundError, StorageError) as error:
+    except (ValueError, FileNotFoundError, StorageError, FolderBusy) as error:
         raise SystemExit(f"error: {error}") from None
-    print(table)
+    print(table, flush=True)
+    report_path = Path(args.out) / args.name / "report.md"
+    if any(summary["status"] != "finished" for summary in methods.values()):
+        raise SystemExit(outcome(methods, report_path))
     print(f"compare done: {Path(args.out) / args.name}/report.md, report.json, metrics_vs_compute.png, "
           "loss_curves.png")
 
