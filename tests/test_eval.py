@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import fake_run
+from conftest import fake_run, jpeg_bytes
 
 from datapipe import shard_io
 from tools import demo_data
@@ -91,12 +91,13 @@ def test_make_eval_runs_every_evaluation_and_writes_json_table_and_plot(tmp_path
     assert "eval done" in capsys.readouterr().out
 
 
-def test_retrieval_names_the_sample_whose_image_does_not_decode(tmp_path):
+def test_retrieval_on_a_set_none_of_whose_images_decode_is_refused_naming_them(tmp_path):
     run = fake_run(tmp_path / "run", vit_size="micro", patch_size=8, global_crop_px=32)
     shards = tmp_path / "heldout"
     shards.mkdir()
     shard_io.write_tar(shards / "000000.tar", [{"__key__": "good", "jpg": b"\xff\xd8not really", "txt": b"a cat"}])
-    with pytest.raises(SystemExit, match="sample good: the image does not decode"):
+    with pytest.raises(SystemExit, match=f"{shards}: no image to evaluate; none of its 1 image.s. decode .first: "
+                                         f"{shards / '000000.tar'}: sample good.; run `make verify`"):
         retrieval.main(["--run", str(run), "--data", str(shards)])
     with pytest.raises(SystemExit, match="in none of the evaluation layouts"):
         retrieval.main(["--run", str(run), "--data", str(tmp_path / "run")])
@@ -124,3 +125,31 @@ def test_evaluations_on_the_gpu_give_the_cpus_results(tmp_path, tiny_eval_data):
     assert on_gpu["zeroshot"]["top1"] == pytest.approx(on_cpu["zeroshot"]["top1"], abs=1 / 60)
     assert on_gpu["retrieval"]["mean_recall"] == pytest.approx(on_cpu["retrieval"]["mean_recall"], abs=0.05)
     assert on_gpu["linear_probe"]["knn_top1"] == pytest.approx(on_cpu["linear_probe"]["knn_top1"], abs=0.05)
+
+
+def test_images_that_do_not_decode_are_left_out_counted_and_named_by_file(tmp_path, capsys):
+    """A class folder with a file PIL cannot identify and a truncated JPEG, a shard with a sample whose image does
+    not decode: the evaluations go on without them, and the output and eval.json name them (path, or shard and
+    sample key; never PIL's BytesIO)."""
+    run = fake_run(tmp_path / "run", vit_size="micro", patch_size=8, global_crop_px=32)
+    folders = tmp_path / "zeroshot"
+    for name in ("cat", "dog"):
+        (folders / name).mkdir(parents=True)
+        (folders / name / "0.jpg").write_bytes(jpeg_bytes(color=(len(name), 0, 0)))
+    (folders / "dog" / "1.jpg").write_bytes(b"not an image")
+    (folders / "dog" / "2.jpg").write_bytes(jpeg_bytes()[:400])  # truncated
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    shard_io.write_tar(pairs / "000000.tar", [{"__key__": "bad", "jpg": b"\xff\xd8not really", "txt": b"a dog"},
+                                              {"__key__": "good", "jpg": jpeg_bytes(), "txt": b"a cat"}])
+    eval_run.main(["--run", str(run), "--zeroshot", str(folders), "--retrieval", str(pairs)])
+    results = json.loads((run / "eval.json").read_text())
+    assert results["zeroshot"]["images"] == 2 and results["zeroshot"]["per_class_top1"].keys() == {"cat", "dog"}
+    assert results["zeroshot"]["undecodable"] == [{"source": str(folders), "images": 2, "first": [
+        str(folders / "dog" / "1.jpg"), str(folders / "dog" / "2.jpg")]}]
+    assert results["retrieval"]["images"] == 1 and results["retrieval"]["undecodable"] == [
+        {"source": str(pairs), "images": 1, "first": [f"{pairs / '000000.tar'}: sample bad"]}]
+    said = capsys.readouterr().out
+    assert f"skipped 2 image(s) of {folders} that do not decode: {folders / 'dog' / '1.jpg'}, " in said
+    assert f"skipped 1 image(s) of {pairs} that do not decode: {pairs / '000000.tar'}: sample bad" in said
+    assert "BytesIO" not in said and "that do not decode" in (run / "eval.md").read_text()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo
 
 from datapipe import shard_io
@@ -316,4 +316,31 @@ def open_eval_set(source, labels=None, images=None):
 def open_image(image):
     """A PIL image from an image file or a ShardImage."""
     return Image.open(io.BytesIO(image.data) if isinstance(image, ShardImage) else image)
+
+
+class UndecodableImage(ValueError):
+    """An evaluation image that does not decode; `where` names it (its path, or its shard and sample key)."""
+
+    def __init__(self, where, reason):
+        super().__init__(f"{where}: the image does not decode ({reason}); run `make verify` on shards, or remove "
+                         "the file")
+        self.where = where
+
+
+def image_name(image):
+    """Where an image (a path or a ShardImage) is read from, for messages."""
+    return image.where if isinstance(image, ShardImage) else str(image)
+
+
+def decode_image(image):
+    """The decoded PIL image of an image file or a ShardImage; UndecodableImage naming it when it does not decode
+    (PIL's own message names a ShardImage's bytes as a BytesIO object, so it is not repeated)."""
+    try:
+        decoded = open_image(image)
+        decoded.load()
+    except UnidentifiedImageError:
+        raise UndecodableImage(image_name(image), "not in an image format PIL reads") from None
+    except (OSError, SyntaxError, EOFError, ValueError) as error:  # PIL's errors for corrupt or truncated data
+        raise UndecodableImage(image_name(image), str(error) or type(error).__name__) from None
+    return decoded
 

@@ -7,7 +7,8 @@ tools/eval/towers.py) and every file the set is read from (path, size, modificat
 a changed image or label file, or changed feature code gives another key, so the features are computed
 again, never reused stale. An entry is complete or absent (written aside, then renamed into place); older
 entries of the same set are removed. Features are read back memory-mapped: an ImageNet-size set need not
-fit in memory.
+fit in memory. Images that do not decode are left out (with their targets), counted, and the first few named
+in made_from.json; a set none of whose images decode is refused.
 """
 
 import contextlib
@@ -24,6 +25,7 @@ import model.vit
 from tools.eval.datasets import LayoutError
 
 FEATURE_FILES = ("embedding", "cls", "patch_mean")
+UNDECODABLE_NAMED = 5  # images that do not decode, named in the result (all are counted)
 FEATURE_CODE = (Path(model.vit.__file__), Path(__file__).with_name("towers.py"))
 
 
@@ -49,14 +51,15 @@ def _load(entry):
     features = {name: torch.from_numpy(np.memmap(entry / f"{name}.f32", dtype=np.float32, mode="c",
                                                  shape=(made_from["rows"], made_from["dims"][name])))
                 for name in FEATURE_FILES}
-    return features, json.loads((entry / "targets.json").read_text())
+    skipped = {"images": made_from.get("undecodable_images", 0), "first": made_from.get("undecodable_first", [])}
+    return features, json.loads((entry / "targets.json").read_text()), skipped
 
 
 def _compute(towers, eval_set, partial):
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    targets, dims, rows = [], {}, 0
+    targets, dims, rows, undecodable = [], {}, 0, []
 
     def images():  # records each image's target as the encoder reads it
         for image, target in eval_set.samples():
@@ -66,32 +69,40 @@ def _compute(towers, eval_set, partial):
     with contextlib.ExitStack() as stack:
         streams = {name: stack.enter_context(open(partial / f"{name}.f32", "wb")) for name in FEATURE_FILES}
         for batch in towers.iter_image_features(images(), desc=f"{eval_set.source.name} features",
-                                                count=eval_set.count):
+                                                count=eval_set.count, undecodable=undecodable):
             for name in FEATURE_FILES:
                 streams[name].write(batch[name].float().numpy().tobytes())
                 dims[name] = batch[name].shape[1]
             rows += len(batch["cls"])
+    skipped = {"images": len(undecodable), "first": [where for _, where in undecodable[:UNDECODABLE_NAMED]]}
     if not rows:
-        raise LayoutError(f"{eval_set.source}: no images to evaluate")
-    (partial / "targets.json").write_text(json.dumps(targets))
-    return rows, dims
+        raise LayoutError(f"{eval_set.source}: no image to evaluate" + (
+            f"; none of its {len(undecodable)} image(s) decode (first: {', '.join(skipped['first'])}); run `make "
+            "verify` on shards, or replace the files" if undecodable else ""))
+    left_out = {position for position, _ in undecodable}
+    kept = [target for position, target in enumerate(targets) if position not in left_out]
+    (partial / "targets.json").write_text(json.dumps(kept))
+    return rows, dims, skipped
 
 
 def encode(towers, eval_set):
-    """(features {name: (n, dim)}, targets) of `eval_set` with `towers` (a RunTowers), from the cache or computed."""
+    """(features {name: (n, dim)}, targets, {images, first}: how many images did not decode, and the first few
+    by name) of `eval_set` with `towers` (a RunTowers), from the cache or computed. Images that do not decode are
+    left out, with their targets."""
     key = cache_key(eval_set, towers.weights_sha256, towers.config.global_crop_px)
     root, name = towers.run_dir / "features", set_name(eval_set.source)
     entry = root / f"{name}-{key[:20]}"
     if not (entry / "made_from.json").is_file():
         partial = entry.with_name(entry.name + ".partial")
         try:
-            rows, dims = _compute(towers, eval_set, partial)
+            rows, dims, skipped = _compute(towers, eval_set, partial)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
             raise
         (partial / "made_from.json").write_text(json.dumps({
             "key": key, "rows": rows, "dims": dims, **eval_set.describe(), "files": len(eval_set.files),
-            "weights_sha256": towers.weights_sha256, "crop_px": towers.config.global_crop_px}, indent=2))
+            "weights_sha256": towers.weights_sha256, "crop_px": towers.config.global_crop_px,
+            "undecodable_images": skipped["images"], "undecodable_first": skipped["first"]}, indent=2))
         partial.rename(entry)
         for older in root.glob(f"{name}-*"):
             if older != entry:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tools.eval.datasets import LayoutError, open_eval_set
-from tools.eval.towers import RunTowers
+from tools.eval.towers import RunTowers, undecodable_note
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 KNN_K = (10, 20, 100, 200)
@@ -149,7 +149,8 @@ def probe(towers, train_data, test_data, epochs=100, train_labels_file=None, tes
             "classes": classes, "chance": round(1 / classes, 4), "test_images": len(test_labels),
             "linear": linear_probe(linear_features(train), train_labels, linear_features(test), test_labels,
                                    classes, epochs, device=towers.device),
-            "knn_top1": knn(train["cls"], train_labels, test["cls"], test_labels, classes, device=towers.device)}
+            "knn_top1": knn(train["cls"], train_labels, test["cls"], test_labels, classes, device=towers.device),
+            "undecodable": towers.undecodable(train_set, test_set)}
 
 
 def main(argv=None):
@@ -172,6 +173,8 @@ def main(argv=None):
     print(f"linear probe top-1 {100 * result['linear']['top1']:.1f}% (lr {result['linear']['chosen_lr']}) and "
           f"k-NN {knn_text} on {result['test_images']} test images, {result['classes']} classes "
           f"(chance {100 * result['chance']:.1f}%); written to {out}")
+    for entry in result["undecodable"]:
+        print(undecodable_note(entry))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 from datapipe.text import tokenize
 from tools.eval.datasets import LayoutError, open_eval_set
-from tools.eval.towers import RunTowers, text_embeddings
+from tools.eval.towers import RunTowers, text_embeddings, undecodable_note
 
 RECALL_AT = (1, 5, 10)
 
@@ -53,7 +53,7 @@ def retrieval(towers, data, images_dir=None):
     images = len(captions_per_image)
     result = {**eval_set.describe(), "run": str(towers.run_dir),
               "images": images, "captions": len(captions), "pairs": len(captions),
-              "ties": "ranked by index, as CLIP_benchmark"}
+              "ties": "ranked by index, as CLIP_benchmark", "undecodable": towers.undecodable(eval_set)}
     for k in RECALL_AT:
         result[f"image_to_text_R@{k}"] = round(image_to_text[k], 4)
         result[f"text_to_image_R@{k}"] = round(text_to_image[k], 4)
@@ -80,6 +80,8 @@ def main(argv=None):
           + "/".join(f"{100 * result[f'image_to_text_R@{k}']:.1f}" for k in RECALL_AT) + ", text->image "
           + "/".join(f"{100 * result[f'text_to_image_R@{k}']:.1f}" for k in RECALL_AT)
           + f" % (chance R@1 {100 * result['chance_R@1']:.1f}%; ties ranked by index); written to {out}")
+    for entry in result["undecodable"]:
+        print(undecodable_note(entry))
 
 
 if __name__ == "__main__":

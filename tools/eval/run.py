@@ -18,7 +18,7 @@ from datapipe.object_store import is_remote
 from tools.eval.datasets import LayoutError, open_eval_set
 from tools.eval.linear_probe import probe
 from tools.eval.retrieval import RECALL_AT, retrieval
-from tools.eval.towers import RunTowers
+from tools.eval.towers import RunTowers, undecodable_note
 from tools.eval.zeroshot import zero_shot
 
 matplotlib.use("Agg")
@@ -74,10 +74,17 @@ def table_rows(results):
     return rows
 
 
-def markdown_table(run_dir, rows):
+def undecodable_notes(results):
+    """One line per evaluation set of `results` with images that do not decode (left out of its evaluations)."""
+    entries = {entry["source"]: entry for result in results.values() for entry in result.get("undecodable", [])}
+    return [undecodable_note(entry) for entry in entries.values()]
+
+
+def markdown_table(run_dir, rows, notes=()):
     lines = [f"# Evaluation of {run_dir}", "", "| evaluation | metric | result | chance |", "|---|---|---:|---:|"]
     lines += [f"| {name} | {metric} | {100 * value:.1f}% | {100 * chance:.1f}% |"
               for name, metric, value, chance in rows]
+    lines += ["", *(f"Note: {note}." for note in notes)] if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +151,7 @@ def main(argv=None):
     run_dir = Path(args.run)
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     rows = table_rows(results)
-    table = markdown_table(args.run, rows)
+    table = markdown_table(args.run, rows, undecodable_notes(results))
     (run_dir / "eval.md").write_text(table)
     plot(rows, run_dir / "plots" / "eval.png")
     print(table)

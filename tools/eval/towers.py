@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -24,7 +24,7 @@ from model.meta_arch import ModelConfig
 from model.text import TextEncoder
 from model.vit import VisionTransformer
 from tools.eval import feature_cache
-from tools.eval.datasets import ShardImage, open_image
+from tools.eval.datasets import UndecodableImage, decode_image
 from train.pretrain import TEACHER_WEIGHTS
 
 FEATURE_NAMES = ("embedding", "cls", "patch_mean")
@@ -56,32 +56,49 @@ def eval_transform(crop_px):
 
 
 def _pixels(image, preprocess):
-    """(3, crop, crop) normalized pixels of a PIL image, an image file or a ShardImage."""
+    """(3, crop, crop) normalized pixels of a PIL image, an image file or a ShardImage (UndecodableImage when it
+    does not decode)."""
     if not isinstance(image, Image.Image):
-        try:
-            image = open_image(image)
-            image.load()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"{image.where if isinstance(image, ShardImage) else image}: the image does not decode "
-                             f"({error}); run `make verify` on shards, or remove the file") from None
+        image = decode_image(image)
     return preprocess(image.convert("RGB"))
 
 
+def _decoded_pixels(batch, first_position, undecodable):
+    """The pixels of a batch's decode futures that decoded. One that did not is appended to `undecodable` as
+    (its position among the images, its name), or raised when `undecodable` is None."""
+    pixels = []
+    for position, future in enumerate(batch, start=first_position):
+        try:
+            pixels.append(future.result())
+        except UndecodableImage as error:
+            if undecodable is None:
+                raise
+            undecodable.append((position, error.where))
+    return pixels
+
+
 @torch.no_grad()
-def iter_image_features(image_tower, images, crop_px, batch_size=64, device="cpu", desc="images", count=None):
+def iter_image_features(image_tower, images, crop_px, batch_size=64, device="cpu", desc="images", count=None,
+                        undecodable=None):
     """Features of `images` (an iterable of PIL images, image files or ShardImages), one dict per batch of
     embedding (b, clip_dim) L2-normalized CLIP embeddings; cls (b, D) CLS tokens; patch_mean (b, D)
-    the mean patch token (both after the final norm). Decoding runs on threads, one batch ahead of the tower."""
+    the mean patch token (both after the final norm). Decoding runs on threads, one batch ahead of the tower.
+    An image that does not decode stops it (UndecodableImage), or, given a list `undecodable`, is left out and
+    appended to it as (its position in `images`, its name)."""
     preprocess, images = eval_transform(crop_px), iter(images)
     decode = functools.partial(_pixels, preprocess=preprocess)
     with ThreadPoolExecutor(DECODE_THREADS) as pool, tqdm(total=count, desc=desc, unit="image", leave=False) as bar:
-        pending = [pool.submit(decode, image) for image in itertools.islice(images, batch_size)]
+        pending, position = [pool.submit(decode, image) for image in itertools.islice(images, batch_size)], 0
         while pending:
             batch = pending
             pending = [pool.submit(decode, image) for image in itertools.islice(images, batch_size)]
-            pixels = torch.stack([future.result() for future in batch]).to(device)  # (b, 3, crop, crop)
-            tokens = image_tower(pixels)  # (b, 1 + N, D)
+            decoded = _decoded_pixels(batch, position, undecodable)
+            position += len(batch)
             bar.update(len(batch))
+            if not decoded:
+                continue
+            pixels = torch.stack(decoded).to(device)  # (b, 3, crop, crop)
+            tokens = image_tower(pixels)  # (b, 1 + N, D)
             yield {"embedding": F.normalize(image_tower.embed_tokens(tokens), dim=-1).cpu(),  # the run's pooling
                    "cls": tokens[:, 0].cpu(), "patch_mean": tokens[:, 1:].mean(dim=1).cpu()}
 
@@ -114,16 +131,31 @@ class RunTowers:
     def image_features(self, images, desc="images"):
         return image_features(self.image, images, self.config.global_crop_px, device=self.device, desc=desc)
 
-    def iter_image_features(self, images, desc="images", count=None):
+    def iter_image_features(self, images, desc="images", count=None, undecodable=None):
         return iter_image_features(self.image, images, self.config.global_crop_px, device=self.device, desc=desc,
-                                   count=count)
+                                   count=count, undecodable=undecodable)
 
     def encode(self, eval_set):
-        """(features {name: (n, dim)}, targets: a class index or the captions of each image) of an EvalSet."""
+        """(features {name: (n, dim)}, targets: a class index or the captions of each image) of an EvalSet's
+        images that decode (see `undecodable`)."""
         key = eval_set.source.resolve()
         if key not in self._encoded:
             self._encoded[key] = feature_cache.encode(self, eval_set)
-        return self._encoded[key]
+        features, targets, _ = self._encoded[key]
+        return features, targets
+
+    def undecodable(self, *eval_sets):
+        """[{source, images, first}] of the encoded `eval_sets` that had images that do not decode (left out of
+        their features): how many, and the first few by name (path, or shard and sample key)."""
+        skipped = {str(eval_set.source): self._encoded[eval_set.source.resolve()][2] for eval_set in eval_sets}
+        return [{"source": source, **entry} for source, entry in skipped.items() if entry["images"]]
+
+
+def undecodable_note(entry):
+    """One line of an evaluation's output for an `undecodable` entry of RunTowers."""
+    more = f", and {entry['images'] - len(entry['first'])} more" if entry["images"] > len(entry["first"]) else ""
+    return (f"skipped {entry['images']} image(s) of {entry['source']} that do not decode: "
+            f"{', '.join(entry['first'])}{more}")
 
 
 @torch.no_grad()

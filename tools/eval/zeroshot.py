@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from datapipe.text import tokenize
 from tools.eval.datasets import TEMPLATE_SETS, LayoutError, open_eval_set
-from tools.eval.towers import RunTowers, text_embeddings
+from tools.eval.towers import RunTowers, text_embeddings, undecodable_note
 
 
 def choose_templates(eval_set, choice=None):
@@ -64,7 +64,8 @@ def zero_shot(towers, data, templates=None, label_file=None):
     return {**eval_set.describe(), "run": str(towers.run_dir),
             "images": len(labels), "classes": len(names), "top1": round(float(hits.mean()), 4),
             "chance": round(1 / len(names), 4), "class_names_from": eval_set.class_names_from,
-            "templates_from": templates_name, "templates": list(templates), "per_class_top1": per_class}
+            "templates_from": templates_name, "templates": list(templates), "per_class_top1": per_class,
+            "undecodable": towers.undecodable(eval_set)}
 
 
 def main(argv=None):
@@ -84,6 +85,8 @@ def main(argv=None):
     print(f"zero-shot top-1 on {result['source']}: {100 * result['top1']:.1f}% over {result['images']} images "
           f"and {result['classes']} classes (chance {100 * result['chance']:.1f}%; {len(result['templates'])} "
           f"templates from {result['templates_from']}); written to {out}")
+    for entry in result["undecodable"]:
+        print(undecodable_note(entry))
 
 
 if __name__ == "__main__":
