@@ -16,7 +16,7 @@ from model.masking import attention_in_boxes, attentive_keep_indices
 from model.meta_arch import MetaArch, ModelConfig
 from train.config import PRESETS, load_config
 from train.ema import update_teachers
-from train.pretrain import parameter_groups
+from train.parameter_groups import parameter_groups
 
 TINY_HEADS = dict(simclr_hidden_dim=32, simclr_out_dim=16, byol_hidden_dim=32, byol_out_dim=16)
 

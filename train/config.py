@@ -23,6 +23,7 @@ from datapipe.mixing import open_shards
 from datapipe.object_store import StorageError
 from model.meta_arch import ModelConfig
 from model.objectives import OBJECTIVES
+from train.parameter_groups import WEIGHT_DECAY_RULES
 from train.views import VIEW_CHOICES, check_views
 
 PRESETS = Path(__file__).parent / "configs"
@@ -61,6 +62,10 @@ class OptimConfig:
     warmup_epochs: int = 3
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
+    # Which parameters are decayed, as the method's official code (train/parameter_groups.py): harmony (all but
+    # biases and 1-D tensors), open_clip (all but biases and tensors of under 2 dimensions: the logit scale and bias
+    # too), m3ae (all but biases, embeddings and learned tokens).
+    weight_decay_rule: str = "harmony"
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     clip_grad: float = 3.0  # per parameter, image student and iBOT head; 0 = off
@@ -122,6 +127,9 @@ class TrainConfig:
             raise ValueError(f"data.backend={self.data.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.data.views not in VIEW_CHOICES:
             raise ValueError(f"data.views={self.data.views!r}: choose one of {', '.join(VIEW_CHOICES)}")
+        if self.optim.weight_decay_rule not in WEIGHT_DECAY_RULES:
+            raise ValueError(f"optim.weight_decay_rule={self.optim.weight_decay_rule!r}: choose one of "
+                             f"{', '.join(WEIGHT_DECAY_RULES)}")
         if not self.data.shards:
             raise ValueError("data.shards is empty: give the training shards' folder or location (s3://, gs://, "
                              "hf://), or a list of them mixed by data.mix_weights")

@@ -36,23 +36,13 @@ from train.config import (
 from train.distributed import all_ranks_agree, average_gradients, close_distributed, init_distributed
 from train.ema import update_teachers
 from train.log import MetricsLog
+from train.parameter_groups import parameter_groups
 from train.preemption import EXIT_PREEMPTED, StopRequest
 from train.run_folder import lock_run, write_status
 from train.schedules import Schedules
 from train.views import model_views, view_recipe
 
 TEACHER_WEIGHTS = "teacher_weights.pt"
-
-
-def parameter_groups(model):
-    """AdamW groups as the official code: no decay for biases and 1-D tensors; everything else decays
-    (position embeddings, mask tokens, projections, and the 0-D logit scale too)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
-    return [{"params": decay, "apply_weight_decay": True}, {"params": no_decay, "apply_weight_decay": False,
-                                                           "weight_decay": 0.0}]
 
 
 def autocast(device, precision):
@@ -122,8 +112,8 @@ class Trainer:
         self.last_layer = self.model.last_layer_parameters()
         self.teacher_params, self.student_params = self.model.ema_pairs()
         optim = config.optim
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model), lr=optim.lr, betas=optim.betas,
-                                           eps=optim.eps, fused=world.device.type == "cuda" or None)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim.weight_decay_rule), lr=optim.lr,
+                                           betas=optim.betas, eps=optim.eps, fused=world.device.type == "cuda" or None)
         self.scaler = torch.amp.GradScaler(world.device.type) if config.run.precision == "fp16" else None
         self.loader = make_loader(
             config.data.shards, view_recipe(config), config.data.batch_size, backend=config.data.backend,
