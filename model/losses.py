@@ -158,55 +158,65 @@ def mae_loss(predictions, images, removed, patch_size, norm_pix=True):
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(states @ weight.T + bias, labels), ignoring labels -100, with the logits made
-    `chunks` rows at a time in the forward and again in the backward, where each chunk's gradients are added into
-    one buffer per input. (Checkpointing each chunk would also bound the logits, but autograd would then hold one
-    weight-sized gradient per chunk before summing them.)"""
+    """sum over rows of row_weights * cross_entropy(states @ weight.T + bias, labels), ignoring labels -100, with the
+    logits made `chunks` rows at a time in the forward and again in the backward, where each chunk's gradients are
+    added into one buffer per input. (Checkpointing each chunk would also bound the logits, but autograd would then
+    hold one weight-sized gradient per chunk before summing them.)"""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, states, weight, bias, labels, chunks):
-        ctx.save_for_backward(states, weight, bias, labels)
+    def forward(ctx, states, weight, bias, labels, row_weights, chunks):
+        ctx.save_for_backward(states, weight, bias, labels, row_weights)
         ctx.chunks = chunks
-        return sum(F.cross_entropy(F.linear(part, weight, bias).float(), part_labels, ignore_index=-100,
-                                   reduction="sum")
-                   for part, part_labels in zip(states.tensor_split(chunks), labels.tensor_split(chunks), strict=True))
+        return sum((F.cross_entropy(F.linear(part, weight, bias).float(), part_labels, ignore_index=-100,
+                                    reduction="none") * part_weights).sum()
+                   for part, part_labels, part_weights in zip(states.tensor_split(chunks), labels.tensor_split(chunks),
+                                                              row_weights.tensor_split(chunks), strict=True))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_summed):
-        states, weight, bias, labels = ctx.saved_tensors
+        states, weight, bias, labels, row_weights = ctx.saved_tensors
         grad_states = torch.empty_like(states)
         grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
         for rows in torch.arange(len(states), device=states.device).tensor_split(ctx.chunks):
             part, part_labels = states[rows], labels[rows]
-            # d(summed)/d(logits) = softmax(logits) - one-hot(labels), 0 on ignored rows: (rows, V)
+            # d(summed)/d(logits) = row weight * (softmax(logits) - one-hot(labels)), 0 on ignored rows: (rows, V)
             grad_logits = torch.softmax(F.linear(part.to(weight.dtype), weight, bias).float(), dim=-1)
             labelled = (part_labels != -100).nonzero()[:, 0]
             grad_logits[labelled, part_labels[labelled]] -= 1.0
             grad_logits[part_labels == -100] = 0.0
-            grad_logits *= grad_summed
+            grad_logits *= row_weights[rows, None] * grad_summed
             grad_states[rows] = (grad_logits @ weight.float()).to(states.dtype)
             grad_weight.addmm_(grad_logits.T.to(weight.dtype), part.to(weight.dtype))
             grad_bias += grad_logits.sum(dim=0).to(bias.dtype)
-        return grad_states, grad_weight, grad_bias, None, None
+        return grad_states, grad_weight, grad_bias, None, None, None
 
 
-def mlm_loss(states, labels, predict, chunks=1):
-    """Mean cross entropy of predict(states) over the labelled positions (labels -100 elsewhere); 0, not NaN, when
-    none is labelled.
+def mlm_loss(states, labels, predict, chunks=1, row_weights=None):
+    """Cross entropy of predict(states) over the labelled positions (labels -100 elsewhere): their mean, or with
+    `row_weights` (n,) the weighted sum; 0, not NaN, when none is labelled.
 
     states: (n, width) the states at the masked positions (or any rows) and labels (n,); predict: the vocabulary
     projection, an nn.Linear (width -> V). With chunks > 1 the (n, V) logits, MLM's largest tensors (49409
     per row), are made that many rows at a time, in the forward and the backward, and never exist at once.
     Same value and gradients."""
+    weights = torch.ones(len(labels), device=labels.device) if row_weights is None else row_weights.float()
     if chunks == 1:
-        logits = predict(states)
-        summed = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        per_row = F.cross_entropy(predict(states).float(), labels, ignore_index=-100, reduction="none")
+        summed = (per_row * weights).sum()
     else:
-        summed = _ChunkedLinearCrossEntropy.apply(states, predict.weight, predict.bias, labels, chunks)
-    loss = summed / (labels != -100).sum().clamp(min=1)
+        summed = _ChunkedLinearCrossEntropy.apply(states, predict.weight, predict.bias, labels, weights, chunks)
+    loss = summed / (labels != -100).sum().clamp(min=1) if row_weights is None else summed
     return loss, {"mlm": loss.detach()}
+
+
+def per_caption_weights(masked):
+    """Row weights for mlm_loss that give M3AE's text loss: each caption's mean over its masked tokens, then the
+    mean over captions (a caption with none masked counts 0). masked: (B, T) bool; returns (masked.sum(),) in the
+    order of `tensor[masked]`."""
+    per_caption = masked.sum(dim=-1, keepdim=True).clamp(min=1) * masked.shape[0]  # (B, 1)
+    return (1.0 / per_caption).expand_as(masked)[masked]
 
 
 def text_distillation_loss(student_tokens, teacher_tokens, masked, real_tokens, center,

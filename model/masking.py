@@ -47,6 +47,29 @@ def random_keep_indices(batch, num_patches, mask_ratio, device=None, generator=N
     return keep, removed
 
 
+def batch_keep_indices(batch, length, mask_ratio, device=None, generator=None):
+    """M3AE's masking: one random permutation for the whole batch, so every sample keeps the same positions.
+    Returns (keep (B, n_keep) sorted indices, removed (B, length) bool), as random_keep_indices, with
+    n_keep = int(length * (1 - mask_ratio))."""
+    num_keep = int(length * (1 - mask_ratio))
+    keep = torch.rand(length, device=device, generator=generator).argsort()[:num_keep].sort().values  # (n_keep,)
+    removed = torch.ones(length, dtype=torch.bool, device=device)
+    removed[keep] = False
+    return keep[None].repeat(batch, 1), removed[None].repeat(batch, 1)
+
+
+def mask_captions_by_count(tokens, mask_ratio, generator=None):
+    """M3AE's caption masking: one permutation of the T positions (the padded length) for the whole batch keeps
+    int(T * (1 - mask_ratio)) of them; the other positions are masked where they hold a real token (SOT..EOT,
+    either end included), replaced by [MASK] and predicted. Padding is never a label.
+    Returns (masked token ids, labels with the original ids at masked positions and -100 elsewhere, (B, T) bool),
+    as mask_captions."""
+    _, removed = batch_keep_indices(tokens.shape[0], tokens.shape[1], mask_ratio, tokens.device, generator)
+    masked = removed & real_token_mask(tokens)
+    labels = torch.where(masked, tokens, torch.full_like(tokens, -100))
+    return torch.where(masked, torch.full_like(tokens, MASK_ID), tokens), labels, masked
+
+
 def attentive_keep_indices(attention, grid, mask_ratio=0.5):
     """A-CLIP's and DetailCLIP's attention-guided removal in 2x2 blocks of patches (METHODS.md 2.7, 2.8).
 
