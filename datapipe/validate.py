@@ -10,6 +10,11 @@ from PIL import Image, ImageOps
 
 from datapipe import near_duplicates
 
+# decode_rgb applies its own pixel limit (ImageRules.max_pixels) from the header, before decoding; Pillow's warning
+# for large images would only repeat it. Set once here: changing the filters per image resets Python's show-once
+# record, so every other warning would print again for each image.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 JPEG_QUALITY = 95
 
 
@@ -82,13 +87,11 @@ def decode_rgb(data, max_pixels=ImageRules.max_pixels):
     if not data:
         raise Rejected("missing_image", "the sample has no image bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width_px, height_px = image.size
-            if width_px * height_px > max_pixels:
-                raise Rejected("too_large", f"{width_px}x{height_px} exceeds {max_pixels} pixels")
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        width_px, height_px = image.size
+        if width_px * height_px > max_pixels:
+            raise Rejected("too_large", f"{width_px}x{height_px} exceeds {max_pixels} pixels")
+        image.load()
     except Rejected:
         raise
     except Exception as error:  # noqa: BLE001 (Pillow raises many types for broken files)
