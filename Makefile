@@ -1,5 +1,15 @@
 # harmony-pipe: every target works on a fresh clone (each depends on `setup`).
 SHELL := /bin/bash
+# The variables a user sets (README). A value given on the command line or in the environment is data, kept as
+# written: make never expands it, so `$(shell ...)`, `$USER` or `$$` in it reach the program as they are (`override`:
+# only so can a makefile redefine a variable of the command line).
+USER_VARIABLES := PYTHON DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS \
+	SHARDS_ARGS ARGS CONFIG NPROC TORCHRUN_ARGS RUN TRAIN_ARGS TRAIN_SHARDS MIX_WEIGHTS EVAL_DATA ZEROSHOT_DATA \
+	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_DATA RETRIEVAL_IMAGES PROBE_TRAIN PROBE_TEST PROBE_TRAIN_LABELS \
+	PROBE_TEST_LABELS EVAL_DEVICE EXCLUDE METHODS BUDGET SCALE COMPARE_NAME EVAL_POINTS STAGING OUT_DIR N \
+	PYTEST_ARGS
+$(foreach name,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(name))),\
+	$(eval override $(name) := $$(value $(name)))))
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -87,9 +97,10 @@ setup: $(STAMP)
 
 # Rebuilt only when pyproject.toml changes. The spark extra is installed so DISTRIBUTOR=pyspark
 # works out of the box (it also needs Java 17+).
+$(STAMP): export PYTHON := $(PYTHON)
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@command -v "$$PYTHON" >/dev/null || { printf '%s\n' "error: $$PYTHON not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	@test -x $(PY) || { printf '%s\n' "$$PYTHON -m venv $(VENV)" && "$$PYTHON" -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,spark]'
 	touch $(STAMP)
@@ -99,7 +110,7 @@ REMOTE_OUT = $(filter s3://% gs://% gcs://% hf://%,$(OUT))
 REMOTE_RAW = $(filter s3://% gs://% gcs://% hf://%,$(RAW))
 
 download: setup
-	$(RUN_WITH_ARGS) $(PY) -m $(DOWNLOADER) --dataset "$$DATASET" --out "$$RAW" \
+	@$(RUN_WITH_ARGS) $(PY) -m $(DOWNLOADER) --dataset "$$DATASET" --out "$$RAW" \
 	  $(if $(URL_LIST),--url-list "$$URL_LIST") --processes "$$PROCESSES" --threads "$$THREADS" \
 	  --distributor "$$DISTRIBUTOR" $(if $(REMOTE_RAW),--staging "$$STAGING") {DOWNLOAD_ARGS}
 
@@ -112,14 +123,14 @@ BUILD_OUT = $(if $(REMOTE_OUT),$(STAGING),$(OUT))
 export STAGING BUILD_RAW BUILD_OUT
 
 shards: setup
-	$(if $(REMOTE_RAW),$(PY) -m datapipe.publish get "$$RAW" "$$BUILD_RAW")
-	$(RUN_WITH_ARGS) $(PY) -m datapipe.shards build "$$BUILD_RAW" "$$BUILD_OUT/train" --processes "$$PROCESSES" \
+	@$(if $(REMOTE_RAW),$(RUN_WITH_ARGS) $(PY) -m datapipe.publish get "$$RAW" "$$BUILD_RAW")
+	@$(RUN_WITH_ARGS) $(PY) -m datapipe.shards build "$$BUILD_RAW" "$$BUILD_OUT/train" --processes "$$PROCESSES" \
 	  --samples-per-shard "$$SAMPLES_PER_SHARD" $(if $(EXCLUDE),--exclude "$$EXCLUDE") {SHARDS_ARGS}
-	$(if $(REMOTE_OUT),$(PY) -m datapipe.publish put "$$BUILD_OUT/train" "$$OUT/train")
+	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.publish put "$$BUILD_OUT/train" "$$OUT/train")
 
 verify: setup
-	$(if $(REMOTE_OUT),$(PY) -m datapipe.publish get "$$OUT/train" "$$STAGING/published/train")
-	$(PY) -m datapipe.shards verify "$(if $(REMOTE_OUT),$$STAGING/published,$$OUT)/train"
+	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.publish get "$$OUT/train" "$$STAGING/published/train")
+	@$(RUN_WITH_ARGS) $(PY) -m datapipe.shards verify "$(if $(REMOTE_OUT),$$STAGING/published,$$OUT)/train"
 
 # A sub-make works its defaults out again: the demo's EXCLUDE and evaluation data name the held-out splits
 # only once the download has made them, so what this Makefile defaulted is not handed down as environment.
@@ -142,33 +153,33 @@ MIX_WEIGHTS_OVERRIDE = $(if $(MIX_WEIGHTS),"data.mix_weights=$$MIX_WEIGHTS")
 # the trainers' one-line errors and exit code instead of its ChildFailedError report.
 # The demo ends with `make eval` on the demo's held-out splits.
 pretrain: data
-	$(RUN_WITH_ARGS) $(PY) -m train.config --config "$$CONFIG" "data.shards=$$TRAIN_SHARDS" $(MIX_WEIGHTS_OVERRIDE) \
+	@$(RUN_WITH_ARGS) $(PY) -m train.config --config "$$CONFIG" "data.shards=$$TRAIN_SHARDS" $(MIX_WEIGHTS_OVERRIDE) \
 		"run.out_dir=$$(dirname -- "$$RUN")" "run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
-	$(RUN_WITH_ARGS) $(PY) -m train.launch --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
+	@$(RUN_WITH_ARGS) $(PY) -m train.launch --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
 		-m train.pretrain --config "$$CONFIG" "data.shards=$$TRAIN_SHARDS" $(MIX_WEIGHTS_OVERRIDE) \
 		"run.out_dir=$$(dirname -- "$$RUN")" "run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
 	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_DATA$$PROBE_TRAIN" ]; then $(SUBMAKE) eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
 eval: setup
-	$(PY) -m tools.eval.run --run "$$RUN" $(EVAL_ARGS)
+	@$(RUN_WITH_ARGS) $(PY) -m tools.eval.run --run "$$RUN" $(EVAL_ARGS)
 
 # Methods side by side (the variables are with the others at the top: README "Compare methods").
 compare: data
-	$(RUN_WITH_ARGS) $(PY) -m tools.compare.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
+	@$(RUN_WITH_ARGS) $(PY) -m tools.compare.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
 		--budget "$$BUDGET" --shards "$$TRAIN_SHARDS" $(call option,--mix-weights,MIX_WEIGHTS) \
 		--eval-points "$$EVAL_POINTS" $(EVAL_ARGS) \
 		$(if $(strip $(TRAIN_ARGS)),--train-args {TRAIN_ARGS})
 
 plot: setup
-	$(PY) -m train.log "$$RUN"
+	@$(RUN_WITH_ARGS) $(PY) -m train.log "$$RUN"
 
 # The tests run make themselves: they get neither this make's defaults (a `RAW ?=` in the tests' make would keep
 # this one's shards/demo/raw) nor its level (their make must say `make:`, not `make[1]:`).
 TEST_ENV = env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS $(foreach name,$(EXPORTED) STAGING BUILD_RAW BUILD_OUT OUT_DIR,\
 	$(if $(filter file,$(origin $(name))),-u $(name)))
 test: setup
-	$(RUN_WITH_ARGS) $(TEST_ENV) $(PY) -m pytest {PYTEST_ARGS}
+	@$(RUN_WITH_ARGS) $(TEST_ENV) $(PY) -m pytest {PYTEST_ARGS}
 
 lint: setup
 	$(PY) -m ruff check .
@@ -180,8 +191,8 @@ bench-shards: setup
 	$(PY) -m tools.bench.shards --out runs/bench
 
 bench-data: data
-	$(PY) -m tools.bench.datapipe --shards "$$OUT/train" --out runs/bench
-	$(PY) -m tools.bench.remote_shards --shards "$$OUT/train" --out runs/bench
+	@$(RUN_WITH_ARGS) $(PY) -m tools.bench.datapipe --shards "$$OUT/train" --out runs/bench
+	@$(RUN_WITH_ARGS) $(PY) -m tools.bench.remote_shards --shards "$$OUT/train" --out runs/bench
 
 bench-memory: setup
 	$(PY) -m tools.bench.backward_memory --out runs/bench
@@ -200,7 +211,7 @@ gpu-kit: setup
 OUT_DIR ?= runs/gpu-check
 export OUT_DIR
 gpu-check:
-	python3 -m tools.gpu.check --out "$$OUT_DIR"
+	@python3 -m tools.make_args python3 -m tools.gpu.check --out "$$OUT_DIR"
 
 # make shards and the loader at CC3M-like scale: N url-list rows (about 80% downloaded), generated locally.
 N ?= 60000
@@ -208,10 +219,10 @@ bench-dedup: setup
 	$(PY) -m tools.bench.near_duplicates --out runs/bench
 
 bench-scale: setup
-	$(PY) -m tools.bench.scale --rows "$$N" --out runs/bench
+	@$(RUN_WITH_ARGS) $(PY) -m tools.bench.scale --rows "$$N" --out runs/bench
 
 crops: data
-	$(PY) -m tools.show_crops --shards "$$OUT/train" --out runs/crops.png
+	@$(RUN_WITH_ARGS) $(PY) -m tools.show_crops --shards "$$OUT/train" --out runs/crops.png
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -10,6 +10,7 @@ head; the iBOT output layer stays frozen during the first epoch; AdamW; then the
 import contextlib
 import dataclasses
 import json
+import os
 import resource
 import sys
 import time
@@ -251,6 +252,12 @@ def resume_point(config, world):
     return (path, checkpoint.load(path)) if path else (None, None)
 
 
+def new_run_choices():
+    """How to start a new run instead of resuming: through make (make pretrain), with its variables."""
+    return "RUN=runs/<name> or TRAIN_ARGS=run.resume=none" if "MAKELEVEL" in os.environ else \
+        "run.name=... or run.resume=none"
+
+
 def reconcile_with_checkpoint(config, state, world):
     """The config to resume with: every value that differs from the checkpoint's is reported; those that
     change the run are refused unless run.accept_config_changes; data.batch_size follows the number of ranks
@@ -271,7 +278,7 @@ def reconcile_with_checkpoint(config, state, world):
             print(f"warning: data.batch_size={config.data.batch_size} is not used: on {world.world_size} rank(s) it "
                   f"would make a global batch of {config.data.batch_size * world.world_size}, and a resume keeps "
                   f"the checkpoint's global batch of {saved_global}, so data.batch_size is {per_rank}. To train "
-                  f"with another batch, start a new run (run.name=... or run.resume=none).", file=sys.stderr,
+                  f"with another batch, start a new run ({new_run_choices()}).", file=sys.stderr,
                   flush=True)
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=per_rank))
     changed = resume_differences(saved, to_dict(config))
@@ -281,7 +288,7 @@ def reconcile_with_checkpoint(config, state, world):
     if refused and not config.run.accept_config_changes:
         raise ValueError(f"resuming {config.run_dir} with other values for {', '.join(refused)} would not continue "
                          f"the run the checkpoint belongs to. Resume with the checkpoint's values, start a new run "
-                         f"(run.name=... or run.resume=none), or accept the change with run.accept_config_changes=true")
+                         f"({new_run_choices()}), or accept the change with run.accept_config_changes=true")
     return config
 
 
