@@ -17,12 +17,17 @@ img2dataset honours the noai/noimageai opt-out headers by default, and so do we.
 """
 
 import argparse
+import contextlib
 import errno
 import json
 import math
 import os
+import re
+import select
 import shutil
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -101,8 +106,9 @@ def summarize(raw_dir):
     return dict(totals), dict(failures)
 
 
-def run_img2dataset(urls_parquet, raw_dir, options):
-    """img2dataset on the normalized url list; `options` are img2dataset keywords (preset, then the user's)."""
+def run_img2dataset(urls_parquet, raw_dir, options, messages=None):
+    """img2dataset on the normalized url list; `options` are img2dataset keywords (preset, then the user's).
+    messages: the DiskFullMessages kept while it runs, named in the full-disk error."""
     from img2dataset import download  # imported here: it is slow to import (download_options set its env)
 
     from datapipe.img2dataset_parts import in_img2dataset
@@ -115,7 +121,7 @@ def run_img2dataset(urls_parquet, raw_dir, options):
         if not _is_disk_full(error):
             raise
         raise SystemExit(f"error: the disk holding {raw_dir} is full ({error}); free space and run `make download` "
-                         f"again: finished shards are kept") from None
+                         f"again: finished shards are kept.{messages.note() if messages else ''}") from None
     except Exception as error:  # noqa: BLE001 (any failure of img2dataset fails the command, in one line)
         given = " ".join(f"--{name} {value!r}" for name, value in options.items())
         raise SystemExit(f"error: img2dataset stopped ({type(error).__name__}: {error}); "
@@ -127,6 +133,190 @@ def run_img2dataset(urls_parquet, raw_dir, options):
 URL_LIST_RECORD = "urls.json"
 URL_LIST_REJECTED = "urls_rejected.jsonl"
 DISK_FULL = "No space left on device"
+DISK_FULL_LOG = "download_disk_full.log"  # img2dataset's tracebacks for a full disk (DiskFullMessages)
+
+
+class DiskFullMessages:
+    """What img2dataset and its workers print about a full disk, kept out of the user's terminal.
+
+    They print a traceback and a line for every image and shard the disk had no room for: hundreds of them,
+    before the download's one-line error. While `kept()` is entered, this process's stdout and stderr (which
+    the workers inherit) pass through a pipe: those tracebacks (whose exception is ENOSPC, chained ones with
+    them) and the "Sample/shard ... failed" lines for it are held in memory, everything else goes on to the
+    terminal as it came. `save()` writes them to `log` (in the output folder), once removing the spoiled shards
+    has made room for it."""
+
+    LIMIT = 16 * 2**20  # bytes held; later messages are counted only
+
+    def __init__(self, log):
+        self.log = Path(log)
+        self.messages, self.held, self.dropped, self.saved = [], 0, 0, None
+
+    def keep(self, text):
+        if self.held + len(text) > self.LIMIT:
+            self.dropped += 1
+        else:
+            self.messages.append(text)
+            self.held += len(text)
+
+    def __len__(self):
+        return len(self.messages) + self.dropped
+
+    def save(self):
+        """Write the messages to the log (once); returns the error that stopped it, or None."""
+        if self.saved is None and len(self):
+            try:
+                self.log.write_bytes(b"".join(self.messages) + (f"({self.dropped} more messages were not kept)\n"
+                                                                .encode() if self.dropped else b""))
+                self.saved = ""
+            except OSError as error:
+                self.saved = error.strerror or str(error)
+        return self.saved or None
+
+    def note(self):
+        """A sentence naming the log for an error message; empty when nothing was kept."""
+        if not len(self):
+            return ""
+        failed = self.save()
+        return (f" img2dataset's {len(self)} messages about it are in {self.log}." if failed is None else
+                f" img2dataset's {len(self)} messages about it could not be kept in {self.log} ({failed}).")
+
+    @contextlib.contextmanager
+    def kept(self):
+        """stdout and stderr (file descriptors 1 and 2) filtered for as long as the block runs."""
+        from multiprocessing import resource_tracker
+
+        # Started now, with the terminal's stdout and stderr: it outlives the download, and would keep the pipe open.
+        resource_tracker.ensure_running()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.fstat(1), os.fstat(2)
+        except OSError:  # no stdout or stderr to filter (closed)
+            yield self
+            return
+        streams = [_FilteredStream(fd, self.keep) for fd in (1, 2)]
+        # One thread for both, so that what was written to one and then the other is shown in that order.
+        pump = threading.Thread(target=_pump, args=(streams,), name="download output filter", daemon=True)
+        pump.start()
+        try:
+            yield self
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for stream in streams:  # the pipes end once the workers that inherited them have exited too
+                os.dup2(stream.out, stream.fd)
+            pump.join(timeout=10)
+            if not pump.is_alive():
+                for stream in streams:
+                    os.close(stream.read)
+                    os.close(stream.out)
+
+
+TRACEBACK_STARTS = (b"Traceback (most recent call last):", b"Exception ignored in:")
+CHAINED = (b"During handling of the above exception", b"The above exception was the direct cause")
+FAILED_LINE = re.compile(rb"(Sample \S+ failed to download|shard \S+ failed with error)")
+LINE_STARTS = (*TRACEBACK_STARTS, b"Sample ", b"shard ")
+
+
+def _about_a_full_disk(text):
+    return DISK_FULL.encode() in text or b"[Errno 28]" in text
+
+
+IDLE_S = 0.3  # a line begun and not finished for this long goes on as it is (tqdm's progress bar)
+
+
+def _pump(streams):
+    """Read the streams' pipes until every writer has closed them."""
+    reading = {stream.read: stream for stream in streams}
+    while reading:
+        for read in select.select(list(reading), [], [], IDLE_S)[0]:
+            data = os.read(read, 1 << 16)
+            if data:
+                reading[read].feed(data)
+            else:
+                reading.pop(read).idle(final=True)
+        for stream in reading.values():
+            if time.monotonic() - stream.last_read > IDLE_S:
+                stream.idle()
+
+
+class _FilteredStream:
+    """File descriptor `fd` redirected to a pipe, which `_pump` reads: full-disk tracebacks and failure lines go to
+    `keep`, everything else to where `fd` pointed before (`out`)."""
+
+    def __init__(self, fd, keep):
+        self.fd, self.keep = fd, keep
+        self.out = os.dup(fd)
+        read, write = os.pipe()
+        os.dup2(write, fd)
+        os.close(write)
+        self.read, self.last_read = read, time.monotonic()
+        self.tail, self.block, self.block_ended = b"", None, False
+
+    def feed(self, data):
+        self.last_read = time.monotonic()
+        *lines, self.tail = (self.tail + data).split(b"\n")
+        for line in lines:
+            self._line(line + b"\n")
+        if self.tail and self.block is None and not self._may_begin_a_message(self.tail):
+            self._forward(self.tail)
+            self.tail = b""
+
+    @staticmethod
+    def _may_begin_a_message(tail):
+        """Whether an unfinished line may be (or end with the beginning of) a message to keep."""
+        return any(tail.startswith(start) or start.startswith(tail) for start in LINE_STARTS) or any(
+            start in tail or any(tail.endswith(start[:size]) for size in range(1, len(start)))
+            for start in TRACEBACK_STARTS)
+
+    def idle(self, final=False):
+        """Nothing came for a while (or ever will, `final`): what is held and finished, or cannot be, goes on."""
+        if self.block is not None and (self.block_ended or final):
+            if final and self.tail:
+                self.block.append(self.tail)
+                self.tail = b""
+            self._end_block()
+        if self.tail and self.block is None:
+            self._forward(self.tail)
+            self.tail = b""
+
+    def _line(self, line):
+        if self.block is not None:
+            if not self.block_ended:  # until its exception's line, which is not indented
+                self.block.append(line)
+                self.block_ended = not (line[:1] in (b" ", b"\t") or not line.strip() or line.startswith(
+                    (*TRACEBACK_STARTS, *CHAINED)))
+                return
+            if not line.strip() or line.startswith(CHAINED):  # perhaps a chained traceback follows
+                self.block.append(line)
+                self.block_ended = not line.startswith(CHAINED)
+                return
+            self._end_block()
+        starts = [at for at in (line.find(start) for start in TRACEBACK_STARTS) if at >= 0]
+        if starts:
+            self._forward(line[:min(starts)])  # what a progress bar wrote before it, on the same line
+            self.block, self.block_ended = [line[min(starts):]], False
+        elif FAILED_LINE.match(line) and _about_a_full_disk(line):
+            self.keep(line)
+        else:
+            self._forward(line)
+
+    def _end_block(self):
+        block, self.block, self.block_ended = b"".join(self.block), None, False
+        exceptions = [line for line in block.splitlines() if line.strip() and line[:1] not in (b" ", b"\t")
+                      and not line.startswith((*TRACEBACK_STARTS, *CHAINED))]
+        if any(_about_a_full_disk(line) for line in exceptions):
+            self.keep(block)
+        else:
+            self._forward(block)
+
+    def _forward(self, data):
+        while data:
+            try:
+                data = data[os.write(self.out, data):]
+            except OSError:  # the terminal is gone: nothing more can be shown
+                return
 
 
 def prepare_url_list(path, raw_dir, source, columns, schemes, fingerprint_ignores="", output=None):
@@ -179,11 +369,12 @@ def _error_messages(parquet):
         return None
 
 
-def check_finished(raw_dir, rows, samples_per_shard, shard_digits=5):
+def check_finished(raw_dir, rows, samples_per_shard, shard_digits=5, messages=None):
     """Stop when img2dataset left a shard unfinished (no _stats.json: its worker failed and img2dataset only
     printed why), spoiled (a parquet that cannot be read) or without the images the disk had no room for
     (img2dataset counts those as failed downloads). Those shards' files are removed, so that `make download`
-    fetches them again; finished shards stay."""
+    fetches them again; finished shards stay. messages: the DiskFullMessages kept during the download, saved
+    once the removal has made room and named in the message."""
     spoiled, full, saved_bytes, saved = {}, 0, 0, 0  # spoiled: shard name -> urls in it
     for shard_id in range(math.ceil(rows / samples_per_shard)):
         name = f"{shard_id:0{shard_digits}d}"
@@ -207,11 +398,11 @@ def check_finished(raw_dir, rows, samples_per_shard, shard_digits=5):
     needed = sum(spoiled.values()) * (saved_bytes / saved if saved else 40_000)
     free = shutil.disk_usage(raw_dir).free
     names = ", ".join(sorted(spoiled)[:5]) + (", ..." if len(spoiled) > 5 else "")
-    if full or free < needed:
+    if full or free < needed or messages:
         raise SystemExit(f"error: the disk holding {raw_dir} is full" + (f": {full} images could not be saved "
                          f"({DISK_FULL})" if full else "") + f". The {len(spoiled)} shard(s) it spoiled ({names}) were "
                          f"removed; they need about {_size(needed)} ({_size(free)} is free). Free space and run "
-                         "`make download` again: finished shards are kept.")
+                         f"`make download` again: finished shards are kept.{messages.note() if messages else ''}")
     raise SystemExit(f"error: img2dataset did not finish {len(spoiled)} of {math.ceil(rows / samples_per_shard)} "
                      f"shard(s) ({names}; its messages above say why) and they were removed. Fix the cause and run "
                      "`make download` again: finished shards are kept.")
@@ -254,10 +445,15 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
             raise SystemExit(f"error: the disk holding {raw_dir.parent} is full: the normalized url list could not be "
                              f"written there ({DISK_FULL}). It needs about {_size(Path(url_list_path).stat().st_size)} "
                              f"and the images far more; free space or choose another OUT") from None
-        run_img2dataset(raw_dir.parent / "urls.parquet", output or raw_dir, options)
-        if output is None:  # img2dataset saves locally only here
-            check_finished(raw_dir, summary.rows, options["number_sample_per_shard"],
-                           options.get("oom_shard_count", 5))
+        # Its workers' tracebacks for a full disk are kept from the terminal (not Spark's: its JVM outlives this).
+        messages = DiskFullMessages(raw_dir.parent / DISK_FULL_LOG)
+        with messages.kept() if options["distributor"] == "multiprocessing" else contextlib.nullcontext():
+            run_img2dataset(raw_dir.parent / "urls.parquet", output or raw_dir, options, messages)
+            if output is None:  # img2dataset saves locally only here
+                check_finished(raw_dir, summary.rows, options["number_sample_per_shard"],
+                               options.get("oom_shard_count", 5), messages)
+        if messages and messages.save() is None:  # a full disk that spoiled no shard in the end
+            print(f"note: img2dataset's {len(messages)} messages about a full disk are in {messages.log}")
     totals, failures = summarize(output or raw_dir)
     reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(failures.items(), key=lambda kv: -kv[1]))
     print(f"download done: {totals.get('successes', 0)} of {totals.get('count', 0)} urls "

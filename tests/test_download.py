@@ -2,6 +2,7 @@ import http.server
 import io
 import json
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def test_values_img2dataset_cannot_work_with_are_refused_before_fetching(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_a_url_list_download_onto_a_full_disk(tmp_path, small_file_system):
+def test_a_url_list_download_onto_a_full_disk(tmp_path, small_file_system, capfd):
     www = tmp_path / "www"
     www.mkdir()
     for number in range(24):  # about 90 KB each: the 1 MiB disk holds about a dozen
@@ -133,9 +134,16 @@ def test_a_url_list_download_onto_a_full_disk(tmp_path, small_file_system):
     with demo_server.serve(www) as base_url:
         url_list_path = tmp_path / "list.tsv"
         url_list_path.write_text("".join(f"noise {number}\t{base_url}/{number}.jpg\n" for number in range(24)))
-        with pytest.raises(SystemExit, match=r"disk holding .*raw is full.* removed; they need about [0-9.]+ MiB"):
+        with pytest.raises(SystemExit, match=r"disk holding .*raw is full.* removed; they need about [0-9.]+ MiB") \
+                as stop:
             download.download_dataset("cc3m", raw, url_list_path, processes=1, threads=4,
                                       img2dataset_options={"number_sample_per_shard": 6})
+    shown = capfd.readouterr()
+    log = small_file_system / download.DISK_FULL_LOG  # the workers' tracebacks, there and not in the terminal
+    assert "Traceback" not in shown.out + shown.err and "No space left" not in shown.out + shown.err, shown
+    assert "Starting the downloading" in shown.out  # img2dataset's other output is shown as before
+    assert f"messages about it are in {log}." in str(stop.value) and "\n" not in str(stop.value)
+    assert "Traceback (most recent call last)" in log.read_text() and "[Errno 28]" in log.read_text()
     tars = sorted(raw.glob("*.tar"))
     assert 0 < len(tars) < 4
     for tar in tars:  # what is left is whole: stats, a readable parquet, every sample
@@ -143,6 +151,49 @@ def test_a_url_list_download_onto_a_full_disk(tmp_path, small_file_system):
         assert pq.read_table(tar.with_suffix(".parquet")).num_rows == 6
         assert len(list(shard_io.read_samples([tar]))) == 6
     assert sorted(raw.glob("*.parquet")) == [tar.with_suffix(".parquet") for tar in tars]
+
+
+WORKER = r"""
+import errno, os, sys, traceback
+def fail(error):
+    try:
+        raise error
+    except OSError as err:
+        traceback.print_exc()
+        print(f"Sample 3 failed to download: {err}", flush=True)
+sys.stderr.write("\r0it [00:00, ?it/s]")  # tqdm's bar, unfinished when a worker's traceback starts
+sys.stderr.flush()
+fail(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+try:
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("writer closed")
+except RuntimeError:
+    traceback.print_exc()
+fail(PermissionError(errno.EACCES, "Permission denied"))
+print("shard 1 failed with error [Errno 28] No space left on device")
+print("worker  - success: 1.000 - count: 6")
+sys.stderr.write("\r1it [00:01, 1.00it/s]")
+"""
+
+
+def test_full_disk_tracebacks_go_to_the_log_and_the_rest_to_the_terminal(tmp_path, capfd):
+    """img2dataset's workers inherit the filtered stdout and stderr (no root needed, unlike the tmpfs test)."""
+    messages = download.DiskFullMessages(tmp_path / download.DISK_FULL_LOG)
+    with messages.kept():
+        subprocess.run([sys.executable, "-c", WORKER], check=True)
+        print("after the workers")
+    shown = capfd.readouterr()
+    assert shown.err.startswith("\r0it [00:00, ?it/s]Traceback (most recent call last):\n")  # the other error
+    assert shown.err.count("Traceback") == 1 and "PermissionError: [Errno 13] Permission denied" in shown.err
+    assert shown.err.endswith("\r1it [00:01, 1.00it/s]") and "No space left" not in shown.err
+    assert shown.out == ("Sample 3 failed to download: [Errno 13] Permission denied\n"
+                         "worker  - success: 1.000 - count: 6\nafter the workers\n")
+    assert len(messages) == 4 and messages.save() is None
+    kept = (tmp_path / download.DISK_FULL_LOG).read_text()
+    assert kept.count("Traceback") == 3 and "During handling of the above exception" in kept
+    assert "RuntimeError: writer closed" in kept and "shard 1 failed with error [Errno 28]" in kept
 
 
 def test_16_bit_png_and_tiff_keep_their_tones_through_make_download(tmp_path):
