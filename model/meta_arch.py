@@ -370,6 +370,14 @@ class MetaArch(nn.Module):
     # Teachers, once per step.
 
     @property
+    def scheduled_values(self):
+        """The scheduled values a step uses, by name: the optimizer's, the EMA momentum where there is a teacher,
+        and those the enabled objectives read."""
+        names = ["lr", "weight_decay", *(["teacher_momentum"] if len(self.teachers) else [])]
+        return tuple(dict.fromkeys(names + [name for objective in self.objectives.values()
+                                            for name in objective.schedules]))
+
+    @property
     def reads(self):
         """The views the enabled objectives read, by name (the data recipe must make each)."""
         return tuple(dict.fromkeys(name for objective in self.objectives.values() for name in objective.reads))

@@ -13,10 +13,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 
-LOSSES = ("loss", "ibot", "ibot_cls", "ibot_patch", "clip", "clip_hard", "clip_soft", "mlm", "text_distillation",
-          "mae")
-SCHEDULES = ("lr", "weight_decay", "teacher_momentum", "clip_hard_weight", "teacher_cls_temp",
-             "teacher_patch_temp", "logit_scale")
+# The series that are not loss terms: the schedules and learned scalars (plots/schedules.png) and the run's own
+# measurements. Every other series a run logs is a loss term of its method (plots/losses.png), whatever the method.
+SCHEDULES = ("lr", "weight_decay", "teacher_momentum", "clip_hard_weight", "teacher_cls_temp", "teacher_patch_temp",
+             "logit_scale", "rocket_logit_scale", "logit_bias")
+MEASUREMENTS = ("step", "images_per_s", "data_wait_fraction", "nonfinite_steps", "gradient_bytes_all_reduced",
+                "peak_memory_bytes", "peak_rss_bytes")
+
+
+def loss_terms(rows):
+    """The loss terms the rows hold, the total first, then in the order they were logged."""
+    names = dict.fromkeys(name for row in rows for name in row)
+    terms = [name for name in names if name not in SCHEDULES + MEASUREMENTS and not name.startswith("grad_norm/")]
+    return sorted(terms, key=lambda name: name != "loss")
 
 
 class MetricsLog:
@@ -68,7 +77,8 @@ def _plot(rows, names, title, path, log_scale=False):
                                 squeeze=False)
     for axis, name in zip(axes.flat, present, strict=False):
         steps = [row["step"] for row in rows if name in row]
-        axis.plot(steps, [row[name] for row in rows if name in row], linewidth=1.2)
+        axis.plot(steps, [row[name] for row in rows if name in row], linewidth=1.2,
+                  marker="o" if len(steps) < 20 else None, markersize=3)  # a term logged at few steps stays visible
         axis.set_title(name, fontsize=9)
         axis.set_xlabel("step", fontsize=8)
         if log_scale:
@@ -83,11 +93,12 @@ def _plot(rows, names, title, path, log_scale=False):
 
 
 def plot_run(run_dir):
-    """Draw plots/losses.png and plots/schedules.png from metrics.jsonl; returns the paths written."""
+    """Draw plots/losses.png (every loss term the run logged) and plots/schedules.png (the schedules and learned
+    scalars its method has) from metrics.jsonl; returns the paths written."""
     rows = [row for row in read_metrics(run_dir) if "loss" in row]
     plots = Path(run_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    written = [_plot(rows, LOSSES, f"losses: {Path(run_dir).name}", plots / "losses.png"),
+    written = [_plot(rows, loss_terms(rows), f"losses: {Path(run_dir).name}", plots / "losses.png"),
                _plot(rows, SCHEDULES, f"schedules: {Path(run_dir).name}", plots / "schedules.png")]
     return [path for path in written if path is not None]
 

@@ -206,7 +206,7 @@ def log_values(trainer, metrics, values, images_per_s, data_wait):
     numbers.update(module_gradient_norms(trainer.model))
     scalars = dict(zip(numbers, torch.stack([value.float().reshape(()) for value in numbers.values()]).tolist(),
                        strict=True))  # one transfer for all of them
-    scalars.update(values)
+    scalars.update({name: values[name] for name in trainer.model.scheduled_values})  # those this method uses
     scalars.update(images_per_s=images_per_s, data_wait_fraction=data_wait,
                    nonfinite_steps=trainer.nonfinite_total, gradient_bytes_all_reduced=trainer.reduced_bytes)
     if trainer.world.device.type == "cuda":

@@ -26,6 +26,10 @@ class CLIP(Objective):
         return ("image_student", "text_student") if self.config.soft_clip else ()
 
     @property
+    def schedules(self):
+        return ("clip_hard_weight",) if self.config.soft_clip else ()
+
+    @property
     def teacher_image_views(self):
         return 1 if self.config.soft_clip else 0
 

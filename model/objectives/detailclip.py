@@ -21,6 +21,7 @@ from model.objectives.objective import Objective, update_center
 
 
 class DetailCLIP(Objective):
+    schedules = ("teacher_cls_temp", "teacher_patch_temp")
     name = "detailclip"
     students = ("image_student", "text_student")
     teachers = ("image_student", "ibot_head")

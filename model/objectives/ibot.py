@@ -19,6 +19,7 @@ from model.objectives.objective import Objective, update_center
 
 
 class IBOT(Objective):
+    schedules = ("teacher_cls_temp", "teacher_patch_temp")
     name = "ibot"
     students = ("image_student",)
     teachers = ("image_student", "ibot_head")

@@ -12,6 +12,7 @@ from model.objectives.objective import Objective, update_center
 
 
 class MaskedDistillation(Objective):
+    schedules = ("teacher_patch_temp",)
     name = "masked_distillation"
     students = ("image_student",)
     teachers = ("image_student",)

@@ -17,7 +17,9 @@ An objective declares
   from what the teachers saw (`seen`: image_tokens (G, B, 1 + N, D) of view `teacher_view`, image_attention
   (G, B, N), text_embedding (B, clip_dim), text_features (B, T, width), those that some objective needs), each
   entry popped by this objective's passes;
-- `passes(model, views, teacher, values)`: its backward passes, an iterator of (weighted loss, metrics).
+- `passes(model, views, teacher, values)`: its backward passes, an iterator of (weighted loss, metrics);
+- `schedules`: the scheduled values (train/schedules.py) its passes read from `values`; the trainer logs and plots
+  only the values some objective reads (besides lr, weight decay, and the EMA momentum where there is a teacher).
 The networks and buffers live on the meta-architecture (so `model.ibot_head` is the one iBOT head, and checkpoints
 name it so); an objective holds only its configuration.
 """
@@ -37,6 +39,7 @@ class Objective:
     teacher_view = "global_crops"
     teacher_image_views = 0
     teacher_attention = False
+    schedules = ()
 
     def __init__(self, config):
         self.config = config

@@ -22,6 +22,10 @@ class MaskedText(Objective):
     def teachers(self):
         return ("text_student", "text_distillation_head") if self.config.text_distillation else ()
 
+    @property
+    def schedules(self):
+        return ("teacher_patch_temp",) if self.config.text_distillation else ()
+
     def networks(self, config, model):
         networks = {}
         if config.mlm:
