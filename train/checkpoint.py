@@ -2,7 +2,8 @@
 
 Each `checkpoint-<step>.pt` has a `checkpoint-<step>.json` beside it with its size and sha256, written
 after the checkpoint itself: a checkpoint without one was never finished. Loading verifies the
-checksum; `latest_good` reports a damaged or unfinished checkpoint and falls back to the one before.
+checksum and unpickles tensors and plain values only (weights_only=True: a hostile pickle never runs);
+`latest_good` reports a damaged, unfinished or unreadable checkpoint and falls back to the one before.
 Other files in the folder (a `checkpoint-best.pt` of your own, say) are left alone.
 """
 
@@ -10,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -161,18 +163,30 @@ def load(path, trust_unverified=False, report=print):
         report(f"warning: {error}; loading it unchecked, as run.trust_unverified_checkpoint=true asks")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: cannot read this checkpoint ({error})") from None
+    except pickle.UnpicklingError:  # torch's text suggests weights_only=False, which would run what the file holds
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer: it does not unpickle as tensors and "
+                              f"plain values (a foreign or unsafe pickle, or other bytes), so it is not "
+                              f"loaded") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: cannot read this checkpoint ({reason})") from None
 
 
 def latest_good(run_dir, report=print):
-    """(path, contents) of the newest checkpoint that verifies and loads, or (None, None); each one skipped
-    on the way is reported with why."""
-    for _, path in checkpoints(run_dir):
+    """(path, contents) of the newest checkpoint that verifies and loads, or (None, None) when there is none;
+    each one skipped on the way is reported with why. CheckpointError if there are some and none loads: a fresh
+    start would keep them as the newest and delete its own checkpoints."""
+    found = checkpoints(run_dir)
+    for _, path in found:
         try:
             return path, load(path)
         except CheckpointError as error:
             report(f"warning: {error}; trying the checkpoint before it")
+    if found:
+        folder = Path(run_dir, "checkpoints")
+        raise CheckpointError(f"none of the {len(found)} checkpoints in {folder} can be loaded (each is reported "
+                              f"above): put an intact one back, or move them out of that folder (or choose another "
+                              f"run.name) to start afresh")
     return None, None
 
 
