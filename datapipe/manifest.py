@@ -18,6 +18,67 @@ FIELDS = {
 }
 
 
+# What each reader needs of a shard entry (name and index are always checked to be plain file names).
+LOADER_FIELDS = {"name": str, "samples": int}
+REMOTE_FIELDS = {**LOADER_FIELDS, "bytes": int, "sha256": str}
+FILE_NAME_FIELDS = ("name", "index")
+REBUILD = "rebuild the shards with `make shards` (or re-publish them)"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used as it is; the message names it, the entry and what to do, on one line."""
+
+
+def is_plain_file_name(name):
+    """Whether `name` is one file in the folder it is named in: no folder part, not '.' or '..', not empty."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _entry_problem(entry, fields):
+    """What is wrong with one shard entry of a manifest, or None."""
+    if not isinstance(entry, dict):
+        return f"is a JSON {type(entry).__name__}, not an object"
+    for field in FILE_NAME_FIELDS:
+        if field in entry and not is_plain_file_name(entry[field]):
+            return (f"{field!r} is {entry[field]!r}: a manifest names files in its own folder, never a path "
+                    "(absolute, or with '..' or '/')")
+    for field, kind in fields.items():
+        value = entry.get(field)
+        if value is None:
+            return f"has no {field!r}"
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{field!r} is {value!r}, not a {kind.__name__}"
+    return None
+
+
+def parse_manifest(data, where, fields=LOADER_FIELDS, sections=()):
+    """The manifest dict from its JSON text or bytes, read from `where` (a path or URL, for messages); raises
+    ManifestError unless it is an object with a `shards` list of entries holding `fields` (name: type), plain file
+    names, and the top-level objects `sections`."""
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{where} is not JSON ({error}); {REBUILD}") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{where} is a JSON {type(manifest).__name__}, not an object with a 'shards' list; "
+                            f"{REBUILD}")
+    if not isinstance(manifest.get("shards"), list):
+        raise ManifestError(f"{where} has no 'shards' list; {REBUILD}")
+    for number, entry in enumerate(manifest["shards"]):
+        problem = _entry_problem(entry, fields)
+        if problem:
+            raise ManifestError(f"{where}: shards[{number}] {problem}; {REBUILD}")
+    for section in sections:
+        if not isinstance(manifest.get(section), dict):
+            raise ManifestError(f"{where} has no {section!r} object; {REBUILD}")
+    return manifest
+
+
+def read_manifest(path, fields=LOADER_FIELDS, sections=()):
+    """parse_manifest of a local manifest file."""
+    return parse_manifest(Path(path).read_bytes(), path, fields, sections)
+
+
 def write_atomic(path, data):
     path = Path(path)
     partial = path.with_name(path.name + ".partial")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL.JpegImagePlugin import JpegImageFile
 
+from datapipe.manifest import REMOTE_FIELDS, ManifestError, parse_manifest, read_manifest
 from datapipe.masks import view_masks
 from datapipe.object_store import RemoteFolder, StorageError, is_remote
 from datapipe.shard_cache import RemoteShard, ShardCache, source_id
@@ -61,7 +62,7 @@ class ShardSet:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path} not found: point the loader at a folder written by "
                                     f"`make shards` (e.g. shards/demo/train)")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)  # shards named as plain files in its folder, or a ManifestError
         root = manifest_path.parent
         names = _plain_tar_names(manifest, root)
         for name in names:
@@ -75,9 +76,9 @@ class ShardSet:
         location = location.rstrip("/").removesuffix("/manifest.json")
         remote = RemoteFolder(location, fetch_retries, retry_wait_s)
         try:
-            manifest = json.loads(remote.read_bytes("manifest.json"))
-        except json.JSONDecodeError as error:
-            raise StorageError(f"{remote.url('manifest.json')} is not JSON ({error}); re-publish the shards") from None
+            manifest = parse_manifest(remote.read_bytes("manifest.json"), remote.url("manifest.json"), REMOTE_FIELDS)
+        except ManifestError as error:
+            raise StorageError(str(error)) from None
         names = _plain_tar_names(manifest, location)
         sizes = remote.sizes()
         shards = []

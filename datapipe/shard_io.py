@@ -1,11 +1,13 @@
 """Reading and writing WebDataset tar shards: deterministic tars, DALI indexes, .tar.zst streams."""
 
+import dataclasses
 import functools
 import hashlib
 import io
 import os
+import re
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import webdataset as wds
 import zstandard
@@ -13,6 +15,16 @@ import zstandard
 # DALI's own index writer (nvidia-dali ships it as the `wds2idx` tool and module).
 from wds2idx import IndexCreator
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, never part of a sample
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusedMember:
+    """What read_samples gives, instead of its bytes, for a member it refused to read from its header alone."""
+
+    reason: str  # a short stable code: unsafe_member_name, sparse_member or member_too_large
+    detail: str
 
 
 def member_info(name, size):
@@ -98,11 +110,49 @@ def _open_shards(sources):
         yield dict(url=source["url"], stream=open_shard(source["url"]))
 
 
-def read_samples(urls, handler=wds.reraise_exception):
-    """Raw samples (dicts of bytes with '__key__' and '__url__') from .tar or .tar.zst shards."""
+def climbs_out(name):
+    """Whether a member name is absolute or has a '..' part: a path outside the folder it is extracted to."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return name.startswith(("/", "\\")) or ".." in parts
+
+
+def member_refusal(member, max_member_bytes):
+    """A RefusedMember for a tar member that must not be read (decided from its header alone), else None."""
+    if climbs_out(member.name):
+        return RefusedMember("unsafe_member_name", f"member name {member.name!r} is absolute or climbs out of its "
+                                                   "folder with '..'")
+    if member.issparse():
+        return RefusedMember("sparse_member", f"{member.name} is a sparse file declaring {member.size} bytes; "
+                                              "img2dataset never writes one")
+    if member.size > max_member_bytes:
+        return RefusedMember("member_too_large", f"{member.name} declares {member.size} bytes, over the limit of "
+                                                 f"{max_member_bytes} (--max-member-bytes)")
+    return None
+
+
+def _screened_members(sources, max_member_bytes):
+    """{fname, data, __url__} of each regular member; `data` is a RefusedMember for one member_refusal refuses,
+    whose bytes are skipped, never read into memory."""
+    for source in sources:
+        with tarfile.open(fileobj=source["stream"], mode="r|*") as archive:
+            for member in archive:
+                if member.isreg() and not METADATA_MEMBER.match(member.name):
+                    refusal = member_refusal(member, max_member_bytes)
+                    data = refusal or archive.extractfile(member).read()
+                    yield dict(fname=member.name, data=data, __url__=source["url"])
+                archive.members = []  # a stream: keep no headers
+
+
+def read_samples(urls, handler=wds.reraise_exception, max_member_bytes=None):
+    """Raw samples (dicts of bytes with '__key__' and '__url__') from .tar or .tar.zst shards.
+
+    With `max_member_bytes`, a member is judged by its tar header before it is read: one with an absolute or
+    '..' name, a sparse one, or one larger than that is not read, and its sample holds a RefusedMember for it."""
+    expand = (functools.partial(tar_file_expander, handler=handler) if max_member_bytes is None
+              else functools.partial(_screened_members, max_member_bytes=max_member_bytes))
     return wds.DataPipeline(
         wds.SimpleShardList([str(url) for url in urls]),
         _open_shards,
-        functools.partial(tar_file_expander, handler=handler),
+        expand,
         functools.partial(group_by_keys, handler=handler),
     )

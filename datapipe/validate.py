@@ -25,11 +25,15 @@ class ImageRules:
     min_side_px: int = 64  # smaller images cannot give a 96-px local crop without upsampling 1.5x
     max_aspect_ratio: float = 4.0  # wider panoramas lose most of their content to square crops
     max_pixels: int = 8192 * 8192  # decompression-bomb limit: refuse before decoding
+    # A raw tar member declaring more bytes is rejected from its header, never read: far above any web image.
+    max_member_bytes: int = 64 << 20
 
     def __post_init__(self):
         if self.min_side_px < 1 or self.max_pixels < 1 or not self.max_aspect_ratio >= 1:
             raise ValueError(f"--min-side-px and --max-pixels must be at least 1 and --max-aspect-ratio at least 1.0 "
                              f"(got {self.min_side_px}, {self.max_pixels} and {self.max_aspect_ratio})")
+        if self.max_member_bytes < 1:
+            raise ValueError(f"--max-member-bytes must be at least 1 (got {self.max_member_bytes})")
 
 
 class Rejected(Exception):

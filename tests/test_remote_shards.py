@@ -38,7 +38,8 @@ def with_manifest_hashes(train_dir):
     for entry in manifest["shards"]:
         tar_path = train_dir / entry["name"]
         entry.update(bytes=tar_path.stat().st_size, sha256=shard_io.sha256_file(tar_path),
-                     index=tar_path.with_suffix(".idx").name)
+                     index=tar_path.with_suffix(".idx").name,
+                     index_sha256=shard_io.sha256_file(tar_path.with_suffix(".idx")))
     (train_dir / "manifest.json").write_text(json.dumps(manifest))
     return manifest
 

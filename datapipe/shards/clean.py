@@ -9,6 +9,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from datapipe import manifest, shard_io, text
@@ -24,9 +25,41 @@ class UnreadableShard(Exception):
     """A raw tar that cannot be read to the end; carries only a message, so it crosses processes."""
 
 
+class UnlistedSamples(Exception):
+    """A raw tar whose samples are not those its parquet lists as downloaded; carries only a message."""
+
+
+def _refuse_members(raw):
+    """Raise Rejected for a sample with a member the reader refused from its header (shard_io.RefusedMember)."""
+    refused = next((value for value in raw.values() if isinstance(value, shard_io.RefusedMember)), None)
+    if refused is not None:
+        raise Rejected(refused.reason, refused.detail)
+
+
+def _source_url(raw):
+    """The url img2dataset recorded in the sample's json member ('' when there is none or it was refused)."""
+    info = raw.get("json", b"{}")
+    return json.loads(info or b"{}").get("url", "") if isinstance(info, bytes) else ""
+
+
+def _check_listed(raw_tar, keys):
+    """Raise UnlistedSamples unless the tar's sample keys are those its parquet lists as downloaded: then the
+    build's counts reconcile and `make verify` agrees with it."""
+    table = pq.read_table(Path(raw_tar).with_suffix(".parquet"), columns=["key", "status"])
+    listed = {key for key, status in zip(*(table.column(name).to_pylist() for name in ("key", "status")),
+                                         strict=True) if status == "success"}
+    extra, missing = sorted(set(keys) - listed), sorted(listed - set(keys))
+    problems = ([f"holds {len(extra)} sample(s) its parquet does not list as downloaded (first: {extra[0]!r})"]
+                if extra else []) + ([f"lacks {len(missing)} sample(s) its parquet lists as downloaded (first: "
+                                      f"{missing[0]!r})"] if missing else [])
+    if problems:
+        raise UnlistedSamples(" and ".join(problems))
+
+
 def _clean_sample(raw, url, rules, hashing):
     """(sample to store, its info, the cleaned image, the raw member holding the image when it is stored as it
     came, else None) for one raw img2dataset sample; raises Rejected."""
+    _refuse_members(raw)
     member = next((name for name in IMAGE_MEMBERS if name in raw), None)
     image = clean_image(raw[member] if member else b"", rules, hashing)
     original_caption = raw.get("txt", b"").decode("utf-8", errors="replace")
@@ -63,9 +96,9 @@ def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True, hashing=True):
     def cleaned_samples():  # streams, holding at most TOKENIZE_BATCH samples
         batch = []
         try:
-            for raw in shard_io.read_samples([raw_tar]):
+            for raw in shard_io.read_samples([raw_tar], max_member_bytes=rules.max_member_bytes):
                 key = raw["__key__"]
-                url = json.loads(raw.get("json", b"{}") or b"{}").get("url", "")
+                url = _source_url(raw)
                 try:
                     sample, info, image, stored_as_is = _clean_sample(raw, url, rules, hashing)
                 except Rejected as rejection:
@@ -90,6 +123,11 @@ def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True, hashing=True):
             yield from tokenized(batch)
 
     shard_io.write_tar(samples_path, cleaned_samples())
+    try:
+        _check_listed(raw_tar, [record["key"] for record in records])
+    except UnlistedSamples:
+        samples_path.unlink()
+        raise
     records.sort(key=lambda record: record["key"])  # tar order is download-completion order; keys are list order
     manifest.write_atomic(records_path, "".join(json.dumps(r) + "\n" for r in records))
     manifest.write_atomic(made_from_path, json.dumps(made_from))
@@ -110,5 +148,10 @@ def clean_raw_shards(pool, raw_tars, work_dir, rules, need_samples, hashing):
                 raise BuildError(
                     f"raw shard '{raw_tar}' cannot be read ({error}). Delete it and {raw_tar.stem}_stats.json, then "
                     "run `make download` again: img2dataset's incremental mode fetches just that shard.") from None
+            except UnlistedSamples as error:
+                raise BuildError(
+                    f"raw shard '{raw_tar}' {error}: it is not the shard img2dataset wrote, and its counts could not "
+                    f"reconcile. Delete it, {raw_tar.stem}.parquet and {raw_tar.stem}_stats.json, then run `make "
+                    "download` again: img2dataset's incremental mode fetches just that shard.") from None
             progress.update(sum(1 for _ in open(records_paths[-1])))  # noqa: SIM115 (closed when read)
     return records_paths

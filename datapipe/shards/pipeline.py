@@ -32,6 +32,20 @@ def _disk_full(error, folder, needed_bytes):
                       "`make shards` again: finished work is kept and nothing half-written looks complete.")
 
 
+def _not_writable(error, out_dir):
+    return BuildError(f"cannot write to OUT '{out_dir}' ({error.strerror}: '{error.filename}'): make the folder "
+                      "writable (chmod u+w, or remount it read-write) or build into another OUT")
+
+
+def _is_not_writable(error, out_dir):
+    """Whether an OSError is a refused write in the output folder (or a folder above it, while making it)."""
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or error.filename is None:
+        return False
+    failed = Path(error.filename).absolute()
+    target = out_dir.absolute()
+    return failed == target or target in failed.parents or failed in target.parents
+
+
 def _remove_other_files(out_dir, shard_names, raw_stems, compress):
     """Delete what this build's manifest does not list: shards of other builds, work of raw shards now gone."""
     keep = {f"{name}{'.tar.zst' if compress else '.tar'}" for name in shard_names}
@@ -57,11 +71,17 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
         lock = FolderLock(out_dir, "another `make shards`", "wait for it to end, or build into another OUT")
     except FolderBusy as error:
         raise BuildError(str(error)) from None
+    except OSError as error:
+        if not _is_not_writable(error, out_dir):
+            raise
+        raise _not_writable(error, out_dir) from None
     try:
         return _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, compress, duplicates)
     except exclusions.ExclusionError as error:
         raise BuildError(str(error)) from None
     except OSError as error:
+        if _is_not_writable(error, out_dir):
+            raise _not_writable(error, out_dir) from None
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise _disk_full(error, out_dir, sum(raw_tar.stat().st_size for raw_tar in raw_tars)) from None

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from datapipe import manifest, near_duplicates, text
+from datapipe import manifest, near_duplicates, shard_io, text
 from datapipe.download import URL_LIST_RECORD, URL_LIST_REJECTED
 from datapipe.shards.work import candidate_keys, read_records, rules_fingerprint
 
@@ -67,9 +67,18 @@ def _shards_rejections(records_paths, counts, first, screened):
                        detail=f"looks like {original} (perceptual hashes {distance} of 64 bits apart)")
 
 
+def _with_index_checksum(out_dir, entry):
+    """The entry with its DALI index's sha256 (a shard written by an earlier version has none recorded): publish
+    removes an index only when the object still has it."""
+    if "index" not in entry or "index_sha256" in entry:
+        return entry
+    return {**entry, "index_sha256": shard_io.sha256_file(Path(out_dir) / entry["index"])}
+
+
 def write_results(raw_dir, out_dir, made_from, records_paths, counts, first, screened, exclusion_sets, entries,
                   samples_per_shard, rules, duplicates, compress, processes, started):
     tally, examples = {"url_list": Counter(), "download": Counter(), "shards": Counter()}, {}
+    entries = [_with_index_checksum(out_dir, entry) for entry in entries]
 
     def counted(rejections):
         for rejection in rejections:

@@ -1,6 +1,5 @@
 """`make verify`: every training shard re-checked against manifest.json (hash, size, sample count, DALI index)."""
 
-import json
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,7 +13,10 @@ def verify(out_dir):
     manifest_path = out_dir / manifest.MANIFEST
     if not manifest_path.exists():
         return [f"{manifest_path} is missing; run `make shards` first"]
-    recorded = json.loads(manifest_path.read_text())
+    try:  # every name a plain file name in out_dir: nothing outside it is read
+        recorded = manifest.read_manifest(manifest_path, manifest.REMOTE_FIELDS, ("reconciliation", "totals"))
+    except manifest.ManifestError as error:
+        return [str(error)]
     problems = []
     for entry in tqdm(recorded["shards"], desc="verify", unit="shard"):
         tar_path = out_dir / entry["name"]
@@ -30,7 +32,7 @@ def verify(out_dir):
         if len(keys) != entry["samples"]:
             problems.append(f"{tar_path}: {len(keys)} samples, manifest says {entry['samples']}")
         if "index" in entry:
-            problems += _verify_index(tar_path, out_dir / entry["index"], keys)
+            problems += _verify_index(tar_path, out_dir / entry["index"], keys, entry.get("index_sha256"))
     counts = recorded["reconciliation"]
     if not (counts["download_balanced"] and counts["shards_balanced"] and counts.get("url_list_balanced", True)):
         problems.append(f"{manifest_path}: the counts do not reconcile: {counts}")
@@ -39,7 +41,7 @@ def verify(out_dir):
     return problems
 
 
-def _verify_index(tar_path, index_path, keys):
+def _verify_index(tar_path, index_path, keys, index_sha256=None):
     if not index_path.exists():
         return [f"{index_path}: missing DALI index"]
     try:
@@ -53,4 +55,6 @@ def _verify_index(tar_path, index_path, keys):
         for extension, location in components.items():
             if actual.get(f"{key}.{extension}") != location:
                 return [f"{index_path}: entry {key}.{extension} points to the wrong bytes"]
+    if index_sha256 is not None and shard_io.sha256_file(index_path) != index_sha256:
+        return [f"{index_path}: sha256 differs from the manifest (file changed or corrupt)"]
     return []

@@ -40,7 +40,8 @@ def write_output_shard(out_dir, shard, records_paths, counts, compress, raw_dir)
                  sha256=shard_io.sha256_file(tar_path), first_key=members[0][1], last_key=members[-1][1])
     if not compress:
         shard_io.write_dali_index(tar_path, tar_path.with_suffix(".idx"))
-        entry["index"] = tar_path.with_suffix(".idx").name
+        entry.update(index=tar_path.with_suffix(".idx").name,
+                     index_sha256=shard_io.sha256_file(tar_path.with_suffix(".idx")))
     manifest.write_atomic(done_record(out_dir, shard.name), json.dumps(dict(made_from=shard.made_from, entry=entry)))
     return entry
 
