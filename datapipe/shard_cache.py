@@ -9,27 +9,32 @@ finished with first), and never one that is read sooner than the shard it makes 
 that finds its shard missing fetches it at once.
 
 A fetched tar is checked against the manifest's size and sha256, and its index against the tar's size
-and sample count, before it is renamed into place; a mismatch is fetched once more, then refused
-with the shard's name. Processes coordinate through `flock`: one lock per shard (so no shard is
+and sample count, before it is renamed into place; a mismatch (or an object replaced while it is read)
+is fetched once more, then refused with the shard's name. A shard found in the cache is checked the
+same way once per process and file version (inode, size, mtime): a damaged copy is removed and fetched
+again. A fetch that fails removes its `.partial` files; a full disk is reported with the cache folder,
+the bytes needed and free. Processes coordinate through `flock`: one lock per shard (so no shard is
 fetched twice) and one on the folder while space is counted and files evicted. The kernel releases
 them when a process dies; a fetch it left half done is found and removed by the next one.
 The cache only ever writes inside its folder; it never modifies or deletes anything at the source.
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from datapipe.object_store import RemoteFolder, StorageError
-from datapipe.shard_io import read_dali_index
+from datapipe.object_store import LocalWriteError, ObjectChanged, RemoteFolder, StorageError
+from datapipe.shard_io import read_dali_index, sha256_file
 
 log = logging.getLogger("datapipe")
 FOLDER_LOCK = ".lock"
@@ -38,6 +43,7 @@ CACHED_FILE = re.compile(r"^[0-9a-f]{12}-.+\.(tar|idx)$")
 WAIT_FOR_ROOM_S = 120  # a reader waits this long for other processes' fetches to finish before giving up
 PREFETCH_THREADS = 2
 PREFETCH_IDLE_EXIT_S = 10  # a prefetch thread not woken by a reader for this long ends (advance() starts anew)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ShardRefused(StorageError):
@@ -88,7 +94,7 @@ class ShardCache:
     def __init__(self, folder, limit_bytes, shards: list[RemoteShard | None]):
         self.folder, self.limit_bytes = Path(folder), int(limit_bytes)
         self.shards = shards
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._make_folder()
         if not (self.folder / MARKER).exists():
             if any(self.folder.iterdir()):
                 raise StorageError(f"data.cache_dir={self.folder} holds files and is not a shard cache; the cache "
@@ -97,11 +103,22 @@ class ShardCache:
         self._number_of = {shard.stem: number for number, shard in enumerate(shards) if shard is not None}
         self._init_process_state()
 
+    def _make_folder(self):
+        if self.folder.exists() and not self.folder.is_dir():
+            raise StorageError(f"data.cache_dir={self.folder} is a file, not a folder; point data.cache_dir at a "
+                               f"folder (a new one, or a shard cache)")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"data.cache_dir={self.folder}: cannot make the folder ({error.strerror}: "
+                               f"{error.filename}); point data.cache_dir at a folder this user can write") from None
+
     def _init_process_state(self):
         self.schedule = None
         self._threads, self._claimed, self._state_lock = [], set(), threading.Lock()
         self._wake = threading.Event()
         self.fetched_bytes = 0  # by this process
+        self._checked = set()  # versions (_version) of the cached shards this process found matching the manifest
 
     def __getstate__(self):  # DataLoader workers start their own threads
         return {name: value for name, value in self.__dict__.items() if name in ("folder", "limit_bytes", "shards",
@@ -152,21 +169,46 @@ class ShardCache:
     def _paths(self, shard):
         return self.folder / f"{shard.stem}.tar", self.folder / f"{shard.stem}.idx"
 
-    def _present(self, shard):
-        return all(path.exists() for path in self._paths(shard))
+    def _version(self, shard):
+        """What tells a cached shard's files from other files at their paths; None when one is missing."""
+        try:
+            stats = [path.stat() for path in self._paths(shard)]
+        except FileNotFoundError:
+            return None
+        return shard.stem, *((stat.st_ino, stat.st_size, stat.st_mtime_ns) for stat in stats)
+
+    def _cached_intact(self, shard):
+        """Whether the shard is cached and matches its manifest; hashed once per process and file version."""
+        version = self._version(shard)
+        if version is None:
+            return False
+        if version in self._checked:
+            return True
+        tar_path, index_path = self._paths(shard)
+        try:
+            problem = self._problem(shard, tar_path, sha256_file(tar_path), index_path)
+        except FileNotFoundError:  # evicted by another process meanwhile
+            return False
+        if problem is not None:
+            log.warning("%s: its cached copy %s: %s; fetching it again", shard.remote.url(shard.tar_name), tar_path,
+                        problem)
+            return False
+        self._checked.add(version)
+        return True
 
     def _ensure(self, number, demand):
-        """Fetch shard `number` unless cached; False when there is no room for it (now)."""
+        """Fetch shard `number` unless cached intact; False when there is no room for it (now)."""
         shard = self.shards[number]
-        if self._present(shard):
+        if self._version(shard) in self._checked:
             return True
         with _flock(self.folder / f"{shard.stem}.lock"):
-            if self._present(shard):  # another process fetched it while we waited
+            if self._cached_intact(shard):  # checked now, or another process fetched it while we waited
                 return True
+            self._remove(self._paths(shard))  # a damaged copy, if any
             with _flock(self.folder / FOLDER_LOCK):
                 if not self._make_room(shard.total_bytes, self.schedule.next_use(number) if self.schedule else 0):
                     return False
-                (self.folder / f"{shard.stem}.reserved").write_text(str(shard.total_bytes))
+                self._write_in_folder(shard, f"{shard.stem}.reserved", str(shard.total_bytes))
             try:
                 self._fetch(shard)
             finally:
@@ -175,20 +217,67 @@ class ShardCache:
             log.debug("prefetched %s", shard.tar_name)
         return True
 
+    def _write_in_folder(self, shard, name, text):
+        try:
+            (self.folder / name).write_text(text)
+        except OSError as error:
+            (self.folder / name).unlink(missing_ok=True)
+            if error.errno in DISK_FULL:
+                raise self._disk_full(shard) from None
+            raise
+
+    def _disk_full(self, shard):
+        free_bytes = shutil.disk_usage(self.folder).free
+        return StorageError(f"data.cache_dir={self.folder}: its disk is full: {shard.tar_name} of "
+                            f"{shard.remote.location} needs {shard.total_bytes} bytes and {free_bytes} bytes are "
+                            f"free; give data.cache_dir a larger disk, or lower data.cache_limit_gb (now "
+                            f"{self.limit_bytes / 1e9:g}) to what its disk holds, or point data.cache_dir at another "
+                            f"folder")
+
     def _fetch(self, shard):
+        """Fetch the shard into place, checked against the manifest; leaves no .partial file whatever happens."""
         tar_path, index_path = self._paths(shard)
-        partial_tar, partial_index = (path.with_name(path.name + ".partial") for path in (tar_path, index_path))
-        for attempt in (1, 2):
+        partials = [path.with_name(path.name + ".partial") for path in (tar_path, index_path)]
+        try:
+            self._fetch_checked(shard, *partials)
+        except LocalWriteError as error:
+            self._remove(partials)  # before the free space is counted
+            raise self._local_write_failed(shard, error) from None
+        finally:
+            self._remove(partials)  # after any failure (a fetched shard's are renamed)
+        version = self._version(shard)
+        if version is not None:
+            self._checked.add(version)
+
+    @staticmethod
+    def _remove(paths):
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    def _local_write_failed(self, shard, error):
+        if error.errno in DISK_FULL:
+            return self._disk_full(shard)
+        return StorageError(f"data.cache_dir={self.folder}: cannot write {error.filename} ({error.strerror}); point "
+                            f"data.cache_dir at a folder this user can write")
+
+    def _download(self, shard, partial_tar, partial_index):
+        """Download the shard's tar and index to the partial paths; what is wrong with them, or None."""
+        try:
             digest = shard.remote.download(shard.tar_name, partial_tar)
             shard.remote.download(shard.index_name, partial_index)
-            self.fetched_bytes += shard.total_bytes
-            problem = self._problem(shard, partial_tar, digest, partial_index)
+        except ObjectChanged:
+            return "the object was replaced while it was read"
+        self.fetched_bytes += shard.total_bytes
+        return self._problem(shard, partial_tar, digest, partial_index)
+
+    def _fetch_checked(self, shard, partial_tar, partial_index):
+        tar_path, index_path = self._paths(shard)
+        for attempt in (1, 2):
+            problem = self._download(shard, partial_tar, partial_index)
             if problem is None:
                 os.replace(partial_index, index_path)
                 os.replace(partial_tar, tar_path)  # the tar last: both present means complete
                 return
-            partial_tar.unlink(missing_ok=True)
-            partial_index.unlink(missing_ok=True)
             if attempt == 2:
                 raise ShardRefused(f"{shard.remote.url(shard.tar_name)}: {problem}, fetched twice; the object differs "
                                    f"from its manifest: rebuild or re-publish the shards (`make shards OUT=...`)")
