@@ -11,6 +11,7 @@ Remote sets share one cache (one folder, one limit) that knows every set's next 
 
 import hashlib
 import json
+import math
 
 import numpy as np
 
@@ -19,6 +20,11 @@ from datapipe.shard_cache import ShardCache
 from datapipe.shard_io import read_dali_index
 
 FRACTION_STREAM = 1  # keeps the fraction draws apart from the epoch order's (seed, epoch, window) streams
+# An epoch's schedule lists a set's shards once per whole unit of its weight (and once more in part), and the epoch
+# order holds a few numbers per listed shard: a weight reads a set at most MAX_WEIGHT times per epoch, and the
+# listed shards of all sets together are at most MAX_LISTED_SHARDS, so the schedule's memory stays bounded.
+MAX_WEIGHT = 1000
+MAX_LISTED_SHARDS = 10_000_000
 
 
 class ShardMixture:
@@ -28,9 +34,10 @@ class ShardMixture:
             raise ValueError(f"data.mix_weights has {len(weights)} weight(s) for {len(sets)} shard set(s); give one "
                              f"per set of data.shards")
         for weight in weights:
-            if not isinstance(weight, int | float) or weight <= 0:
-                raise ValueError(f"data.mix_weights: {weight!r} is not a positive number (2 reads a set twice per "
-                                 f"epoch, 0.5 half of it)")
+            check_weight(weight)
+        for shard_set, weight in zip(sets, weights, strict=True):
+            check_samples_read(shard_set, weight)
+        check_listed_shards(sets, weights)
         self.sets, self.weights = tuple(sets), tuple(float(weight) for weight in weights)
         self.first_shard = np.cumsum([0] + [len(shard_set.names) for shard_set in sets])  # of each set
         self.names = tuple(name for shard_set in sets for name in shard_set.names)
@@ -87,6 +94,38 @@ class ShardMixture:
         """`<set number>:<tar stem>`: shards of two sets may have the same name."""
         shard_set, local = self._locate(shard)
         return f"{self.sets.index(shard_set)}:{shard_set.shard_key(local)}"
+
+
+def check_weight(weight):
+    """ValueError unless `weight` is a finite number above 0 and at most MAX_WEIGHT."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= MAX_WEIGHT:
+        raise ValueError(f"data.mix_weights: {weight!r} is not a finite number above 0 and at most {MAX_WEIGHT} "
+                         f"(2 reads a set twice per epoch, 0.5 half of it; the epoch's schedule lists a set's shards "
+                         f"once per unit of weight, so a weight is at most {MAX_WEIGHT})")
+
+
+def samples_read(shard_set, weight):
+    """Samples of `shard_set` an epoch reads at `weight` (as epoch_layout lists them)."""
+    samples = sum(shard_set.sizes)
+    return int(weight) * samples + round(weight % 1 * samples)
+
+
+def check_samples_read(shard_set, weight):
+    """ValueError when `weight` rounds the set's samples per epoch to 0, which would leave it out."""
+    if samples_read(shard_set, weight) == 0:
+        samples = sum(shard_set.sizes)
+        raise ValueError(f"data.mix_weights: weight {weight!r} of {shard_set.root} reads round({weight!r} x {samples} "
+                         f"samples) = 0 samples per epoch, so the set would never be read: give it more than "
+                         f"0.5 / {samples} = {0.5 / samples:.3g}, or leave the set out of data.shards")
+
+
+def check_listed_shards(sets, weights):
+    """ValueError when the epoch's schedule would list more than MAX_LISTED_SHARDS shards."""
+    listed = sum(math.ceil(weight) * len(shard_set.names) for shard_set, weight in zip(sets, weights, strict=True))
+    if listed > MAX_LISTED_SHARDS:
+        raise ValueError(f"data.mix_weights={list(weights)}: each epoch's schedule would list {listed} shards (a set's "
+                         f"shards once per unit of weight), more than the {MAX_LISTED_SHARDS} it holds in memory: "
+                         f"lower the weights of the sets with the most shards")
 
 
 def open_shards(locations, weights, cache):

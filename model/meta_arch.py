@@ -27,11 +27,14 @@ from torch import nn
 
 from model.objectives import OBJECTIVES, PASS_ORDER
 from model.pooling import POOLINGS
+from model.ranges import check_ranges, ranged
 from model.text import TextEncoder
 from model.vit import VIT_SIZES, VisionTransformer
 
 NOT_IN_EMA = ("mask_token",)  # the image teacher never masks; its copy of the token is never used
 CLIP_LOSSES = ("softmax", "sigmoid")
+WEIGHT_NOTE = "a loss weight: 0 switches the term off, below 0 would maximise its loss"
+MASK_NOTE = "the share of tokens masked"
 
 
 @dataclass
@@ -46,33 +49,34 @@ class ModelConfig:
     text_distillation: bool = True
 
     vit_size: str = "base"
-    patch_size: int = 16
-    global_crop_px: int = 224
-    drop_path_rate: float = 0.1  # student only; teachers have none
-    clip_dim: int = 512
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
+    patch_size: int = ranged(16, "[1, inf)")
+    global_crop_px: int = ranged(224, "[1, inf)")
+    drop_path_rate: float = ranged(0.1, "[0, 1)")  # student only; teachers have none
+    clip_dim: int = ranged(512, "[1, inf)")
+    text_width: int = ranged(512, "[1, inf)")
+    text_layers: int = ranged(12, "[1, inf)")
+    text_heads: int = ranged(8, "[1, inf)")
 
-    ibot_out_dim: int = 8192
-    ibot_head_hidden_dim: int = 2048
-    text_distillation_out_dim: int = 2048
-    text_distillation_head_hidden_dim: int = 1024
-    head_bottleneck_dim: int = 256
-    mae_decoder_width: int = 512
-    mae_decoder_depth: int = 8
-    mae_decoder_heads: int = 16
-    mlm_decoder_depth: int = 4
-    mlm_decoder_heads: int = 8
+    ibot_out_dim: int = ranged(8192, "[1, inf)")
+    ibot_head_hidden_dim: int = ranged(2048, "[1, inf)")
+    text_distillation_out_dim: int = ranged(2048, "[1, inf)")
+    text_distillation_head_hidden_dim: int = ranged(1024, "[1, inf)")
+    head_bottleneck_dim: int = ranged(256, "[1, inf)")
+    mae_decoder_width: int = ranged(512, "[1, inf)")
+    mae_decoder_depth: int = ranged(8, "[1, inf)")
+    mae_decoder_heads: int = ranged(16, "[1, inf)")
+    mlm_decoder_depth: int = ranged(4, "[1, inf)")
+    mlm_decoder_heads: int = ranged(8, "[1, inf)")
 
-    ibot_cls_weight: float = 0.5
-    ibot_patch_weight: float = 0.5  # 0: DINO (no masked views, CLS distillation only)
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    soft_clip_temperature: float = 0.1
-    logit_scale_init: float = math.log(1 / 0.07)
-    mae_mask_ratio: float = 0.75
-    mlm_probability: float = 0.2
+    ibot_cls_weight: float = ranged(0.5, "[0, inf)", note=WEIGHT_NOTE)
+    # 0: DINO (no masked views, CLS distillation only)
+    ibot_patch_weight: float = ranged(0.5, "[0, inf)", note=WEIGHT_NOTE)
+    student_temp: float = ranged(0.1, "(0, inf)")
+    center_momentum: float = ranged(0.9, "[0, 1]")
+    soft_clip_temperature: float = ranged(0.1, "(0, inf)")
+    logit_scale_init: float = ranged(math.log(1 / 0.07), "(-inf, inf)")
+    mae_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
+    mlm_probability: float = ranged(0.2, "(0, 1)", note=MASK_NOTE)
     # Recompute each student transformer block (image, text, MAE and MLM decoders) in the backward instead of
     # keeping its activations: less memory, about one more forward of time. Same values.
     activation_checkpointing: bool = False
@@ -80,89 +84,96 @@ class ModelConfig:
     # The image-text objective's variants (METHODS.md 2.1, 2.2, 2.6).
     clip_loss: str = "softmax"  # softmax: CLIP's InfoNCE; sigmoid: SigLIP
     clip_pooling: str = "cls"  # cls | gap | max | map: what the image tower's CLIP embedding pools
-    clip_mask_ratio: float = 0.0  # FLIP: the share of patches removed at random from the contrastive view
-    clip_label_smoothing: float = 0.0
-    clip_views: int = 1  # CLIP on the first 1 or 2 global crops (averaged)
-    logit_scale_max: float = 0.0  # exp(logit_scale) clamped to [1, this] after every optimizer step; 0 = never
-    logit_bias_init: float = -10.0  # SigLIP's learnable bias b
+    # FLIP: the share of patches removed at random from the contrastive view
+    clip_mask_ratio: float = ranged(0.0, "[0, 1)", note="the share of patches FLIP removes; 0.5 = FLIP")
+    clip_label_smoothing: float = ranged(0.0, "[0, 1)")
+    clip_views: int = ranged(1, "[1, 2]", note="CLIP reads 1 or 2 global crops")  # averaged
+    # exp(logit_scale) clamped to [1, this] after every optimizer step; 0 = never
+    logit_scale_max: float = ranged(0.0, "[0, inf)")
+    logit_bias_init: float = ranged(-10.0, "(-inf, inf)")  # SigLIP's learnable bias b
 
     # MaskCLIP's masked self-distillation (METHODS.md 2.5, Harmony's re-implementation).
     masked_distillation: bool = False
-    masked_distillation_mask_ratio: float = 0.75
-    masked_distillation_decoder_depth: int = 1
-    masked_distillation_decoder_heads: int = 16
-    masked_distillation_weight: float = 0.05
+    masked_distillation_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
+    masked_distillation_decoder_depth: int = ranged(1, "[1, inf)")
+    masked_distillation_decoder_heads: int = ranged(16, "[1, inf)")
+    masked_distillation_weight: float = ranged(0.05, "[0, inf)", note=WEIGHT_NOTE)
 
     # Joint image-text masked autoencoding (M3AE, METHODS.md 2.10; MAE-CLIP's generative terms, 2.9).
     multimodal_mae: bool = False
-    multimodal_image_mask_ratio: float = 0.75
-    multimodal_text_mask_ratio: float = 0.75
+    multimodal_image_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
+    multimodal_text_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
     multimodal_norm_pix: bool = False  # M3AE: raw (dataset-normalized) pixels; MAE-CLIP: per-patch normalized
-    multimodal_decoder_width: int = 512
-    multimodal_decoder_depth: int = 8
-    multimodal_decoder_heads: int = 16
-    multimodal_image_weight: float = 1.0
-    multimodal_text_weight: float = 0.5
+    multimodal_decoder_width: int = ranged(512, "[1, inf)")
+    multimodal_decoder_depth: int = ranged(8, "[1, inf)")
+    multimodal_decoder_heads: int = ranged(16, "[1, inf)")
+    multimodal_image_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
+    multimodal_text_weight: float = ranged(0.5, "[0, inf)", note=WEIGHT_NOTE)
 
     # DetailCLIP (METHODS.md 2.8): CLIP, iBOT and reconstruction on attention-masked views; its loss weights are
     # clip_weight, mae_weight, ibot_cls_weight and ibot_patch_weight.
     detailclip: bool = False
-    detail_mask_ratio: float = 0.5  # removed in 2x2 blocks by the teacher's attention (100 of 196 patches kept)
-    detail_decoder_depth: int = 1
-    detail_decoder_heads: int = 16
+    # removed in 2x2 blocks by the teacher's attention (100 of 196 patches kept)
+    detail_mask_ratio: float = ranged(0.5, "(0, 1)", note=MASK_NOTE)
+    detail_decoder_depth: int = ranged(1, "[1, inf)")
+    detail_decoder_heads: int = ranged(16, "[1, inf)")
 
     # SLIP's SimCLR term (METHODS.md 2.3; SLIP's CLIP term is `clip`), whose head and NT-Xent A-CLIP shares.
     simclr: bool = False
-    simclr_hidden_dim: int = 4096
-    simclr_out_dim: int = 256
-    simclr_temperature: float = 0.1
-    simclr_weight: float = 1.0
+    simclr_hidden_dim: int = ranged(4096, "[1, inf)")
+    simclr_out_dim: int = ranged(256, "[1, inf)")
+    simclr_temperature: float = ranged(0.1, "(0, inf)", note="SLIP, A-CLIP: 0.1")
+    simclr_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
 
     # A-CLIP (METHODS.md 2.7): CLIP on two attention-masked views (weight clip_weight for their mean), SimCLR between
     # them (simclr_*) and BYOL against the EMA projector on the zoom-out view.
     aclip: bool = False
-    aclip_mask_ratio: float = 0.5  # removed in 2x2 blocks by the teacher's mapped attention (100 of 196 patches kept)
+    # removed in 2x2 blocks by the teacher's mapped attention (100 of 196 patches kept)
+    aclip_mask_ratio: float = ranged(0.5, "(0, 1)", note=MASK_NOTE)
     aclip_freeze_patch_embed: bool = True  # MoCo v3 style: the patch embedding keeps its initial weights
-    byol_hidden_dim: int = 4096
-    byol_out_dim: int = 256
-    byol_weight: float = 2.0
+    byol_hidden_dim: int = ranged(4096, "[1, inf)")
+    byol_out_dim: int = ranged(256, "[1, inf)")
+    byol_weight: float = ranged(2.0, "[0, inf)", note=WEIGHT_NOTE)
 
     # CLIP 🚀 (METHODS.md 2.11) on the clip_rocket recipe's weak and strong views; its global term uses the towers'
     # CLIP projections (clip_dim), logit_scale_init and logit_scale_max (which clamps rocket_logit_scale too).
     clip_rocket: bool = False
-    rocket_hidden_dim: int = 4096  # the local projectors h: in -> 4096 -> 4096 -> rocket_dim (SyncBN)
-    rocket_dim: int = 256
-    rocket_logit_scale_init: float = math.log(10.0)  # s_h = 1 / 0.1
-    rocket_label_smoothing: float = 0.1  # local term only
-    rocket_text_dropout: float = 0.2  # residual-stream dropout on the strong captions (CC3M 0.2, CC12M 0.05)
+    # the local projectors h: in -> 4096 -> 4096 -> rocket_dim (SyncBN)
+    rocket_hidden_dim: int = ranged(4096, "[1, inf)")
+    rocket_dim: int = ranged(256, "[1, inf)")
+    rocket_logit_scale_init: float = ranged(math.log(10.0), "(-inf, inf)")  # s_h = 1 / 0.1
+    rocket_label_smoothing: float = ranged(0.1, "[0, 1)")  # local term only
+    # residual-stream dropout on the strong captions (CC3M 0.2, CC12M 0.05)
+    rocket_text_dropout: float = ranged(0.2, "[0, 1)")
     rocket_loss_mode: str = "avg"  # avg (CC3M) | sum (CC12M, YFCC: the loss x2)
     # Its SSL add-ons (METHODS.md 2.12-2.14), terms in clip_rocket's pass.
     siamlip: bool = False
     byolip: bool = False  # SiamLIP with EMA targets (optim.teacher_momentum, held by optim.teacher_momentum_end)
-    siam_hidden_dim: int = 2048
-    siam_dim: int = 128
+    siam_hidden_dim: int = ranged(2048, "[1, inf)")
+    siam_dim: int = ranged(128, "[1, inf)")
     barlip: bool = False
-    barlip_hidden_dim: int = 3000
-    barlip_dim: int = 8192
-    barlip_scale: float = 0.025
-    barlip_lambda: float = 5e-3  # weight of the off-diagonal terms
+    barlip_hidden_dim: int = ranged(3000, "[1, inf)")
+    barlip_dim: int = ranged(8192, "[1, inf)")
+    barlip_scale: float = ranged(0.025, "(0, inf)")
+    barlip_lambda: float = ranged(5e-3, "[0, inf)", note=WEIGHT_NOTE)  # weight of the off-diagonal terms
     swalip: bool = False
-    swalip_weight: float = 0.2
-    swalip_epsilon: float = 0.05
-    swalip_iterations: int = 3
+    swalip_weight: float = ranged(0.2, "[0, inf)", note=WEIGHT_NOTE)
+    swalip_epsilon: float = ranged(0.05, "(0, inf)")
+    swalip_iterations: int = ranged(3, "[1, inf)")
 
-    ibot_weight: float = 1.0
-    clip_weight: float = 1.0
-    mlm_weight: float = 1.0
-    text_distillation_weight: float = 1.0
-    mae_weight: float = 1.0
+    ibot_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
+    clip_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
+    mlm_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
+    text_distillation_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
+    mae_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
 
     def __post_init__(self):
+        check_ranges(self, "model.")
         if self.vit_size not in VIT_SIZES:
-            raise ValueError(f"vit_size={self.vit_size!r} is not one of {sorted(VIT_SIZES)}")
+            raise ValueError(f"model.vit_size={self.vit_size!r} is not one of {sorted(VIT_SIZES)}")
         if self.global_crop_px % self.patch_size:
-            raise ValueError(f"global_crop_px={self.global_crop_px} must be a multiple of "
-                             f"patch_size={self.patch_size}")
+            raise ValueError(f"model.global_crop_px={self.global_crop_px} must be a multiple of patch_size "
+                             f"(model.patch_size={self.patch_size})")
         if not self.objectives:
             raise ValueError("every objective is switched off: enable at least one of "
                              "ibot, clip, mae, mlm, text_distillation, masked_distillation, multimodal_mae, "
@@ -176,10 +187,6 @@ class ModelConfig:
             raise ValueError(f"detailclip removes patches in 2x2 blocks: global_crop_px / patch_size = "
                              f"{self.global_crop_px // self.patch_size} must be even")
         self._check_simclr_and_aclip()
-        for name in ("mae_mask_ratio", "detail_mask_ratio", "aclip_mask_ratio", "masked_distillation_mask_ratio",
-                     "multimodal_image_mask_ratio", "multimodal_text_mask_ratio", "mlm_probability"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be between 0 and 1 (a share of tokens masked)")
 
     def _check_simclr_and_aclip(self):
         if self.aclip and (self.ibot or self.clip or self.mae or self.simclr or self.detailclip):
@@ -188,26 +195,14 @@ class ModelConfig:
         if self.aclip and (self.global_crop_px // self.patch_size) % 2:
             raise ValueError(f"aclip removes patches in 2x2 blocks: global_crop_px / patch_size = "
                              f"{self.global_crop_px // self.patch_size} must be even")
-        if self.simclr_temperature <= 0:
-            raise ValueError(f"simclr_temperature={self.simclr_temperature} must be above 0 (SLIP, A-CLIP: 0.1)")
-        for name in ("simclr_hidden_dim", "simclr_out_dim", "byol_hidden_dim", "byol_out_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: a head width must be at least 1")
 
     def _check_clip(self):
         if self.clip_loss not in CLIP_LOSSES:
-            raise ValueError(f"clip_loss={self.clip_loss!r} is not one of {CLIP_LOSSES}")
+            raise ValueError(f"model.clip_loss={self.clip_loss!r} is not one of {CLIP_LOSSES}")
         if self.clip_pooling not in POOLINGS:
-            raise ValueError(f"clip_pooling={self.clip_pooling!r} is not one of {POOLINGS}")
-        if not 0 <= self.clip_mask_ratio < 1:
-            raise ValueError(f"clip_mask_ratio={self.clip_mask_ratio}: the share of patches FLIP removes must be in "
-                             f"[0, 1) (0.5 = FLIP)")
-        if not 0 <= self.clip_label_smoothing < 1:
-            raise ValueError(f"clip_label_smoothing={self.clip_label_smoothing} must be in [0, 1)")
-        if self.clip_views not in (1, 2):
-            raise ValueError(f"clip_views={self.clip_views}: CLIP reads 1 or 2 global crops")
-        if self.logit_scale_max < 0 or 0 < self.logit_scale_max < 1:
-            raise ValueError(f"logit_scale_max={self.logit_scale_max}: 0 (never clamp) or at least 1 (e.g. 100)")
+            raise ValueError(f"model.clip_pooling={self.clip_pooling!r} is not one of {POOLINGS}")
+        if 0 < self.logit_scale_max < 1:
+            raise ValueError(f"model.logit_scale_max={self.logit_scale_max}: 0 (never clamp) or at least 1 (e.g. 100)")
         if self.soft_clip and not self.clip:
             raise ValueError("soft_clip needs clip: set clip=true or soft_clip=false")
         if self.soft_clip and self.clip_loss == "sigmoid":
@@ -226,16 +221,11 @@ class ModelConfig:
         if self.siamlip and self.byolip:
             raise ValueError("byolip is siamlip with EMA targets: set one of siamlip and byolip to false")
         if self.rocket_loss_mode not in ("avg", "sum"):
-            raise ValueError(f"rocket_loss_mode={self.rocket_loss_mode!r}: choose avg (CC3M) or sum (CC12M, YFCC)")
-        for name in ("rocket_label_smoothing", "rocket_text_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+            raise ValueError(f"model.rocket_loss_mode={self.rocket_loss_mode!r}: choose avg (CC3M) or sum "
+                             f"(CC12M, YFCC)")
         if self.swalip and self.rocket_label_smoothing:
             raise ValueError(f"swalip trains CLIP 🚀 without label smoothing (rocket_label_smoothing="
                              f"{self.rocket_label_smoothing}): set rocket_label_smoothing=0")
-        if self.swalip and not (self.swalip_epsilon > 0 and self.swalip_iterations >= 1):
-            raise ValueError(f"swalip_epsilon={self.swalip_epsilon} must be > 0 and swalip_iterations="
-                             f"{self.swalip_iterations} at least 1")
         if self.clip_rocket and (self.ibot or self.clip or self.mae or self.detailclip):
             raise ValueError("clip_rocket holds its own CLIP terms on its own views: set ibot, clip, soft_clip, mae "
                              "and detailclip to false next to it")

@@ -220,8 +220,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_inta
 
     run = tmp_path / "run"
     train(tiny_config(demo_shards["train"], run, "run.max_steps=2", "run.checkpoint_every=2"))
-    with pytest.raises(FloatingPointError, match="non-finite"):  # lr = inf makes the weights, then losses, NaN
-        train(tiny_config(demo_shards["train"], run, "run.max_steps=20", "optim.lr=.inf", "optim.warmup_epochs=0",
+    with pytest.raises(FloatingPointError, match="non-finite"):  # lr = 1e30 makes the weights, then losses, NaN
+        train(tiny_config(demo_shards["train"], run, "run.max_steps=20", "optim.lr=1e30", "optim.warmup_epochs=0",
                           "run.max_nonfinite_steps=2", "run.checkpoint_every=1000", "run.accept_config_changes=true"))
     intact = checkpoint.load(checkpoint.latest_checkpoint(run))
     assert intact["step"] == 2 and all(torch.isfinite(value).all() for value in intact["model"].values()

@@ -2,7 +2,8 @@
 
     config = load_config("demo", ["optim.epochs=3", "model.mae=false"])
 
-A preset is `train/configs/<name>.yaml` (or any YAML path); it may name a `base` preset it extends.
+A preset is `train/configs/<name>.yaml` (or any YAML path); it may name a `base` preset it extends. Every numeric
+setting declares its valid range next to its field (model/ranges.py), checked when the config is built.
 `python -m train.config --config <preset> [key=value ...]` checks a config (run.resume and data.shards too):
 `make pretrain` runs it before torchrun, so a bad config gets one line and no torchrun traceback.
 """
@@ -10,6 +11,7 @@ A preset is `train/configs/<name>.yaml` (or any YAML path); it may name a `base`
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -19,84 +21,109 @@ from pathlib import Path
 import yaml
 
 from datapipe.loader import CacheOptions
-from datapipe.mixing import open_shards
+from datapipe.mixing import MAX_WEIGHT, open_shards
 from datapipe.object_store import StorageError
 from model.meta_arch import ModelConfig
 from model.objectives import OBJECTIVES
+from model.ranges import check_ranges, ranged
 from train.parameter_groups import WEIGHT_DECAY_RULES
 from train.views import VIEW_CHOICES, check_views
 
 PRESETS = Path(__file__).parent / "configs"
+MIX_WEIGHT_NOTE = f"a set's reads per epoch: 2 reads it twice, 0.5 half of it; at most {MAX_WEIGHT}, as the epoch's " \
+              f"schedule lists the set's shards once per unit of weight"
+SCALE_NOTE = "[smallest, largest] share of the image's area a crop covers"
+MOMENTUM_NOTE = "an EMA momentum: 0 copies the student, 1 keeps the teacher fixed"
 
 
 @dataclass
 class DataConfig:
     shards: str | list[str] = "shards/cc3m/train"  # a list mixes several sets by mix_weights
-    mix_weights: tuple[float, ...] = ()  # one per set of `shards` (open_clip's upsampling factors); () = 1 each
-    batch_size: int = 96  # per rank
+    # one per set of `shards` (open_clip's upsampling factors); () = 1 each
+    mix_weights: tuple[float, ...] = ranged((), f"(0, {MAX_WEIGHT}]", note=MIX_WEIGHT_NOTE)
+    batch_size: int = ranged(96, "[1, inf)")  # per rank
     backend: str = "auto"
-    num_workers: int = 10
-    global_crop_px: int = 224
-    global_crop_scale: tuple[float, float] = (0.32, 1.0)
-    local_crop_px: int = 96
-    local_crop_scale: tuple[float, float] = (0.05, 0.32)
-    local_crops_number: int = 8
-    global_flip_prob: float = 0.5  # horizontal flip of the global (or single CLIP) crops; 0 for CLIP's weak view
+    num_workers: int = ranged(10, "[0, inf)")
+    global_crop_px: int = ranged(224, "[1, inf)")
+    global_crop_scale: tuple[float, float] = ranged((0.32, 1.0), "[0, 1]", "(0, 1]", note=SCALE_NOTE)
+    local_crop_px: int = ranged(96, "[1, inf)")
+    local_crop_scale: tuple[float, float] = ranged((0.05, 0.32), "[0, 1]", "(0, 1]", note=SCALE_NOTE)
+    local_crops_number: int = ranged(8, "[0, inf)")
+    # horizontal flip of the global (or single CLIP) crops; 0 for CLIP's weak view
+    global_flip_prob: float = ranged(0.5, "[0, 1]", note="a probability")
     views: str = "auto"  # the view recipe (train/views.py): auto (multi-crop or one crop), slip, clip_rocket, aclip
-    hue: float = 0.1  # colour jitter's hue range (fraction of the colour circle), all crops
-    grayscale_prob: float = 0.2
-    shuffle_window: int = 4096
+    # colour jitter's hue range (fraction of the colour circle), all crops
+    hue: float = ranged(0.1, "[0, 0.5]", note="a fraction of the colour circle each way; 0.5 reaches every hue")
+    grayscale_prob: float = ranged(0.2, "[0, 1]", note="a probability")
+    shuffle_window: int = ranged(4096, "[1, inf)")
     # Remote shards (s3://, gs://, hf:// in data.shards) are read through a local cache: its folder ("" =
     # ~/.cache/harmony-pipe/shards), its size limit, and the retries of a broken connection (with backoff).
     cache_dir: str = ""
-    cache_limit_gb: float = 50.0
-    fetch_retries: int = 4
-    fetch_retry_wait_s: float = 1.0
+    cache_limit_gb: float = ranged(50.0, "[0, inf)")
+    fetch_retries: int = ranged(4, "[0, inf)")
+    fetch_retry_wait_s: float = ranged(1.0, "[0, inf)")
+
+    ORDERED = ("global_crop_scale", "local_crop_scale")
+
+    def __post_init__(self):
+        check_ranges(self, "data.")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 25
-    lr: float = 5e-4  # per 256 images; scaled by the global batch
-    min_lr: float = 1e-6
-    warmup_epochs: int = 3
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
+    epochs: int = ranged(25, "[1, inf)")
+    lr: float = ranged(5e-4, "(0, inf)")  # per 256 images; scaled by the global batch
+    min_lr: float = ranged(1e-6, "[0, inf)")
+    warmup_epochs: int = ranged(3, "[0, inf)")
+    weight_decay: float = ranged(0.04, "[0, inf)")
+    weight_decay_end: float = ranged(0.4, "[0, inf)")
     # Which parameters are decayed, as the method's official code (train/parameter_groups.py): harmony (all but
     # biases and 1-D tensors), open_clip (all but biases and tensors of under 2 dimensions: the logit scale and bias
     # too), m3ae (all but biases, embeddings and learned tokens).
     weight_decay_rule: str = "harmony"
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    clip_grad: float = 3.0  # per parameter, image student and iBOT head; 0 = off
-    freeze_last_layer_epochs: int = 1
-    teacher_momentum: float = 0.996  # cosine to teacher_momentum_end
-    teacher_momentum_end: float = 1.0  # BYOLIP: 0.99, as teacher_momentum (a constant momentum)
-    teacher_cls_temp: float = 0.04
-    warmup_teacher_cls_temp: float = 0.04
-    teacher_patch_temp: float = 0.07
-    warmup_teacher_patch_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 5
-    clip_hard_weight_end: float = 0.2  # alpha: cosine 1 -> this over clip_hard_weight_epochs, then constant
-    clip_hard_weight_epochs: int = 10
+    betas: tuple[float, float] = ranged((0.9, 0.98), "[0, 1)", note="AdamW's moment decays")
+    eps: float = ranged(1e-6, "(0, inf)")
+    clip_grad: float = ranged(3.0, "[0, inf)")  # per parameter, image student and iBOT head; 0 = off
+    freeze_last_layer_epochs: int = ranged(1, "[0, inf)")
+    teacher_momentum: float = ranged(0.996, "[0, 1]", note=MOMENTUM_NOTE)  # cosine to teacher_momentum_end
+    # BYOLIP: 0.99, as teacher_momentum (a constant momentum)
+    teacher_momentum_end: float = ranged(1.0, "[0, 1]", note=MOMENTUM_NOTE)
+    teacher_cls_temp: float = ranged(0.04, "(0, inf)")
+    warmup_teacher_cls_temp: float = ranged(0.04, "(0, inf)")
+    teacher_patch_temp: float = ranged(0.07, "(0, inf)")
+    warmup_teacher_patch_temp: float = ranged(0.04, "(0, inf)")
+    warmup_teacher_temp_epochs: int = ranged(5, "[0, inf)")
+    # alpha: cosine 1 -> this over clip_hard_weight_epochs, then constant
+    clip_hard_weight_end: float = ranged(0.2, "[0, 1]")
+    clip_hard_weight_epochs: int = ranged(10, "[0, inf)")
+
+    ORDERED = (("min_lr", "lr"), ("warmup_teacher_cls_temp", "teacher_cls_temp"),
+               ("warmup_teacher_patch_temp", "teacher_patch_temp"))
+
+    def __post_init__(self):
+        check_ranges(self, "optim.")
 
 
 @dataclass
 class RunConfig:
     name: str = "harmony"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: int = ranged(0, "[0, 2147483647]")
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    log_every: int = 10  # steps
-    checkpoint_every: int = 500  # steps; one is also written at the end and on SIGTERM/SIGUSR1
-    keep_checkpoints: int = 3  # the newest K are kept, so a damaged one is survivable
+    log_every: int = ranged(10, "[1, inf)")  # steps
+    checkpoint_every: int = ranged(500, "[1, inf)")  # steps; one is also written at the end and on SIGTERM/SIGUSR1
+    keep_checkpoints: int = ranged(3, "[1, inf)")  # the newest K are kept, so a damaged one is survivable
     resume: str = "auto"  # auto | none | a checkpoint path
     # run.resume=<path> may load a checkpoint whose .json (size, sha256) is missing or unreadable, unchecked
     trust_unverified_checkpoint: bool = False
     accept_config_changes: bool = False  # resume even when settings that change the run differ
-    max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
-    max_steps: int = 0  # stop early after this many steps in total (0 = run every epoch)
-    collective_timeout_s: int = 600  # a rank that stops answering makes every rank fail after this long
+    max_nonfinite_steps: int = ranged(5, "[1, inf)")  # consecutive skipped steps before the run stops
+    max_steps: int = ranged(0, "[0, inf)")  # stop early after this many steps in total (0 = run every epoch)
+    # a rank that stops answering makes every rank fail after this long
+    collective_timeout_s: int = ranged(600, "[1, inf)")
+
+    def __post_init__(self):
+        check_ranges(self, "run.")
 
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -133,22 +160,8 @@ class TrainConfig:
         if not self.data.shards:
             raise ValueError("data.shards is empty: give the training shards' folder or location (s3://, gs://, "
                              "hf://), or a list of them mixed by data.mix_weights")
-        if not 0 <= self.data.global_flip_prob <= 1:
-            raise ValueError(f"data.global_flip_prob={self.data.global_flip_prob} is a probability: give 0 to 1")
         check_views(self, [name for objective in self.model.objectives
                            for name in OBJECTIVES[objective](self.model).reads])
-        at_least = {"data.batch_size": 1, "data.num_workers": 0, "data.shuffle_window": 1,
-                    "data.local_crops_number": 0, "data.cache_limit_gb": 0,
-                    "data.fetch_retries": 0, "data.fetch_retry_wait_s": 0, "optim.epochs": 1, "optim.lr": 0,
-                    "optim.min_lr": 0,
-                    "optim.warmup_epochs": 0, "optim.weight_decay": 0, "optim.weight_decay_end": 0,
-                    "optim.clip_grad": 0, "run.log_every": 1, "run.checkpoint_every": 1, "run.keep_checkpoints": 1,
-                    "run.max_nonfinite_steps": 1, "run.max_steps": 0, "run.collective_timeout_s": 1}
-        for key, minimum in at_least.items():
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
-            if not isinstance(value, int | float) or value < minimum:
-                raise ValueError(f"{key}={value!r}: it must be a number, at least {minimum}")
         if self.run.trust_unverified_checkpoint and self.run.resume in ("auto", "none"):
             raise ValueError(f"run.trust_unverified_checkpoint=true applies to run.resume=<a checkpoint path> only, "
                              f"not run.resume={self.run.resume}: name the checkpoint to trust, or leave it false")
@@ -158,11 +171,29 @@ class TrainConfig:
         return Path(self.run.out_dir) / self.run.name
 
 
-def _read_preset(preset):
+def _preset_path(preset):
     path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else PRESETS / f"{preset}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise FileNotFoundError(f"config preset {preset!r} not found ({path}); presets: {', '.join(names)}")
+        raise FileNotFoundError(f"config preset {preset!r} not found ({path}). {_did_you_mean(str(preset), names)}"
+                                f"Known presets: {', '.join(names)}")
+    return path
+
+
+def _did_you_mean(name, known, prefix=""):
+    """"Did you mean <prefix>x or <prefix>y? " with the names of `known` closest to `name`, or "" if none is close."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"Did you mean {' or '.join(prefix + match for match in close)}? " if close else ""
+
+
+def _read_preset(preset, chain=()):
+    """The settings of `preset`, over those of its `base` preset (and its base's, ...); `chain`: the presets that
+    named it as their base, so that a cycle of bases is an error that names it."""
+    path = _preset_path(preset)
+    if path.resolve() in chain:
+        cycle = [*(step.stem for step in chain[list(chain).index(path.resolve()):]), path.stem]
+        raise ValueError(f"config preset {path}: its bases make a cycle ({' -> '.join(cycle)}); give one of them "
+                         f"another base or none")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
@@ -174,7 +205,7 @@ def _read_preset(preset):
         raise ValueError(f"config preset {path} must hold `key: value` settings (sections model, data, optim, "
                          f"run), not a {type(values).__name__}")
     base = values.pop("base", None)
-    return _merge(_read_preset(base), values) if base else values
+    return _merge(_read_preset(base, (*chain, path.resolve())), values) if base else values
 
 
 def _merge(base, update):
@@ -250,9 +281,19 @@ def _converted(value, annotation):
         return None if None in typed else origin(typed)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        return _float_text(value)
     if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
     return None
+
+
+def _float_text(text):
+    """The float Python reads in `text` (1e9, 5e-4, 1_000.5, inf, nan: YAML takes these for text), or None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _build(cls, values, where):
@@ -261,10 +302,11 @@ def _build(cls, values, where):
         raise ValueError(f"{section}={values!r}: {section} is a section, not a value; set its keys "
                          f"({section}.<key>=...), which are: {', '.join(f.name for f in dataclasses.fields(cls))}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(known)
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; "
-                         f"{where or 'top level'} has: {', '.join(known)}")
+        hints = "".join(_did_you_mean(name, list(known), where) for name in unknown)
+        raise ValueError(f"unknown config key(s) {[f'{where}{name}' for name in unknown]}. {hints}"
+                         f"{where.rstrip('.') or 'The top level'} has: {', '.join(known)}")
     types = typing.get_type_hints(cls)
     arguments = {}
     for name, value in values.items():
@@ -335,9 +377,43 @@ def check_resume_choice(run):
                      f"checkpoint of the run folder), none (start afresh) or the path of a checkpoint-<step>.pt")
 
 
-def parse_command_line(argv, description):
-    """The config of `--config <preset> [key=value ...]`, run.resume and data.shards checked; a one-line exit on
-    any error (object storage's too: a missing bucket, no credentials, access denied)."""
+def config_warnings(config):
+    """Lines on settings that are valid but likely not meant: a warm-up as long as the run or longer."""
+    optim, lines = config.optim, []
+    if optim.warmup_epochs >= optim.epochs:
+        lines.append(f"optim.warmup_epochs={optim.warmup_epochs} is not below optim.epochs={optim.epochs}: the "
+                     f"learning rate warms up for the whole run and never decays from optim.lr; lower "
+                     f"optim.warmup_epochs if that is not meant")
+    temperatures_warm_up = (optim.warmup_teacher_cls_temp, optim.warmup_teacher_patch_temp) != \
+        (optim.teacher_cls_temp, optim.teacher_patch_temp)
+    if temperatures_warm_up and optim.warmup_teacher_temp_epochs > optim.epochs:
+        lines.append(f"optim.warmup_teacher_temp_epochs={optim.warmup_teacher_temp_epochs} is above optim.epochs="
+                     f"{optim.epochs}: the teacher temperatures never reach optim.teacher_cls_temp and "
+                     f"optim.teacher_patch_temp; lower optim.warmup_teacher_temp_epochs if that is not meant")
+    return lines
+
+
+def settings_line(config, preset_config, saved_at):
+    """One line: the settings of `config` that differ from its preset's (`preset_config`; None: the defaults'),
+    and where the whole config is kept."""
+    changed = differences(to_dict(preset_config or TrainConfig()), to_dict(config))
+    settings = ", ".join(f"{key}={value}" for key, _, value in changed) or "none"
+    return (f"config: {'the preset' if preset_config else 'the defaults'} with {settings}; the whole config is "
+            f"in {saved_at}")
+
+
+def _preset_alone(preset):
+    """The config of `preset` without overrides, or None where it is not valid alone (an override completes it)."""
+    try:
+        return load_config(preset)
+    except ValueError:
+        return None
+
+
+def read_command_line(argv, description):
+    """(config, its preset's config or None) of `--config <preset> [key=value ...]`, run.resume and data.shards
+    checked; a one-line exit on any error (object storage's too: a missing bucket, no credentials, access denied).
+    Warnings are printed, by the first rank only."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo", help="a preset in train/configs/ or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=5 data.batch_size=64")
@@ -348,7 +424,15 @@ def parse_command_line(argv, description):
         check_shards(config.data)
     except (ValueError, FileNotFoundError, StorageError) as error:
         raise SystemExit(f"config error: {error}") from None
-    return config
+    if os.environ.get("RANK", "0") == "0":
+        for line in config_warnings(config):
+            print(f"config warning: {line}", file=sys.stderr, flush=True)
+    return config, _preset_alone(args.config)
+
+
+def parse_command_line(argv, description):
+    """The config of read_command_line."""
+    return read_command_line(argv, description)[0]
 
 
 if __name__ == "__main__":

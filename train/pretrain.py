@@ -30,8 +30,9 @@ from train.config import (
     RESUME_MAY_CHANGE,
     cache_options,
     check_resume_choice,
-    parse_command_line,
+    read_command_line,
     resume_differences,
+    settings_line,
     to_dict,
 )
 from train.distributed import all_ranks_agree, average_gradients, close_distributed, init_distributed
@@ -292,8 +293,9 @@ def reconcile_with_checkpoint(config, state, world):
     return config
 
 
-def train(config):
-    """Run (or resume) the training described by `config`; returns the run directory.
+def train(config, preset_config=None):
+    """Run (or resume) the training described by `config`; returns the run directory. It prints the settings that
+    differ from `preset_config` (None: from the defaults); the whole config is written to the run folder.
 
     A stop request (SIGTERM, SIGUSR1, torchrun gone) ends the current step on every rank, rank 0 checkpoints
     it, and the process exits with EXIT_PREEMPTED. An error on any rank stops every rank: this one leaves the
@@ -313,7 +315,7 @@ def train(config):
             del state
         if world.is_main:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-            print(yaml.safe_dump(to_dict(config), sort_keys=False))
+            print(settings_line(config, preset_config, run_dir / "config.yaml"), flush=True)
             if resumed_from:
                 print(f"resumed from {resumed_from} at step {trainer.step}")
             write_status(run_dir, "running", trainer.step)
@@ -406,9 +408,9 @@ def report_failure(error, world, run_dir, lock):
 
 
 def main(argv=None):
-    config = parse_command_line(argv, __doc__)
+    config, preset_config = read_command_line(argv, __doc__)
     try:
-        train(config)
+        train(config, preset_config)
     except (CheckpointError, FolderBusy, StorageError, ValueError, FileNotFoundError) as error:  # reported above
         raise SystemExit(1) from error
 
