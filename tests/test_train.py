@@ -319,3 +319,22 @@ def test_a_setting_added_after_a_checkpoint_counts_as_its_default_on_resume():
     saved = to_dict(load_config("clip_demo"))
     del saved["data"]["global_flip_prob"]
     assert resume_differences(saved, to_dict(load_config("clip_demo"))) == [("data.global_flip_prob", 0.5, 0.0)]
+
+
+def test_a_run_without_one_finite_step_ends_failed_however_short(demo_shards, tmp_path, capsys):
+    """2 steps, fewer than run.max_nonfinite_steps (5), each non-finite (exp(logit scale) overflows): the run is
+    failed, with one line saying why, not finished."""
+    from train.pretrain import main
+    from train.run_folder import read_status
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", "demo", *TINY_MODEL, f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}",
+              "run.name=run", "run.max_steps=2", "model.logit_scale_init=1000"])
+    reason = ("no step of this run had a finite loss (all 2 up to step 2 were skipped): it trained nothing, so it is "
+              "marked failed. Lower optim.lr, or try run.precision=bf16 or fp32.")
+    assert exited.value.code == 1
+    errors = capsys.readouterr().err
+    assert [line for line in errors.splitlines() if "stopped by" in line] == \
+        [f"rank 0: stopped by FloatingPointError: {reason}"] and "Traceback" not in errors
+    assert read_status(run) == {"state": "failed", "step": None, "error": f"FloatingPointError: {reason}"}

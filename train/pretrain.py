@@ -40,7 +40,7 @@ from train.ema import update_teachers
 from train.log import MetricsLog
 from train.parameter_groups import parameter_groups
 from train.preemption import EXIT_PREEMPTED, StopRequest
-from train.run_folder import lock_run, write_status
+from train.run_folder import lock_run, nonfinite_stop_reason, write_status
 from train.schedules import Schedules
 from train.views import model_views, view_recipe
 
@@ -327,7 +327,7 @@ def train(config, preset_config=None):
         global_batch = config.data.batch_size * world.world_size
         bar = tqdm.tqdm(total=total, initial=trainer.step, desc=config.run.name, disable=not world.is_main,
                         unit="step")
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), trainer.step
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         while trainer.step < total:
             trainer.loader.set_epoch(trainer.step // per_epoch)
@@ -343,11 +343,9 @@ def train(config, preset_config=None):
                 else:
                     trainer.nonfinite_in_a_row += 1
                     trainer.nonfinite_total += 1
-                    if trainer.nonfinite_in_a_row >= config.run.max_nonfinite_steps:
-                        raise FloatingPointError(
-                            f"{trainer.nonfinite_in_a_row} steps in a row had a non-finite loss (last: step "
-                            f"{trainer.step}); stopped. The last good checkpoint is intact in {run_dir}/checkpoints. "
-                            f"Lower optim.lr, or try run.precision=bf16 or fp32.")
+                    if reason := nonfinite_stop_reason(trainer.nonfinite_in_a_row, trainer.step - first_step,
+                                                       config.run.max_nonfinite_steps, trainer.step, run_dir, total):
+                        raise FloatingPointError(reason)
                 bar.update(1)
                 if trainer.step % config.run.log_every == 0 or trainer.step == total or stopping:
                     elapsed = time.perf_counter() - window_start
@@ -411,7 +409,8 @@ def main(argv=None):
     config, preset_config = read_command_line(argv, __doc__)
     try:
         train(config, preset_config)
-    except (CheckpointError, FolderBusy, StorageError, ValueError, FileNotFoundError) as error:  # reported above
+    except (CheckpointError, FolderBusy, StorageError, ValueError, FileNotFoundError,
+            FloatingPointError) as error:  # reported above
         raise SystemExit(1) from error
 
 
