@@ -1,6 +1,7 @@
 """Exports load in timm and open_clip, unchanged, and give our towers' features through their own transforms."""
 
 import dataclasses
+import math
 
 import numpy as np
 import open_clip
@@ -8,15 +9,18 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import fake_run
+from conftest import SMALL_TEXT, fake_run
 from PIL import Image
 
+from model.meta_arch import MetaArch, ModelConfig
 from tools import export
 from tools.eval.datasets import TEMPLATE_SETS, open_eval_set
 from tools.eval.towers import RunTowers
 from tools.eval.zeroshot import zero_shot
 from tools.export import export_open_clip, export_timm
-from train.config import load_config
+from train import checkpoint
+from train.config import PRESETS, load_config
+from train.pretrain import TEACHER_WEIGHTS, save_teacher_weights
 
 SIZES = [dict(vit_size="micro", patch_size=8, global_crop_px=64), dict(vit_size="tiny")]
 
@@ -94,3 +98,89 @@ def test_a_run_pooled_otherwise_than_cls_is_refused_with_the_reason(tmp_path, ta
     run = fake_run(tmp_path, vit_size="micro", patch_size=16, global_crop_px=32, clip_pooling="gap")
     with pytest.raises(SystemExit, match="pools its tokens by 'gap'"):
         export.main([target, "--run", str(run), "--out", str(tmp_path / "out")])
+
+
+NO_CONTRASTIVE_LOSS = ("m3ae_demo",)  # exported to timm (headless), refused by open_clip
+OPEN_CLIP_PRESETS = [path.stem for path in sorted(PRESETS.glob("*_demo.yaml")) if path.stem not in NO_CONTRASTIVE_LOSS
+                     and load_config(path.stem).model.clip_pooling == "cls"]  # other poolings are refused
+
+
+LOGIT_SCALE, LOGIT_BIAS = 23.0, -3.5  # neither open_clip's nor our presets' initial values
+
+
+def tiny_preset_run(tmp_path, preset):
+    """A run folder of `preset`'s model, shrunk, untrained, with teachers, logit scale and bias (where it has one)
+    away from their initial values: what train.pretrain leaves, without training."""
+    model_config = {**dataclasses.asdict(load_config(preset).model), **SMALL_TEXT, "patch_size": 8,
+                    "global_crop_px": 32}
+    torch.manual_seed(0)
+    model = MetaArch(ModelConfig(**model_config))
+    with torch.no_grad():
+        for param in model.teachers.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+        if hasattr(model, "logit_scale"):
+            model.logit_scale.fill_(math.log(LOGIT_SCALE))
+        if hasattr(model, "logit_bias"):
+            model.logit_bias.fill_(LOGIT_BIAS)
+    save_teacher_weights(model, tmp_path / TEACHER_WEIGHTS)
+    return tmp_path, model
+
+
+def test_every_exported_preset_is_listed():
+    assert {"clip_demo", "siglip_demo", "harmony_demo", "aclip_demo", "clip_rocket_demo"} <= set(OPEN_CLIP_PRESETS)
+
+
+@pytest.mark.parametrize("preset", OPEN_CLIP_PRESETS)
+def test_open_clip_alone_gives_our_logits_with_scale_and_bias(tmp_path, preset):
+    """open_clip's get_logits equals exp(logit scale) x our cosine similarities (+ SigLIP's bias)."""
+    run, model = tiny_preset_run(tmp_path, preset)
+    out = export_open_clip(run, tmp_path / "open_clip")
+    exported, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    exported.eval()
+    towers = RunTowers(run, device="cpu")
+    images = [photo(seed=4), photo(70, 90, seed=5)]
+    tokens = tokenizer(["a red circle", "two blue squares", "a striped table"])
+    with torch.no_grad():
+        theirs, _ = exported.get_logits(torch.stack([preprocess(image) for image in images]), tokens)
+        similarity = towers.image_features(images)["embedding"] @ F.normalize(towers.text(tokens)[0], dim=-1).T
+    siglip = preset == "siglip_demo"
+    assert hasattr(model, "logit_bias") == siglip and (exported.logit_bias is not None) == siglip
+    torch.testing.assert_close(theirs, LOGIT_SCALE * similarity + (LOGIT_BIAS if siglip else 0.0), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_a_siglip_teacher_weights_file_without_its_bias_takes_it_from_the_checkpoint(tmp_path):
+    """teacher_weights.pt written before it held the bias: the newest checkpoint's, else a one-line refusal."""
+    run, _ = tiny_preset_run(tmp_path, "siglip_demo")
+    weights = torch.load(run / TEACHER_WEIGHTS, weights_only=True)
+    del weights["logit_bias"]
+    torch.save(weights, run / TEACHER_WEIGHTS)
+    with pytest.raises(SystemExit, match=r"teacher_weights.pt has no logit bias .* no checkpoint in .* holds one"):
+        export.main(["open_clip", "--run", str(run), "--out", str(tmp_path / "refused")])
+    saved = {"model": {"logit_bias": torch.tensor(-2.5)}}
+    checkpoint.save_atomic(saved, run / "checkpoints" / "checkpoint-00000001.pt")
+    out = export_open_clip(run, tmp_path / "open_clip")
+    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert exported.logit_bias.item() == -2.5
+
+
+def test_a_run_without_a_contrastive_loss_is_refused_by_open_clip_and_exported_headless_to_timm(tmp_path, capsys):
+    """M3AE trains no CLIP projection: open_clip's export says so and points at timm, whose model gives the CLS."""
+    run, _ = tiny_preset_run(tmp_path, "m3ae_demo")
+    with pytest.raises(SystemExit) as refused:
+        export.main(["open_clip", "--run", str(run), "--out", str(tmp_path / "open_clip")])
+    assert str(refused.value) == (
+        "this run trained no contrastive loss (its objectives: multimodal_mae), so its CLIP projections and logit "
+        "scale are untrained and an open_clip model of it would score images against texts at random; export its "
+        "image tower with `python -m tools.export timm` instead (its output is the CLS token)")
+    assert not (tmp_path / "open_clip").exists()
+    export.main(["timm", "--run", str(run), "--out", str(tmp_path / "timm")])
+    assert "its CLIP projection is untrained and left out: the exported model's output is the CLS token" in \
+        capsys.readouterr().out
+    exported = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=exported))
+    images = [photo(seed=6)]
+    with torch.no_grad():
+        cls = exported(torch.stack([transform(image) for image in images]))
+    torch.testing.assert_close(cls, RunTowers(run, device="cpu").image_features(images)["cls"], rtol=1e-4, atol=1e-5)

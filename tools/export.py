@@ -14,8 +14,11 @@ CLIP image embedding:
     model = timm.create_model("local-dir:<out>", pretrained=True)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     embedding = model(transform(image)[None])          # num_classes=0 gives the CLS token instead
-open_clip: `open_clip_config.json` (open_clip's own ViT and text configs) and
-`open_clip_pytorch_model.bin`:
+A run that trained no contrastive loss (M3AE) has no CLIP projection worth the name: its timm model has no
+head (the output is the CLS token), and its open_clip export is refused.
+open_clip: `open_clip_config.json` (open_clip's own ViT and text configs, with the run's logit scale, and
+SigLIP's logit bias, as `init_logit_scale` / `init_logit_bias`) and `open_clip_pytorch_model.bin` (both towers,
+`logit_scale`, and `logit_bias` for SigLIP), so `model.get_logits(images, texts)` gives the run's logits:
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<out>")
     tokenizer = open_clip.get_tokenizer("local-dir:<out>")
 """
@@ -33,9 +36,12 @@ from model.masking import MASK_ID
 from model.text import CONTEXT_LENGTH
 from model.vit import VIT_SIZES, export_timm_state_dict
 from tools.eval.towers import load_towers, read_teacher_weights
+from train import checkpoint
+from train.checkpoint import CheckpointError
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+CONTRASTIVE_OBJECTIVES = ("clip", "aclip", "detailclip", "clip_rocket")  # those that train the CLIP projections
 
 
 def evaluation_preprocessing(config):
@@ -52,24 +58,46 @@ def require_cls_pooling(config, target):
                          f"make eval instead (it pools as the run was trained)")
 
 
+def trains_clip_projection(config):
+    """Whether some objective of the run trained its CLIP projections and logit scale (a contrastive loss)."""
+    return any(getattr(config, name) for name in CONTRASTIVE_OBJECTIVES)
+
+
+def require_contrastive_loss(config):
+    """open_clip's model is the two towers' CLIP projections and logit scale: a run without a contrastive loss
+    (M3AE) never trained them, so its open_clip model would score every image-text pair at random."""
+    if not trains_clip_projection(config):
+        raise ValueError(f"this run trained no contrastive loss (its objectives: {', '.join(config.objectives)}), so "
+                         f"its CLIP projections and logit scale are untrained and an open_clip model of it would score "
+                         f"images against texts at random; export its image tower with `python -m tools.export timm` "
+                         f"instead (its output is the CLS token)")
+
+
 def timm_architecture(config):
-    """(registered timm name, keyword arguments that size it as this config's image tower, head = projection)."""
+    """(registered timm name, keyword arguments that size it as this config's image tower, head = projection where
+    a contrastive loss trained one, else no head)."""
     base_size = config.vit_size if config.vit_size != "micro" else "tiny"
     size = VIT_SIZES[config.vit_size]
     kwargs = dict(embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads, patch_size=config.patch_size,
-                  img_size=config.global_crop_px, global_pool="token", num_classes=config.clip_dim)
+                  img_size=config.global_crop_px, global_pool="token",
+                  num_classes=config.clip_dim if trains_clip_projection(config) else 0)
     return f"vit_{base_size}_patch16_224", kwargs
 
 
-def export_timm(run_dir, out_dir):
-    """A timm folder (config.json with the preprocessing, model.safetensors); returns it."""
+def export_timm(run_dir, out_dir, report=print):
+    """A timm folder (config.json with the preprocessing, model.safetensors); returns it. A run without a contrastive
+    loss gets no head, which `report` says."""
     image, _, config = load_towers(run_dir)
     require_cls_pooling(config, "timm")
     name, kwargs = timm_architecture(config)
     model = timm.create_model(name, pretrained=False, **kwargs)
     state = export_timm_state_dict(image)
-    state["head.weight"] = image.contrastive_projection.detach().T.contiguous()  # (clip_dim, D)
-    state["head.bias"] = torch.zeros(config.clip_dim)
+    if kwargs["num_classes"]:
+        state["head.weight"] = image.contrastive_projection.detach().T.contiguous()  # (clip_dim, D)
+        state["head.bias"] = torch.zeros(config.clip_dim)
+    else:
+        report(f"note: {run_dir} trained no contrastive loss, so its CLIP projection is untrained and left out: the "
+               f"exported model's output is the CLS token")
     model.load_state_dict(state)
     # Our weights, not the registered architecture's: its pretrained tag and licence do not apply.
     provenance = {"pretrained_cfg": {"tag": "harmony_pipe", "license": "unspecified"}}
@@ -78,12 +106,15 @@ def export_timm(run_dir, out_dir):
     return Path(out_dir)
 
 
-def open_clip_config(config):
-    """open_clip's model config for our towers: its own ViT (no timm trunk), so any size loads."""
+def open_clip_config(config, logits):
+    """open_clip's model config for our towers: its own ViT (no timm trunk), so any size loads; `logits` (see
+    logit_parameters) set init_logit_scale and, for SigLIP, init_logit_bias, without which open_clip's model has no
+    logit_bias parameter."""
     size = VIT_SIZES[config.vit_size]
     model_cfg = {
         "embed_dim": config.clip_dim,
         "quick_gelu": False,  # both towers use GELU (model/text.py)
+        **{f"init_{name}": float(value) for name, value in logits.items()},
         "vision_cfg": {"image_size": config.global_crop_px, "patch_size": config.patch_size, "width": size.embed_dim,
                        "layers": size.depth, "head_width": size.embed_dim // size.num_heads, "mlp_ratio": 4.0,
                        "no_ln_pre": True, "pool_type": "tok", "norm_kwargs": {"eps": 1e-6}},
@@ -121,15 +152,41 @@ def open_clip_visual_state(image):
     return {f"visual.{name}": tensor for name, tensor in visual.items()}
 
 
+def saved_logit_bias(run_dir):
+    """SigLIP's logit bias from the run's newest loadable checkpoint, for a teacher_weights.pt written before it
+    held the bias."""
+    try:
+        _, state = checkpoint.latest_good(run_dir, report=lambda _: None)
+    except CheckpointError:
+        state = None
+    if state is None or "logit_bias" not in state["model"]:
+        raise ValueError(f"{Path(run_dir)}/teacher_weights.pt has no logit bias (it predates this export) and no "
+                         f"checkpoint in {Path(run_dir)}/checkpoints holds one: without it this SigLIP model's sigmoid "
+                         f"probabilities would be wrong. Export from the run folder that still has its checkpoints")
+    return state["model"]["logit_bias"]
+
+
+def logit_parameters(run_dir, config):
+    """{"logit_scale": ..., and "logit_bias" for SigLIP}: what open_clip applies to the cosine similarities."""
+    weights = read_teacher_weights(run_dir)
+    logits = {"logit_scale": weights["logit_scale"]}
+    if config.clip and config.clip_loss == "sigmoid":
+        logits["logit_bias"] = weights["logit_bias"] if "logit_bias" in weights else saved_logit_bias(run_dir)
+    return logits
+
+
 def export_open_clip(run_dir, out_dir):
+    """An open_clip folder (open_clip_config.json with the preprocessing, open_clip_pytorch_model.bin); returns it."""
     image, text, config = load_towers(run_dir)
     require_cls_pooling(config, "open_clip")
+    require_contrastive_loss(config)
+    logits = logit_parameters(run_dir, config)
     state = open_clip_visual_state(image)
     state.update({name.removeprefix("transformer."): tensor for name, tensor in text.state_dict().items()})
-    state["logit_scale"] = read_teacher_weights(run_dir)["logit_scale"]
+    state.update(logits)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(config), indent=2))
+    (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(config, logits), indent=2))
     torch.save(state, out_dir / OPEN_CLIP_WEIGHTS)
     return out_dir
 

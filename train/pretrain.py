@@ -95,12 +95,14 @@ def module_gradient_norms(model):
 
 
 def save_teacher_weights(model, path):
-    """The evaluation towers (EMA teachers where they exist), the logit scale and the model config."""
+    """The evaluation towers (EMA teachers where they exist), the logit scale (and SigLIP's logit bias) and the
+    model config."""
     image, text = model.evaluation_towers()
+    bias = {"logit_bias": model.logit_bias.detach().cpu()} if hasattr(model, "logit_bias") else {}
     return checkpoint.save_atomic({
         "model_config": json.dumps(dataclasses.asdict(model.config)),
         "image_tower": image.state_dict(),
-        "logit_scale": getattr(model, "logit_scale", torch.tensor(0.0)).detach().cpu(),
+        "logit_scale": getattr(model, "logit_scale", torch.tensor(0.0)).detach().cpu(), **bias,
         "text_tower": text.state_dict() if text is not None else {}}, path)
 
 
