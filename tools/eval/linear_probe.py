@@ -81,14 +81,19 @@ def train_linear_classifiers(features, labels, classes, epochs, batch_size, seed
     return weights.detach().cpu(), biases.detach().cpu()
 
 
-def accuracies(weights, biases, features, labels, chunk_rows=4096, device="cpu"):
-    """Top-1 accuracy of each classifier: (R,); the rows are scored a chunk at a time on `device`."""
-    weights, biases, hits = weights.to(device), biases.to(device), torch.zeros(len(weights))
+def correct(weights, biases, features, labels, chunk_rows=4096, device="cpu"):
+    """(R, rows) bool: whether each classifier's top-1 is right on each row; scored a chunk at a time on `device`."""
+    weights, biases, chunks = weights.to(device), biases.to(device), []
     for start in range(0, len(labels), chunk_rows):
         rows = features[start:start + chunk_rows].to(device)
         logits = torch.baddbmm(biases, rows.expand(len(weights), -1, -1), weights)  # (R, chunk, C)
-        hits += (logits.argmax(dim=-1).cpu() == labels[start:start + chunk_rows]).sum(dim=1)
-    return hits / len(labels)
+        chunks.append(logits.argmax(dim=-1).cpu() == labels[start:start + chunk_rows])
+    return torch.cat(chunks, dim=1)
+
+
+def accuracies(weights, biases, features, labels, chunk_rows=4096, device="cpu"):
+    """Top-1 accuracy of each classifier: (R,)."""
+    return correct(weights, biases, features, labels, chunk_rows, device).float().mean(dim=1)
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, classes, epochs=100, batch_size=256,
@@ -99,31 +104,52 @@ def linear_probe(train_features, train_labels, test_features, test_labels, class
                                                device=device)
     validation_accuracy = accuracies(weights, biases, train_features[validation], train_labels[validation],
                                      device=device)
-    test_accuracy = accuracies(weights, biases, test_features, test_labels, device=device)
+    test_correct = correct(weights, biases, test_features, test_labels, device=device)  # (R, test rows)
+    test_accuracy = test_correct.float().mean(dim=1)
     best = int(validation_accuracy.argmax())
     return {"top1": round(float(test_accuracy[best]), 4), "chosen_lr": LEARNING_RATES[best],
             "epochs": epochs, "batch_size": batch_size, "train_images": len(fit), "validation_images": len(validation),
             "per_lr": {str(rate): {"validation_top1": round(float(v), 4), "test_top1": round(float(t), 4)}
-                       for rate, v, t in zip(LEARNING_RATES, validation_accuracy, test_accuracy, strict=True)}}
+                       for rate, v, t in zip(LEARNING_RATES, validation_accuracy, test_accuracy, strict=True)},
+            "per_example_correct": test_correct[best].int().tolist()}  # the chosen rate's 1/0 per test image
 
 
-def knn(train_features, train_labels, test_features, test_labels, classes, ks=KNN_K,
-        temperature=KNN_TEMPERATURE, chunk_elements=1 << 26, device="cpu"):
-    """{k: top-1} of DINO's weighted k-NN vote on `device`; ks above the training-set size are left out. Test
-    rows are compared with every training row a chunk at a time (about chunk_elements similarities at once)."""
+def knn_correct(train_features, train_labels, test_features, test_labels, classes, ks=KNN_K,
+                temperature=KNN_TEMPERATURE, chunk_elements=1 << 26, device="cpu"):
+    """{k: (test rows,) bool, whether DINO's weighted k-NN vote is right} on `device`; ks above the training-set
+    size are left out. Test rows are compared with every training row a chunk at a time (about chunk_elements
+    similarities at once)."""
     ks = [k for k in ks if k <= len(train_labels)]
     if not ks:
         return {}
     train, train_labels = F.normalize(train_features.to(device), dim=-1), train_labels.to(device)
-    hits = torch.zeros(len(ks))
+    chunks = []
     chunk_rows = max(1, chunk_elements // len(train))
     for start in range(0, len(test_labels), chunk_rows):
         test = F.normalize(test_features[start:start + chunk_rows].to(device), dim=-1)
         similarity, neighbours = (test @ train.T).topk(max(ks), dim=1)  # (chunk, k_max)
         votes = F.one_hot(train_labels[neighbours], classes).float() * (similarity / temperature).exp()[..., None]
         right = test_labels[start:start + chunk_rows].to(device)
-        hits += torch.stack([(votes[:, :k].sum(dim=1).argmax(dim=1) == right).sum() for k in ks]).cpu()
-    return {str(k): round(float(hit / len(test_labels)), 4) for k, hit in zip(ks, hits, strict=True)}
+        chunks.append(torch.stack([votes[:, :k].sum(dim=1).argmax(dim=1) == right for k in ks]).cpu())  # (ks, chunk)
+    return dict(zip(ks, torch.cat(chunks, dim=1), strict=True))
+
+
+def knn(train_features, train_labels, test_features, test_labels, classes, ks=KNN_K,
+        temperature=KNN_TEMPERATURE, chunk_elements=1 << 26, device="cpu"):
+    """{k: top-1} of knn_correct's vote (the same arguments)."""
+    hits = knn_correct(train_features, train_labels, test_features, test_labels, classes, ks, temperature,
+                       chunk_elements, device)
+    return top1_by_k(hits)
+
+
+def top1_by_k(hits):
+    """{"k": top-1 rounded} of knn_correct's {k: (rows,) bool}."""
+    return {str(k): round(float(right.float().mean()), 4) for k, right in hits.items()}
+
+
+def reported_k(ks):
+    """The k whose k-NN result is reported (DINO's 20 when there, else the smallest) of string ks, or None."""
+    return "20" if "20" in ks else min(ks, key=int, default=None)
 
 
 def probe(towers, train_data, test_data, epochs=100, train_labels_file=None, test_labels_file=None):
@@ -149,8 +175,16 @@ def probe(towers, train_data, test_data, epochs=100, train_labels_file=None, tes
             "classes": classes, "chance": round(1 / classes, 4), "test_images": len(test_labels),
             "linear": linear_probe(linear_features(train), train_labels, linear_features(test), test_labels,
                                    classes, epochs, device=towers.device),
-            "knn_top1": knn(train["cls"], train_labels, test["cls"], test_labels, classes, device=towers.device),
+            **knn_results(knn_correct(train["cls"], train_labels, test["cls"], test_labels, classes,
+                                      device=towers.device)),
             "undecodable": towers.undecodable(train_set, test_set)}
+
+
+def knn_results(hits):
+    """knn_top1 of every k and, for paired comparisons, the reported k's 1/0 per test image (in the set's order)."""
+    top1 = top1_by_k(hits)
+    k = reported_k(top1)
+    return {"knn_top1": top1, "knn_per_example_correct": {k: hits[int(k)].int().tolist()} if k else {}}
 
 
 def main(argv=None):

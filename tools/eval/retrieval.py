@@ -26,15 +26,24 @@ from tools.eval.towers import RunTowers, text_embeddings, undecodable_note
 RECALL_AT = (1, 5, 10)
 
 
-def recall_at(similarity, positive, ks=RECALL_AT):
+def first_right_rank(similarity, positive):
     """similarity: (queries, candidates); positive: (queries, candidates) bool, True at each right answer ->
-    {k: fraction of queries with a right answer in their top k}, candidates ordered by score, ties by index."""
+    (queries,) how many candidates precede each query's first right answer, ordered by score, ties by index."""
     best = similarity.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # (q, 1) best right score
     # The first right answer in (score descending, index ascending) order, and how many candidates precede it.
     first = (positive & (similarity == best)).int().argmax(dim=1, keepdim=True)  # (q, 1)
     earlier = torch.arange(similarity.shape[1])[None, :] < first  # (q, c)
-    rank = (similarity > best).sum(dim=1) + ((similarity == best) & earlier).sum(dim=1)  # (q,)
+    return (similarity > best).sum(dim=1) + ((similarity == best) & earlier).sum(dim=1)  # (q,)
+
+
+def recalls(rank, ks=RECALL_AT):
+    """{k: fraction of queries with a right answer in their top k} of first_right_rank's (queries,) ranks."""
     return {k: float((rank < k).float().mean()) for k in ks}
+
+
+def recall_at(similarity, positive, ks=RECALL_AT):
+    """recalls() of first_right_rank's arguments."""
+    return recalls(first_right_rank(similarity, positive), ks)
 
 
 @torch.no_grad()
@@ -49,7 +58,9 @@ def retrieval(towers, data, images_dir=None):
     text = text_embeddings(towers.text, torch.from_numpy(tokenize(captions)).long(), device=towers.device)
     similarity = features["embedding"] @ text.T  # (images, captions)
     positive = caption_image[None, :] == torch.arange(len(captions_per_image))[:, None]  # (images, captions)
-    image_to_text, text_to_image = recall_at(similarity, positive), recall_at(similarity.T, positive.T)
+    ranks = {"image_to_text": first_right_rank(similarity, positive),  # (images,)
+             "text_to_image": first_right_rank(similarity.T, positive.T)}  # (captions,)
+    image_to_text, text_to_image = recalls(ranks["image_to_text"]), recalls(ranks["text_to_image"])
     images = len(captions_per_image)
     result = {**eval_set.describe(), "run": str(towers.run_dir),
               "images": images, "captions": len(captions), "pairs": len(captions),
@@ -58,8 +69,12 @@ def retrieval(towers, data, images_dir=None):
         result[f"image_to_text_R@{k}"] = round(image_to_text[k], 4)
         result[f"text_to_image_R@{k}"] = round(text_to_image[k], 4)
         result[f"chance_R@{k}"] = round(min(k / images, 1.0), 4)
-    recalls = [*image_to_text.values(), *text_to_image.values()]
-    result["mean_recall"] = round(sum(recalls) / len(recalls), 4)
+    every_recall = [*image_to_text.values(), *text_to_image.values()]
+    result["mean_recall"] = round(sum(every_recall) / len(every_recall), 4)
+    # Per query in the set's order, for paired comparisons: how many candidates rank above its first right answer
+    # (a hit at k when below k); captions are the queries of text_to_image, listed image by image.
+    result["per_query_rank"] = {direction: rank.tolist() for direction, rank in ranks.items()}
+    result["captions_per_image"] = [len(captions) for captions in captions_per_image]
     return result
 
 

@@ -4,7 +4,8 @@
         --retrieval shards/demo/source/heldout_pairs --probe-train shards/demo/source/probe_train \
         --probe-test shards/demo/source/heldout
 
-Writes <run>/eval.json (every result), <run>/eval.md (the table, also printed) and <run>/plots/eval.png.
+Writes <run>/eval.json (every result, with each evaluation's per-example outcomes for paired comparisons),
+<run>/eval.md (the table, also printed) and <run>/plots/eval.png.
 """
 
 import argparse

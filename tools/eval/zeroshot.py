@@ -65,7 +65,8 @@ def zero_shot(towers, data, templates=None, label_file=None):
             "images": len(labels), "classes": len(names), "top1": round(float(hits.mean()), 4),
             "chance": round(1 / len(names), 4), "class_names_from": eval_set.class_names_from,
             "templates_from": templates_name, "templates": list(templates), "per_class_top1": per_class,
-            "undecodable": towers.undecodable(eval_set)}
+            "undecodable": towers.undecodable(eval_set),
+            "per_example_correct": hits.int().tolist()}  # 1/0 per image in the set's order, for paired comparisons
 
 
 def main(argv=None):
