@@ -7,7 +7,7 @@ USER_VARIABLES := PYTHON DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR 
 	SHARDS_ARGS ARGS CONFIG NPROC TORCHRUN_ARGS RUN TRAIN_ARGS TRAIN_SHARDS MIX_WEIGHTS EVAL_DATA ZEROSHOT_DATA \
 	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_DATA RETRIEVAL_IMAGES PROBE_TRAIN PROBE_TEST PROBE_TRAIN_LABELS \
 	PROBE_TEST_LABELS EVAL_DEVICE EXCLUDE METHODS BUDGET SCALE COMPARE_NAME EVAL_POINTS STAGING OUT_DIR N \
-	PYTEST_ARGS
+	PYTEST_ARGS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS ACCEPT_CHANGES COMPARE_WAIT
 $(foreach name,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(name))),\
 	$(eval override $(name) := $$(value $(name)))))
 PYTHON ?= python3.11
@@ -79,13 +79,24 @@ BUDGET ?= $(if $(filter demo,$(DATASET)),epochs:1,epochs:8)
 SCALE ?= $(DATASET)
 COMPARE_NAME ?= $(DATASET)
 EVAL_POINTS ?= $(if $(filter demo,$(DATASET)),2,4)
+# Each method once per seed in SEEDS; the report gives mean +- std over them and each method's difference to
+# REFERENCE with a 95% interval. NPROC ranks per run (torchrun). COMPARE_EXECUTOR: local (one run after another
+# here), slurm (one Slurm job per run through submitit, SLURM_ARGS="partition=... account=... time=<minutes>
+# nodes=N"; COMPARE_WAIT=1 waits for them) or submitit_local. ACCEPT_CHANGES=1 keeps runs trained with other
+# settings or code (marked in the report) instead of refusing them.
+SEEDS ?= 0
+REFERENCE ?= clip
+COMPARE_EXECUTOR ?= local
+SLURM_ARGS ?=
+ACCEPT_CHANGES ?=
+COMPARE_WAIT ?=
 
 # Recipes read these from their environment ("$$RAW"), so that a value is data for the program, never shell
 # code; {NAME_ARGS} words are split by tools/make_args.py with shell quoting rules, and nothing else.
 EXPORTED := DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG \
 	NPROC TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS \
 	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_IMAGES PROBE_TRAIN_LABELS PROBE_TEST_LABELS METHODS BUDGET SCALE COMPARE_NAME \
-	EVAL_POINTS EVAL_DEVICE TRAIN_SHARDS MIX_WEIGHTS
+	EVAL_POINTS EVAL_DEVICE TRAIN_SHARDS MIX_WEIGHTS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS
 export $(EXPORTED)
 RUN_WITH_ARGS := $(PY) -m tools.make_args
 # DATASET=demo without a URL_LIST: the built-in demo set, generated and served by tools/demo_download.py.
@@ -168,8 +179,10 @@ eval: setup
 compare: data
 	@$(RUN_WITH_ARGS) $(PY) -m tools.compare.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
 		--budget "$$BUDGET" --shards "$$TRAIN_SHARDS" $(call option,--mix-weights,MIX_WEIGHTS) \
-		--eval-points "$$EVAL_POINTS" $(EVAL_ARGS) \
-		$(if $(strip $(TRAIN_ARGS)),--train-args {TRAIN_ARGS})
+		--eval-points "$$EVAL_POINTS" --seeds "$$SEEDS" --reference "$$REFERENCE" --nproc "$$NPROC" \
+		--executor "$$COMPARE_EXECUTOR" --slurm-args "$$SLURM_ARGS" $(if $(ACCEPT_CHANGES),--accept-changes) \
+		$(if $(COMPARE_WAIT),--wait) $(EVAL_ARGS) $(if $(strip $(TRAIN_ARGS)),--train-args {TRAIN_ARGS}) \
+		$(if $(filter-out 1,$(NPROC)),--torchrun-args "$$TORCHRUN_ARGS")
 
 plot: setup
 	@$(RUN_WITH_ARGS) $(PY) -m train.log "$$RUN"

@@ -24,6 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from datapipe.loader import batches_per_epoch
 from train.distributed import init_distributed
 from train.pretrain import Trainer
 
@@ -103,9 +104,11 @@ def _batches(loader):
         epoch += 1
 
 
-def measure(config, timed_steps=TIMED_STEPS):
+def measure(config, timed_steps=TIMED_STEPS, ranks=1):
     """{flops_per_step, seconds_per_step (None if timed_steps is 0), steps_per_epoch, global_batch} of real
-    training steps of `config` (a throwaway trainer: its run folder is not touched)."""
+    training steps of `config` (a throwaway trainer: its run folder is not touched), for a job of `ranks` ranks:
+    one rank's step is measured here, the job's FLOPs per step are `ranks` times its FLOPs (the same per-rank batch
+    on every rank), its step takes the time of one rank's, and an epoch has the job's steps."""
     world = init_distributed(config.run.collective_timeout_s)
     trainer = Trainer(config, world)
     batches, values = _batches(trainer.loader), trainer.schedules.at(0)
@@ -120,9 +123,10 @@ def measure(config, timed_steps=TIMED_STEPS):
         if world.device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
-    measured = {"flops_per_step": counter.get_total_flops() / MEASURED_STEPS,
+    measured = {"flops_per_step": ranks * counter.get_total_flops() / MEASURED_STEPS,
                 "seconds_per_step": statistics.median(seconds) if seconds else None,
-                "steps_per_epoch": len(trainer.loader), "global_batch": config.data.batch_size * world.world_size}
+                "steps_per_epoch": batches_per_epoch(trainer.loader.shards.total, ranks, config.data.batch_size),
+                "global_batch": config.data.batch_size * ranks}
     del trainer, batches
     if world.device.type == "cuda":
         torch.cuda.empty_cache()  # the comparison goes on in this process: the GPU is the trainers' again
