@@ -103,7 +103,7 @@ def test_compare_reports_continues_after_a_kill_and_refuses_another_budget(demo_
                  "--shards", str(demo_shards["train"]), "--out", str(tmp_path), "--zeroshot",
                  str(demo_shards["heldout"]), "--train-args", "data.batch_size=32", "data.num_workers=0",
                  "run.log_every=1"]
-    clip, harmony = tmp_path / "tiny" / "clip", tmp_path / "tiny" / "harmony"
+    clip, harmony = tmp_path / "tiny" / "clip" / "seed0", tmp_path / "tiny" / "harmony" / "seed0"
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([sys.executable, "-m", "tools.compare.run", *arguments], stdout=log, stderr=log)
         while not (harmony / "metrics.jsonl").is_file() and first.poll() is None:  # harmony's first step
@@ -118,7 +118,7 @@ def test_compare_reports_continues_after_a_kill_and_refuses_another_budget(demo_
     compare_run.main(arguments)  # the same command: continues
     assert (clip / "metrics.jsonl").read_text() == clip_metrics  # finished: not trained again
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
-    steps_per_epoch = report["plan"]["harmony"]["measured"]["steps_per_epoch"]
+    steps_per_epoch = report["plan"]["measured"]["harmony"]["steps_per_epoch"]
     logged = [json.loads(row)["step"] for row in (harmony / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, steps_per_epoch + 1))  # every step once: resumed, not restarted
     for method in ("clip", "harmony"):
@@ -129,10 +129,10 @@ def test_compare_reports_continues_after_a_kill_and_refuses_another_budget(demo_
     assert report["methods"]["harmony"]["flops_per_step"] > report["methods"]["clip"]["flops_per_step"]
     table = (tmp_path / "tiny" / "report.md").read_text()
     assert "| clip (clip_demo) | finished |" in table and "| harmony (harmony_demo) | finished |" in table
-    for chart in ("metrics_vs_compute.png", "loss_curves.png"):
+    for chart in ("metrics_vs_compute.png", "differences.png", "loss_curves.png"):
         assert (tmp_path / "tiny" / chart).stat().st_size > 0
 
-    with pytest.raises(SystemExit, match="other settings: budget: 'epochs:1' -> 'epochs:2'"):
+    with pytest.raises(SystemExit, match="other settings or code: clip/seed0: budget: 'epochs:1' -> 'epochs:2'"):
         compare_run.main([*arguments[:5], "epochs:2", *arguments[6:]])
 
 
@@ -379,7 +379,8 @@ def test_runs_as_jobs_with_one_preempted_requeued_and_resumed(demo_shards, tmp_p
                       *tiny_arguments(demo_shards, tmp_path, "jobs")])
     signaller.join(timeout=1)
     job_id = json.loads((out_dir / plan.PLAN_FILE).read_text())["runs"]["clip/seed1"]["job"]["id"]
-    assert "Requeued" in (out_dir / "jobs" / f"{job_id}_0_log.err").read_text()
+    job_log = "".join(path.read_text() for path in (out_dir / "jobs").glob(f"{job_id}_0_log.*"))
+    assert "Calling checkpoint method" in job_log and "Requeued" in job_log and "resumed from" in job_log
     status = json.loads((preempted / "status.json").read_text())
     assert status["state"] == "finished"
     steps = [json.loads(row)["step"] for row in (preempted / "metrics.jsonl").read_text().splitlines()]
