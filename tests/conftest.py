@@ -2,6 +2,7 @@
 generate a small demo set, serve it on 127.0.0.1, download it with img2dataset, build shards
 (tools/demo_set.py; on a machine without img2dataset, a copy of sets built elsewhere)."""
 
+import contextlib
 import io
 import json
 import os
@@ -107,16 +108,25 @@ def fake_run(tmp_path, **config):
     return tmp_path
 
 
+@contextlib.contextmanager
+def tmpfs(mount_point, options):
+    """A tmpfs mounted at `mount_point` for the block (`options` as mount -o takes them: size=1m, ro,size=1m): a
+    real file system that fills up or refuses writes. The test is skipped where none can be mounted (not root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
 @pytest.fixture
 def small_file_system(tmp_path):
     """A 1 MiB tmpfs mounted for the test: a real file system that fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    with tmpfs(tmp_path / "small_disk", "size=1m") as mount_point:
+        yield mount_point

@@ -4,7 +4,6 @@ refuse them in one line or reject what is wrong with a logged reason, and never 
 import io
 import json
 import os
-import subprocess
 import tarfile
 import tracemalloc
 
@@ -12,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import jpeg_bytes, write_raw_shard, write_training_shards
+from conftest import jpeg_bytes, tmpfs, write_raw_shard, write_training_shards
 
 from datapipe import manifest, shard_io, shards
 from datapipe.samples import ShardSet
@@ -173,12 +172,8 @@ def read_only_folder(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with tmpfs(folder, "ro,size=1m"):
+        yield folder
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["out_is_read_only", "out_is_under_a_read_only_folder"])

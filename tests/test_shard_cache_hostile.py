@@ -6,12 +6,12 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 import test_remote_shards
+from conftest import tmpfs
 
 from datapipe import make_loader, shard_cache, shard_io
 from datapipe.loader import CacheOptions
@@ -83,16 +83,8 @@ def test_an_object_replaced_mid_run_is_fetched_again_then_refused_in_one_line(lo
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 128 KiB tmpfs: a real file system that fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "tiny_disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    with tmpfs(tmp_path / "tiny_disk", "size=128k") as mount_point:
+        yield mount_point
 
 
 def test_a_full_cache_disk_names_the_cache_folder_the_bytes_and_the_fix(local_shards, server, tiny_disk):
