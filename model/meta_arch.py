@@ -187,6 +187,24 @@ class ModelConfig:
             raise ValueError(f"detailclip removes patches in 2x2 blocks: global_crop_px / patch_size = "
                              f"{self.global_crop_px // self.patch_size} must be even")
         self._check_simclr_and_aclip()
+        self._check_heads()
+
+    def _check_heads(self):
+        """Each enabled transformer's width splits evenly over its attention heads (a transformer's own error would
+        come from deep inside it, at the first step)."""
+        vit_width = f"the {self.vit_size} ViT's width", VIT_SIZES[self.vit_size].embed_dim
+        text_width = "model.text_width", self.text_width
+        attentions = [(self.uses_text, text_width, "text_heads"), (self.mae, ("model.mae_decoder_width",
+                      self.mae_decoder_width), "mae_decoder_heads"), (self.mlm, text_width, "mlm_decoder_heads"),
+                      (self.multimodal_mae, ("model.multimodal_decoder_width", self.multimodal_decoder_width),
+                       "multimodal_decoder_heads"),
+                      (self.masked_distillation, vit_width, "masked_distillation_decoder_heads"),
+                      (self.detailclip, vit_width, "detail_decoder_heads")]
+        for enabled, (width_name, width), heads_name in attentions:
+            heads = getattr(self, heads_name)
+            if enabled and width % heads:
+                raise ValueError(f"model.{heads_name}={heads} does not divide {width_name} ({width}): each attention "
+                                 f"head takes an equal share of the width; give a number of heads that divides {width}")
 
     def _check_simclr_and_aclip(self):
         if self.aclip and (self.ibot or self.clip or self.mae or self.simclr or self.detailclip):

@@ -86,6 +86,18 @@ def test_a_value_out_of_its_range_is_one_line_naming_the_setting_and_the_range(o
     assert named in config_error(override)
 
 
+@pytest.mark.parametrize("overrides, named", [
+    (["data.global_crop_px=96"], "data.global_crop_px=96 and model.global_crop_px=64 differ"),
+    (["model.text_heads=3"], "model.text_heads=3 does not divide model.text_width (128)"),
+    (["model.mae_decoder_heads=5"], "model.mae_decoder_heads=5 does not divide model.mae_decoder_width"),
+    (["model.mlm_decoder_heads=3"], "model.mlm_decoder_heads=3 does not divide model.text_width"),
+])
+def test_settings_that_must_agree_are_one_line_before_anything_runs(overrides, named):
+    """Two facts that must agree (the crop size the data makes and the model's position table; a width and its
+    attention heads) are refused at the check, not as a shape error from deep inside the first step."""
+    assert named in config_error(*overrides)
+
+
 def test_a_negative_weight_is_refused_for_every_weight_of_every_preset():
     weights = [setting.name for setting in dataclasses.fields(ModelConfig) if setting.name.endswith(("_weight",
                                                                                                   "_lambda"))]

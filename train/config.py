@@ -154,6 +154,10 @@ class TrainConfig:
             raise ValueError(f"data.backend={self.data.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.data.views not in VIEW_CHOICES:
             raise ValueError(f"data.views={self.data.views!r}: choose one of {', '.join(VIEW_CHOICES)}")
+        if self.data.global_crop_px != self.model.global_crop_px:
+            raise ValueError(f"data.global_crop_px={self.data.global_crop_px} and model.global_crop_px="
+                             f"{self.model.global_crop_px} differ: the model's position table is made for the crops "
+                             f"the data makes; set both to the same size")
         if self.optim.weight_decay_rule not in WEIGHT_DECAY_RULES:
             raise ValueError(f"optim.weight_decay_rule={self.optim.weight_decay_rule!r}: choose one of "
                              f"{', '.join(WEIGHT_DECAY_RULES)}")
