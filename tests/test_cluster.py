@@ -107,7 +107,7 @@ def launched(launcher, demo_shards, tmp_path, output):
                    *TORCHRUN_ARGS, "-m", "train.pretrain", "--config", "demo",
                    *overrides(demo_shards["train"], run, "optim.epochs=100", "run.checkpoint_every=1000")]
     else:
-        run = tmp_path / "cmp" / "clip"
+        run = tmp_path / "cmp" / "clip" / "seed0"
         command = [sys.executable, "-m", "tools.compare.run", "--name", "cmp", "--methods", "clip", "--budget",
                    "epochs:20", "--eval-points", "1", "--shards", str(demo_shards["train"]), "--out", str(tmp_path),
                    "--zeroshot", str(demo_shards["heldout"]), "--train-args", "data.batch_size=8",
