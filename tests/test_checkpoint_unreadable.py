@@ -4,6 +4,7 @@ one line and the one before it is used; none readable stops in one line; a hosti
 import hashlib
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -28,15 +29,25 @@ def write_with_matching_sidecar(path, data):
     checkpoint.sidecar(path).write_text(json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
 
 
+def random_bytes(seed):
+    """4 KiB of random bytes, the same each run; over seeds, the unpickler fails on them in several ways."""
+    return random.Random(seed).randbytes(4096)
+
+
 def unreadable_bytes(kind, tmp_path):
-    if kind == "random bytes":
-        return os.urandom(4096)
+    if kind.startswith("random bytes"):
+        return random_bytes(int(kind.split()[-1]))
     hostile = tmp_path / "hostile.pt"
     torch.save({"step": 2, "payload": Hostile(tmp_path / "the pickle ran")}, hostile)
     return hostile.read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["random bytes", "hostile pickle"])
+# Seeds whose bytes make the unpickler fail with UnpicklingError, IndexError, UnicodeDecodeError and KeyError:
+# each is "not a checkpoint of this trainer".
+RANDOM_BYTES = ["random bytes 0", "random bytes 2", "random bytes 195", "random bytes 20"]
+
+
+@pytest.mark.parametrize("kind", [*RANDOM_BYTES, "hostile pickle"])
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, kind):
     folder = tmp_path / "checkpoints"
     for step in (1, 2):
@@ -50,7 +61,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     assert not (tmp_path / "the pickle ran").exists()
 
 
-@pytest.mark.parametrize("kind", ["random bytes", "hostile pickle"])
+@pytest.mark.parametrize("kind", [*RANDOM_BYTES, "hostile pickle"])
 def test_no_readable_checkpoint_stops_in_one_line(tmp_path, kind):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -71,7 +82,7 @@ def test_resuming_from_an_unreadable_checkpoint_path_is_one_line(demo_shards, tm
 
     named = tmp_path / "elsewhere" / "checkpoint-00000002.pt"
     named.parent.mkdir()
-    write_with_matching_sidecar(named, os.urandom(4096))
+    write_with_matching_sidecar(named, random_bytes(2))  # IndexError in the unpickler
     with pytest.raises(SystemExit) as exited:
         main(["--config", "demo", *TINY_MODEL, f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}",
               "run.name=run", f"run.resume={named}"])

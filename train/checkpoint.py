@@ -163,11 +163,13 @@ def load(path, trust_unverified=False, report=print):
         report(f"warning: {error}; loading it unchecked, as run.trust_unverified_checkpoint=true asks")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's text suggests weights_only=False, which would run what the file holds
+    # What the unpickler raises on bytes that are not a pickle of tensors (torch's text for UnpicklingError suggests
+    # weights_only=False, which would run what the file holds).
+    except (pickle.UnpicklingError, IndexError, KeyError, UnicodeDecodeError):
         raise CheckpointError(f"{path} is not a checkpoint of this trainer: it does not unpickle as tensors and "
                               f"plain values (a foreign or unsafe pickle, or other bytes), so it is not "
                               f"loaded") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: cannot read this checkpoint ({reason})") from None
 
