@@ -221,7 +221,7 @@ def fake_training(monkeypatch):
         if run["method"] in fake.failing:
             raise execute.MethodFailed("out of memory")
         for step in run["eval_steps"]:
-            path = out_dir / run["run_dir"] / execute.EVALUATIONS / f"step-{step:08d}.json"
+            path = execute.result_path(out_dir / run["run_dir"], step)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"step": step, "results": {}}))
 

@@ -178,14 +178,19 @@ def run_overrides(out_dir, run, shards, mix_weights, train_args):
             f"run.seed={run['seed']}", *train_args]
 
 
+def result_path(run_dir, step):
+    """Where a run's evaluation at `step` is written."""
+    return Path(run_dir) / EVALUATIONS / f"step-{step:08d}.json"
+
+
 def run_one(trainers, out_dir, run, options, evaluations, launch=Launch()):
     """Train `run` (a plan record) to each of its evaluation points and evaluate it there, skipping what is
     done. options: shards, mix_weights, train_args, device. Only the first node evaluates."""
     run_dir = out_dir / run["run_dir"]
     overrides = run_overrides(out_dir, run, options.shards, options.mix_weights, options.train_args)
     for step in run["eval_steps"]:
-        result_path = run_dir / EVALUATIONS / f"step-{step:08d}.json"
-        if result_path.is_file():
+        evaluation = result_path(run_dir, step)
+        if evaluation.is_file():
             continue
         print(f"compare: {run['method']} seed {run['seed']} to step {step} of {run['steps']}", flush=True)
         peak_bytes = train_to(trainers, run_dir, run["preset"], overrides, run["epochs"], step, launch)
@@ -195,8 +200,8 @@ def run_one(trainers, out_dir, run, options, evaluations, launch=Launch()):
             results = evaluate(run_dir, evaluations, options.device)
         except Exception as error:  # any failure of one run's evaluation is reported, the others go on
             raise MethodFailed(f"evaluating step {step}: {type(error).__name__}: {error}") from error
-        result_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(result_path, json.dumps({"step": step, "trainer_peak_rss_bytes": peak_bytes,
+        evaluation.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(evaluation, json.dumps({"step": step, "trainer_peak_rss_bytes": peak_bytes,
                                               "results": results}, indent=2))
 
 

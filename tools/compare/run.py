@@ -150,9 +150,8 @@ def refuse_below_one_step(out_dir, budget, measured):
 
 
 def is_finished(out_dir, run):
-    return "eval_steps" in run and all(
-        (out_dir / run["run_dir"] / execute.EVALUATIONS / f"step-{step:08d}.json").is_file()
-        for step in run["eval_steps"])
+    return "eval_steps" in run and all(execute.result_path(out_dir / run["run_dir"], step).is_file()
+                                       for step in run["eval_steps"])
 
 
 def run_here(plan, out_dir, args, evaluations, keys):
