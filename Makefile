@@ -42,7 +42,7 @@ TRAIN_ARGS ?=
 TRAIN_SHARDS ?= $(OUT)/train
 MIX_WEIGHTS ?=
 # `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty),
-# in any layout tools/eval/datasets.py reads (README: "Evaluate on standard benchmarks").
+# in any layout evaluation/datasets.py reads (README: "Evaluate on standard benchmarks").
 EVAL_DATA ?= $(OUT)/source
 empty :=
 space := $(empty) $(empty)
@@ -99,8 +99,8 @@ EXPORTED := DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_S
 	EVAL_POINTS EVAL_DEVICE TRAIN_SHARDS MIX_WEIGHTS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS
 export $(EXPORTED)
 RUN_WITH_ARGS := $(PY) -m tools.make_args
-# DATASET=demo without a URL_LIST: the built-in demo set, generated and served by tools/demo_download.py.
-DOWNLOADER = $(if $(and $(filter demo,$(DATASET)),$(if $(URL_LIST),,no-list)),tools.demo_download,datapipe.download)
+# DATASET=demo without a URL_LIST: the built-in demo set, generated and served by demo/download.py.
+DOWNLOADER = $(if $(and $(filter demo,$(DATASET)),$(if $(URL_LIST),,no-list)),demo.download,datapipe.fetch.download)
 
 .PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean gpu-kit gpu-check compare
 
@@ -126,7 +126,7 @@ download: setup
 	  --distributor "$$DISTRIBUTOR" $(if $(REMOTE_RAW),--staging "$$STAGING") {DOWNLOAD_ARGS}
 
 # OUT in object storage (s3://, gs://, hf://): make shards builds in STAGING, then publishes the shards, the
-# manifest last (datapipe.publish); raw shards in object storage are copied to STAGING first. make verify
+# manifest last (datapipe.shards.publish); raw shards in object storage are copied to STAGING first. make verify
 # checks a local copy of the published shards.
 STAGING ?= shards/.staging/$(notdir $(OUT))
 BUILD_RAW = $(if $(REMOTE_RAW),$(STAGING)/raw,$(RAW))
@@ -134,13 +134,13 @@ BUILD_OUT = $(if $(REMOTE_OUT),$(STAGING),$(OUT))
 export STAGING BUILD_RAW BUILD_OUT
 
 shards: setup
-	@$(if $(REMOTE_RAW),$(RUN_WITH_ARGS) $(PY) -m datapipe.publish get "$$RAW" "$$BUILD_RAW")
+	@$(if $(REMOTE_RAW),$(RUN_WITH_ARGS) $(PY) -m datapipe.shards.publish get "$$RAW" "$$BUILD_RAW")
 	@$(RUN_WITH_ARGS) $(PY) -m datapipe.shards build "$$BUILD_RAW" "$$BUILD_OUT/train" --processes "$$PROCESSES" \
 	  --samples-per-shard "$$SAMPLES_PER_SHARD" $(if $(EXCLUDE),--exclude "$$EXCLUDE") {SHARDS_ARGS}
-	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.publish put "$$BUILD_OUT/train" "$$OUT/train")
+	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.shards.publish put "$$BUILD_OUT/train" "$$OUT/train")
 
 verify: setup
-	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.publish get "$$OUT/train" "$$STAGING/published/train")
+	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.shards.publish get "$$OUT/train" "$$STAGING/published/train")
 	@$(RUN_WITH_ARGS) $(PY) -m datapipe.shards verify "$(if $(REMOTE_OUT),$$STAGING/published,$$OUT)/train"
 
 # A sub-make works its defaults out again: the demo's EXCLUDE and evaluation data name the held-out splits
@@ -173,11 +173,11 @@ pretrain: data
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
 eval: setup
-	@$(RUN_WITH_ARGS) $(PY) -m tools.eval.run --run "$$RUN" $(EVAL_ARGS)
+	@$(RUN_WITH_ARGS) $(PY) -m evaluation.run --run "$$RUN" $(EVAL_ARGS)
 
 # Methods side by side (the variables are with the others at the top: README "Compare methods").
 compare: data
-	@$(RUN_WITH_ARGS) $(PY) -m tools.compare.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
+	@$(RUN_WITH_ARGS) $(PY) -m comparison.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
 		--budget "$$BUDGET" --shards "$$TRAIN_SHARDS" $(call option,--mix-weights,MIX_WEIGHTS) \
 		--eval-points "$$EVAL_POINTS" --seeds "$$SEEDS" --reference "$$REFERENCE" --nproc "$$NPROC" \
 		--executor "$$COMPARE_EXECUTOR" --slurm-args "$$SLURM_ARGS" $(if $(ACCEPT_CHANGES),--accept-changes) \

@@ -4,9 +4,9 @@
     loader = make_loader("shards/demo/train", SingleCrop(), batch_size=256)
 """
 
-from datapipe.batch import Batch
-from datapipe.loader import make_loader
-from datapipe.views import (
+from datapipe.load.batch import Batch
+from datapipe.load.loader import make_loader
+from datapipe.load.recipes import (
     BlockMasking,
     CropAugment,
     EnclosingCrop,

@@ -1,10 +1,11 @@
 """Batch normalisation over the global batch: SyncBatchNorm's statistics, on every backend.
 
-The SSL heads of SLIP, A-CLIP and the CLIP 🚀 family normalise with SyncBN (METHODS.md 2.3, 2.7, 2.11-2.13), whose
-batch statistics are those of every rank's samples together. torch.nn.SyncBatchNorm runs on GPUs only; this one
-sums each rank's per-channel count, sum and sum of squares with an autograd-aware all-reduce (its backward sums the
-gradients of all ranks), so on any number of gloo or NCCL ranks it computes what one rank with the whole batch
-would. On one rank, or in eval mode, it is nn.BatchNorm1d.
+The SSL heads of SLIP, A-CLIP and the CLIP 🚀 family normalise with SyncBN (docs/methods/slip.md, docs/methods/aclip.md,
+docs/methods/clip_rocket.md, docs/methods/siamlip_byolip.md, docs/methods/barlip.md), whose batch statistics are those
+of every rank's samples together. torch.nn.SyncBatchNorm runs on GPUs only; this one sums each rank's per-channel count,
+sum and sum of squares with an autograd-aware all-reduce (its backward sums the gradients of all ranks), so on any
+number of gloo or NCCL ranks it computes what one rank with the whole batch would. On one rank, or in eval mode, it is
+nn.BatchNorm1d.
 """
 
 import torch

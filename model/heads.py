@@ -1,6 +1,6 @@
 """Projection heads for self-distillation: MLP, L2-normalized bottleneck, weight-normalized output.
 
-iBOT head (HARMONY.md 3.2): D -> 2048 -> 2048 -> 256, GELU, then 256 -> 8192; one last layer is
+iBOT head (docs/methods/harmony.md 3.2): D -> 2048 -> 2048 -> 256, GELU, then 256 -> 8192; one last layer is
 shared by CLS and patch tokens. Text-distillation head (3.6): 512 -> 1024 -> 256, then -> 2048.
 The output layer's norm (weight_g) is fixed at 1 and frozen, as `norm_last_layer=True`.
 """

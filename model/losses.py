@@ -1,9 +1,9 @@
 """Every objective's loss as a pure function: tensors in, (loss, statistics) out.
 
-Harmony's five follow ../shared/HARMONY.md section 2 (the official code), with our decision #2:
+Harmony's five follow docs/methods/harmony.md section 2 (the official code), with our decision #2:
 the text-distillation centre statistics are teacher logits over real tokens only. SigLIP, label smoothing,
 masked self-distillation (MaskCLIP), raw-pixel reconstruction (M3AE), SimCLR's NT-Xent (SLIP, A-CLIP) and
-BYOL (A-CLIP) follow ../shared/METHODS.md.
+BYOL (A-CLIP) follow their pages in docs/methods/.
 Distributed gathers and all-reduces are the caller's job: functions take the gathered
 tensors and return the local statistics the caller reduces.
 """
@@ -65,8 +65,8 @@ def siglip_loss(image_local, text_all, logit_scale, logit_bias, rank=0):
 
 
 def simclr_loss(view_a_local, view_b_local, view_a_all, view_b_all, temperature=0.1, rank=0):
-    """SLIP's NT-Xent (METHODS.md 2.3): each local row of one view is scored against the other view's gathered rows
-    (its positive at its own global index) and its own view's gathered rows without itself, 2N - 1 candidates, over
+    """SLIP's NT-Xent (docs/methods/slip.md): each local row of one view is scored against the other view's gathered
+    rows (its positive at its own global index) and its own view's gathered rows without itself, 2N - 1 candidates, over
     the temperature; the loss is the mean of the two views' cross-entropies.
 
     view_a_local, view_b_local: (B, D) L2-normalized; view_a_all, view_b_all: (W*B, D), gathered with gradient.
@@ -85,7 +85,7 @@ def simclr_loss(view_a_local, view_b_local, view_a_all, view_b_all, temperature=
 
 
 def byol_loss(predictions, targets):
-    """BYOL's regression (A-CLIP, METHODS.md 2.7): mean over rows of 2 - 2 cos(prediction, target); (n, D) each,
+    """BYOL's regression (A-CLIP, docs/methods/aclip.md): mean over rows of 2 - 2 cos(prediction, target); (n, D) each,
     the targets constant (an EMA network's output)."""
     loss = (2 - 2 * F.cosine_similarity(predictions, targets.detach(), dim=-1)).mean()
     return loss, {"byol": loss.detach()}
@@ -243,7 +243,7 @@ def text_distillation_loss(student_tokens, teacher_tokens, masked, real_tokens, 
 
 
 def masked_distillation_loss(student_tokens, teacher_tokens, removed, center, teacher_temp, student_temp=0.1):
-    """MaskCLIP's masked self-distillation (Harmony's re-implementation, METHODS.md 2.5).
+    """MaskCLIP's masked self-distillation (Harmony's re-implementation, docs/methods/maskclip.md).
 
     student_tokens: (B, N, K) decoder outputs from the masked image; teacher_tokens: (B, N, K) the EMA teacher's
     patch tokens of the full image; removed: (B, N) bool, the patches the student did not see; center: (1, 1, K).

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-MASK_ID = 49408  # one past the CLIP BPE vocabulary (datapipe.text.MASK_ID; model/ does not import datapipe)
+MASK_ID = 49408  # one past the CLIP BPE vocabulary (datapipe.common.captions.MASK_ID; model/ does not import datapipe)
 
 
 def _positions_and_eot(tokens):
@@ -71,7 +71,8 @@ def mask_captions_by_count(tokens, mask_ratio, generator=None):
 
 
 def attentive_keep_indices(attention, grid, mask_ratio=0.5):
-    """A-CLIP's and DetailCLIP's attention-guided removal in 2x2 blocks of patches (METHODS.md 2.7, 2.8).
+    """A-CLIP's and DetailCLIP's attention-guided removal in 2x2 blocks of patches (docs/methods/aclip.md and
+    docs/methods/detailclip.md).
 
     attention: (B, rows*cols) an EMA teacher's CLS attention to each patch. It is averaged over 2x2 blocks (what
     their bilinear resize to half the grid computes), the int(blocks * (1 - mask_ratio)) + 1 highest blocks are kept
@@ -90,9 +91,9 @@ def attentive_keep_indices(attention, grid, mask_ratio=0.5):
 
 
 def attention_in_boxes(attention, grid, enclosing_box, boxes):
-    """A-CLIP's attention for each online crop, from the teacher's attention on the zoom-out crop (METHODS.md 2.7):
-    the part of the enclosing crop's attention map that each online box covers, resized back to the grid (bilinear
-    samples at the bin centres, as their resize to the crop's pixels, crop and resize back).
+    """A-CLIP's attention for each online crop, from the teacher's attention on the zoom-out crop
+    (docs/methods/aclip.md): the part of the enclosing crop's attention map that each online box covers, resized back to
+    the grid (bilinear samples at the bin centres, as their resize to the crop's pixels, crop and resize back).
 
     attention: (B, rows*cols) on the enclosing crop; enclosing_box: (B, 4) and boxes: (V, B, 4), (top, left, height,
     width) in source-image pixels, each box inside the enclosing one. Returns (V, B, rows*cols)."""

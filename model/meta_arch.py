@@ -5,16 +5,16 @@ objectives' backward passes in `PASS_ORDER`.
 
 The trainer calls, per step: `forward_teachers` once (no grad), then each enabled objective's passes
 (`group_passes`), each pass followed by its own backward, so only one pass's activations are alive at a time
-(HARMONY.md 4.1). Each pass yields (weighted loss, metrics); an objective's metrics are the sum of its passes';
-they are detached tensors, read by the caller at log intervals (no host sync here).
+(docs/methods/harmony.md 4.1). Each pass yields (weighted loss, metrics); an objective's metrics are the sum of its
+passes'; they are detached tensors, read by the caller at log intervals (no host sync here).
 
 The teachers' outputs are a dict from which each objective pops what it reads (every output has one reader), so
 nothing a teacher computed outlives its reader.
 
-Ownership (HARMONY.md 3.8): one image student shared by every image objective; one text student shared by every
-text objective. `teachers[name]` is the EMA copy of the student module `self.<name>`: the image teacher (ViT with
-its contrastive projection, plus the iBOT head) serves iBOT and the soft CLIP targets; one text teacher serves soft
-CLIP and text distillation; A-CLIP's teacher is the image teacher (on its zoom-out view) plus the EMA BYOL projector.
+Ownership (docs/methods/harmony.md 3.8): one image student shared by every image objective; one text student shared by
+every text objective. `teachers[name]` is the EMA copy of the student module `self.<name>`: the image teacher (ViT with
+its contrastive projection, plus the iBOT head) serves iBOT and the soft CLIP targets; one text teacher serves soft CLIP
+and text distillation; A-CLIP's teacher is the image teacher (on its zoom-out view) plus the EMA BYOL projector.
 Decoders and the logit scale have no teacher.
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 from model.objectives import OBJECTIVES, PASS_ORDER
 from model.pooling import POOLINGS
 from model.ranges import check_ranges, ranged
-from model.text import TextEncoder
+from model.text_tower import TextEncoder
 from model.vit import VIT_SIZES, VisionTransformer
 
 NOT_IN_EMA = ("mask_token",)  # the image teacher never masks; its copy of the token is never used
@@ -39,7 +39,8 @@ MASK_NOTE = "the share of tokens masked"
 
 @dataclass
 class ModelConfig:
-    """Defaults are Harmony's ViT-B/16 run (HARMONY.md section 0); a method's preset switches objectives on and off."""
+    """Defaults are Harmony's ViT-B/16 run (docs/methods/harmony.md section 0); a method's preset switches
+    objectives on and off."""
 
     ibot: bool = True
     clip: bool = True
@@ -81,7 +82,7 @@ class ModelConfig:
     # keeping its activations: less memory, about one more forward of time. Same values.
     activation_checkpointing: bool = False
 
-    # The image-text objective's variants (METHODS.md 2.1, 2.2, 2.6).
+    # The image-text objective's variants (docs/methods/clip.md, siglip.md, flip.md).
     clip_loss: str = "softmax"  # softmax: CLIP's InfoNCE; sigmoid: SigLIP
     clip_pooling: str = "cls"  # cls | gap | max | map: what the image tower's CLIP embedding pools
     # FLIP: the share of patches removed at random from the contrastive view
@@ -92,14 +93,15 @@ class ModelConfig:
     logit_scale_max: float = ranged(0.0, "[0, inf)")
     logit_bias_init: float = ranged(-10.0, "(-inf, inf)")  # SigLIP's learnable bias b
 
-    # MaskCLIP's masked self-distillation (METHODS.md 2.5, Harmony's re-implementation).
+    # MaskCLIP's masked self-distillation (docs/methods/maskclip.md, Harmony's re-implementation).
     masked_distillation: bool = False
     masked_distillation_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
     masked_distillation_decoder_depth: int = ranged(1, "[1, inf)")
     masked_distillation_decoder_heads: int = ranged(16, "[1, inf)")
     masked_distillation_weight: float = ranged(0.05, "[0, inf)", note=WEIGHT_NOTE)
 
-    # Joint image-text masked autoencoding (M3AE, METHODS.md 2.10; MAE-CLIP's generative terms, 2.9).
+    # Joint image-text masked autoencoding (M3AE, docs/methods/m3ae.md; MAE-CLIP's generative terms,
+    # docs/methods/mae_clip.md).
     multimodal_mae: bool = False
     multimodal_image_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
     multimodal_text_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
@@ -110,23 +112,23 @@ class ModelConfig:
     multimodal_image_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
     multimodal_text_weight: float = ranged(0.5, "[0, inf)", note=WEIGHT_NOTE)
 
-    # DetailCLIP (METHODS.md 2.8): CLIP, iBOT and reconstruction on attention-masked views; its loss weights are
-    # clip_weight, mae_weight, ibot_cls_weight and ibot_patch_weight.
+    # DetailCLIP (docs/methods/detailclip.md): CLIP, iBOT and reconstruction on attention-masked views; its loss weights
+    # are clip_weight, mae_weight, ibot_cls_weight and ibot_patch_weight.
     detailclip: bool = False
     # removed in 2x2 blocks by the teacher's attention (100 of 196 patches kept)
     detail_mask_ratio: float = ranged(0.5, "(0, 1)", note=MASK_NOTE)
     detail_decoder_depth: int = ranged(1, "[1, inf)")
     detail_decoder_heads: int = ranged(16, "[1, inf)")
 
-    # SLIP's SimCLR term (METHODS.md 2.3; SLIP's CLIP term is `clip`), whose head and NT-Xent A-CLIP shares.
+    # SLIP's SimCLR term (docs/methods/slip.md; SLIP's CLIP term is `clip`), whose head and NT-Xent A-CLIP shares.
     simclr: bool = False
     simclr_hidden_dim: int = ranged(4096, "[1, inf)")
     simclr_out_dim: int = ranged(256, "[1, inf)")
     simclr_temperature: float = ranged(0.1, "(0, inf)", note="SLIP, A-CLIP: 0.1")
     simclr_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
 
-    # A-CLIP (METHODS.md 2.7): CLIP on two attention-masked views (weight clip_weight for their mean), SimCLR between
-    # them (simclr_*) and BYOL against the EMA projector on the zoom-out view.
+    # A-CLIP (docs/methods/aclip.md): CLIP on two attention-masked views (weight clip_weight for their mean), SimCLR
+    # between them (simclr_*) and BYOL against the EMA projector on the zoom-out view.
     aclip: bool = False
     # removed in 2x2 blocks by the teacher's mapped attention (100 of 196 patches kept)
     aclip_mask_ratio: float = ranged(0.5, "(0, 1)", note=MASK_NOTE)
@@ -135,8 +137,8 @@ class ModelConfig:
     byol_out_dim: int = ranged(256, "[1, inf)")
     byol_weight: float = ranged(2.0, "[0, inf)", note=WEIGHT_NOTE)
 
-    # CLIP 🚀 (METHODS.md 2.11) on the clip_rocket recipe's weak and strong views; its global term uses the towers'
-    # CLIP projections (clip_dim), logit_scale_init and logit_scale_max (which clamps rocket_logit_scale too).
+    # CLIP 🚀 (docs/methods/clip_rocket.md) on the clip_rocket recipe's weak and strong views; its global term uses the
+    # towers' CLIP projections (clip_dim), logit_scale_init and logit_scale_max (which clamps rocket_logit_scale too).
     clip_rocket: bool = False
     # the local projectors h: in -> 4096 -> 4096 -> rocket_dim (SyncBN)
     rocket_hidden_dim: int = ranged(4096, "[1, inf)")
@@ -146,7 +148,8 @@ class ModelConfig:
     # residual-stream dropout on the strong captions (CC3M 0.2, CC12M 0.05)
     rocket_text_dropout: float = ranged(0.2, "[0, 1)")
     rocket_loss_mode: str = "avg"  # avg (CC3M) | sum (CC12M, YFCC: the loss x2)
-    # Its SSL add-ons (METHODS.md 2.12-2.14), terms in clip_rocket's pass.
+    # Its SSL add-ons (docs/methods/siamlip_byolip.md, docs/methods/barlip.md, docs/methods/swalip.md), terms in
+    # clip_rocket's pass.
     siamlip: bool = False
     byolip: bool = False  # SiamLIP with EMA targets (optim.teacher_momentum, held by optim.teacher_momentum_end)
     siam_hidden_dim: int = ranged(2048, "[1, inf)")
@@ -419,8 +422,8 @@ class MetaArch(nn.Module):
     def group_passes(self, group, views, teacher, **values):
         """The backward passes of one objective by name: an iterator of (loss, metrics), to be backwarded in turn.
 
-        views: the step's inputs by name (train/views.py `model_views`): each image view (n, B, 3, H, W), each text
-        view (n, B, T), `<view>_boxes` (n, B, 4) where the recipe keeps boxes; with Harmony's and CLIP's recipes
+        views: the step's inputs by name (train/step_inputs.py `model_views`): each image view (n, B, 3, H, W), each
+        text view (n, B, T), `<view>_boxes` (n, B, 4) where the recipe keeps boxes; with Harmony's and CLIP's recipes
         also `local_crops` (L, B, 3, h, w), `ibot_masks` (G, B, H/p, W/p) and `tokens` (B, T), the one caption.
         values: the step's scheduled values (teacher temperatures, CLIP hard weight, ...)."""
         if group not in self.objectives:

@@ -1,4 +1,4 @@
-"""How the image tower turns its tokens into one vector for the CLIP projection (METHODS.md 2.1).
+"""How the image tower turns its tokens into one vector for the CLIP projection (docs/methods/clip.md).
 
 cls: the CLS token (CLIP, Harmony). gap: the mean of the patch tokens, CLS excluded (open_clip's `avg` and timm's
 `avg`; FLIP also averages the CLS token). max: the per-channel max over the patch tokens. map: multi-head attention

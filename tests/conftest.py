@@ -1,6 +1,6 @@
 """Shared fixtures. `demo_shards` runs the real pipeline once per test session:
 generate a small demo set, serve it on 127.0.0.1, download it with img2dataset, build shards
-(tools/demo_set.py; on a machine without img2dataset, a copy of sets built elsewhere)."""
+(demo/end_to_end.py; on a machine without img2dataset, a copy of sets built elsewhere)."""
 
 import contextlib
 import io
@@ -16,21 +16,21 @@ import pytest
 import torch
 from PIL import Image
 
-from datapipe import shard_io
+import demo.end_to_end
+from datapipe.common import shard_io
 from model.meta_arch import MetaArch, ModelConfig
-from tools import demo_set
 from train.pretrain import TEACHER_WEIGHTS, save_teacher_weights
 
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
-    return demo_set.build_or_copy(tmp_path_factory.mktemp("demo"), *demo_set.TEST_SETS["small"])
+    return demo.end_to_end.build_or_copy(tmp_path_factory.mktemp("demo"), *demo.end_to_end.TEST_SETS["small"])
 
 
 @pytest.fixture(scope="session")
 def larger_demo_shards(tmp_path_factory):
     """Enough pairs for a short training run to learn something."""
-    return demo_set.build_or_copy(tmp_path_factory.mktemp("demo_larger"), *demo_set.TEST_SETS["larger"])
+    return demo.end_to_end.build_or_copy(tmp_path_factory.mktemp("demo_larger"), *demo.end_to_end.TEST_SETS["larger"])
 
 
 def jpeg_bytes(width_px=96, height_px=80, color=(200, 30, 30), mode="RGB", fmt="JPEG", **save):

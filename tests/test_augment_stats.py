@@ -13,7 +13,7 @@ from conftest import write_training_shards
 from torchvision import transforms
 
 from datapipe import ImageView, ViewRecipe, aclip_views, clip_rocket_views, make_loader, slip_views
-from datapipe.views import CropAugment, EnclosingCrop
+from datapipe.load.recipes import CropAugment, EnclosingCrop
 
 BACKENDS = ["dali", "torch"]
 SAMPLES, BATCH = 256, 64

@@ -1,5 +1,6 @@
-"""The CLIP 🚀 family (METHODS.md 2.11-2.14): each loss written out from its formula with plain torch ops, the text
-dropout, the second logit scale, the constant momentum of BYOLIP, the refusals, and the demo presets training."""
+"""The CLIP 🚀 family (docs/methods/clip_rocket.md, docs/methods/siamlip_byolip.md, docs/methods/barlip.md,
+docs/methods/swalip.md): each loss written out from its formula with plain torch ops, the text dropout, the second logit
+scale, the constant momentum of BYOLIP, the refusals, and the demo presets training."""
 
 import json
 import math
@@ -55,7 +56,7 @@ def group_loss(model, batch, group="clip_rocket"):
     return sum(loss for loss, _ in model.group_passes(group, batch, teacher=teacher))
 
 
-# Written out from METHODS.md, independently of the objectives' code.
+# Written out from docs/methods/, independently of the objectives' code.
 
 def smoothed_cross_entropy(logits, smoothing):
     """Targets 0.9 one-hot + 0.1 / N (smoothing 0.1) over the N columns; the matching row is the diagonal."""

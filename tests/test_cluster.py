@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_train import TINY_MODEL, tiny_config
 
-from datapipe.folder_lock import FolderBusy
+from datapipe.common.folder_lock import FolderBusy
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.config import load_config
@@ -108,7 +108,7 @@ def launched(launcher, demo_shards, tmp_path, output):
                    *overrides(demo_shards["train"], run, "optim.epochs=100", "run.checkpoint_every=1000")]
     else:
         run = tmp_path / "cmp" / "clip" / "seed0"
-        command = [sys.executable, "-m", "tools.compare.run", "--name", "cmp", "--methods", "clip", "--budget",
+        command = [sys.executable, "-m", "comparison.run", "--name", "cmp", "--methods", "clip", "--budget",
                    "epochs:20", "--eval-points", "1", "--shards", str(demo_shards["train"]), "--out", str(tmp_path),
                    "--zeroshot", str(demo_shards["heldout"]), "--train-args", "data.batch_size=8",
                    "data.num_workers=0", "run.checkpoint_every=1000"]

@@ -18,10 +18,10 @@ import torch
 from conftest import jpeg_bytes, write_training_shards
 from test_train import TINY_MODEL
 
-from datapipe.folder_lock import FolderLock
-from tools.compare import budget, execute, methods, plan
-from tools.compare import run as compare_run
-from tools.eval.run import EvalData
+from comparison import budget, execute, methods, plan
+from comparison import run as compare_run
+from datapipe.common.folder_lock import FolderLock
+from evaluation.run import EvalData
 from train.run_folder import write_status
 
 
@@ -105,7 +105,7 @@ def test_compare_reports_continues_after_a_kill_and_refuses_another_budget(demo_
                  "run.log_every=1"]
     clip, harmony = tmp_path / "tiny" / "clip" / "seed0", tmp_path / "tiny" / "harmony" / "seed0"
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, "-m", "tools.compare.run", *arguments], stdout=log, stderr=log)
+        first = subprocess.Popen([sys.executable, "-m", "comparison.run", *arguments], stdout=log, stderr=log)
         while not (harmony / "metrics.jsonl").is_file() and first.poll() is None:  # harmony's first step
             time.sleep(0.05)
         first.send_signal(signal.SIGTERM)  # as `kill` does: the trainer checkpoints, then the comparison stops

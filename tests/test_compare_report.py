@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tools.compare import metrics, report
-from tools.eval import linear_probe
-from tools.eval.retrieval import RECALL_AT, first_right_rank
+from comparison import metrics, report
+from evaluation import linear_probe
+from evaluation.retrieval import RECALL_AT, first_right_rank
 
 EXAMPLES, CLASSES, CAPTIONS_PER_IMAGE = 400, 10, 2
 STEPS, EVAL_STEPS = 40, (20, 40)
@@ -18,7 +18,7 @@ MEASURED = {"flops_per_step": 1e12, "seconds_per_step": 0.1, "steps_per_epoch": 
 
 
 def fake_results(rng, accuracy):
-    """tools.eval.run.evaluate's dict with per-example outcomes drawn at `accuracy`."""
+    """evaluation.run.evaluate's dict with per-example outcomes drawn at `accuracy`."""
     correct = (rng.random(EXAMPLES) < accuracy).astype(int)
     image_rank = np.where(rng.random(EXAMPLES) < accuracy, 0, rng.integers(1, 30, EXAMPLES))
     caption_rank = np.where(rng.random(EXAMPLES * CAPTIONS_PER_IMAGE) < accuracy, 0,

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from tools.compare import statistics
-from tools.compare.statistics import Outcomes
+from comparison import statistics
+from comparison.statistics import Outcomes
 
 
 def correct_outcomes(correct):

@@ -13,8 +13,10 @@ import pytest
 from conftest import jpeg_bytes, write_raw_shard
 from PIL import Image
 
-from datapipe import download, shard_io
-from tools import demo_download, demo_server
+import demo.download
+import demo.server
+from datapipe.common import shard_io
+from datapipe.fetch import download
 
 REPO = Path(__file__).parents[1]
 
@@ -47,7 +49,7 @@ def test_demo_download_summary_counts_every_url(demo_shards):
 
 def test_demo_raw_images_are_passed_through_unchanged(demo_shards):
     """skip_reencode: a small JPEG is stored as served, so `make shards` judges the original."""
-    from datapipe import shard_io
+    from datapipe.common import shard_io
 
     www = demo_shards["root"] / "source" / "www"
     for sample in shard_io.read_samples(sorted(demo_shards["raw"].glob("*.tar"))):
@@ -62,7 +64,7 @@ def test_demo_raw_images_are_passed_through_unchanged(demo_shards):
 def test_pyspark_distributor_in_local_mode(tmp_path, monkeypatch):
     pytest.importorskip("pyspark")
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")  # keep Spark on loopback
-    totals, failures = demo_download.download_demo(
+    totals, failures = demo.download.download_demo(
         tmp_path / "raw", demo_root=tmp_path / "source", demo_size=20, processes=1, threads=4, distributor="pyspark")
     assert totals["count"] == 20 + 15 and totals["successes"] == totals["count"] - sum(failures.values())
 
@@ -131,7 +133,7 @@ def test_a_url_list_download_onto_a_full_disk(tmp_path, small_file_system, capfd
         noise = np.random.default_rng(number).integers(0, 256, (200, 200, 3), dtype=np.uint8)
         Image.fromarray(noise).save(www / f"{number}.jpg", quality=95)
     raw = small_file_system / "raw"
-    with demo_server.serve(www) as base_url:
+    with demo.server.serve(www) as base_url:
         url_list_path = tmp_path / "list.tsv"
         url_list_path.write_text("".join(f"noise {number}\t{base_url}/{number}.jpg\n" for number in range(24)))
         with pytest.raises(SystemExit, match=r"disk holding .*raw is full.* removed; they need about [0-9.]+ MiB") \
@@ -208,7 +210,7 @@ def test_16_bit_png_and_tiff_keep_their_tones_through_make_download(tmp_path):
               "grey16-large.tif": np.tile(np.linspace(0, 65535, 600).round().astype(np.uint16), (450, 1))}
     for name, pixels in images.items():  # the large one is downscaled to 384 px by img2dataset
         assert cv2.imwrite(str(www / name), pixels)
-    with demo_server.serve(www) as base_url:
+    with demo.server.serve(www) as base_url:
         url_list_path = tmp_path / "list.tsv"
         url_list_path.write_text("".join(f"{name}\t{base_url}/{name}\n" for name in images))
         done = subprocess.run(["make", "--no-print-directory", "download", "DATASET=cc3m", f"URL_LIST={url_list_path}",

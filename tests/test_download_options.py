@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from datapipe import download_options, shard_io
-from tools import demo_data, demo_download, demo_server
+import demo.dataset
+import demo.download
+import demo.server
+from datapipe.common import shard_io
+from datapipe.fetch import download_options
 
 REPO = Path(__file__).parents[1]
 
@@ -44,7 +47,7 @@ def test_bad_options_are_refused_with_the_fix(tokens, message):
 
 def test_user_options_override_the_preset(tmp_path):
     """The demo preset stores images up to 256 px; --image_size 48 makes img2dataset downscale to 48."""
-    demo_download.main(["--out", str(tmp_path / "raw"), "--demo-size", "10", "--processes", "1",
+    demo.download.main(["--out", str(tmp_path / "raw"), "--demo-size", "10", "--processes", "1",
                    "--threads", "4", "--image_size", "48", "--skip_reencode", "false"])
     sides = [min(Image.open(io.BytesIO(sample["jpg"])).size)
              for sample in shard_io.read_samples(sorted((tmp_path / "raw").glob("*.tar")))]
@@ -52,7 +55,7 @@ def test_user_options_override_the_preset(tmp_path):
 
 
 def test_png_downloads_get_a_png_compression_level_not_the_presets_jpeg_quality(tmp_path):
-    demo_download.main(["--dataset", "demo", "--out", str(tmp_path / "raw"), "--demo-size", "10", "--processes", "1",
+    demo.download.main(["--dataset", "demo", "--out", str(tmp_path / "raw"), "--demo-size", "10", "--processes", "1",
                         "--threads", "4", "--encode_format", "png", "--skip_reencode", "false"])
     samples = list(shard_io.read_samples(sorted((tmp_path / "raw").glob("*.tar"))))
     assert samples and all(Image.open(io.BytesIO(sample["png"])).format == "PNG" for sample in samples)
@@ -100,9 +103,9 @@ def test_readme_data_examples_run_as_written(tmp_path):
     commands = readme_make_commands()
     assert len(commands) >= 4, commands
     base = tmp_path / "with space"
-    items = demo_data.ensure_generated(tmp_path / "source", num_train=12, heldout_per_class=1, probe_per_class=1,
+    items = demo.dataset.ensure_generated(tmp_path / "source", num_train=12, heldout_per_class=1, probe_per_class=1,
                                        heldout_pairs=2)
-    with demo_server.serve(tmp_path / "source" / "www") as base_url:
+    with demo.server.serve(tmp_path / "source" / "www") as base_url:
         rows = [(item.caption, f"{base_url}/{item.path}") for item in items]
         for command in commands:
             targets = [word for word in command[1:] if "=" not in word]

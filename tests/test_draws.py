@@ -5,8 +5,8 @@ import pytest
 import torch
 from torchvision import transforms
 
-from datapipe.draws import COLUMN, crop_parameters, crop_windows, enclosing_windows, recipe_parameters, uniforms
-from datapipe.views import CropAugment, EnclosingCrop, ImageView, MultiCrop, ViewRecipe, aclip_views
+from datapipe.load.draws import COLUMN, crop_parameters, crop_windows, enclosing_windows, recipe_parameters, uniforms
+from datapipe.load.recipes import CropAugment, EnclosingCrop, ImageView, MultiCrop, ViewRecipe, aclip_views
 
 
 def test_draws_depend_on_the_sample_seed_and_crop_only():

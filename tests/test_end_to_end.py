@@ -8,7 +8,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from datapipe import manifest, shard_io, shards
+from datapipe import shards
+from datapipe.common import manifest, shard_io
 
 
 def outcome_by_path(train_dir):

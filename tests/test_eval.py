@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import fake_run, jpeg_bytes
 
-from datapipe import shard_io
-from tools import demo_data
-from tools.eval import linear_probe, retrieval
-from tools.eval import run as eval_run
+import demo.dataset
+from datapipe.common import shard_io
+from evaluation import linear_probe, retrieval
+from evaluation import run as eval_run
 
 
 def test_recall_counts_how_many_candidates_beat_the_right_one():
@@ -71,7 +71,7 @@ def test_linear_probe_separates_separable_classes_and_keeps_every_rate():
 @pytest.fixture(scope="module")
 def tiny_eval_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_source")
-    demo_data.generate(root, num_train=2, heldout_per_class=2, probe_per_class=3, heldout_pairs=24)
+    demo.dataset.generate(root, num_train=2, heldout_per_class=2, probe_per_class=3, heldout_pairs=24)
     return root
 
 
@@ -104,7 +104,7 @@ def test_retrieval_on_a_set_none_of_whose_images_decode_is_refused_naming_them(t
 
 
 def test_a_cuda_device_on_a_machine_without_one_is_refused_with_the_choices(tmp_path):
-    from tools.eval.towers import eval_device
+    from evaluation.towers import eval_device
 
     assert eval_device("cpu") == "cpu" and eval_device() == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():

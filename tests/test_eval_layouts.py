@@ -10,10 +10,10 @@ import torch
 from conftest import fake_run
 from PIL import Image
 
-from datapipe import shard_io
-from tools import demo_data
-from tools.eval import datasets, feature_cache, retrieval, zeroshot
-from tools.eval.towers import RunTowers
+import demo.dataset
+from datapipe.common import shard_io
+from evaluation import datasets, feature_cache, retrieval, zeroshot
+from evaluation.towers import RunTowers
 from train.pretrain import TEACHER_WEIGHTS
 
 
@@ -27,7 +27,7 @@ def jpeg(seed, size_px=40):
 @pytest.fixture(scope="module")
 def demo_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_source")
-    demo_data.generate(root, num_train=2, heldout_per_class=1, probe_per_class=1, heldout_pairs=12)
+    demo.dataset.generate(root, num_train=2, heldout_per_class=1, probe_per_class=1, heldout_pairs=12)
     return root
 
 

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from conftest import SMALL_TEXT, fake_run
 from PIL import Image
 
+import export.weights
+from evaluation.datasets import TEMPLATE_SETS, open_eval_set
+from evaluation.towers import RunTowers
+from evaluation.zeroshot import zero_shot
+from export.weights import export_open_clip, export_timm
 from model.meta_arch import MetaArch, ModelConfig
-from tools import export
-from tools.eval.datasets import TEMPLATE_SETS, open_eval_set
-from tools.eval.towers import RunTowers
-from tools.eval.zeroshot import zero_shot
-from tools.export import export_open_clip, export_timm
 from train import checkpoint
 from train.config import PRESETS, load_config
 from train.pretrain import TEACHER_WEIGHTS, save_teacher_weights
@@ -97,7 +97,7 @@ def test_open_clip_zero_shot_equals_ours_on_the_demo_model(tmp_path, demo_shards
 def test_a_run_pooled_otherwise_than_cls_is_refused_with_the_reason(tmp_path, target):
     run = fake_run(tmp_path, vit_size="micro", patch_size=16, global_crop_px=32, clip_pooling="gap")
     with pytest.raises(SystemExit, match="pools its tokens by 'gap'"):
-        export.main([target, "--run", str(run), "--out", str(tmp_path / "out")])
+        export.weights.main([target, "--run", str(run), "--out", str(tmp_path / "out")])
 
 
 NO_CONTRASTIVE_LOSS = ("m3ae_demo",)  # exported to timm (headless), refused by open_clip
@@ -157,7 +157,7 @@ def test_a_siglip_teacher_weights_file_without_its_bias_takes_it_from_the_checkp
     del weights["logit_bias"]
     torch.save(weights, run / TEACHER_WEIGHTS)
     with pytest.raises(SystemExit, match=r"teacher_weights.pt has no logit bias .* no checkpoint in .* holds one"):
-        export.main(["open_clip", "--run", str(run), "--out", str(tmp_path / "refused")])
+        export.weights.main(["open_clip", "--run", str(run), "--out", str(tmp_path / "refused")])
     saved = {"model": {"logit_bias": torch.tensor(-2.5)}}
     checkpoint.save_atomic(saved, run / "checkpoints" / "checkpoint-00000001.pt")
     out = export_open_clip(run, tmp_path / "open_clip")
@@ -169,13 +169,13 @@ def test_a_run_without_a_contrastive_loss_is_refused_by_open_clip_and_exported_h
     """M3AE trains no CLIP projection: open_clip's export says so and points at timm, whose model gives the CLS."""
     run, _ = tiny_preset_run(tmp_path, "m3ae_demo")
     with pytest.raises(SystemExit) as refused:
-        export.main(["open_clip", "--run", str(run), "--out", str(tmp_path / "open_clip")])
+        export.weights.main(["open_clip", "--run", str(run), "--out", str(tmp_path / "open_clip")])
     assert str(refused.value) == (
         "this run trained no contrastive loss (its objectives: multimodal_mae), so its CLIP projections and logit "
         "scale are untrained and an open_clip model of it would score images against texts at random; export its "
-        "image tower with `python -m tools.export timm` instead (its output is the CLS token)")
+        "image tower with `python -m export timm` instead (its output is the CLS token)")
     assert not (tmp_path / "open_clip").exists()
-    export.main(["timm", "--run", str(run), "--out", str(tmp_path / "timm")])
+    export.weights.main(["timm", "--run", str(run), "--out", str(tmp_path / "timm")])
     assert "its CLIP projection is untrained and left out: the exported model's output is the CLS token" in \
         capsys.readouterr().out
     exported = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()

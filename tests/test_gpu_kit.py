@@ -10,7 +10,7 @@ import zipfile
 import pytest
 import torch
 
-from tools.demo_set import TEST_SETS, folder_name
+from demo.end_to_end import TEST_SETS, folder_name
 from tools.gpu import check, kit, parts
 
 

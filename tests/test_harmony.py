@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import model.objectives.text as text_objective
+import model.objectives.masked_text as text_objective
 from model import losses
 from model.masking import mask_captions, random_keep_indices
 from model.meta_arch import MetaArch, ModelConfig
-from model.text import trim_padding
+from model.text_tower import trim_padding
 
 TINY = dict(vit_size="micro", patch_size=8, global_crop_px=32, drop_path_rate=0.1, clip_dim=32, text_width=64,
             text_layers=2, text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes, tmpfs, write_raw_shard, write_training_shards
 
-from datapipe import manifest, shard_io, shards
-from datapipe.samples import ShardSet
+from datapipe import shards
+from datapipe.common import manifest, shard_io
+from datapipe.load.samples import ShardSet
 from datapipe.shards.cli import main as shards_main
 
 SPARSE_BYTES = 256 << 20  # what a sparse member declares: far over the 64 MiB cap, a few kB in the tar
@@ -200,7 +201,7 @@ def server():
 
 def published(server, tmp_path, location, shard_count=3):
     """Training shards (tar, index, a manifest with what `make shards` records) published to `location`."""
-    from datapipe.publish import publish
+    from datapipe.shards.publish import publish
 
     images = np.random.default_rng(shard_count).integers(0, 256, (4 * shard_count, 40, 48, 3), dtype=np.uint8)
     built = write_training_shards(tmp_path / f"train{shard_count}", images, samples_per_shard=4)
@@ -224,7 +225,7 @@ def published(server, tmp_path, location, shard_count=3):
      r": shards\[0\] 'name' is '../../demo/train/000000.tar': a manifest names files in its own folder"),
 ], ids=["a_list", "a_shard_without_fields", "shards_not_a_list", "a_shard_outside"])
 def test_a_remote_manifest_of_the_wrong_shape_is_one_line_naming_it(server, tmp_path, content, problem):
-    from datapipe.object_store import StorageError
+    from datapipe.common.object_store import StorageError
 
     server.filesystem().pipe_file("hostile/shape/manifest.json", content.encode())
     with pytest.raises(StorageError, match=rf"^s3://hostile/shape/manifest.json{problem}.*; rebuild the shards"):
@@ -236,7 +237,7 @@ def test_a_remote_manifest_of_the_wrong_shape_is_one_line_naming_it(server, tmp_
 def test_getting_an_object_named_dot_dot_is_refused_and_leaves_nothing(server, tmp_path):
     import boto3
 
-    from datapipe.publish import main as publish_main
+    from datapipe.shards.publish import main as publish_main
 
     client = boto3.session.Session().client("s3")  # a new session reads the keys the server made
     client.put_object(Bucket="hostile", Key="get/00000.tar", Body=b"a raw shard")
@@ -250,7 +251,7 @@ def test_getting_an_object_named_dot_dot_is_refused_and_leaves_nothing(server, t
 
 @pytest.mark.network
 def test_republishing_removes_only_what_this_project_wrote_and_says_what_it_left(server, tmp_path, capsys):
-    from datapipe.publish import publish
+    from datapipe.shards.publish import publish
 
     fs = server.filesystem()
     first = published(server, tmp_path, "republish", shard_count=3)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import write_training_shards
 
-from datapipe import MultiCrop, SingleCrop, aclip_views, clip_rocket_views, make_loader, shard_io, slip_views
-from datapipe.masks import block_mask, ibot_masks
-from datapipe.samples import ShardSet, rank_order
-from datapipe.views import BlockMasking, CropAugment
+from datapipe import MultiCrop, SingleCrop, aclip_views, clip_rocket_views, make_loader, slip_views
+from datapipe.common import shard_io
+from datapipe.load.ibot_masks import block_mask, ibot_masks
+from datapipe.load.recipes import BlockMasking, CropAugment
+from datapipe.load.samples import ShardSet, rank_order
 
 BACKENDS = ["dali", "torch"]
 SMALL = MultiCrop(global_1=CropAugment(32, (0.32, 1.0), blur_prob=1.0),

@@ -1,4 +1,4 @@
-"""The methods' losses (METHODS.md) against written-out computations of their formulas, gradients where subtle."""
+"""The methods' losses (docs/methods/) against written-out computations of their formulas, gradients where subtle."""
 
 import math
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import write_training_shards
 
-from datapipe import SingleCrop, make_loader, mixing
-from datapipe.mixing import ShardMixture
-from datapipe.samples import ShardSet, rank_order
+from datapipe import SingleCrop, make_loader
+from datapipe.load import mixing
+from datapipe.load.mixing import ShardMixture
+from datapipe.load.samples import ShardSet, rank_order
 
 SETTINGS = dict(recipe=SingleCrop(size_px=32), batch_size=4, seed=1, shuffle_window=8, num_workers=0,
                 backend="torch")

@@ -11,7 +11,7 @@ from timm.layers import resample_abs_pos_embed
 from model.decoders import MAEDecoder, MLMDecoder
 from model.heads import ibot_head, text_distillation_head
 from model.masking import MASK_ID, random_keep_indices
-from model.text import TextEncoder
+from model.text_tower import TextEncoder
 from model.vit import VisionTransformer, export_timm_state_dict
 
 torch.manual_seed(0)
@@ -27,7 +27,7 @@ def millions(module, trainable_only=False):
     (lambda: TextEncoder(), 63.4),
     (lambda: MLMDecoder(MASK_ID + 1), 38.0),
     (lambda: MAEDecoder(768, (14, 14)), 26.0),
-    # HARMONY.md rounds this one to 1.3M; written out: 512*1024+1024 + 1024*256+256 + 256*2048 + 2048 (norm)
+    # docs/methods/harmony.md rounds it to 1.3M; written out: 512*1024+1024 + 1024*256+256 + 256*2048 + 2048 (norm)
     (lambda: text_distillation_head(), 1.314048),
 ])
 def test_parameter_counts_match_harmony_md(build, expected_millions):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datapipe import manifest, near_duplicates, shard_io, shards
+from datapipe import shards
+from datapipe.common import manifest, near_duplicates, shard_io
 from tests.conftest import jpeg_bytes, write_raw_shard
 from tools.bench.near_duplicates import jpeg, original, quality_set, scores, variant, write_raw
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from datapipe.process_pool import ProcessPool, WorkerError
+from datapipe.common.process_pool import ProcessPool, WorkerError
 
 
 class HoldsAFile(Exception):

@@ -18,12 +18,13 @@ from conftest import write_training_shards
 from PIL import Image
 from test_train import TINY_MODEL, losses_logged, tiny_config
 
-from datapipe import SingleCrop, make_loader, shard_io
-from datapipe.loader import CacheOptions
-from datapipe.object_store import StorageError
-from datapipe.samples import ShardSet, epoch_order
-from datapipe.shard_cache import MARKER, ShardCache, ShardRefused
-from datapipe.shard_schedule import ShardSchedule
+from datapipe import SingleCrop, make_loader
+from datapipe.common import shard_io
+from datapipe.common.object_store import StorageError
+from datapipe.load.loader import CacheOptions
+from datapipe.load.samples import ShardSet, epoch_order
+from datapipe.load.shard_cache import MARKER, ShardCache, ShardRefused
+from datapipe.load.shard_schedule import ShardSchedule
 from tools.s3_loopback import S3Server
 from train import checkpoint
 
@@ -207,7 +208,7 @@ def test_a_missing_bucket_is_one_line_from_the_config_check(server, tmp_path):
 
 
 def test_make_compare_fingerprints_a_remote_set_as_its_local_copy(local_shards, server):
-    from tools.compare.run import shards_digest
+    from comparison.run import shards_digest
 
     local = shards_digest(str(local_shards))
     assert shards_digest(["s3://datasets/demo/train", str(local_shards)]) == [local, local]
@@ -279,7 +280,7 @@ def test_a_mixture_of_local_and_remote_sets_gives_the_all_local_batches(local_sh
 
 
 def test_publishing_uploads_what_changed_manifest_last_and_removes_what_it_no_longer_lists(server, tmp_path):
-    from datapipe.publish import publish
+    from datapipe.shards.publish import publish
 
     images = np.random.default_rng(3).integers(0, 256, (24, 40, 48, 3), dtype=np.uint8)
     built = write_training_shards(tmp_path / "train", images, samples_per_shard=8)
@@ -311,11 +312,11 @@ def test_download_and_shards_with_out_in_a_bucket(server, tmp_path):
     """What `make download OUT=s3://...`, `make shards OUT=s3://...` and `make verify OUT=s3://...` run:
     img2dataset writes the raw shards to the bucket; make shards stages them, builds locally and publishes;
     verify checks a copy; the loader reads the result."""
+    import demo.download
     from datapipe import shards
-    from datapipe.publish import publish, stage
-    from tools import demo_download
+    from datapipe.shards.publish import publish, stage
 
-    totals, _ = demo_download.download_demo("s3://datasets/e2e/raw", demo_size=24, processes=1, threads=4,
+    totals, _ = demo.download.download_demo("s3://datasets/e2e/raw", demo_size=24, processes=1, threads=4,
                                             staging=tmp_path / "staging")
     raw_names = {path.rsplit("/", 1)[-1] for path in server.filesystem().ls("datasets/e2e/raw")}
     assert {"00000.tar", "00000.parquet", "00000_stats.json"} <= raw_names
@@ -332,16 +333,16 @@ def test_download_and_shards_with_out_in_a_bucket(server, tmp_path):
 
 
 def test_a_download_into_a_missing_bucket_stops_before_it_starts(server, tmp_path):
-    from tools import demo_download
+    import demo.download
 
     with pytest.raises(SystemExit, match="no such bucket"):
-        demo_download.download_demo("s3://no-such-bucket/raw", staging=tmp_path / "staging")
+        demo.download.download_demo("s3://no-such-bucket/raw", staging=tmp_path / "staging")
 
 
 def test_retrieval_pairs_read_from_a_bucket(server, tmp_path):
     from conftest import jpeg_bytes
 
-    from tools.eval.datasets import open_eval_set
+    from evaluation.datasets import open_eval_set
 
     pairs = tmp_path / "heldout_pairs"
     pairs.mkdir()

@@ -13,11 +13,13 @@ import pytest
 import test_remote_shards
 from conftest import tmpfs
 
-from datapipe import make_loader, shard_cache, shard_io
-from datapipe.loader import CacheOptions
-from datapipe.object_store import RemoteFolder, StorageError
-from datapipe.samples import ShardSet
-from datapipe.shard_cache import ShardRefused
+from datapipe import make_loader
+from datapipe.common import shard_io
+from datapipe.common.object_store import RemoteFolder, StorageError
+from datapipe.load import shard_cache
+from datapipe.load.loader import CacheOptions
+from datapipe.load.samples import ShardSet
+from datapipe.load.shard_cache import ShardRefused
 
 pytestmark = pytest.mark.network
 SETTINGS = test_remote_shards.SETTINGS

@@ -3,8 +3,9 @@ import os
 
 import pytest
 
-from datapipe import manifest, shard_io, shards, text
-from datapipe.byte_sizes import readable_bytes
+from datapipe import shards
+from datapipe.common import captions, manifest, shard_io
+from datapipe.common.byte_sizes import readable_bytes
 from tests.conftest import jpeg_bytes, write_raw_shard
 
 
@@ -42,8 +43,8 @@ def test_fixed_size_shards_with_stable_keys_and_all_fields(tmp_path):
     first = samples[0]
     assert set(first) >= {"jpg", "txt", "tokens", "json"}
     assert first["txt"] == b"picture number 0"
-    tokens = text.tokens_from_bytes(first["tokens"])
-    assert tokens.shape == (text.CONTEXT_LENGTH,) and tokens[0] == text.SOT_ID
+    tokens = captions.tokens_from_bytes(first["tokens"])
+    assert tokens.shape == (captions.CONTEXT_LENGTH,) and tokens[0] == captions.SOT_ID
     info = json.loads(first["json"])
     assert info["url"].endswith("000000000.jpg") and info["source"] == "00000.tar"
 
@@ -188,7 +189,7 @@ def test_image_rules_that_would_reject_everything_are_refused(tmp_path):
 
 
 def test_a_second_build_of_the_same_output_is_refused(tmp_path):
-    from datapipe.folder_lock import FolderLock
+    from datapipe.common.folder_lock import FolderLock
 
     raw = tmp_path / "raw"
     write_raw_shard(raw, 0, [(jpeg_bytes(100, 80), "a picture")])

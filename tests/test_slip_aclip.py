@@ -1,4 +1,4 @@
-"""SLIP (METHODS.md 2.3) and A-CLIP (2.7): their losses against written-out formulas, A-CLIP's attention-to-mask
+"""SLIP (docs/methods/slip.md) and A-CLIP (2.7): their losses against written-out formulas, A-CLIP's attention-to-mask
 mapping, the frozen patch embedding, the presets training on tiny batches and through the real trainer."""
 
 import json
@@ -51,7 +51,7 @@ def aclip_batch(batch=6, seed=1):
                 tokens=tiny_batch(batch, seed)["tokens"])
 
 
-# Written-out formulas (METHODS.md section 1, 2.3, 2.7), one row at a time.
+# Written-out formulas (docs/methods/README.md section 1, 2.3, 2.7), one row at a time.
 
 def written_info_nce(rows, columns, scale):
     """mean over i of -log(exp(s r_i.c_i) / sum_j exp(s r_i.c_j))."""

@@ -242,8 +242,8 @@ def test_clip_only_baseline_trains(demo_shards, tmp_path):
 @pytest.mark.slow
 def test_short_demo_training_learns(larger_demo_shards, tmp_path):
     """The demo preset, shortened: every loss is logged, the total falls, zero-shot beats chance."""
-    from tools.eval.towers import RunTowers
-    from tools.eval.zeroshot import zero_shot
+    from evaluation.towers import RunTowers
+    from evaluation.zeroshot import zero_shot
     from train.pretrain import train
 
     run = train(load_config("demo", [f"data.shards={larger_demo_shards['train']}", f"run.out_dir={tmp_path}",

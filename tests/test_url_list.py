@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 import zstandard
 
-from datapipe import url_list
-from datapipe.sources import SOURCES
+from datapipe.fetch import url_list
+from datapipe.fetch.sources import SOURCES
 
 CC3M_ROWS = "a dog on a beach\thttp://example.invalid/1.jpg\nthe sky\thttp://example.invalid/2.jpg\n"
 CC12M_ROWS = "http://example.invalid/1.jpg\ta dog on a beach\nhttp://example.invalid/2.jpg\tthe sky\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datapipe.validate import ImageRules, Rejected, clean_image
+from datapipe.common.validate import ImageRules, Rejected, clean_image
 from tests.conftest import jpeg_bytes
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import write_training_shards
 
 from datapipe import MultiCrop, SingleCrop, make_loader
-from datapipe.views import CropAugment
+from datapipe.load.recipes import CropAugment
 
 PINNED = Path(__file__).parent / "data" / "views_before_named_views.json"
 RECIPES = {

@@ -7,8 +7,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from datapipe.samples import UnreadableSample, jpeg_size
-from datapipe.validate import decode_rgb
+from datapipe.common.validate import decode_rgb
+from datapipe.load.samples import UnreadableSample, jpeg_size
 
 
 def a_deprecated_call():

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import yaml
 
-from datapipe.loader import CacheOptions
-from datapipe.mixing import MAX_WEIGHT, open_shards
-from datapipe.object_store import StorageError
+from datapipe.common.object_store import StorageError
+from datapipe.load.loader import CacheOptions
+from datapipe.load.mixing import MAX_WEIGHT, open_shards
 from model.meta_arch import ModelConfig
 from model.objectives import OBJECTIVES
 from model.ranges import check_ranges, ranged
 from train.parameter_groups import WEIGHT_DECAY_RULES
-from train.views import VIEW_CHOICES, check_views
+from train.step_inputs import VIEW_CHOICES, check_views
 
 PRESETS = Path(__file__).parent / "configs"
 MIX_WEIGHT_NOTE = f"a set's reads per epoch: 2 reads it twice, 0.5 half of it; at most {MAX_WEIGHT}, as the epoch's " \
@@ -51,7 +51,8 @@ class DataConfig:
     local_crops_number: int = ranged(8, "[0, inf)")
     # horizontal flip of the global (or single CLIP) crops; 0 for CLIP's weak view
     global_flip_prob: float = ranged(0.5, "[0, 1]", note="a probability")
-    views: str = "auto"  # the view recipe (train/views.py): auto (multi-crop or one crop), slip, clip_rocket, aclip
+    # the view recipe (train/step_inputs.py): auto (multi-crop or one crop), slip, clip_rocket, aclip
+    views: str = "auto"
     # colour jitter's hue range (fraction of the colour circle), all crops
     hue: float = ranged(0.1, "[0, 0.5]", note="a fraction of the colour circle each way; 0.5 reaches every hue")
     grayscale_prob: float = ranged(0.2, "[0, 1]", note="a probability")

@@ -1,7 +1,7 @@
 """Process group from torchrun's environment, and the once-per-step gradient average.
 
 NCCL on GPU, gloo on CPU. Gradients accumulate locally over the per-objective backward passes;
-`average_gradients` then all-reduces them once, in flat buckets (DESIGN.md: one sync per step).
+`average_gradients` then all-reduces them once, in flat buckets (docs/design.md: one sync per step).
 """
 
 import os

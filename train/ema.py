@@ -1,4 +1,4 @@
-"""The teachers' exponential moving average, over parameter lists built once (HARMONY.md 4.7)."""
+"""The teachers' exponential moving average, over parameter lists built once (docs/methods/harmony.md 4.7)."""
 
 import torch
 

@@ -1,10 +1,9 @@
 """Pretraining of any method: `python -m train.pretrain --config demo [key=value ...]`, under torchrun for N processes.
 
-One step (HARMONY.md 4.1): the teachers run once; then each objective the config names (Harmony: iBOT, CLIP,
-text (MLM + text distillation) and MAE) runs its passes forward and backward in turn, so only one pass's
-activations are alive at a time;
-gradients are averaged across ranks once; per-parameter clipping on the image student and iBOT
-head; the iBOT output layer stays frozen during the first epoch; AdamW; then the EMA teachers.
+One step (docs/methods/harmony.md 4.1): the teachers run once; then each objective the config names (Harmony: iBOT,
+CLIP, text (MLM + text distillation) and MAE) runs its passes forward and backward in turn, so only one pass's
+activations are alive at a time; gradients are averaged across ranks once; per-parameter clipping on the image student
+and iBOT head; the iBOT output layer stays frozen during the first epoch; AdamW; then the EMA teachers.
 """
 
 import contextlib
@@ -21,8 +20,8 @@ import tqdm
 import yaml
 
 from datapipe import make_loader
-from datapipe.folder_lock import FolderBusy
-from datapipe.object_store import StorageError
+from datapipe.common.folder_lock import FolderBusy
+from datapipe.common.object_store import StorageError
 from model.meta_arch import MetaArch
 from train import checkpoint
 from train.checkpoint import CheckpointError, UnverifiedCheckpoint
@@ -42,7 +41,7 @@ from train.parameter_groups import parameter_groups
 from train.preemption import EXIT_PREEMPTED, StopRequest
 from train.run_folder import lock_run, nonfinite_stop_reason, write_status
 from train.schedules import Schedules
-from train.views import model_views, view_recipe
+from train.step_inputs import model_views, view_recipe
 
 TEACHER_WEIGHTS = "teacher_weights.pt"
 

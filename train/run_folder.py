@@ -10,8 +10,8 @@ stops at once with a message instead of interleaving metrics and overwriting che
 import json
 from pathlib import Path
 
-from datapipe.folder_lock import FolderLock
-from datapipe.manifest import write_atomic
+from datapipe.common.folder_lock import FolderLock
+from datapipe.common.manifest import write_atomic
 from train.checkpoint import CheckpointError
 
 STATUS_FILE = "status.json"

@@ -1,4 +1,5 @@
-"""Per-iteration schedules (HARMONY.md 4.4): pure functions of the iteration, tested against their formulas."""
+"""Per-iteration schedules (docs/methods/harmony.md 4.4): pure functions of the iteration, tested against their
+formulas."""
 
 import math
 

@@ -10,7 +10,7 @@ RGB JPEG is read again from the raw tar when its shard is written) and one recor
 (sorted by key) to <out>/_work/<raw>.jsonl.
 (2) Drop exact duplicate images (same decoded pixels), then images within `eval_overlap_bits` of an
 evaluation image (EXCLUDE), then near duplicates (perceptual hashes within `near_duplicate_bits`),
-keeping the first in key order (datapipe/near_duplicates.py), and plan fixed-size output shards.
+keeping the first in key order (datapipe/common/near_duplicates.py), and plan fixed-size output shards.
 (3) In parallel, write each training shard and its DALI index; a work tar is deleted as soon as
 every shard that reads it is written. Then manifest.json, rejected.jsonl.zst
 and report.md.
@@ -31,12 +31,12 @@ duplicates) and plan.py (pass 2), write.py (pass 3), results.py (manifest, rejec
 (the whole build, in order), verification.py (`make verify`), cli.py (the command line).
 """
 
+from datapipe.common.validate import ImageRules
 from datapipe.shards.cli import main
 from datapipe.shards.inputs import BuildError
 from datapipe.shards.pipeline import build
 from datapipe.shards.screen import DuplicateRules
 from datapipe.shards.verification import verify
 from datapipe.shards.work import WORK_DIR
-from datapipe.validate import ImageRules
 
 __all__ = ["WORK_DIR", "BuildError", "DuplicateRules", "ImageRules", "build", "main", "verify"]

@@ -1,6 +1,6 @@
 """Pass 1: one raw shard -> its cleaned samples and one record per sample (datapipe/shards/work.py), in parallel.
 
-Every image is decoded and normalized to an RGB JPEG (datapipe/validate.py), every caption cleaned and tokenized,
+Every image is decoded and normalized to an RGB JPEG (datapipe/common/validate.py), every caption cleaned and tokenized,
 or the sample is rejected with a reason. Only the images that had to be converted are stored in the work tar: an
 RGB JPEG is read again from the raw tar when its training shard is written (pass 3).
 """
@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from datapipe import manifest, shard_io, text
+from datapipe.common import captions, manifest, shard_io
+from datapipe.common.validate import Rejected, clean_image
 from datapipe.shards.inputs import BuildError
 from datapipe.shards.work import raw_fingerprint, rules_fingerprint, work_paths
-from datapipe.validate import Rejected, clean_image
 
 TOKENIZE_BATCH = 256  # captions tokenized per call: open_clip's per-call overhead is large
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format choices, and jpeg
@@ -63,7 +63,7 @@ def _clean_sample(raw, url, rules, hashing):
     member = next((name for name in IMAGE_MEMBERS if name in raw), None)
     image = clean_image(raw[member] if member else b"", rules, hashing)
     original_caption = raw.get("txt", b"").decode("utf-8", errors="replace")
-    caption = text.clean_caption(original_caption)
+    caption = captions.clean_caption(original_caption)
     if not caption:
         raise Rejected("empty_caption", f"caption {original_caption!r} is empty after cleaning")
     info = dict(key=raw["__key__"], url=url, caption_original=original_caption,
@@ -89,8 +89,8 @@ def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True, hashing=True):
         raise UnreadableShard(f"{type(error).__name__}: {error}") from None
 
     def tokenized(batch):
-        for sample, tokens in zip(batch, text.tokenize([s["txt"].decode() for s in batch]), strict=True):
-            sample["tokens"] = text.tokens_to_bytes(tokens)
+        for sample, tokens in zip(batch, captions.tokenize([s["txt"].decode() for s in batch]), strict=True):
+            sample["tokens"] = captions.tokens_to_bytes(tokens)
             yield sample
 
     def cleaned_samples():  # streams, holding at most TOKENIZE_BATCH samples

@@ -5,11 +5,11 @@ import dataclasses
 import os
 
 from datapipe import shards
+from datapipe.common.validate import ImageRules
 from datapipe.shards.inputs import BuildError, exclude_paths
 from datapipe.shards.pipeline import build
 from datapipe.shards.screen import DuplicateRules
 from datapipe.shards.verification import verify
-from datapipe.validate import ImageRules
 
 
 def main(argv=None):

@@ -2,7 +2,7 @@
 
 Checked here, before the output folder is locked: the raw shards (each with its img2dataset stats and parquet,
 both readable), the output folder, the settings, and the EXCLUDE list's syntax. The EXCLUDE images themselves
-are read and hashed before pass 1 (datapipe/exclusions.py), so no input problem waits for a validation pass.
+are read and hashed before pass 1 (datapipe/shards/exclusions.py), so no input problem waits for a validation pass.
 
 EXCLUDE separates paths with ':'. A ':' that is part of a path is written '\\:' (`EXCLUDE='/data/eval\\:2024'`).
 """

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from datapipe import exclusions, manifest
-from datapipe.byte_sizes import readable_bytes
-from datapipe.folder_lock import FolderBusy, FolderLock
-from datapipe.process_pool import ProcessPool
+from datapipe.common import manifest
+from datapipe.common.byte_sizes import readable_bytes
+from datapipe.common.folder_lock import FolderBusy, FolderLock
+from datapipe.common.process_pool import ProcessPool
+from datapipe.common.validate import ImageRules
+from datapipe.shards import exclusions
 from datapipe.shards.clean import clean_raw_shards
 from datapipe.shards.duplicates import find_duplicates
 from datapipe.shards.inputs import BuildError, check_raw_shards, check_settings
@@ -22,7 +24,6 @@ from datapipe.shards.results import write_results
 from datapipe.shards.screen import DuplicateRules, screen_near_duplicates
 from datapipe.shards.work import WORK_DIR, work_paths
 from datapipe.shards.write import write_shards
-from datapipe.validate import ImageRules
 
 
 def _disk_full(error, folder, needed_bytes):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from datapipe import shard_io
+from datapipe.common import shard_io
 from datapipe.shards.work import WORK_DIR, accepted_records
 
 

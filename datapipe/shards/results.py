@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from datapipe import manifest, near_duplicates, shard_io, text
-from datapipe.download import URL_LIST_RECORD, URL_LIST_REJECTED
+from datapipe.common import captions, manifest, near_duplicates, shard_io
+from datapipe.fetch.download import URL_LIST_RECORD, URL_LIST_REJECTED
 from datapipe.shards.work import candidate_keys, read_records, rules_fingerprint
 
 MANIFEST_VERSION = 2
@@ -109,7 +109,7 @@ def write_results(raw_dir, out_dir, made_from, records_paths, counts, first, scr
                **duplicates.describe(),
                "near_duplicate_bits": duplicates.near_duplicate_bits, "eval_overlap_bits": duplicates.eval_overlap_bits,
                "eval_overlap_fine_bits": duplicates.eval_overlap_fine_bits,
-               "context_length": text.CONTEXT_LENGTH},
+               "context_length": captions.CONTEXT_LENGTH},
         exclude=[{**excluded.summary(), "overlapping_samples": overlaps[excluded.path]} for excluded in exclusion_sets],
         made_from={"raw_shards": [work["raw"] for work in made_from.values()],
                    "rules": rules_fingerprint(rules, duplicates.hashing)},

@@ -1,12 +1,12 @@
 """Pass 2, second step: the exact-duplicate survivors screened against the evaluation images (EXCLUDE,
-datapipe/exclusions.py) and against each other (near duplicates, datapipe/near_duplicates.py)."""
+datapipe/shards/exclusions.py) and against each other (near duplicates, datapipe/common/near_duplicates.py)."""
 
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from datapipe import near_duplicates
+from datapipe.common import near_duplicates
 from datapipe.shards.work import accepted_records
 
 MAX_HASH_BITS_APART = 10
@@ -71,7 +71,7 @@ class Screened:
 
 def screen_near_duplicates(pool, work_dir, records_paths, counts, hashes, candidates, exclusion_sets, duplicates):
     """Screen the exact-duplicate survivors `candidates` (sorted indices) against the evaluation images and each
-    other (datapipe/near_duplicates.py); returns a Screened with candidate indices."""
+    other (datapipe/common/near_duplicates.py); returns a Screened with candidate indices."""
     if not (duplicates.near_duplicate_bits >= 0 or exclusion_sets) or not len(candidates):
         return Screened.nothing()
     count = len(candidates)

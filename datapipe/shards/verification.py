@@ -4,7 +4,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datapipe import manifest, shard_io
+from datapipe.common import manifest, shard_io
 
 
 def verify(out_dir):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datapipe import shard_io, text
+from datapipe.common import captions, shard_io
 
 WORK_DIR = "_work"
 WORK_VERSION = 3  # raise when pass 1 gives other output for the same input
@@ -21,7 +21,7 @@ WORK_VERSION = 3  # raise when pass 1 gives other output for the same input
 
 def rules_fingerprint(rules, hashing):
     """What pass 1's output depends on besides the raw bytes."""
-    settings = {**dataclasses.asdict(rules), "context_length": text.CONTEXT_LENGTH, "work_version": WORK_VERSION,
+    settings = {**dataclasses.asdict(rules), "context_length": captions.CONTEXT_LENGTH, "work_version": WORK_VERSION,
                 "perceptual_hash": hashing}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

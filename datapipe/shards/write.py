@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datapipe import manifest, shard_io
+from datapipe.common import manifest, shard_io
 from datapipe.shards.plan import done_record, output_path, shard_members
 from datapipe.shards.work import WORK_DIR, work_paths
 

@@ -14,11 +14,11 @@ from model.objectives.detailclip import DetailCLIP
 from model.objectives.ibot import IBOT
 from model.objectives.mae import MAE
 from model.objectives.masked_distillation import MaskedDistillation
+from model.objectives.masked_text import MaskedText
 from model.objectives.multimodal_mae import MultimodalMAE
 from model.objectives.siamlip import SiamLIP
 from model.objectives.simclr import SimCLR
 from model.objectives.swalip import SwALIP
-from model.objectives.text import MaskedText
 
 OBJECTIVES = {"ibot": IBOT, "clip": CLIP, "mae": MAE, "text": MaskedText, "masked_distillation": MaskedDistillation,
               "multimodal_mae": MultimodalMAE, "detailclip": DetailCLIP, "simclr": SimCLR, "aclip": ACLIP,

@@ -1,5 +1,5 @@
-"""A-CLIP (METHODS.md 2.7): the EMA image teacher sees the zoom-out `enclosing` crop; its CLS attention, mapped onto
-each of the two `online` crops' boxes and pooled to 2x2 blocks, keeps the int(blocks * (1 - aclip_mask_ratio)) + 1
+"""A-CLIP (docs/methods/aclip.md): the EMA image teacher sees the zoom-out `enclosing` crop; its CLS attention, mapped
+onto each of the two `online` crops' boxes and pooled to 2x2 blocks, keeps the int(blocks * (1 - aclip_mask_ratio)) + 1
 most attended blocks (100 of 196 patches at 224 px / 16 px) and removes the rest. The student encodes each online crop
 from its kept patches only; its tokens feed
 - CLIP: each view's projected CLS against the same captions, averaged (0.5 per view), weight `clip_weight`;

@@ -1,4 +1,4 @@
-"""BarLIP (METHODS.md 2.13): cross-modal Barlow Twins on CLIP 🚀's tower features, added to clip_rocket's pass.
+"""BarLIP (docs/methods/barlip.md): cross-modal Barlow Twins on CLIP 🚀's tower features, added to clip_rocket's pass.
 
 Per modality a projector Linear(in -> barlip_hidden_dim)-BN-ReLU-Linear(-> barlip_hidden_dim)-BN-ReLU-
 Linear(-> barlip_dim)-BN(affine) reads the features h reads (image CLS after the final norm, caption EOT features

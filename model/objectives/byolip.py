@@ -1,4 +1,4 @@
-"""BYOLIP (METHODS.md 2.12): SiamLIP whose targets v come from an EMA copy of the towers and the SiamLIP
+"""BYOLIP (docs/methods/siamlip_byolip.md): SiamLIP whose targets v come from an EMA copy of the towers and the SiamLIP
 projectors (tau `optim.teacher_momentum` held constant by `optim.teacher_momentum_end`, 0.99 in the presets).
 
 The copy runs as clip-rocket's momentum model: in training mode (its BN normalises by the batch), on the same

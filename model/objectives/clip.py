@@ -1,10 +1,11 @@
 """Image-text contrast: CLIP's InfoNCE (with optional soft targets from the EMA teachers, Harmony) or SigLIP's
 sigmoid loss, on the first `clip_views` global crops (Harmony: 1; DetailCLIP: 2, averaged) and the raw captions.
 
-Options from METHODS.md: the image pooling (`clip_pooling`, in the image tower so evaluation pools the same way),
-FLIP's random patch removal on the contrastive view (`clip_mask_ratio`, pos-embed added before removal, CLS kept),
-label smoothing of the hard targets (the logit scale's upper bound is the meta-architecture's `after_optimizer_step`).
-Embeddings are gathered with gradient on every rank (local rows x gathered columns), METHODS.md decision 3.
+Options (docs/methods/clip.md, flip.md): the image pooling (`clip_pooling`, in the image tower so evaluation pools the
+same way), FLIP's random patch removal on the contrastive view (`clip_mask_ratio`, pos-embed added before removal, CLS
+kept), label smoothing of the hard targets (the logit scale's upper bound is the meta-architecture's
+`after_optimizer_step`). Embeddings are gathered with gradient on every rank (local rows x gathered columns),
+docs/methods/README.md decision 3.
 """
 
 import torch

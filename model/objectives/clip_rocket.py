@@ -1,5 +1,5 @@
-"""CLIP 🚀 (METHODS.md 2.11): a global CLIP term on the weak pair and a label-smoothed local term on the 2x2 strong
-pairs, with separate projectors and scales.
+"""CLIP 🚀 (docs/methods/clip_rocket.md): a global CLIP term on the weak pair and a label-smoothed local term on the 2x2
+strong pairs, with separate projectors and scales.
 
 - global: the towers' own CLIP projections z of the weak image (1, B) and weak caption, scale exp(logit_scale),
   no smoothing;
@@ -8,7 +8,7 @@ pairs, with separate projectors and scales.
   `rocket_label_smoothing`, mean over the 4 (strong image j, strong caption k) pairs; the strong captions go
   through the text tower with `rocket_text_dropout` on its residual stream;
 - L_img = (L_g,img + 2 L_l,img) / 3, the same for text, L = (L_img + L_txt) / 2, x2 with loss mode `sum`.
-Columns are gathered with gradient (METHODS.md decision 3; the official gathers without).
+Columns are gathered with gradient (docs/methods/README.md decision 3; the official gathers without).
 
 The SSL add-ons (SiamLIP, BYOLIP, BarLIP, SwALIP) are `RocketAddOn`s: they read the same tower features, so their
 terms join this objective's one backward pass (one forward of each view per step, as the official model) and

@@ -1,5 +1,5 @@
-"""DetailCLIP (METHODS.md 2.8): on each of two views, the EMA teacher's CLS attention removes half of the patches
-in 2x2 blocks (A-CLIP style); the student's masked view feeds
+"""DetailCLIP (docs/methods/detailclip.md): on each of two views, the EMA teacher's CLS attention removes half of the
+patches in 2x2 blocks (A-CLIP style); the student's masked view feeds
 - CLIP: its CLS through the contrastive projection against the captions, 0.5 per view;
 - reconstruction: a 1-block decoder (encoder width) puts mask tokens at the removed patches, a pixel head predicts
   their per-patch normalized pixels (MAE loss), 0.5 per view;

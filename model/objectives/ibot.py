@@ -1,6 +1,7 @@
-"""iBOT (HARMONY.md 2.1): CLS distillation across views and masked-patch distillation within each global view.
+"""iBOT (docs/methods/harmony.md 2.1): CLS distillation across views and masked-patch distillation within each
+global view.
 
-With `ibot_patch_weight` 0 it is DINO (SILC's self-distillation, METHODS.md 2.4): the student sees its global
+With `ibot_patch_weight` 0 it is DINO (SILC's self-distillation, docs/methods/silc.md): the student sees its global
 views unmasked and only the CLS term remains.
 One pass per global view (the student head on its CLS and masked patches), then the local views (CLS only) in
 near-equal groups of at most one global view's tokens; every term reads one student view and constant teacher

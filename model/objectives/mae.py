@@ -1,5 +1,5 @@
-"""MAE (HARMONY.md 2.3): each global crop with 75% of its patches removed, the removed patches' normalized pixels
-predicted by the MAE decoder; each crop in its own pass, losses summed over crops (the official code)."""
+"""MAE (docs/methods/harmony.md 2.3): each global crop with 75% of its patches removed, the removed patches' normalized
+pixels predicted by the MAE decoder; each crop in its own pass, losses summed over crops (the official code)."""
 
 from model.decoders import MAEDecoder
 from model.losses import mae_loss

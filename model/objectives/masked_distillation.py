@@ -1,5 +1,5 @@
-"""MaskCLIP's masked self-distillation (Harmony's re-implementation, METHODS.md 2.5): the student encoder sees a
-random 25% of global crop 1's patches, a 1-block decoder (encoder width) puts mask tokens at the others, and each
+"""MaskCLIP's masked self-distillation (Harmony's re-implementation, docs/methods/maskclip.md): the student encoder sees
+a random 25% of global crop 1's patches, a 1-block decoder (encoder width) puts mask tokens at the others, and each
 removed patch's output is distilled towards the EMA teacher's token of the full crop: softmax over the token's
 channels, the teacher centred (EMA of its mean patch token) and sharpened. One backward pass."""
 

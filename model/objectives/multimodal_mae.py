@@ -1,5 +1,6 @@
-"""Joint image and text masked autoencoding through one cross-modal decoder: M3AE (alone, raw pixels, METHODS.md
-2.10) and MAE-CLIP's generative terms (next to CLIP, per-patch normalized pixels, METHODS.md 2.9).
+"""Joint image and text masked autoencoding through one cross-modal decoder: M3AE (alone, raw pixels,
+docs/methods/m3ae.md) and MAE-CLIP's generative terms (next to CLIP, per-patch normalized pixels,
+docs/methods/mae_clip.md).
 
 As M3AE's code: global crop 1 loses `multimodal_image_mask_ratio` of its patches, the same positions in every
 sample (one permutation per batch), removed before the image encoder; the caption loses the same share of its padded
@@ -11,8 +12,8 @@ over captions, a caption with none masked counting 0). One backward pass."""
 from model.decoders import CrossModalDecoder
 from model.losses import mae_loss, mlm_loss, per_caption_weights
 from model.masking import MASK_ID, batch_keep_indices, mask_captions_by_count, real_token_mask
+from model.objectives.masked_text import MLM_LOGIT_CHUNKS
 from model.objectives.objective import Objective
-from model.objectives.text import MLM_LOGIT_CHUNKS
 
 
 class MultimodalMAE(Objective):

@@ -1,4 +1,5 @@
-"""SiamLIP (METHODS.md 2.12): cross-modal SimSiam on CLIP 🚀's tower features, added to clip_rocket's pass.
+"""SiamLIP (docs/methods/siamlip_byolip.md): cross-modal SimSiam on CLIP 🚀's tower features, added to
+clip_rocket's pass.
 
 Per modality a projector Linear(in -> siam_hidden_dim, no bias)-BN-ReLU-Linear(-> siam_dim, no bias)-BN(affine
 off) gives v, and a predictor Linear(siam_dim -> siam_hidden_dim, no bias)-BN-ReLU-Linear(-> siam_dim) gives p;

@@ -1,4 +1,4 @@
-"""SLIP's SimCLR term (METHODS.md 2.3): the image student's CLS token (after the final norm, before the CLIP
+"""SLIP's SimCLR term (docs/methods/slip.md): the image student's CLS token (after the final norm, before the CLIP
 projection) of each of the two `simclr` crops through the SimCLR head (D -> hidden -> hidden -> out, SyncBN, ReLU),
 then NT-Xent at `simclr_temperature` with the keys gathered with gradient. SLIP's CLIP term is the `clip` objective on
 the recipe's `global_crops` view. The head and the NT-Xent are A-CLIP's too (model/objectives/aclip.py)."""

@@ -1,4 +1,4 @@
-"""SwALIP (METHODS.md 2.14): CLIP 🚀 (without label smoothing) + swalip_weight x a swapped prediction of
+"""SwALIP (docs/methods/swalip.md): CLIP 🚀 (without label smoothing) + swalip_weight x a swapped prediction of
 Sinkhorn-Knopp assignments, added to clip_rocket's pass.
 
 For strong image view l1 and strong caption view l2, the scores S = h_img,l1 H_txt,l2^T are the cosines of this

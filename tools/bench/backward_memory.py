@@ -15,12 +15,12 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from datapipe.batch import Batch
-from datapipe.views import EnclosingCrop
+from datapipe.load.batch import Batch
+from datapipe.load.recipes import EnclosingCrop
 from model.meta_arch import MetaArch, ModelConfig
-from model.text import trim_padding
+from model.text_tower import trim_padding
 from train.config import load_config
-from train.views import model_views
+from train.step_inputs import model_views
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -59,7 +59,7 @@ def synthetic_batch(config, batch, local_px, locals_number, device):
 
 
 def recipe_inputs(recipe, batch, device):
-    """Random inputs shaped and named as the trainer gives `recipe`'s views to the objectives (train/views.py),
+    """Random inputs shaped and named as the trainer gives `recipe`'s views to the objectives (train/step_inputs.py),
     captions untrimmed. Boxes: the source image is twice a crop's size; an enclosing view covers all of it, and
     crop k of another view is the crop-sized square at (k * size / 2, size / 4)."""
     generator = torch.Generator().manual_seed(0)

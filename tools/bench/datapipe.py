@@ -22,10 +22,10 @@ import torch
 import tqdm
 
 from datapipe import MultiCrop, SingleCrop, aclip_views, clip_rocket_views, make_loader, slip_views
-from datapipe.samples import SampleReader, ShardSet
-from datapipe.text import tokenize
-from datapipe.text_views import augment_caption, is_stop_word
-from datapipe.views import STRONG_TEXT
+from datapipe.common.captions import tokenize
+from datapipe.load.caption_views import augment_caption, is_stop_word
+from datapipe.load.recipes import STRONG_TEXT
+from datapipe.load.samples import SampleReader, ShardSet
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -36,9 +36,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from tqdm import tqdm
 
-from datapipe import manifest, near_duplicates, shard_io, shards
-from datapipe.validate import decode_rgb
-from tools import demo_data
+import demo.dataset
+from datapipe import shards
+from datapipe.common import manifest, near_duplicates, shard_io
+from datapipe.common.validate import decode_rgb
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -113,10 +114,11 @@ def quality_set(originals, seed=0):
 
 
 def shapes_set(count, seed=0):
-    """[(JPEG bytes, group, kind)] of the demo's images (one flat shape on a texture, tools/demo_data.py) and an
+    """[(JPEG bytes, group, kind)] of the demo's images (one flat shape on a texture, demo/dataset.py) and an
     eval_edit copy of each: a harder case for a perceptual hash than photos, little coarse layout to hold on to."""
     rng, variant_rng = random.Random(seed), np.random.default_rng(seed)
-    images = [demo_data.render_sample(rng, rng.choice(list(demo_data.COLORS)), rng.choice(list(demo_data.SHAPES)))[0]
+    colors, shapes = list(demo.dataset.COLORS), list(demo.dataset.SHAPES)
+    images = [demo.dataset.render_sample(rng, rng.choice(colors), rng.choice(shapes))[0]
               for _ in range(count)]
     return ([(jpeg(image, 90), group, "original") for group, image in enumerate(images)]
             + [(jpeg(*variant(image, "eval_edit", variant_rng)), group, "eval_edit")

@@ -18,7 +18,7 @@ from pathlib import Path
 import tqdm
 
 from datapipe import SingleCrop, make_loader
-from datapipe.loader import CacheOptions
+from datapipe.load.loader import CacheOptions
 from tools.s3_loopback import S3Server
 
 LOCATION = "s3://bench/train"

@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from datapipe import shard_io
-from datapipe.process_pool import ProcessPool
+from datapipe.common import shard_io
+from datapipe.common.process_pool import ProcessPool
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -16,10 +16,11 @@ from pathlib import Path
 import matplotlib
 from PIL import Image
 
-from datapipe import shard_io, shards, text
+import demo.download
+from datapipe import shards
+from datapipe.common import captions, shard_io
+from datapipe.common.validate import ImageRules
 from datapipe.shards.clean import clean_raw_shard
-from datapipe.validate import ImageRules
-from tools import demo_download
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -37,7 +38,7 @@ def pillow_decode_rate(raw_tars):
 def steady_state_rate(raw_tars):
     """Samples/s of pass 1 (decode, validate, convert, clean, tokenize, write) in this process,
     after the one-off start-up (importing open_clip and torch for the tokenizer, about 3 s)."""
-    text.tokenize(["warm up"])
+    captions.tokenize(["warm up"])
     work_dir = Path(tempfile.mkdtemp(prefix="bench-pass1-"))
     try:
         started = time.perf_counter()
@@ -70,7 +71,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     raw_dir = Path(args.raw)
     if not list(raw_dir.glob("*.tar")):
-        demo_download.download_demo(raw_dir, processes=2)
+        demo.download.download_demo(raw_dir, processes=2)
     raw_tars = sorted(raw_dir.glob("*.tar"))
     pillow = max(pillow_decode_rate(raw_tars) for _ in range(args.repeats))
     steady = max(steady_state_rate(raw_tars) for _ in range(args.repeats))

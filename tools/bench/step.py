@@ -34,7 +34,7 @@ from tools.bench.backward_memory import backward_each_group, recipe_inputs, synt
 from tools.bench.live_bytes import LiveTensorBytes
 from train.config import load_config
 from train.pretrain import autocast
-from train.views import view_recipe
+from train.step_inputs import view_recipe
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

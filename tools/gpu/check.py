@@ -29,7 +29,7 @@ from tools.gpu import parts
 from tools.gpu.report import markdown
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-LARGER_SET = "2000x250"  # the tests' larger demo set (tools/demo_set.py): the training and benchmark data
+LARGER_SET = "2000x250"  # the tests' larger demo set (demo/end_to_end.py): the training and benchmark data
 TEST_FILES = ("tests/test_model.py", "tests/test_losses.py", "tests/test_harmony.py", "tests/test_loader.py",
               "tests/test_train.py")
 
@@ -113,7 +113,7 @@ def stages(python, data_dir, work, tiny):
                                      f"run.precision={'fp32' if tiny else 'bf16'}"],
               figures=lambda: training_figures(run_dir), files={"runs/gpu_demo/plots/losses.png": "train-losses.png"},
               clears=(run_dir,)),
-        Stage("zeroshot", 25 * budget, [python, "-m", "tools.eval.run", "--run", str(run_dir), "--zeroshot",
+        Stage("zeroshot", 25 * budget, [python, "-m", "evaluation.run", "--run", str(run_dir), "--zeroshot",
                                         str(larger / "source" / "heldout")],
               figures=lambda: json.loads((run_dir / "eval.json").read_text()), clears=(run_dir / "eval.json",)),
         Stage("bench_data", 60 * budget, [python, "-m", "tools.bench.datapipe", "--shards", str(larger / "train"),

@@ -70,12 +70,12 @@ def download_wheels(pins, wheels_dir, python_version, pip_args=()):
 
 def build_demo_sets(demo_dir):
     """The tests' demo sets, built here as the tests build them, less what the GPU check never reads."""
-    from tools import demo_set
+    import demo.end_to_end
 
     built = []
-    for pairs, samples_per_shard in demo_set.TEST_SETS.values():
-        root = demo_dir / demo_set.folder_name(pairs, samples_per_shard)
-        demo_set.build(root, pairs, samples_per_shard)
+    for pairs, samples_per_shard in demo.end_to_end.TEST_SETS.values():
+        root = demo_dir / demo.end_to_end.folder_name(pairs, samples_per_shard)
+        demo.end_to_end.build(root, pairs, samples_per_shard)
         shutil.rmtree(root / "raw")
         shutil.rmtree(root / "source" / "www")
         built.append(dict(folder=root.name, pairs=pairs, samples_per_shard=samples_per_shard,

@@ -1,0 +1,3 @@
+from export.weights import main
+
+main()
