@@ -25,13 +25,15 @@ CONTEXT_LENGTH = 77
 TRIM_MULTIPLE = 16  # trimmed lengths are 16, 32, 48, 64 or 77: few shapes for torch.compile and kernels
 
 
-def trim_padding(tokens, multiple=TRIM_MULTIPLE):
+def trim_padding(tokens, multiple=TRIM_MULTIPLE, longest=None):
     """(..., 77) -> (..., T), e.g. (B, 77) or a text view's (n, B, 77): the padding columns after the longest
     caption removed, T rounded up to `multiple` (at most 77). Every loss reads positions up to EOT only, so the
-    result is the same. One host read (the length)."""
-    positions = torch.arange(1, tokens.shape[-1] + 1, device=tokens.device)
-    last = int((positions * (tokens != 0)).max())  # position after the last non-padding id (id 0 is "!")
-    length = min(tokens.shape[-1], -(-max(last, 1) // multiple) * multiple)
+    result is the same. longest: the position after the last non-padding id, when the host knows it (the loader
+    counts it before the copy: Batch.caption_lengths); otherwise read from `tokens`, one host read."""
+    if longest is None:
+        positions = torch.arange(1, tokens.shape[-1] + 1, device=tokens.device)
+        longest = int((positions * (tokens != 0)).max())  # position after the last non-padding id (id 0 is "!")
+    length = min(tokens.shape[-1], -(-max(longest, 1) // multiple) * multiple)
     return tokens[..., :length]
 
 

@@ -1,10 +1,14 @@
 """The recipe a config names (data.views), the check that it makes what the objectives read, and the step's
 inputs by name."""
 
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
-from datapipe.load.batch import Batch
+from datapipe.load.batch import Batch, assemble, longest_caption
 from train.config import load_config
 from train.step_inputs import made_views, model_views, view_recipe
 
@@ -50,6 +54,21 @@ def test_model_views_names_every_view_and_cuts_text_to_its_longest_caption():
     assert sorted(views) == ["strong", "strong_boxes", "strong_text", "weak", "weak_text"]
     assert views["weak_text"].shape == (1, 2, 16) and views["strong_text"].shape == (2, 2, 32)
     assert model_views(batch, trim=False)["strong_text"].shape == (2, 2, 77)
+
+
+def test_the_caption_lengths_the_loader_counts_on_the_host_cut_as_the_device_read(monkeypatch):
+    """The loader's count (before the copy) gives the same cut as reading the tokens, and the step then reads
+    nothing back from the device."""
+    texts = {"caption": caption_tokens([5, 20, 9])[None].numpy()}  # (1, B, 77)
+    raw = SimpleNamespace(texts=texts, masks={}, keys=["a", "b", "c"], skipped=[])
+    recipe = view_recipe(load_config("clip_demo"))
+    crops = [torch.zeros(3, 3, 8, 8)]
+    batch = assemble(crops, [np.zeros((3, 4))], raw, recipe, torch.float32)
+    assert batch.caption_lengths == {"caption": 20} and longest_caption(np.zeros((2, 77))) == 0
+    read_on_device = model_views(replace(batch, caption_lengths={}), trim=True)["caption"]
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda _: pytest.fail("the step read a caption length back"))
+    assert torch.equal(model_views(batch.to("cpu"), trim=True)["caption"], read_on_device)
+    assert read_on_device.shape == (1, 3, 32)
 
 
 def test_model_views_of_a_single_crop_recipe_give_the_harmony_names():

@@ -65,11 +65,13 @@ def forwards_under_autocast(passes, device, precision):
 
 @torch.no_grad()
 def clip_per_parameter(params, max_norm):
-    """Scale each gradient to norm <= max_norm on its own (DINO style), without a host sync."""
+    """Scale each gradient to norm <= max_norm on its own (DINO style), without a host sync, in a few launches
+    whatever the number of parameters (the scales of all gradients at once)."""
     grads = [param.grad for param in params if param.grad is not None]
     if grads and max_norm > 0:
-        norms = torch._foreach_norm(grads)
-        torch._foreach_mul_(grads, [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms])
+        norms = torch.stack(torch._foreach_norm(grads))  # (P,)
+        scales = (max_norm / (norms + 1e-6)).clamp_(max=1.0)  # (P,)
+        torch._foreach_mul_(grads, scales.unbind())
 
 
 def step_flags(loss, stop_requested, world_size):

@@ -69,10 +69,11 @@ def check_views(config, reads):
 def model_views(batch, trim):
     """A Batch as the objectives read it: each image view (n, B, 3, H, W) and text view (n, B, T) by name,
     `<view>_boxes` (n, B, 4); with a `global_crops` view also `local_crops` and `ibot_masks`, and `tokens` (B, T)
-    for the one caption. trim: cut text views to their longest caption (train only what the text tower reads)."""
+    for the one caption. trim: cut text views to their longest caption (train only what the text tower reads),
+    at the length the loader counted on the host (Batch.caption_lengths): the step does not wait to read it."""
     views = dict(batch.images)
     for name, tokens in batch.texts.items():
-        views[name] = trim_padding(tokens) if trim else tokens
+        views[name] = trim_padding(tokens, longest=batch.caption_lengths.get(name)) if trim else tokens
     views.update((f"{name}_boxes", boxes) for name, boxes in batch.boxes.items())
     if "global_crops" in batch.images:
         views["local_crops"], views["ibot_masks"] = batch.local_crops, batch.ibot_masks

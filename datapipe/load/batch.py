@@ -17,6 +17,9 @@ class Batch:
     #                                  decoded image; views that ask for boxes only
     keys: list[str]  # "<shard>/<key>" of each sample
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) replaced in this batch
+    # text view name -> the position after its last non-padding id in any row, counted on the host before the
+    # copy, so that the step cuts the padding without reading the device; empty: not counted
+    caption_lengths: dict[str, int] = field(default_factory=dict)
 
     # Harmony's and plain CLIP's names (MultiCrop, SingleCrop).
     @property
@@ -58,4 +61,11 @@ def assemble(crops, windows, raw, recipe, dtype):
             boxes[name] = torch.from_numpy(np.stack(windows[crop_slice]).astype(np.float32))  # (n, B, 4)
     texts = {name: torch.from_numpy(tokens) for name, tokens in raw.texts.items()}
     masks = {name: torch.from_numpy(mask) for name, mask in raw.masks.items()}
-    return Batch(images, texts, masks, boxes, raw.keys, raw.skipped)
+    lengths = {name: longest_caption(tokens) for name, tokens in raw.texts.items()}
+    return Batch(images, texts, masks, boxes, raw.keys, raw.skipped, lengths)
+
+
+def longest_caption(tokens):
+    """(..., 77) ids -> the position after the last non-padding id in any row (0 when all is padding)."""
+    used = np.flatnonzero((tokens != 0).reshape(-1, tokens.shape[-1]).any(axis=0))  # columns holding an id
+    return int(used[-1]) + 1 if used.size else 0
