@@ -10,6 +10,29 @@ USER_VARIABLES := PYTHON DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR 
 	PYTEST_ARGS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS ACCEPT_CHANGES COMPARE_WAIT
 $(foreach name,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(name))),\
 	$(eval override $(name) := $$(value $(name)))))
+# A variable given on the command line that this Makefile does not know is a typo until shown otherwise (`make pretrain
+# CONFG=clip` would train the demo): make stops at once, naming the closest known variable.
+KNOWN_VARIABLES := $(USER_VARIABLES) PY VENV ARGS
+UNKNOWN_VARIABLES := $(filter-out $(KNOWN_VARIABLES),$(foreach name,$(.VARIABLES),\
+	$(if $(filter command line,$(origin $(name))),$(name))))
+ifneq ($(UNKNOWN_VARIABLES),)
+$(error $(or $(shell python3 -m tools.closest_name "$(UNKNOWN_VARIABLES)" $(KNOWN_VARIABLES) 2>/dev/null),\
+	$(UNKNOWN_VARIABLES): not variables of this Makefile (`make help` lists them)))
+endif
+
+## Variables, given after the target (make pretrain CONFIG=clip_cc3m NPROC=8); docs/ says more of each:
+##   data        DATASET=demo|cc3m|cc12m URL_LIST=<file> OUT=shards/<DATASET> RAW=<OUT>/raw STAGING PROCESSES THREADS
+##               DISTRIBUTOR=multiprocessing|pyspark SAMPLES_PER_SHARD EXCLUDE=<eval images> DOWNLOAD_ARGS SHARDS_ARGS
+##               (docs/data.md)
+##   training    CONFIG=<preset> RUN=runs/<CONFIG> NPROC=<ranks> TORCHRUN_ARGS TRAIN_ARGS="key=value ..."
+##               TRAIN_SHARDS MIX_WEIGHTS (docs/training.md, docs/config.md)
+##   evaluation  EVAL_DATA ZEROSHOT_DATA ZEROSHOT_LABELS TEMPLATES RETRIEVAL_DATA RETRIEVAL_IMAGES PROBE_TRAIN
+##               PROBE_TEST PROBE_TRAIN_LABELS PROBE_TEST_LABELS EVAL_DEVICE (docs/evaluation.md)
+##   comparison  METHODS SEEDS BUDGET SCALE COMPARE_NAME EVAL_POINTS REFERENCE COMPARE_EXECUTOR SLURM_ARGS
+##               ACCEPT_CHANGES COMPARE_WAIT (docs/compare.md)
+##   other       PYTHON (the interpreter .venv is built with) PYTEST_ARGS N (bench-scale rows) OUT_DIR (gpu-check)
+## Read more: README.md and docs/ (getting started, data, training, evaluation, comparing methods, reuse, config).
+
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -102,25 +125,32 @@ RUN_WITH_ARGS := $(PY) -m tools.make_args
 # DATASET=demo without a URL_LIST: the built-in demo set, generated and served by demo/download.py.
 DOWNLOADER = $(if $(and $(filter demo,$(DATASET)),$(if $(URL_LIST),,no-list)),demo.download,datapipe.fetch.download)
 
-.PHONY: setup download shards verify pretrain eval test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean gpu-kit gpu-check compare
+.PHONY: help setup download shards verify pretrain eval docs test lint bench bench-shards bench-data bench-memory bench-step bench-comm bench-scale bench-dedup crops data plot clean gpu-kit gpu-check compare
 
-setup: $(STAMP)
+.DEFAULT_GOAL := help
+help: ## this list: every target and the variables
+	@printf '%s\n\n%s\n' "harmony-pipe: make <target> [VARIABLE=value ...]" "Targets:"
+	@awk -F ':[^#]*## ' '/^[a-z-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' $(firstword $(MAKEFILE_LIST))
+	@printf '\n'
+	@sed -n 's/^## \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
-# Rebuilt only when pyproject.toml changes. The spark extra is installed so DISTRIBUTOR=pyspark
-# works out of the box (it also needs Java 17+).
+setup: $(STAMP) ## build .venv from pyproject.toml and constraints.txt (every target does this first)
+
+# Rebuilt only when pyproject.toml or constraints.txt (the exact versions the suite runs on) changes. The spark
+# extra is installed so DISTRIBUTOR=pyspark works out of the box (it also needs Java 17+).
 $(STAMP): export PYTHON := $(PYTHON)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@command -v "$$PYTHON" >/dev/null || { printf '%s\n' "error: $$PYTHON not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
 	@test -x $(PY) || { printf '%s\n' "$$PYTHON -m venv $(VENV)" && "$$PYTHON" -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,spark]'
+	$(PY) -m pip install --quiet --constraint constraints.txt -e '.[dev,spark]'
 	touch $(STAMP)
 
 # Locations in object storage (s3://, gs://, hf://).
 REMOTE_OUT = $(filter s3://% gs://% gcs://% hf://%,$(OUT))
 REMOTE_RAW = $(filter s3://% gs://% gcs://% hf://%,$(RAW))
 
-download: setup
+download: setup ## fetch a url list into raw WebDataset shards with img2dataset (the demo set offline)
 	@$(RUN_WITH_ARGS) $(PY) -m $(DOWNLOADER) --dataset "$$DATASET" --out "$$RAW" \
 	  $(if $(URL_LIST),--url-list "$$URL_LIST") --processes "$$PROCESSES" --threads "$$THREADS" \
 	  --distributor "$$DISTRIBUTOR" $(if $(REMOTE_RAW),--staging "$$STAGING") {DOWNLOAD_ARGS}
@@ -133,13 +163,13 @@ BUILD_RAW = $(if $(REMOTE_RAW),$(STAGING)/raw,$(RAW))
 BUILD_OUT = $(if $(REMOTE_OUT),$(STAGING),$(OUT))
 export STAGING BUILD_RAW BUILD_OUT
 
-shards: setup
+shards: setup ## validate, clean, de-duplicate, decontaminate and re-shard RAW into OUT/train
 	@$(if $(REMOTE_RAW),$(RUN_WITH_ARGS) $(PY) -m datapipe.shards.publish get "$$RAW" "$$BUILD_RAW")
 	@$(RUN_WITH_ARGS) $(PY) -m datapipe.shards build "$$BUILD_RAW" "$$BUILD_OUT/train" --processes "$$PROCESSES" \
 	  --samples-per-shard "$$SAMPLES_PER_SHARD" $(if $(EXCLUDE),--exclude "$$EXCLUDE") {SHARDS_ARGS}
 	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.shards.publish put "$$BUILD_OUT/train" "$$OUT/train")
 
-verify: setup
+verify: setup ## re-check every training shard against its manifest
 	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.shards.publish get "$$OUT/train" "$$STAGING/published/train")
 	@$(RUN_WITH_ARGS) $(PY) -m datapipe.shards verify "$(if $(REMOTE_OUT),$$STAGING/published,$$OUT)/train"
 
@@ -150,7 +180,7 @@ SUBMAKE = env $(foreach name,EXCLUDE ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PR
 
 # Training shards, downloaded and built first when missing (shards in object storage, and TRAIN_SHARDS given, are
 # read as they are).
-data: setup
+data: setup ## download and build the shards when they are missing
 ifeq ($(REMOTE_OUT)$(filter-out file,$(origin TRAIN_SHARDS)),)
 	@test -f "$$RAW/00000_stats.json" || $(SUBMAKE) download
 	@test -f "$$OUT/train/manifest.json" || $(SUBMAKE) shards
@@ -163,7 +193,7 @@ MIX_WEIGHTS_OVERRIDE = $(if $(MIX_WEIGHTS),"data.mix_weights=$$MIX_WEIGHTS")
 # checked first, so a bad one gets one message and torchrun never starts; train.launch is torchrun ending with
 # the trainers' one-line errors and exit code instead of its ChildFailedError report.
 # The demo ends with `make eval` on the demo's held-out splits.
-pretrain: data
+pretrain: data ## train CONFIG under torchrun on NPROC ranks, then evaluate (the demo)
 	@$(RUN_WITH_ARGS) $(PY) -m train.config --config "$$CONFIG" "data.shards=$$TRAIN_SHARDS" $(MIX_WEIGHTS_OVERRIDE) \
 		"run.out_dir=$$(dirname -- "$$RUN")" "run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
 	@$(RUN_WITH_ARGS) $(PY) -m train.launch --standalone --nproc_per_node="$$NPROC" {TORCHRUN_ARGS} \
@@ -172,11 +202,11 @@ pretrain: data
 	@if [ -n "$$ZEROSHOT_DATA$$RETRIEVAL_DATA$$PROBE_TRAIN" ]; then $(SUBMAKE) eval; fi
 
 # Zero-shot, retrieval, linear probe and k-NN: each whose data is set (see EVAL_DATA above).
-eval: setup
+eval: setup ## zero-shot, retrieval, linear probe and k-NN of RUN
 	@$(RUN_WITH_ARGS) $(PY) -m evaluation.run --run "$$RUN" $(EVAL_ARGS)
 
 # Methods side by side (the variables are with the others at the top: README "Compare methods").
-compare: data
+compare: data ## train and evaluate METHODS side by side, SEEDS each, under one BUDGET
 	@$(RUN_WITH_ARGS) $(PY) -m comparison.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
 		--budget "$$BUDGET" --shards "$$TRAIN_SHARDS" $(call option,--mix-weights,MIX_WEIGHTS) \
 		--eval-points "$$EVAL_POINTS" --seeds "$$SEEDS" --reference "$$REFERENCE" --nproc "$$NPROC" \
@@ -184,59 +214,62 @@ compare: data
 		$(if $(COMPARE_WAIT),--wait) $(EVAL_ARGS) $(if $(strip $(TRAIN_ARGS)),--train-args {TRAIN_ARGS}) \
 		$(if $(filter-out 1,$(NPROC)),--torchrun-args "$$TORCHRUN_ARGS")
 
-plot: setup
+docs: setup ## regenerate docs/config.md, the reference of every config setting
+	$(PY) -m train.config_reference --out docs/config.md
+
+plot: setup ## redraw RUN's loss and schedule plots
 	@$(RUN_WITH_ARGS) $(PY) -m train.log "$$RUN"
 
 # The tests run make themselves: they get neither this make's defaults (a `RAW ?=` in the tests' make would keep
 # this one's shards/demo/raw) nor its level (their make must say `make:`, not `make[1]:`).
 TEST_ENV = env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS $(foreach name,$(EXPORTED) STAGING BUILD_RAW BUILD_OUT OUT_DIR,\
 	$(if $(filter file,$(origin $(name))),-u $(name)))
-test: setup
+test: setup ## the test suite (PYTEST_ARGS)
 	@$(RUN_WITH_ARGS) $(TEST_ENV) $(PY) -m pytest {PYTEST_ARGS}
 
-lint: setup
+lint: setup ## ruff
 	$(PY) -m ruff check .
 
-bench: bench-shards bench-scale bench-dedup bench-data bench-memory bench-step bench-comm
+bench: bench-shards bench-scale bench-dedup bench-data bench-memory bench-step bench-comm ## every benchmark, then BENCHMARKS.md
 	$(PY) -m tools.bench.report --results runs/bench --out BENCHMARKS.md --charts docs/benchmarks
 
-bench-shards: setup
+bench-shards: setup ## make shards' throughput against plain Pillow decoding
 	$(PY) -m tools.bench.shards --out runs/bench
 
-bench-data: data
+bench-data: data ## loader samples/s of every view recipe (DALI, torch, object storage)
 	@$(RUN_WITH_ARGS) $(PY) -m tools.bench.datapipe --shards "$$OUT/train" --out runs/bench
 	@$(RUN_WITH_ARGS) $(PY) -m tools.bench.remote_shards --shards "$$OUT/train" --out runs/bench
 
-bench-memory: setup
+bench-memory: setup ## activation memory of per-objective backward against one backward
 	$(PY) -m tools.bench.backward_memory --out runs/bench
 
-bench-step: setup
+bench-step: setup ## Harmony's step cost against CLIP alone
 	$(PY) -m tools.bench.step --out runs/bench
 
-bench-comm: setup
+bench-comm: setup ## bytes each rank sends per step, by purpose
 	$(PY) -m tools.bench.communication --out runs/bench
 
 # Validating on a bare, offline GPU machine (README "Validating on a GPU machine"): make gpu-kit here
 # downloads and packs what that machine lacks; make gpu-check runs there with its own python3 (no .venv).
-gpu-kit: setup
+gpu-kit: setup ## pack what a bare offline GPU machine lacks (docs/gpu.md)
 	$(PY) -m tools.gpu.kit
 
 OUT_DIR ?= runs/gpu-check
 export OUT_DIR
-gpu-check:
+gpu-check: ## on the GPU machine: install the kit, validate and measure
 	@python3 -m tools.make_args python3 -m tools.gpu.check --out "$$OUT_DIR"
 
 # make shards and the loader at CC3M-like scale: N url-list rows (about 80% downloaded), generated locally.
 N ?= 60000
-bench-dedup: setup
+bench-dedup: setup ## how well make shards finds near duplicates, and its cost
 	$(PY) -m tools.bench.near_duplicates --out runs/bench
 
-bench-scale: setup
+bench-scale: setup ## make shards and the loader at N url-list rows
 	@$(RUN_WITH_ARGS) $(PY) -m tools.bench.scale --rows "$$N" --out runs/bench
 
-crops: data
+crops: data ## a PNG grid of the crops the model is fed
 	@$(RUN_WITH_ARGS) $(PY) -m tools.show_crops --shards "$$OUT/train" --out runs/crops.png
 
-clean:
+clean: ## remove runs/ and built shards
 	rm -rf runs/ .pytest_cache
 	find shards -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +

@@ -42,40 +42,41 @@ class ModelConfig:
     """Defaults are Harmony's ViT-B/16 run (docs/methods/harmony.md section 0); a method's preset switches
     objectives on and off."""
 
-    ibot: bool = True
-    clip: bool = True
+    ibot: bool = True  # iBOT: CLS and masked-patch self-distillation against the EMA image teacher
+    clip: bool = True  # image-text contrast (CLIP's InfoNCE, or SigLIP's sigmoid loss by clip_loss)
     soft_clip: bool = True  # soft CLIP targets from the EMA teachers
-    mae: bool = True
-    mlm: bool = True
-    text_distillation: bool = True
+    mae: bool = True  # MAE: the removed patches' pixels predicted from the visible ones
+    mlm: bool = True  # masked language modelling through a causal decoder
+    text_distillation: bool = True  # masked captions distilled from the EMA text teacher
 
-    vit_size: str = "base"
-    patch_size: int = ranged(16, "[1, inf)")
+    vit_size: str = "base"  # the image tower: micro | tiny | small | base | large
+    patch_size: int = ranged(16, "[1, inf)")  # ViT patch side, pixels
+    # side of the crops the image tower is built for; equal to data.global_crop_px
     global_crop_px: int = ranged(224, "[1, inf)")
     drop_path_rate: float = ranged(0.1, "[0, 1)")  # student only; teachers have none
-    clip_dim: int = ranged(512, "[1, inf)")
-    text_width: int = ranged(512, "[1, inf)")
-    text_layers: int = ranged(12, "[1, inf)")
-    text_heads: int = ranged(8, "[1, inf)")
+    clip_dim: int = ranged(512, "[1, inf)")  # width of the shared image-text embedding
+    text_width: int = ranged(512, "[1, inf)")  # text transformer's width
+    text_layers: int = ranged(12, "[1, inf)")  # text transformer's blocks
+    text_heads: int = ranged(8, "[1, inf)")  # text transformer's attention heads
 
-    ibot_out_dim: int = ranged(8192, "[1, inf)")
-    ibot_head_hidden_dim: int = ranged(2048, "[1, inf)")
-    text_distillation_out_dim: int = ranged(2048, "[1, inf)")
-    text_distillation_head_hidden_dim: int = ranged(1024, "[1, inf)")
-    head_bottleneck_dim: int = ranged(256, "[1, inf)")
-    mae_decoder_width: int = ranged(512, "[1, inf)")
-    mae_decoder_depth: int = ranged(8, "[1, inf)")
-    mae_decoder_heads: int = ranged(16, "[1, inf)")
-    mlm_decoder_depth: int = ranged(4, "[1, inf)")
-    mlm_decoder_heads: int = ranged(8, "[1, inf)")
+    ibot_out_dim: int = ranged(8192, "[1, inf)")  # iBOT head's output dimension (prototypes)
+    ibot_head_hidden_dim: int = ranged(2048, "[1, inf)")  # iBOT head's MLP width
+    text_distillation_out_dim: int = ranged(2048, "[1, inf)")  # text-distillation head's output dimension
+    text_distillation_head_hidden_dim: int = ranged(1024, "[1, inf)")  # text-distillation head's MLP width
+    head_bottleneck_dim: int = ranged(256, "[1, inf)")  # both distillation heads' L2-normalized bottleneck
+    mae_decoder_width: int = ranged(512, "[1, inf)")  # MAE decoder's width
+    mae_decoder_depth: int = ranged(8, "[1, inf)")  # MAE decoder's blocks
+    mae_decoder_heads: int = ranged(16, "[1, inf)")  # MAE decoder's attention heads
+    mlm_decoder_depth: int = ranged(4, "[1, inf)")  # MLM decoder's blocks (its width is text_width)
+    mlm_decoder_heads: int = ranged(8, "[1, inf)")  # MLM decoder's attention heads
 
     ibot_cls_weight: float = ranged(0.5, "[0, inf)", note=WEIGHT_NOTE)
     # 0: DINO (no masked views, CLS distillation only)
     ibot_patch_weight: float = ranged(0.5, "[0, inf)", note=WEIGHT_NOTE)
-    student_temp: float = ranged(0.1, "(0, inf)")
-    center_momentum: float = ranged(0.9, "[0, 1]")
-    soft_clip_temperature: float = ranged(0.1, "(0, inf)")
-    logit_scale_init: float = ranged(math.log(1 / 0.07), "(-inf, inf)")
+    student_temp: float = ranged(0.1, "(0, inf)")  # students' softmax temperature (iBOT, text distillation)
+    center_momentum: float = ranged(0.9, "[0, 1]")  # EMA momentum of the teachers' output centres
+    soft_clip_temperature: float = ranged(0.1, "(0, inf)")  # temperature of the teachers' soft CLIP targets
+    logit_scale_init: float = ranged(math.log(1 / 0.07), "(-inf, inf)")  # initial log logit scale: log(1 / 0.07)
     mae_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
     mlm_probability: float = ranged(0.2, "(0, 1)", note=MASK_NOTE)
     # Recompute each student transformer block (image, text, MAE and MLM decoders) in the backward instead of
@@ -87,7 +88,7 @@ class ModelConfig:
     clip_pooling: str = "cls"  # cls | gap | max | map: what the image tower's CLIP embedding pools
     # FLIP: the share of patches removed at random from the contrastive view
     clip_mask_ratio: float = ranged(0.0, "[0, 1)", note="the share of patches FLIP removes; 0.5 = FLIP")
-    clip_label_smoothing: float = ranged(0.0, "[0, 1)")
+    clip_label_smoothing: float = ranged(0.0, "[0, 1)")  # label smoothing of CLIP's hard targets
     clip_views: int = ranged(1, "[1, 2]", note="CLIP reads 1 or 2 global crops")  # averaged
     # exp(logit_scale) clamped to [1, this] after every optimizer step; 0 = never
     logit_scale_max: float = ranged(0.0, "[0, inf)")
@@ -96,8 +97,8 @@ class ModelConfig:
     # MaskCLIP's masked self-distillation (docs/methods/maskclip.md, Harmony's re-implementation).
     masked_distillation: bool = False
     masked_distillation_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
-    masked_distillation_decoder_depth: int = ranged(1, "[1, inf)")
-    masked_distillation_decoder_heads: int = ranged(16, "[1, inf)")
+    masked_distillation_decoder_depth: int = ranged(1, "[1, inf)")  # its decoder's blocks (encoder width)
+    masked_distillation_decoder_heads: int = ranged(16, "[1, inf)")  # its decoder's attention heads
     masked_distillation_weight: float = ranged(0.05, "[0, inf)", note=WEIGHT_NOTE)
 
     # Joint image-text masked autoencoding (M3AE, docs/methods/m3ae.md; MAE-CLIP's generative terms,
@@ -106,9 +107,9 @@ class ModelConfig:
     multimodal_image_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
     multimodal_text_mask_ratio: float = ranged(0.75, "(0, 1)", note=MASK_NOTE)
     multimodal_norm_pix: bool = False  # M3AE: raw (dataset-normalized) pixels; MAE-CLIP: per-patch normalized
-    multimodal_decoder_width: int = ranged(512, "[1, inf)")
-    multimodal_decoder_depth: int = ranged(8, "[1, inf)")
-    multimodal_decoder_heads: int = ranged(16, "[1, inf)")
+    multimodal_decoder_width: int = ranged(512, "[1, inf)")  # the cross-modal decoder's width
+    multimodal_decoder_depth: int = ranged(8, "[1, inf)")  # the cross-modal decoder's blocks
+    multimodal_decoder_heads: int = ranged(16, "[1, inf)")  # the cross-modal decoder's attention heads
     multimodal_image_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
     multimodal_text_weight: float = ranged(0.5, "[0, inf)", note=WEIGHT_NOTE)
 
@@ -117,13 +118,13 @@ class ModelConfig:
     detailclip: bool = False
     # removed in 2x2 blocks by the teacher's attention (100 of 196 patches kept)
     detail_mask_ratio: float = ranged(0.5, "(0, 1)", note=MASK_NOTE)
-    detail_decoder_depth: int = ranged(1, "[1, inf)")
-    detail_decoder_heads: int = ranged(16, "[1, inf)")
+    detail_decoder_depth: int = ranged(1, "[1, inf)")  # its pixel decoder's blocks
+    detail_decoder_heads: int = ranged(16, "[1, inf)")  # its pixel decoder's attention heads
 
     # SLIP's SimCLR term (docs/methods/slip.md; SLIP's CLIP term is `clip`), whose head and NT-Xent A-CLIP shares.
     simclr: bool = False
-    simclr_hidden_dim: int = ranged(4096, "[1, inf)")
-    simclr_out_dim: int = ranged(256, "[1, inf)")
+    simclr_hidden_dim: int = ranged(4096, "[1, inf)")  # SimCLR head's MLP width
+    simclr_out_dim: int = ranged(256, "[1, inf)")  # SimCLR head's output width
     simclr_temperature: float = ranged(0.1, "(0, inf)", note="SLIP, A-CLIP: 0.1")
     simclr_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
 
@@ -133,8 +134,8 @@ class ModelConfig:
     # removed in 2x2 blocks by the teacher's mapped attention (100 of 196 patches kept)
     aclip_mask_ratio: float = ranged(0.5, "(0, 1)", note=MASK_NOTE)
     aclip_freeze_patch_embed: bool = True  # MoCo v3 style: the patch embedding keeps its initial weights
-    byol_hidden_dim: int = ranged(4096, "[1, inf)")
-    byol_out_dim: int = ranged(256, "[1, inf)")
+    byol_hidden_dim: int = ranged(4096, "[1, inf)")  # BYOL projector's and predictor's MLP width
+    byol_out_dim: int = ranged(256, "[1, inf)")  # BYOL projector's output width
     byol_weight: float = ranged(2.0, "[0, inf)", note=WEIGHT_NOTE)
 
     # CLIP 🚀 (docs/methods/clip_rocket.md) on the clip_rocket recipe's weak and strong views; its global term uses the
@@ -142,7 +143,7 @@ class ModelConfig:
     clip_rocket: bool = False
     # the local projectors h: in -> 4096 -> 4096 -> rocket_dim (SyncBN)
     rocket_hidden_dim: int = ranged(4096, "[1, inf)")
-    rocket_dim: int = ranged(256, "[1, inf)")
+    rocket_dim: int = ranged(256, "[1, inf)")  # the local projectors' output width
     rocket_logit_scale_init: float = ranged(math.log(10.0), "(-inf, inf)")  # s_h = 1 / 0.1
     rocket_label_smoothing: float = ranged(0.1, "[0, 1)")  # local term only
     # residual-stream dropout on the strong captions (CC3M 0.2, CC12M 0.05)
@@ -152,17 +153,17 @@ class ModelConfig:
     # clip_rocket's pass.
     siamlip: bool = False
     byolip: bool = False  # SiamLIP with EMA targets (optim.teacher_momentum, held by optim.teacher_momentum_end)
-    siam_hidden_dim: int = ranged(2048, "[1, inf)")
-    siam_dim: int = ranged(128, "[1, inf)")
-    barlip: bool = False
-    barlip_hidden_dim: int = ranged(3000, "[1, inf)")
-    barlip_dim: int = ranged(8192, "[1, inf)")
-    barlip_scale: float = ranged(0.025, "(0, inf)")
+    siam_hidden_dim: int = ranged(2048, "[1, inf)")  # SiamLIP/BYOLIP predictor's MLP width
+    siam_dim: int = ranged(128, "[1, inf)")  # SiamLIP/BYOLIP projection width
+    barlip: bool = False  # BarLIP: cross-modal Barlow Twins, a term in clip_rocket's pass
+    barlip_hidden_dim: int = ranged(3000, "[1, inf)")  # its projector's MLP width
+    barlip_dim: int = ranged(8192, "[1, inf)")  # its projector's output width
+    barlip_scale: float = ranged(0.025, "(0, inf)")  # scale of the whole Barlow Twins loss
     barlip_lambda: float = ranged(5e-3, "[0, inf)", note=WEIGHT_NOTE)  # weight of the off-diagonal terms
-    swalip: bool = False
+    swalip: bool = False  # SwALIP: cross-modal SwAV, a term in clip_rocket's pass
     swalip_weight: float = ranged(0.2, "[0, inf)", note=WEIGHT_NOTE)
-    swalip_epsilon: float = ranged(0.05, "(0, inf)")
-    swalip_iterations: int = ranged(3, "[1, inf)")
+    swalip_epsilon: float = ranged(0.05, "(0, inf)")  # Sinkhorn-Knopp's entropy regularisation
+    swalip_iterations: int = ranged(3, "[1, inf)")  # Sinkhorn-Knopp iterations
 
     ibot_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)
     clip_weight: float = ranged(1.0, "[0, inf)", note=WEIGHT_NOTE)

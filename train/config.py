@@ -38,17 +38,19 @@ MOMENTUM_NOTE = "an EMA momentum: 0 copies the student, 1 keeps the teacher fixe
 
 @dataclass
 class DataConfig:
+    """What the loader reads and the crops it makes."""
+
     shards: str | list[str] = "shards/cc3m/train"  # a list mixes several sets by mix_weights
     # one per set of `shards` (open_clip's upsampling factors); () = 1 each
     mix_weights: tuple[float, ...] = ranged((), f"(0, {MAX_WEIGHT}]", note=MIX_WEIGHT_NOTE)
     batch_size: int = ranged(96, "[1, inf)")  # per rank
-    backend: str = "auto"
-    num_workers: int = ranged(10, "[0, inf)")
-    global_crop_px: int = ranged(224, "[1, inf)")
+    backend: str = "auto"  # the loader: auto (DALI) | dali | torch (Pillow and torchvision, the reference)
+    num_workers: int = ranged(10, "[0, inf)")  # loader worker threads (DALI) or processes (torch) per rank
+    global_crop_px: int = ranged(224, "[1, inf)")  # side of the global (or single CLIP) crops, pixels
     global_crop_scale: tuple[float, float] = ranged((0.32, 1.0), "[0, 1]", "(0, 1]", note=SCALE_NOTE)
-    local_crop_px: int = ranged(96, "[1, inf)")
+    local_crop_px: int = ranged(96, "[1, inf)")  # side of the local crops, pixels
     local_crop_scale: tuple[float, float] = ranged((0.05, 0.32), "[0, 1]", "(0, 1]", note=SCALE_NOTE)
-    local_crops_number: int = ranged(8, "[0, inf)")
+    local_crops_number: int = ranged(8, "[0, inf)")  # local crops per sample (multi-crop); 0: none
     # horizontal flip of the global (or single CLIP) crops; 0 for CLIP's weak view
     global_flip_prob: float = ranged(0.5, "[0, 1]", note="a probability")
     # the view recipe (train/step_inputs.py): auto (multi-crop or one crop), slip, clip_rocket, aclip
@@ -56,13 +58,14 @@ class DataConfig:
     # colour jitter's hue range (fraction of the colour circle), all crops
     hue: float = ranged(0.1, "[0, 0.5]", note="a fraction of the colour circle each way; 0.5 reaches every hue")
     grayscale_prob: float = ranged(0.2, "[0, 1]", note="a probability")
+    # samples are shuffled within windows of this many (shard order shuffled too)
     shuffle_window: int = ranged(4096, "[1, inf)")
     # Remote shards (s3://, gs://, hf:// in data.shards) are read through a local cache: its folder ("" =
     # ~/.cache/harmony-pipe/shards), its size limit, and the retries of a broken connection (with backoff).
     cache_dir: str = ""
-    cache_limit_gb: float = ranged(50.0, "[0, inf)")
-    fetch_retries: int = ranged(4, "[0, inf)")
-    fetch_retry_wait_s: float = ranged(1.0, "[0, inf)")
+    cache_limit_gb: float = ranged(50.0, "[0, inf)")  # size limit of the local shard cache
+    fetch_retries: int = ranged(4, "[0, inf)")  # retries of a broken connection
+    fetch_retry_wait_s: float = ranged(1.0, "[0, inf)")  # first wait between retries, doubling
 
     ORDERED = ("global_crop_scale", "local_crop_scale")
 
@@ -72,31 +75,33 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = ranged(25, "[1, inf)")
+    """AdamW, the schedules and the EMA teachers."""
+
+    epochs: int = ranged(25, "[1, inf)")  # training epochs
     lr: float = ranged(5e-4, "(0, inf)")  # per 256 images; scaled by the global batch
-    min_lr: float = ranged(1e-6, "[0, inf)")
-    warmup_epochs: int = ranged(3, "[0, inf)")
-    weight_decay: float = ranged(0.04, "[0, inf)")
-    weight_decay_end: float = ranged(0.4, "[0, inf)")
+    min_lr: float = ranged(1e-6, "[0, inf)")  # the cosine schedule's final learning rate
+    warmup_epochs: int = ranged(3, "[0, inf)")  # epochs of linear learning-rate warm-up
+    weight_decay: float = ranged(0.04, "[0, inf)")  # weight decay at the start, cosine to weight_decay_end
+    weight_decay_end: float = ranged(0.4, "[0, inf)")  # weight decay at the end
     # Which parameters are decayed, as the method's official code (train/parameter_groups.py): harmony (all but
     # biases and 1-D tensors), open_clip (all but biases and tensors of under 2 dimensions: the logit scale and bias
     # too), m3ae (all but biases, embeddings and learned tokens).
     weight_decay_rule: str = "harmony"
     betas: tuple[float, float] = ranged((0.9, 0.98), "[0, 1)", note="AdamW's moment decays")
-    eps: float = ranged(1e-6, "(0, inf)")
+    eps: float = ranged(1e-6, "(0, inf)")  # AdamW's epsilon
     clip_grad: float = ranged(3.0, "[0, inf)")  # per parameter, image student and iBOT head; 0 = off
-    freeze_last_layer_epochs: int = ranged(1, "[0, inf)")
+    freeze_last_layer_epochs: int = ranged(1, "[0, inf)")  # epochs the iBOT head's last layer stays frozen
     teacher_momentum: float = ranged(0.996, "[0, 1]", note=MOMENTUM_NOTE)  # cosine to teacher_momentum_end
     # BYOLIP: 0.99, as teacher_momentum (a constant momentum)
     teacher_momentum_end: float = ranged(1.0, "[0, 1]", note=MOMENTUM_NOTE)
-    teacher_cls_temp: float = ranged(0.04, "(0, inf)")
-    warmup_teacher_cls_temp: float = ranged(0.04, "(0, inf)")
-    teacher_patch_temp: float = ranged(0.07, "(0, inf)")
-    warmup_teacher_patch_temp: float = ranged(0.04, "(0, inf)")
-    warmup_teacher_temp_epochs: int = ranged(5, "[0, inf)")
+    teacher_cls_temp: float = ranged(0.04, "(0, inf)")  # iBOT teacher's CLS temperature after its warm-up
+    warmup_teacher_cls_temp: float = ranged(0.04, "(0, inf)")  # its start, linear to teacher_cls_temp
+    teacher_patch_temp: float = ranged(0.07, "(0, inf)")  # iBOT teacher's patch temperature after its warm-up
+    warmup_teacher_patch_temp: float = ranged(0.04, "(0, inf)")  # its start, linear to teacher_patch_temp
+    warmup_teacher_temp_epochs: int = ranged(5, "[0, inf)")  # epochs of both temperatures' warm-up
     # alpha: cosine 1 -> this over clip_hard_weight_epochs, then constant
     clip_hard_weight_end: float = ranged(0.2, "[0, 1]")
-    clip_hard_weight_epochs: int = ranged(10, "[0, inf)")
+    clip_hard_weight_epochs: int = ranged(10, "[0, inf)")  # epochs of alpha's cosine
 
     ORDERED = (("min_lr", "lr"), ("warmup_teacher_cls_temp", "teacher_cls_temp"),
                ("warmup_teacher_patch_temp", "teacher_patch_temp"))
@@ -107,9 +112,11 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "harmony"
-    out_dir: str = "runs"
-    seed: int = ranged(0, "[0, 2147483647]")
+    """The run folder, precision, logging, checkpoints and stopping."""
+
+    name: str = "harmony"  # the run folder's name, under out_dir
+    out_dir: str = "runs"  # where run folders are made
+    seed: int = ranged(0, "[0, 2147483647]")  # sets the initialisation and the data order
     precision: str = "bf16"  # bf16 | fp16 | fp32
     log_every: int = ranged(10, "[1, inf)")  # steps
     checkpoint_every: int = ranged(500, "[1, inf)")  # steps; one is also written at the end and on SIGTERM/SIGUSR1

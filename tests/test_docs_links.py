@@ -1,0 +1,52 @@
+"""Every reference resolves inside a clone: markdown links in README and docs, and the repository files that code,
+presets and docs cite by path. Nothing points outside the repository (our working notes are not part of it)."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+TRACKED = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+TEXT_FILES = [name for name in TRACKED if name.endswith((".md", ".py", ".yaml", ".toml", ".txt"))
+              or name in ("Makefile", ".ci/run")]
+MARKDOWN = [name for name in TEXT_FILES if name.endswith(".md")]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+PACKAGES = "datapipe|model|train|evaluation|comparison|export|demo|tools|tests|docs|examples|shards"
+CITED_PATH = re.compile(rf"(?<![\w/.<-])((?:{PACKAGES})/[\w./-]*\.(?:py|md|yaml|json|png|txt|toml))(?![\w/<])")
+# The notes the project was specified from live outside the repository: a clone has none of them.
+OUTSIDE = re.compile(r"\.\./shared\b|\b(?:" + "|".join(("METH" + "ODS", "HARM" + "ONY", "DES" + "IGN", "ST" + "YLE"))
+                     + r")\.md\b")
+
+
+def text(name):
+    return (REPO / name).read_text(errors="replace")
+
+
+@pytest.mark.parametrize("name", MARKDOWN)
+def test_markdown_links_resolve(name):
+    broken = []
+    for target in LINK.findall(text(name)):
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (REPO / name).parent / target.split("#")[0]
+        if not path.exists():
+            broken.append(target)
+    assert not broken, f"{name} links to files a clone does not have: {broken}"
+
+
+def test_cited_files_exist():
+    missing = {}
+    for name in TEXT_FILES:
+        for cited in set(CITED_PATH.findall(text(name))):
+            generated = cited.startswith(("shards/demo/", "shards/cc"))  # datasets are built, never committed
+            if not generated and not (REPO / cited).exists():
+                missing.setdefault(name, []).append(cited)
+    assert not missing, f"files cited that a clone does not have (file: cited): {missing}"
+
+
+def test_nothing_points_outside_the_repository():
+    outside = {name: sorted(set(OUTSIDE.findall(text(name)))) for name in TEXT_FILES if OUTSIDE.search(text(name))}
+    assert not outside, f"references to files outside the repository: {outside}"
