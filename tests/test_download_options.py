@@ -1,4 +1,5 @@
-"""img2dataset's own options through `make download`, and the README's data-path examples run as written."""
+"""img2dataset's own options through `make download`, and the documented data-path examples (README and docs/) run
+as written."""
 
 import csv
 import io
@@ -9,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from doc_commands import doc_lines
 from PIL import Image
 
 import demo.dataset
@@ -72,15 +74,15 @@ def test_an_encode_quality_the_format_cannot_take_is_refused(given, message):
         download_options.fit_encode_quality({"encode_format": "jpg", "encode_quality": 95, **given}, given)
 
 
-# --- the README's `make download` / `make shards` lines, run as written ---------------------------
+# --- the documented `make download` / `make shards` lines (README and docs/), run as written -------
 
-def readme_make_commands():
-    lines = (REPO / "README.md").read_text().splitlines()
-    return [shlex.split(line.strip()) for line in lines if line.strip().startswith(("make download", "make shards"))]
+def documented_make_commands():
+    return [shlex.split(line.strip()) for line in doc_lines()
+            if line.strip().startswith(("make download", "make shards"))]
 
 
 def write_url_list(path, dataset, arguments, rows):
-    """`rows` (caption, url) in the format the README command expects for `dataset`."""
+    """`rows` (caption, url) in the format the documented command expects for `dataset`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if dataset == "custom":
         names = dict(zip(("url", "caption"), ("url", "caption"), strict=True))
@@ -97,10 +99,10 @@ def write_url_list(path, dataset, arguments, rows):
         path.write_text("".join(columns(caption, url) + "\n" for caption, url in rows))
 
 
-def test_readme_data_examples_run_as_written(tmp_path):
-    """Every README line starting with `make download` or `make shards`, with its url list and folders under a
-    folder whose name has a space; the url list holds a small demo set served on 127.0.0.1."""
-    commands = readme_make_commands()
+def test_documented_data_examples_run_as_written(tmp_path):
+    """Every line of the README and docs/ starting with `make download` or `make shards`, with its url list and
+    folders under a folder whose name has a space; the url list holds a small demo set served on 127.0.0.1."""
+    commands = documented_make_commands()
     assert len(commands) >= 4, commands
     base = tmp_path / "with space"
     items = demo.dataset.ensure_generated(tmp_path / "source", num_train=12, heldout_per_class=1, probe_per_class=1,

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from conftest import write_training_shards
+from doc_commands import documented_mixtures
 
 from datapipe import SingleCrop, make_loader
 from datapipe.load import mixing
@@ -71,10 +72,18 @@ def test_weights_that_do_not_match_the_sets_are_refused(two_sets):
 
 
 def test_the_config_check_takes_a_mixture_and_refuses_weights_that_do_not_fit_it(two_sets):
-    """README "Mixing datasets by weight", as `make pretrain TRAIN_ARGS=...` hands it to train.config."""
+    """docs/data.md "Mixing datasets by weight": each documented `make pretrain` mixture's weights (its sets replaced
+    by two local ones), and others, as make hands them to train.config."""
     from train.config import parse_command_line
 
     shards = f"data.shards=[{two_sets[0]}, {two_sets[1]}]"
+    mixtures = documented_mixtures()
+    assert len(mixtures) >= 2, mixtures
+    for overrides in mixtures:
+        weights = next(word for word in overrides if word.startswith("data.mix_weights="))
+        config = parse_command_line(["--config", "demo", shards, weights], "")
+        written = tuple(float(weight) for weight in weights.partition("=")[2].strip("[]").split(","))
+        assert config.data.shards == [str(path) for path in two_sets] and config.data.mix_weights == written
     config = parse_command_line(["--config", "demo", shards, "data.mix_weights=[2, 0.5]"], "")
     assert config.data.shards == [str(path) for path in two_sets] and config.data.mix_weights == (2.0, 0.5)
     with pytest.raises(SystemExit, match=r"config error: data.mix_weights has 3 weight\(s\) for 2 shard set\(s\)"):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from doc_commands import doc_lines
+
 from examples.train_open_clip import train
 from tools.show_crops import show_crops
 
@@ -24,9 +26,10 @@ def test_show_crops_writes_a_png_grid(demo_shards, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def readme_command(starts_with):
-    """The README's shell command that starts with `starts_with` (backslash continuations joined)."""
-    lines = Path(__file__).parents[1].joinpath("README.md").read_text().splitlines()
+def documented_command(starts_with):
+    """The first shell command of the README or a docs/ page that starts with `starts_with` (backslash continuations
+    joined)."""
+    lines = doc_lines()
     for number, line in enumerate(lines):
         if line.startswith(starts_with):
             command = line
@@ -34,7 +37,7 @@ def readme_command(starts_with):
                 number += 1
                 command = command[:-1] + lines[number].strip()
             return shlex.split(command)
-    raise AssertionError(f"README.md has no command starting with {starts_with!r}")
+    raise AssertionError(f"neither README.md nor docs/ has a command starting with {starts_with!r}")
 
 
 def with_option(command, name, value):
@@ -43,8 +46,8 @@ def with_option(command, name, value):
 
 
 def test_open_clip_own_trainer_reads_our_shards_and_its_loss_falls(larger_demo_shards, tmp_path):
-    """The README's `python -m open_clip_train.main` command, pointed at the test shards."""
-    command = readme_command(".venv/bin/python -m open_clip_train.main")
+    """The documented `python -m open_clip_train.main` command (docs/reuse.md), pointed at the test shards."""
+    command = documented_command(".venv/bin/python -m open_clip_train.main")
     names = [shard["name"] for shard in larger_demo_shards["manifest"]["shards"]]
     shard_range = f"{larger_demo_shards['train']}/{{{Path(names[0]).stem}..{Path(names[-1]).stem}}}.tar"
     command = with_option(command, "--train-data", shard_range)

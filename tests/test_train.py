@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from doc_commands import documented_mixtures
 from test_harmony import tiny_batch
 
 from train import checkpoint
@@ -101,12 +102,20 @@ def test_shards_that_are_not_there_are_a_config_error(tmp_path):
 
 
 def test_a_mixture_is_set_by_overrides_and_by_presets(tmp_path):
-    """README "Mixing datasets by weight": several shard locations and their weights, as key=value or in YAML."""
+    """docs/data.md "Mixing datasets by weight": several shard locations and their weights, as key=value (each
+    documented `make pretrain` mixture as make hands it to the trainer, and others) or in YAML."""
     preset = tmp_path / "mixture.yaml"
     preset.write_text("base: demo\ndata:\n  shards: [a/train, s3://bucket/b/train]\n  mix_weights: [1, 0.5]\n")
     overridden = load_config("demo", ["data.shards=[a/train, s3://bucket/b/train]", "data.mix_weights=[1, 0.5]"])
     for config in (overridden, load_config(preset)):
         assert config.data.shards == ["a/train", "s3://bucket/b/train"] and config.data.mix_weights == (1.0, 0.5)
+    mixtures = documented_mixtures()
+    assert len(mixtures) >= 2, mixtures
+    for overrides in mixtures:
+        written = {key: value.strip("[]").split(",") for key, value in (word.split("=", 1) for word in overrides)}
+        config = load_config("demo", overrides)
+        assert config.data.shards == [path.strip() for path in written["data.shards"]], overrides
+        assert config.data.mix_weights == tuple(float(weight) for weight in written["data.mix_weights"]), overrides
     assert load_config("demo", ["data.shards=s3://bucket/b/train"]).data.shards == "s3://bucket/b/train"
 
 
