@@ -1,13 +1,13 @@
 # harmony-pipe: every target works on a fresh clone (each depends on `setup`).
 SHELL := /bin/bash
-# The variables a user sets (README). A value given on the command line or in the environment is data, kept as
-# written: make never expands it, so `$(shell ...)`, `$USER` or `$$` in it reach the program as they are (`override`:
+# The variables a user sets (`make help`, docs/). A value given on the command line or in the environment is data, kept
+# as written: make never expands it, so `$(shell ...)`, `$USER` or `$$` in it reach the program as they are (`override`:
 # only so can a makefile redefine a variable of the command line).
 USER_VARIABLES := PYTHON DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS \
 	SHARDS_ARGS ARGS CONFIG NPROC TORCHRUN_ARGS RUN TRAIN_ARGS TRAIN_SHARDS MIX_WEIGHTS EVAL_DATA ZEROSHOT_DATA \
 	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_DATA RETRIEVAL_IMAGES PROBE_TRAIN PROBE_TEST PROBE_TRAIN_LABELS \
 	PROBE_TEST_LABELS EVAL_DEVICE EXCLUDE METHODS BUDGET SCALE COMPARE_NAME EVAL_POINTS STAGING OUT_DIR N \
-	PYTEST_ARGS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS ACCEPT_CHANGES COMPARE_WAIT
+	PYTEST_ARGS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS ACCEPT_CHANGES COMPARE_WAIT COMPARE_PUBLISH
 $(foreach name,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(name))),\
 	$(eval override $(name) := $$(value $(name)))))
 # A variable given on the command line that this Makefile does not know is a typo until shown otherwise (`make pretrain
@@ -29,7 +29,7 @@ endif
 ##   evaluation  EVAL_DATA ZEROSHOT_DATA ZEROSHOT_LABELS TEMPLATES RETRIEVAL_DATA RETRIEVAL_IMAGES PROBE_TRAIN
 ##               PROBE_TEST PROBE_TRAIN_LABELS PROBE_TEST_LABELS EVAL_DEVICE (docs/evaluation.md)
 ##   comparison  METHODS SEEDS BUDGET SCALE COMPARE_NAME EVAL_POINTS REFERENCE COMPARE_EXECUTOR SLURM_ARGS
-##               ACCEPT_CHANGES COMPARE_WAIT (docs/compare.md)
+##               ACCEPT_CHANGES COMPARE_WAIT COMPARE_PUBLISH (docs/compare.md)
 ##   other       PYTHON (the interpreter .venv is built with) PYTEST_ARGS N (bench-scale rows) OUT_DIR (gpu-check)
 ## Read more: README.md and docs/ (getting started, data, training, evaluation, comparing methods, reuse, config).
 
@@ -60,12 +60,12 @@ TORCHRUN_ARGS ?= --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shu
 RUN ?= runs/$(CONFIG)
 TRAIN_ARGS ?=
 # The shards make pretrain and make compare train on (data.shards, data.mix_weights): $(OUT)/train by default, or
-# any folder, s3://, gs:// or hf:// location, or a list of them with one weight each (README "Mixing datasets by
+# any folder, s3://, gs:// or hf:// location, or a list of them with one weight each (docs/data.md, "Mixing datasets by
 # weight"): TRAIN_SHARDS='[shards/cc3m/train, s3://bucket/cc12m/train]' MIX_WEIGHTS='[1, 2]'.
 TRAIN_SHARDS ?= $(OUT)/train
 MIX_WEIGHTS ?=
 # `make eval` data: the demo's held-out splits by default; point these at your own (any may be left empty),
-# in any layout evaluation/datasets.py reads (README: "Evaluate on standard benchmarks").
+# in any layout evaluation/datasets.py reads (docs/evaluation.md).
 EVAL_DATA ?= $(OUT)/source
 empty :=
 space := $(empty) $(empty)
@@ -94,9 +94,9 @@ EVAL_ARGS = $(call option,--zeroshot,ZEROSHOT_DATA) $(call option,--zeroshot-lab
 EXCLUDE ?= $(if $(and $(filter demo,$(DATASET)),$(call existing,$(EVAL_DATA)/heldout)),$(EVAL_DATA)/heldout:$(EVAL_DATA)/probe_train:$(EVAL_DATA)/heldout_pairs)
 
 # make compare: each method's preset (train/configs/<method>_$(SCALE).yaml; demo.yaml is harmony) on
-# the same shards, seed and budget, evaluated alike along the way (README: Compare methods). METHODS empty:
+# the same shards, seed and budget, evaluated alike along the way (docs/compare.md). METHODS empty:
 # every method with a preset. BUDGET: epochs:N, flops:X, flops:<method>@<epochs> or time:<seconds>.
-# The demo's default is small enough for every method on 2 CPU cores (README: Compare methods).
+# The demo's default is small enough for every method on 2 CPU cores (docs/compare.md).
 METHODS ?=
 BUDGET ?= $(if $(filter demo,$(DATASET)),epochs:1,epochs:8)
 SCALE ?= $(DATASET)
@@ -113,13 +113,15 @@ COMPARE_EXECUTOR ?= local
 SLURM_ARGS ?=
 ACCEPT_CHANGES ?=
 COMPARE_WAIT ?=
+# A folder that also receives the report and its charts (docs/compare/<name>: the docs show reports as written).
+COMPARE_PUBLISH ?=
 
 # Recipes read these from their environment ("$$RAW"), so that a value is data for the program, never shell
 # code; {NAME_ARGS} words are split by tools/make_args.py with shell quoting rules, and nothing else.
 EXPORTED := DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG \
 	NPROC TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS \
 	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_IMAGES PROBE_TRAIN_LABELS PROBE_TEST_LABELS METHODS BUDGET SCALE COMPARE_NAME \
-	EVAL_POINTS EVAL_DEVICE TRAIN_SHARDS MIX_WEIGHTS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS
+	EVAL_POINTS EVAL_DEVICE TRAIN_SHARDS MIX_WEIGHTS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS COMPARE_PUBLISH
 export $(EXPORTED)
 RUN_WITH_ARGS := $(PY) -m tools.make_args
 # DATASET=demo without a URL_LIST: the built-in demo set, generated and served by demo/download.py.
@@ -189,10 +191,10 @@ endif
 # MIX_WEIGHTS as a config override, or nothing when it is empty.
 MIX_WEIGHTS_OVERRIDE = $(if $(MIX_WEIGHTS),"data.mix_weights=$$MIX_WEIGHTS")
 
-# Pretraining under torchrun (NPROC processes on this machine; see README for multi-node). The config is
-# checked first, so a bad one gets one message and torchrun never starts; train.launch is torchrun ending with
-# the trainers' one-line errors and exit code instead of its ChildFailedError report.
-# The demo ends with `make eval` on the demo's held-out splits.
+# Pretraining under torchrun (NPROC processes on this machine; docs/training.md for several nodes and Slurm). The config
+# is checked first, so a bad one gets one message and torchrun never starts; train.launch is torchrun ending with the
+# trainers' one-line errors and exit code instead of its ChildFailedError report. The demo ends with `make eval` on the
+# demo's held-out splits.
 pretrain: data ## train CONFIG under torchrun on NPROC ranks, then evaluate (the demo)
 	@$(RUN_WITH_ARGS) $(PY) -m train.config --config "$$CONFIG" "data.shards=$$TRAIN_SHARDS" $(MIX_WEIGHTS_OVERRIDE) \
 		"run.out_dir=$$(dirname -- "$$RUN")" "run.name=$$(basename -- "$$RUN")" {TRAIN_ARGS}
@@ -205,13 +207,14 @@ pretrain: data ## train CONFIG under torchrun on NPROC ranks, then evaluate (the
 eval: setup ## zero-shot, retrieval, linear probe and k-NN of RUN
 	@$(RUN_WITH_ARGS) $(PY) -m evaluation.run --run "$$RUN" $(EVAL_ARGS)
 
-# Methods side by side (the variables are with the others at the top: README "Compare methods").
+# Methods side by side (the variables are with the others at the top: docs/compare.md).
 compare: data ## train and evaluate METHODS side by side, SEEDS each, under one BUDGET
 	@$(RUN_WITH_ARGS) $(PY) -m comparison.run --name "$$COMPARE_NAME" --methods "$$METHODS" --scale "$$SCALE" \
 		--budget "$$BUDGET" --shards "$$TRAIN_SHARDS" $(call option,--mix-weights,MIX_WEIGHTS) \
 		--eval-points "$$EVAL_POINTS" --seeds "$$SEEDS" --reference "$$REFERENCE" --nproc "$$NPROC" \
 		--executor "$$COMPARE_EXECUTOR" --slurm-args "$$SLURM_ARGS" $(if $(ACCEPT_CHANGES),--accept-changes) \
-		$(if $(COMPARE_WAIT),--wait) $(EVAL_ARGS) $(if $(strip $(TRAIN_ARGS)),--train-args {TRAIN_ARGS}) \
+		$(if $(COMPARE_WAIT),--wait) $(call option,--publish,COMPARE_PUBLISH) $(EVAL_ARGS) \
+		$(if $(strip $(TRAIN_ARGS)),--train-args {TRAIN_ARGS}) \
 		$(if $(filter-out 1,$(NPROC)),--torchrun-args "$$TORCHRUN_ARGS")
 
 docs: setup ## regenerate docs/config.md, the reference of every config setting
@@ -249,7 +252,7 @@ bench-step: setup ## Harmony's step cost against CLIP alone
 bench-comm: setup ## bytes each rank sends per step, by purpose
 	$(PY) -m tools.bench.communication --out runs/bench
 
-# Validating on a bare, offline GPU machine (README "Validating on a GPU machine"): make gpu-kit here
+# Validating on a bare, offline GPU machine (docs/gpu.md): make gpu-kit here
 # downloads and packs what that machine lacks; make gpu-check runs there with its own python3 (no .venv).
 gpu-kit: setup ## pack what a bare offline GPU machine lacks (docs/gpu.md)
 	$(PY) -m tools.gpu.kit

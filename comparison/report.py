@@ -8,6 +8,7 @@ table, also printed) and charts:
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -521,21 +522,39 @@ def comparison_charts(runs, summaries, reference, differences, out_dir):
     return {name: labels for name, labels in charts.items() if labels is not None}
 
 
-def write_comparison(out_dir, name, header, plan, runs, reference="clip"):
-    """report.md, report.json and the charts of `runs` ({method: {seed: {"run_dir", "entry", "evaluations",
-    "failure", "changed"}}}) compared with `reference`; returns (the table, {method: summary})."""
+CHART_CAPTIONS = {"metrics_vs_compute.png": "each metric against training FLOPs, mean ± std over seeds",
+                  "differences.png": "each method's difference to the reference with its 95% interval",
+                  "loss_curves.png": "the InfoNCE term every softmax-CLIP method shares, against training FLOPs"}
+
+
+def write_comparison(out_dir, name, header, plan, runs, reference="clip", publish_dir=None):
+    """report.md (the tables, then the charts), report.json and the charts of `runs` ({method: {seed: {"run_dir",
+    "entry", "evaluations", "failure", "changed"}}}) compared with `reference`; report.md and the charts also to
+    `publish_dir` when given (a documentation folder: the report as the command wrote it). Returns (the table,
+    {method: summary})."""
     out_dir = Path(out_dir)
     summaries = {method: method_over_seeds(seed_runs) for method, seed_runs in runs.items()}
     differences = reference_differences(runs, summaries, reference)
     for metric, by_method in differences.items():
         for method, difference in by_method.items():
             summaries[method]["differences"][metric] = difference
-    table = comparison_markdown(name, header, summaries, reference, differences)
-    (out_dir / "report.md").write_text(table)
     charts = comparison_charts(runs, summaries, reference, differences, out_dir)
+    table = comparison_markdown(name, header, summaries, reference, differences)
+    (out_dir / "report.md").write_text(table + "".join(f"\n![{CHART_CAPTIONS[chart]}]({chart})\n" for chart in charts))
+    if publish_dir is not None:
+        publish(out_dir, Path(publish_dir), list(charts))
     report = {"name": name, "header": header, "reference": reference,
               "statistics": {"draws": statistics.DRAWS, "rng_seed": statistics.RNG_SEED,
                              "confidence": statistics.CONFIDENCE, "how": statistics.__doc__},
               "charts": list(charts), "methods": summaries, "plan": plan}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return table, summaries
+
+
+def publish(out_dir, publish_dir, charts):
+    """report.md and `charts` of out_dir copied to publish_dir, whose charts of an earlier report are removed."""
+    publish_dir.mkdir(parents=True, exist_ok=True)
+    for stale in set(CHART_CAPTIONS) - set(charts):
+        (publish_dir / stale).unlink(missing_ok=True)
+    for name in ["report.md", *charts]:
+        shutil.copyfile(out_dir / name, publish_dir / name)

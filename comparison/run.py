@@ -231,7 +231,7 @@ def write_report(out_dir, plan, args, failures, active):
               "Training FLOPs: the model's own count (torch FlopCounterMode) of real steps times the steps "
               "trained. Training time: the trainer's step times in metrics.jsonl. Results at the last evaluated "
               f"step; each run's folder is {out_dir}/<method>/seed<seed>/."]
-    return report.write_comparison(out_dir, args.name, header, plan, runs, args.reference)
+    return report.write_comparison(out_dir, args.name, header, plan, runs, args.reference, args.publish)
 
 
 def described_shards(fingerprint):
@@ -314,6 +314,8 @@ def parse_arguments(argv):
     parser.add_argument("--reference", default="clip", help="the method every other is compared with")
     parser.add_argument("--eval-points", type=int, default=4, help="evaluations along each method's training")
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--publish", default=None, help="also write report.md and the charts to this folder (e.g. "
+                        "docs/compare/<name>: the documentation shows the report as the command wrote it)")
     parser.add_argument("--train-args", nargs="*", default=[], help="key=value overrides for every method")
     parser.add_argument("--nproc", type=int, default=1, help="ranks (GPUs) per node of each run (torchrun)")
     parser.add_argument("--nodes", type=int, default=1, help=argparse.SUPPRESS)  # set from SLURM_ARGS nodes=N

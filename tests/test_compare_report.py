@@ -97,7 +97,23 @@ def test_the_table_has_mean_and_std_the_reference_the_failed_method_and_interval
     saved = json.loads((out_dir / "report.json").read_text())
     assert saved["methods"]["harmony"]["differences"]["zero-shot top-1"]["distinguishable"] is True
     assert set(saved["methods"]["siglip"]["seeds"]) == {"0", "1"}
-    assert (out_dir / "report.md").read_text() == table
+    written = (out_dir / "report.md").read_text()
+    assert written.startswith(table) and "![each metric against training FLOPs" in written
+
+
+def test_a_published_report_is_the_one_the_command_wrote(comparison, tmp_path):
+    out_dir, runs = comparison
+    out_dir.mkdir()
+    published = tmp_path / "docs" / "compare" / "seeds"
+    published.mkdir(parents=True)
+    (published / "loss_curves.png").write_bytes(b"a chart of an earlier report")
+    runs.pop("clip")  # no reference: no differences chart; harmony's shared loss only
+    report.write_comparison(out_dir, "seeds", [], {}, runs, "clip", publish_dir=published)
+    charts = sorted(path.name for path in out_dir.glob("*.png"))
+    assert sorted(path.name for path in published.iterdir()) == sorted(["report.md", *charts])
+    for name in ["report.md", *charts]:
+        assert (published / name).read_bytes() == (out_dir / name).read_bytes()
+    assert all(f"]({chart})" in (published / "report.md").read_text() for chart in charts)
 
 
 def test_every_chart_names_every_method_it_draws(comparison):
