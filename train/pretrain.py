@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import tqdm
 import yaml
+from torch.profiler import record_function
 
 from datapipe import make_loader
 from datapipe.common.folder_lock import FolderBusy
@@ -52,11 +53,11 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def forwards_under_autocast(passes, device, precision):
+def forwards_under_autocast(passes, device, precision, name):
     """Runs each backward pass's forward (the iterator's next item) under autocast; the caller's backward runs
-    outside it, as torch recommends."""
+    outside it, as torch recommends. Each forward is the profiler range `<name> forward`."""
     while True:
-        with autocast(device, precision):
+        with autocast(device, precision), record_function(f"{name} forward"):
             item = next(passes, None)
         if item is None:
             return
@@ -139,13 +140,15 @@ class Trainer:
         epoch = self.step // len(self.loader)
         self.optimizer.zero_grad(set_to_none=True)
         views = model_views(batch, trim=model.config.uses_text)  # text views cut to (n, B, T <= 77)
-        with autocast(self.world.device, config.run.precision):
+        # Profiler ranges name each part (tools/gpu/profile.py): "teachers forward", "<objective> forward|backward".
+        with autocast(self.world.device, config.run.precision), record_function("teachers forward"):
             teacher = model.forward_teachers(views)
         losses, metrics = [], {}
         for group in model.backward_groups:
             passes = model.group_passes(group, views, teacher, **values)
-            for loss, stats in forwards_under_autocast(passes, self.world.device, config.run.precision):
-                (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this pass's graph
+            for loss, stats in forwards_under_autocast(passes, self.world.device, config.run.precision, group):
+                with record_function(f"{group} backward"):
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()  # frees this pass's graph
                 losses.append(loss.detach())
                 for name, value in stats.items():  # a group's metrics are the sum of its passes'
                     metrics[name] = metrics[name] + value if name in metrics else value
