@@ -134,6 +134,17 @@ def clean_raw_shard(raw_tar, work_dir, rules, need_samples=True, hashing=True):
     return records_path
 
 
+def unusable_shard(raw_tar, error):
+    """The BuildError for a raw tar whose pass 1 raised UnreadableShard or UnlistedSamples."""
+    raw_tar = Path(raw_tar)
+    if isinstance(error, UnreadableShard):
+        return BuildError(f"raw shard '{raw_tar}' cannot be read ({error}). Delete it and {raw_tar.stem}_stats.json, "
+                          "then run `make download` again: img2dataset's incremental mode fetches just that shard.")
+    return BuildError(f"raw shard '{raw_tar}' {error}: it is not the shard img2dataset wrote, and its counts could not "
+                      f"reconcile. Delete it, {raw_tar.stem}.parquet and {raw_tar.stem}_stats.json, then run `make "
+                      "download` again: img2dataset's incremental mode fetches just that shard.")
+
+
 def clean_raw_shards(pool, raw_tars, work_dir, rules, need_samples, hashing):
     """Pass 1 for each of `raw_tars` in parallel on `pool`, with progress; returns their records paths."""
     futures = [pool.submit(clean_raw_shard, raw_tar, work_dir, rules, need_samples, hashing) for raw_tar in raw_tars]
@@ -144,14 +155,7 @@ def clean_raw_shards(pool, raw_tars, work_dir, rules, need_samples, hashing):
         for raw_tar, future in zip(raw_tars, futures, strict=True):
             try:
                 records_paths.append(future.result())
-            except UnreadableShard as error:
-                raise BuildError(
-                    f"raw shard '{raw_tar}' cannot be read ({error}). Delete it and {raw_tar.stem}_stats.json, then "
-                    "run `make download` again: img2dataset's incremental mode fetches just that shard.") from None
-            except UnlistedSamples as error:
-                raise BuildError(
-                    f"raw shard '{raw_tar}' {error}: it is not the shard img2dataset wrote, and its counts could not "
-                    f"reconcile. Delete it, {raw_tar.stem}.parquet and {raw_tar.stem}_stats.json, then run `make "
-                    "download` again: img2dataset's incremental mode fetches just that shard.") from None
+            except (UnreadableShard, UnlistedSamples) as error:
+                raise unusable_shard(raw_tar, error) from None
             progress.update(sum(1 for _ in open(records_paths[-1])))  # noqa: SIM115 (closed when read)
     return records_paths

@@ -7,7 +7,7 @@ import os
 from datapipe import shards
 from datapipe.common.validate import ImageRules
 from datapipe.shards.inputs import BuildError, exclude_paths
-from datapipe.shards.pipeline import build
+from datapipe.shards.pipeline import DISTRIBUTORS, build
 from datapipe.shards.screen import DuplicateRules
 from datapipe.shards.verification import verify
 
@@ -40,6 +40,12 @@ def main(argv=None):
     build_parser.add_argument("--exclude", default="",
                               help="evaluation images training must not contain: folders, images or .tar shards, "
                                    "separated by ':'; write a ':' inside a path as '\\:' (make shards EXCLUDE=...)")
+    build_parser.add_argument("--distributor", default="multiprocessing", choices=DISTRIBUTORS,
+                              help="multiprocessing: --processes on this machine; pyspark: on Spark, the same result "
+                                   "(docs/spark.md; needs pyspark and Java 17+)")
+    build_parser.add_argument("--spark-master", default=os.environ.get("SPARK_MASTER"),
+                              help="the Spark master with --distributor pyspark: local[N], spark://host:7077, yarn, "
+                                   "k8s://... (default: $SPARK_MASTER, else spark-submit's, else local[*])")
     verify_parser = commands.add_parser("verify", help="re-check hashes, counts and indexes")
     verify_parser.add_argument("out_dir")
     args = parser.parse_args(argv)
@@ -50,7 +56,8 @@ def main(argv=None):
                                         exclude_paths(args.exclude), args.eval_overlap_fine_bits)
         except ValueError as error:
             raise BuildError(str(error)) from None
-        build(args.raw_dir, args.out_dir, args.samples_per_shard, args.processes, rules, args.compress, duplicates)
+        build(args.raw_dir, args.out_dir, args.samples_per_shard, args.processes, rules, args.compress, duplicates,
+              args.distributor, args.spark_master)
     else:
         problems = verify(args.out_dir)
         for problem in problems:

@@ -1,6 +1,8 @@
 """Pass 2, first step: exact duplicates (the same decoded pixels) among the candidates; the first in key order
 is kept. Memory: 32 bytes per candidate, plus the sort's temporaries."""
 
+import dataclasses
+
 import numpy as np
 
 from datapipe.shards.work import read_records
@@ -30,3 +32,17 @@ def find_duplicates(records_paths, hashing):
     first[order] = order[np.flatnonzero(starts)][group]
     return (np.asarray(counts, dtype=np.int64), first,
             np.frombuffer(hashes, dtype=">u8").astype(np.uint64) if hashing else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactDuplicates:
+    """The candidates dropped as exact duplicates (sorted) and the candidate each has the same pixels as."""
+
+    index: np.ndarray  # (d,) int64 candidate indices
+    original: np.ndarray  # (d,) int64: the first candidate in key order with the same pixels
+
+    @classmethod
+    def from_first(cls, first):
+        """From `first` as find_duplicates returns it: every candidate that is not the first of its pixels."""
+        index = np.flatnonzero(first != np.arange(len(first)))
+        return cls(index, first[index])

@@ -1,7 +1,9 @@
-"""The whole build: one lock on the output folder, the three passes in order on one process pool, removal of
-what the new manifest does not list, then the results; a full disk stops it with the space needed."""
+"""The whole build: one lock on the output folder, the three passes in order on one process pool (or on Spark:
+datapipe/shards/spark_pipeline.py), removal of what the new manifest does not list, then the results; a full disk
+stops it with the space needed."""
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -15,9 +17,9 @@ from datapipe.common.byte_sizes import readable_bytes
 from datapipe.common.folder_lock import FolderBusy, FolderLock
 from datapipe.common.process_pool import ProcessPool
 from datapipe.common.validate import ImageRules
-from datapipe.shards import exclusions
+from datapipe.shards import exclusions, spark_session
 from datapipe.shards.clean import clean_raw_shards
-from datapipe.shards.duplicates import find_duplicates
+from datapipe.shards.duplicates import ExactDuplicates, find_duplicates
 from datapipe.shards.inputs import BuildError, check_raw_shards, check_settings
 from datapipe.shards.plan import done_record, plan_shards
 from datapipe.shards.results import write_results
@@ -47,7 +49,7 @@ def _is_not_writable(error, out_dir):
     return failed == target or target in failed.parents or failed in target.parents
 
 
-def _remove_other_files(out_dir, shard_names, raw_stems, compress):
+def remove_other_files(out_dir, shard_names, raw_stems, compress):
     """Delete what this build's manifest does not list: shards of other builds, work of raw shards now gone."""
     keep = {f"{name}{'.tar.zst' if compress else '.tar'}" for name in shard_names}
     keep |= set() if compress else {f"{name}.idx" for name in shard_names}
@@ -60,14 +62,32 @@ def _remove_other_files(out_dir, shard_names, raw_stems, compress):
             path.unlink()
 
 
+DISTRIBUTORS = ("multiprocessing", "pyspark")
+
+
+def _passes(distributor, processes, spark_master):
+    """The function that runs the passes on `distributor`, once what it needs is checked to be installed."""
+    if distributor == "multiprocessing":
+        return functools.partial(_build, processes=processes)
+    if distributor != "pyspark":
+        raise BuildError(f"--distributor (DISTRIBUTOR) must be one of {', '.join(DISTRIBUTORS)} (got {distributor!r})")
+    spark_session.check_requirements()
+    from datapipe.shards.spark_pipeline import build_on_spark  # imports pyspark, which is optional
+
+    return functools.partial(build_on_spark, spark_master=spark_master)
+
+
 def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=ImageRules(), compress=False,
-          duplicates=DuplicateRules()):
-    """Build training shards from img2dataset output; returns the manifest dict."""
+          duplicates=DuplicateRules(), distributor="multiprocessing", spark_master=None):
+    """Build training shards from img2dataset output; returns the manifest dict. `distributor`: multiprocessing
+    (`processes` on this machine) or pyspark (on the Spark master `spark_master`, datapipe/shards/spark_pipeline.py;
+    the same result)."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     raw_tars = sorted(raw_dir.glob("*.tar"))
     check_raw_shards(raw_dir, raw_tars)
     processes = os.cpu_count() if processes is None else processes
     check_settings(out_dir, samples_per_shard, processes)
+    passes = _passes(distributor, processes, spark_master)
     try:
         lock = FolderLock(out_dir, "another `make shards`", "wait for it to end, or build into another OUT")
     except FolderBusy as error:
@@ -77,7 +97,7 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
             raise
         raise _not_writable(error, out_dir) from None
     try:
-        return _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, compress, duplicates)
+        return passes(raw_dir, out_dir, raw_tars, samples_per_shard, rules, compress, duplicates)
     except exclusions.ExclusionError as error:
         raise BuildError(str(error)) from None
     except OSError as error:
@@ -90,7 +110,7 @@ def build(raw_dir, out_dir, samples_per_shard=10000, processes=None, rules=Image
         lock.release()
 
 
-def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, compress, duplicates):
+def _build(raw_dir, out_dir, raw_tars, samples_per_shard, rules, compress, duplicates, processes):
     work_dir = out_dir / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -124,7 +144,7 @@ def _build(raw_dir, out_dir, raw_tars, samples_per_shard, processes, rules, comp
         for shard in plan:
             if shard.name not in entries:
                 entries[shard.name] = json.loads(done_record(out_dir, shard.name).read_text())["entry"]
-    _remove_other_files(out_dir, {shard.name for shard in plan}, set(stems), compress)
-    return write_results(raw_dir, out_dir, made_from, records_paths, counts, first, screened, exclusion_sets,
-                         [entries[shard.name] for shard in plan], samples_per_shard, rules, duplicates, compress,
-                         processes, started)
+    remove_other_files(out_dir, {shard.name for shard in plan}, set(stems), compress)
+    return write_results(raw_dir, out_dir, made_from, records_paths, counts, ExactDuplicates.from_first(first),
+                         screened, exclusion_sets, [entries[shard.name] for shard in plan], samples_per_shard, rules,
+                         duplicates, compress, f"{processes} processes", started)

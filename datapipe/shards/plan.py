@@ -54,17 +54,21 @@ def plan_shard(out_dir, shard, records_paths, counts, compress):
                    and shard_io.sha256_file(tar_path) == done.get("entry", {}).get("sha256"))
 
 
+def planned_shard(number, candidates, counts, made_from):
+    """Training shard `number` of the plan, holding the candidate indices `candidates` (sorted); `made_from`:
+    {raw shard stem: what its work was made from}, in candidate order, as `counts`."""
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    stems = list(made_from)
+    reads = np.unique(np.searchsorted(offsets, candidates, side="right") - 1)
+    return PlannedShard(f"{number:06d}", candidates, {"work": {stems[index]: made_from[stems[index]]
+                                                                for index in reads}})
+
+
 def plan_shards(pool, out_dir, kept, records_paths, counts, made_from, samples_per_shard, compress):
     """(the plan: a PlannedShard per `samples_per_shard` of the `kept` candidates, those of it still to write);
     `made_from`: {raw shard stem: what its work was made from}, in candidate order."""
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    stems = list(made_from)
-    plan = []
-    for number, start in enumerate(range(0, len(kept), samples_per_shard)):
-        candidates = kept[start:start + samples_per_shard]
-        reads = np.unique(np.searchsorted(offsets, candidates, side="right") - 1)
-        plan.append(PlannedShard(f"{number:06d}", candidates,
-                                 {"work": {stems[index]: made_from[stems[index]] for index in reads}}))
+    plan = [planned_shard(number, kept[start:start + samples_per_shard], counts, made_from)
+            for number, start in enumerate(range(0, len(kept), samples_per_shard))]
     futures = [pool.submit(plan_shard, out_dir, shard, records_paths, counts, compress) for shard in plan]
     planned = [future.result() for future in tqdm(futures, desc="check", unit="shard", leave=False)]
     return [shard for shard, _ in planned], [shard for shard, written in planned if not written]

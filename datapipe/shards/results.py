@@ -37,7 +37,7 @@ def _download_failures(raw_dir):
                                detail=row["error_message"] or "")
 
 
-def _shards_rejections(records_paths, counts, first, screened):
+def _shards_rejections(records_paths, counts, exact_duplicates, screened):
     """Each sample make shards dropped (with its reason), streamed: records in order, then the exact duplicates,
     then the evaluation overlaps and near duplicates."""
     for records_path in records_paths:
@@ -45,13 +45,13 @@ def _shards_rejections(records_paths, counts, first, screened):
             if record["reason"] is not None:
                 yield dict(stage="shards", key=record["key"], url=record["url"], reason=record["reason"],
                            detail=record["detail"])
-    candidates = np.arange(len(first))
     looks_like = screened.matched[screened.outcome == near_duplicates.NEAR_DUPLICATE]
-    dropped_rows = candidate_keys(records_paths, counts, np.union1d(candidates[first != candidates], screened.index))
-    originals = candidate_keys(records_paths, counts, np.union1d(first[first != candidates], looks_like))
-    for index in np.flatnonzero(first != candidates).tolist():
+    dropped_rows = candidate_keys(records_paths, counts, np.union1d(exact_duplicates.index, screened.index))
+    originals = candidate_keys(records_paths, counts, np.union1d(exact_duplicates.original, looks_like))
+    for index, original_index in zip(*(array.tolist() for array in (exact_duplicates.index, exact_duplicates.original)),
+                                     strict=True):
         key, url = dropped_rows[index]
-        original = originals[int(first[index])][0]
+        original = originals[original_index][0]
         yield dict(stage="shards", key=key, url=url, reason="duplicate", matches=original,
                    detail=f"same pixels as {original}")
     for index, outcome, matched, distance in zip(*(array.tolist() for array in (
@@ -75,8 +75,9 @@ def _with_index_checksum(out_dir, entry):
     return {**entry, "index_sha256": shard_io.sha256_file(Path(out_dir) / entry["index"])}
 
 
-def write_results(raw_dir, out_dir, made_from, records_paths, counts, first, screened, exclusion_sets, entries,
-                  samples_per_shard, rules, duplicates, compress, processes, started):
+def write_results(raw_dir, out_dir, made_from, records_paths, counts, exact_duplicates, screened, exclusion_sets,
+                  entries, samples_per_shard, rules, duplicates, compress, workers, started):
+    """`exact_duplicates`: an ExactDuplicates; `workers`: what the build ran on, for the summary line."""
     tally, examples = {"url_list": Counter(), "download": Counter(), "shards": Counter()}, {}
     entries = [_with_index_checksum(out_dir, entry) for entry in entries]
 
@@ -88,7 +89,7 @@ def write_results(raw_dir, out_dir, made_from, records_paths, counts, first, scr
 
     manifest.write_rejected(out_dir / manifest.REJECTED, counted(itertools.chain(
         _url_list_rejections(raw_dir), _download_failures(raw_dir),
-        _shards_rejections(records_paths, counts, first, screened))))
+        _shards_rejections(records_paths, counts, exact_duplicates, screened))))
     overlaps = Counter(screened.references[matched][0] for outcome, matched in
                        zip(screened.outcome.tolist(), screened.matched.tolist(), strict=True)
                        if outcome == near_duplicates.EVAL_OVERLAP)
@@ -128,5 +129,5 @@ def write_results(raw_dir, out_dir, made_from, records_paths, counts, first, scr
     counts = result["reconciliation"]
     print(f"shards done: {in_raw} downloaded -> {kept} kept in {len(entries)} shards, "
           f"{in_raw - kept} rejected ({', '.join(f'{n} {r}' for r, n in counts['rejected'].items()) or 'none'}); "
-          f"{in_raw / elapsed_s:.0f} samples/s on {processes} processes; see {out_dir / manifest.REPORT}")
+          f"{in_raw / elapsed_s:.0f} samples/s on {workers}; see {out_dir / manifest.REPORT}")
     return result
