@@ -124,10 +124,13 @@ def test_every_gpu_check_stage_runs_on_the_cpu_at_tiny_sizes(demo_shards, tmp_pa
     assert "zeroshot" in results["stages"]["zeroshot"]["figures"]
     assert results["stages"]["bench_data"]["figures"]["dali_cpu_samples_per_s"] > 0
     assert results["stages"]["bench_step_compiled"]["figures"]["compile"] == "eager"
+    profiled = results["stages"]["profile"]["figures"]["presets"]
+    assert list(profiled) == list(check.TINY_PROFILED_PRESETS)
+    assert all(0 <= summary["device_idle_fraction"] <= 1 for summary in profiled.values())
     assert results["environment"]["device"] == "cpu"
     report = (out / "gpu-benchmarks.md").read_text()
     assert "| DALI GPU multi-crop" in report and "| bench_step | ok |" in report
-    for name in ("check.log", "datapipe.png", "step.png", "train-losses.png"):
+    for name in ("check.log", "datapipe.png", "step.png", "train-losses.png", "profile-demo.trace.json.gz"):
         assert (out / name).is_file(), name
 
 

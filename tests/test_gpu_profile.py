@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tools.gpu import profile
+from tools.gpu.report import markdown
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,12 @@ def test_the_profile_figures_are_sane(harmony_summary):
 
 def test_overlapping_device_activity_is_counted_once():
     assert profile.union_us([(0, 10), (5, 12), (20, 30), (21, 22)]) == 22
+
+
+def test_the_gpu_checks_report_shows_the_profile(harmony_summary):
+    summary, _ = harmony_summary
+    results = dict(started="now", stages={"profile": dict(status="ok", seconds=1.0, figures=dict(
+        device="cpu", presets={"demo": summary, "clip_cc3m": dict(error="OutOfMemoryError: CUDA out of memory")}))})
+    report = markdown(results)
+    assert "| demo | 4 | " in report and "| clip_cc3m | OutOfMemoryError" in report
+    assert "| ibot backward | " in report and f"| `{summary['top_kernels'][0]['name']}` |" in report

@@ -5,7 +5,9 @@ sha256, installs the wheels into /tmp/harmony-gpu-site without network, then run
 under a time budget (the whole about 8 minutes): the GPU-marked tests, then the model, loss, loader and trainer
 tests on the device; the demo preset trained a few hundred steps fed by DALI on the GPU (data-wait fraction), and its
 zero-shot; DALI GPU multi-crop against DALI on the CPU cores and the torch reference; a Harmony and a CLIP-only
-ViT-B/16 step in bf16 at batch 96, with and without activation checkpointing, then with torch.compile. A stage
+ViT-B/16 step in bf16 at batch 96, with and without activation checkpointing; a few trainer steps of the ViT-B/16
+Harmony and CLIP presets under torch.profiler (tools/gpu/profile.py: where the step's time goes, device idle,
+kernels and host syncs per step); then the step with torch.compile. A stage
 that fails or overruns is recorded as such and the next one runs. After every stage, the figures so far are
 written to <out>/results.json and <out>/gpu-benchmarks.md (a section for BENCHMARKS.md), with the device,
 driver and the versions used; every stage's output goes to <out>/check.log.
@@ -30,6 +32,8 @@ from tools.gpu.report import markdown
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 LARGER_SET = "2000x250"  # the tests' larger demo set (demo/end_to_end.py): the training and benchmark data
+PROFILED_PRESETS = ("vit_b_cc3m", "clip_cc3m")  # Harmony and CLIP, ViT-B/16, each at its per-GPU batch (96, 512)
+TINY_PROFILED_PRESETS = ("demo", "clip_demo")  # tools.gpu.profile --tiny shrinks them further
 TEST_FILES = ("tests/test_model.py", "tests/test_losses.py", "tests/test_harmony.py", "tests/test_loader.py",
               "tests/test_train.py")
 
@@ -87,6 +91,11 @@ def step_figures(path):
                 shapes=shapes)
 
 
+def profile_figures(path):
+    """tools.gpu.profile's summary of each preset."""
+    return json.loads(path.read_text())
+
+
 def stages(python, data_dir, work, tiny):
     """The check's stages; tiny (on a CPU, for the tests) gives each six times its budget: it checks code paths,
     not speed, often on a busy machine."""
@@ -99,6 +108,7 @@ def stages(python, data_dir, work, tiny):
                                                                       "--repeats", "5"]
     step_args = ["--methods", *shape_args]
     compile_args = ["--compile", "--compile-backend", "eager" if tiny else "inductor"]
+    profiled = TINY_PROFILED_PRESETS if tiny else PROFILED_PRESETS
     return [
         Stage("gpu_tests", 60 * budget, [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
                                          *(("tests/test_model.py",) if tiny else TEST_FILES)]),
@@ -124,6 +134,12 @@ def stages(python, data_dir, work, tiny):
         Stage("bench_step", 90 * budget, [python, "-m", "tools.bench.step", *step_args, "--out", str(work / "bench")],
               figures=lambda: step_figures(work / "bench" / "step.json"), files={"bench/step.png": "step.png"},
               clears=(work / "bench" / "step.json",)),
+        Stage("profile", 120 * budget, [python, "-m", "tools.gpu.profile", "--data", str(larger / "train"),
+                                        "--presets", *profiled, "--out", str(work / "profile"),
+                                        *(("--tiny",) if tiny else ())],
+              figures=lambda: profile_figures(work / "profile" / "profile.json"),
+              files={f"profile/{preset}.trace.json.gz": f"profile-{preset}.trace.json.gz" for preset in profiled},
+              clears=(work / "profile",)),
         Stage("bench_step_compiled", 100 * budget, [python, "-m", "tools.bench.step", *step_args, *compile_args,
                                                     "--out", str(work / "bench")],
               figures=lambda: step_figures(work / "bench" / "step_compiled.json"),

@@ -1,9 +1,9 @@
 """Where a training step's time goes: a few steps of a preset under torch.profiler, summarised (issue 36).
 
-For each preset (on a GPU the ViT-B/16 Harmony and CLIP presets at their own per-GPU batch; with --tiny the
-demo's micro model on this CPU), the trainer's own step (train.pretrain.Trainer.train_step) runs on batches of the
-shards in --data, read before the profiled steps so that no data wait is counted. After `warmup` steps, `steps`
-steps run under torch.profiler. The summary of each preset:
+For each preset (the GPU check's: the ViT-B/16 Harmony and CLIP presets at their own per-GPU batch; with --tiny
+at the smallest sizes, on this CPU), the trainer's own step (train.pretrain.Trainer.train_step) runs on batches of
+the shards in --data, read before the profiled steps so that no data wait is counted. After `warmup` steps,
+`steps` steps run under torch.profiler. The summary of each preset:
 
 - `step_ms`: wall time per step, from the host's first launch to the end of the device's last kernel;
 - `device_idle_fraction`: the share of that time in which no kernel or copy runs on the device;
@@ -21,12 +21,13 @@ calls that read a scalar (each would wait on a GPU), so the same code paths give
 check). Writes <out>/profile.json and, per preset, <out>/<preset>.trace.json.gz: the chrome trace of the last
 profiled step (open it in Perfetto or chrome://tracing).
 
-    python -m tools.gpu.profile --data shards/demo/train --out runs/profile            # on a GPU
-    python -m tools.gpu.profile --tiny --data shards/demo/train --out runs/profile     # the micro model, CPU
+    python -m tools.gpu.profile --presets vit_b_cc3m clip_cc3m --data shards/demo/train --out runs/profile
+    python -m tools.gpu.profile --tiny --presets demo clip_demo --data shards/demo/train --out runs/profile
 """
 
 import argparse
 import bisect
+import gc
 import gzip
 import json
 import sys
@@ -40,8 +41,6 @@ from train.config import load_config
 from train.distributed import World
 from train.pretrain import Trainer
 
-GPU_PRESETS = ("vit_b_cc3m", "clip_cc3m")  # Harmony and CLIP, ViT-B/16, each at its per-GPU batch (96 and 512)
-TINY_PRESETS = ("demo", "clip_demo")  # the micro model, for the tests
 GPU_OVERRIDES = ("data.backend=dali", "run.precision=bf16")
 TINY_OVERRIDES = (  # the demo's micro ViT, every other part at its smallest, 32 px crops (tools.bench.step's tiny)
     "data.batch_size=4", "data.backend=torch", "data.num_workers=0", "run.precision=fp32", "data.global_crop_px=32",
@@ -212,28 +211,35 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a folder of training shards (make shards' train/)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--presets", nargs="+", help=f"default {' '.join(GPU_PRESETS)} ({' '.join(TINY_PRESETS)} "
-                                                     "with --tiny)")
+    parser.add_argument("--presets", nargs="+", required=True, help="train/configs presets, e.g. vit_b_cc3m")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="the micro model on this CPU (the tests)")
     args = parser.parse_args(argv)
     device = torch.device("cpu") if args.tiny or not torch.cuda.is_available() else torch.device("cuda", 0)
     if not args.tiny and device.type != "cuda":
-        sys.exit("error: profiling the ViT-B/16 presets needs a CUDA device; use --tiny to try it on this CPU")
+        sys.exit("error: profiling at the presets' sizes needs a CUDA device; use --tiny to try it on this CPU")
     args.out.mkdir(parents=True, exist_ok=True)
-    presets = args.presets or (TINY_PRESETS if args.tiny else GPU_PRESETS)
     overrides = TINY_OVERRIDES if args.tiny else GPU_OVERRIDES
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", presets={})
-    for preset in presets:
-        summary = profile_preset(preset, args.data.resolve(), device, overrides, args.warmup, args.steps,
-                                 args.out / f"{preset}.trace.json.gz")
+    failed = []
+    for preset in args.presets:
+        try:
+            summary = profile_preset(preset, args.data.resolve(), device, overrides, args.warmup, args.steps,
+                                     args.out / f"{preset}.trace.json.gz")
+        except (RuntimeError, ValueError) as error:  # out of memory, say: the next preset still runs
+            summary, failed = dict(error=f"{type(error).__name__}: {str(error)[:2000]}"), [*failed, preset]
+            print(f"{preset}: {summary['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"{preset}: {summary['step_ms']:.1f} ms per step, device idle "
+                  f"{summary['device_idle_fraction']:.1%}, {summary['kernels_per_step']:.0f} kernels and "
+                  f"{summary['host_syncs_per_step']:.1f} host syncs per step", flush=True)
         report["presets"][preset] = summary
         (args.out / "profile.json").write_text(json.dumps(report, indent=2))  # what is done so far
-        print(f"{preset}: {summary['step_ms']:.1f} ms per step, device idle {summary['device_idle_fraction']:.1%}, "
-              f"{summary['kernels_per_step']:.0f} kernels and {summary['host_syncs_per_step']:.1f} host syncs "
-              f"per step", flush=True)
-    return 0
+        gc.collect()  # the preset's model and batches, before the next one's
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

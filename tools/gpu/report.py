@@ -71,4 +71,34 @@ def markdown(results):
     if rows:
         lines += ["", "| stage | shape | run | images/s | MFU | max allocated GiB | activation peak GiB |",
                   "|---|---|---|---|---|---|---|", *rows]
+    lines += profile_lines(stage_figures(results, "profile"))
     return "\n".join(lines) + "\n"
+
+
+def profile_lines(profile):
+    """The profile stage's tables: per preset the step's figures, then its parts and its top kernels."""
+    presets = profile.get("presets", {})
+    if not presets:
+        return []
+    lines = ["", f"Where the step's time goes (tools/gpu/profile.py on {profile.get('device')}):", "",
+             "| preset | batch | step ms | device idle | kernels / step | copies / step | host syncs / step |",
+             "|---|---|---|---|---|---|---|"]
+    for name, summary in presets.items():
+        if "error" in summary:
+            lines.append(f"| {name} | {summary['error'][:200]} | | | | | |")
+            continue
+        lines.append(f"| {name} | {summary['batch_size']} | {summary['step_ms']:.1f} | "
+                     f"{summary['device_idle_fraction']:.1%} | {summary['kernels_per_step']:.0f} | "
+                     f"{summary['copies_per_step']:.0f} | {summary['host_syncs_per_step']:.1f} |")
+    for name, summary in presets.items():
+        if "error" in summary:
+            continue
+        syncs = ", ".join(f"{call} {count:g}" for call, count in summary["sync_calls_per_step"].items()) or "none"
+        lines += ["", f"{name}: host syncs per step by call: {syncs}.", "",
+                  "| part | host ms / step | device ms / step |", "|---|---|---|"]
+        lines += [f"| {part} | {times['host_ms']:.1f} | {times['device_ms']:.1f} |"
+                  for part, times in summary["parts"].items()]
+        lines += ["", "| kernel | device ms / step | calls / step | share of device time |", "|---|---|---|---|"]
+        lines += [f"| `{kernel['name'][:90]}` | {kernel['ms_per_step']:.2f} | {kernel['calls_per_step']:g} | "
+                  f"{kernel['share']:.1%} |" for kernel in summary["top_kernels"]]
+    return lines
