@@ -174,6 +174,30 @@ def test_iterating_again_starts_the_next_epoch(demo_shards):
     assert len(second) == len(first) > 0 and second != first and loader.epoch == 1
 
 
+def test_dali_builds_one_pipeline_per_loader_and_each_epoch_equals_a_fresh_pipelines(demo_shards, monkeypatch):
+    """Whole epochs, an epoch left early and a resume mid-epoch all go through the loader's one DALI pipeline, and
+    give bit for bit the batches of a pipeline built for that epoch alone (as each epoch had before)."""
+    from datapipe.load import dali
+
+    settings = dict(recipe=SMALL, batch_size=24, backend="dali", seed=5)
+    fresh = {epoch: batches_of(make_loader(demo_shards["train"], epoch=epoch, **settings), 5) for epoch in range(4)}
+    built = []
+    build = dali._views_pipeline
+    monkeypatch.setattr(dali, "_views_pipeline", lambda **arguments: built.append(1) or build(**arguments))
+    loader = make_loader(demo_shards["train"], **settings)
+    assert len(loader) == 5
+    got = {0: batches_of(loader, 5), 1: batches_of(loader, 2)}  # epoch 1 left after two batches
+    loader.set_epoch(2)
+    got[2] = batches_of(loader, 5)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 3, "batches_done": 3})  # a resume at batch 3
+    got[3] = batches_of(loader, 5)
+    assert len(built) == 1
+    assert [len(batches) for batches in got.values()] == [5, 2, 5, 2]
+    for epoch, batches in got.items():
+        for expected, batch in zip(fresh[epoch][3:] if epoch == 3 else fresh[epoch], batches, strict=False):
+            assert_same_views(batch, expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_contract_and_training_dtype(demo_shards, backend):
     batch = next(iter(make_loader(demo_shards["train"], SMALL, 8, backend=backend, dtype=torch.bfloat16)))

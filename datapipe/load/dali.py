@@ -12,9 +12,11 @@ brightness, contrast, saturation and hue in a fixed order (torchvision picks a r
 its contrast pivots on mid-grey rather than on the image's mean grey. Flips are applied last,
 inside crop_mirror_normalize; they commute with every other step.
 
+The pipeline is built once per loader: each epoch's plan is fed to the same pipeline, which the source tells
+where an epoch ends (StopIteration), and the next epoch resets it (an epoch left early is first run out).
 A sample DALI cannot decode (a truncated body, say) fails its whole batch: the batch's samples are
-then decoded one by one to find it, it is marked unreadable in the plan, and the pipeline is
-rebuilt at that batch, where a reserve sample takes its place, as on the torch backend.
+then decoded one by one to find it, it is marked unreadable in the plan, and a new pipeline is
+built at that batch, where a reserve sample takes its place, as on the torch backend.
 """
 
 import numpy as np
@@ -68,36 +70,67 @@ def _decode_pipeline(source, gpu):
 
 
 class DaliBatches:
-    """Iterator of (batch index, Batch) in plan order, from `start_batch` to the end of the epoch."""
+    """A loader's DALI pipeline, built once and fed every epoch: `epoch(plan, start_batch)` iterates (batch index,
+    Batch) of that epoch's plan from `start_batch` to its end. The source ends an epoch by raising StopIteration
+    and the next epoch resets the same pipeline; only an undecodable sample makes a new one (module docstring)."""
 
-    def __init__(self, plan, start_batch, dtype, device, num_threads):
-        self.plan, self.dtype, self.num_threads = plan, dtype, num_threads
+    def __init__(self, recipe, batch_size, dtype, device, num_threads):
+        self.recipe, self.batch_size, self.dtype, self.num_threads = recipe, batch_size, dtype, num_threads
         self.gpu = device.type == "cuda"
         self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
         # DALI has no bf16: fp16 halves the transfer, and the cast to bf16 happens on the device.
         self.crop_dtype = types.FLOAT if dtype == torch.float32 else types.FLOAT16
-        self.names = [f"crop{number}" for number in range(len(plan.recipe.crops))]
+        self.names = [f"crop{number}" for number in range(len(recipe.crops))]
+        self.iterator = None  # DALI's, over the one pipeline
+        self.builds = 0  # pipelines built so far: one per loader, plus one per undecodable batch met
+        self.epoch_over = True  # the iterator reached the end of its epoch (DALI resets only then)
+        self.iteration = 0  # which epoch() call feeds the pipeline now: an older iteration stops
+        self.plan, self.pending, self.windows, self.next_index, self.feed_end = None, {}, {}, 0, 0
         self.storage_error = None  # a remote shard that could not be fetched
-        self._start(start_batch)
 
-    def _start(self, start_batch):
-        """A fresh pipeline whose first batch is `start_batch` (its output depends on nothing else)."""
+    def epoch(self, plan, start_batch):
+        """(batch index, Batch) of `plan` from `start_batch` to the end of its epoch, through the one pipeline."""
+        self._end_epoch()
+        self.iteration += 1
+        self.plan, self.storage_error = plan, None
         self.pending = {}  # batch index -> RawBatch fed to DALI and not yet returned
         self.windows = {}  # batch index -> [(B, 4) (top, left, height, width) per crop] of a pending batch
-        self.next_index = start_batch
-        if start_batch >= self.plan.num_batches:
-            self.iterator = iter(())
-            return
+        self.next_index, self.feed_end = start_batch, plan.num_batches
+        if start_batch >= plan.num_batches:
+            return iter(())
+        if self.iterator is None:
+            self._build()
+        else:
+            self.iterator.reset()  # the pipeline asks the source for this epoch's first batches
+        self.epoch_over = False
+        return self._batches(self.iteration)
+
+    def _build(self):
+        """A new pipeline whose first batch is `self.next_index` (its output depends on nothing else)."""
         pipeline = _views_pipeline(
-            source=self._feed, recipe=self.plan.recipe, gpu=self.gpu, crop_dtype=self.crop_dtype,
-            batch_size=self.plan.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+            source=self._feed, recipe=self.recipe, gpu=self.gpu, crop_dtype=self.crop_dtype,
+            batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
             prefetch_queue_depth=2)
         self.iterator = DALIGenericIterator([pipeline], self.names, size=-1, auto_reset=False)
+        self.builds += 1
+
+    def _end_epoch(self):
+        """An epoch left before its end still has batches in the pipeline's queue: the source ends it now and the
+        queue is emptied, so that the next epoch starts from a pipeline at an epoch's end."""
+        if self.iterator is None or self.epoch_over:
+            return
+        self.feed_end = 0  # the source's next call ends the epoch
+        try:
+            for _ in self.iterator:
+                pass
+        except RuntimeError:  # a batch thrown away failed: the next epoch builds a new pipeline
+            self.iterator = None
+        self.epoch_over = True
 
     def _feed(self, info):
         index = self.next_index + len(self.pending)
-        if index >= self.plan.num_batches:
+        if index >= self.feed_end:
             raise StopIteration
         try:
             raw = self.plan.read_batch(index)
@@ -105,7 +138,7 @@ class DaliBatches:
             self.storage_error = error
             raise
         self.pending[index] = raw
-        parameters = recipe_parameters(self.plan.recipe, raw.sample_seeds, raw.sizes_px)
+        parameters = recipe_parameters(self.recipe, raw.sample_seeds, raw.sizes_px)
         self.windows[index] = [windows_of(crop) for crop in parameters]
         return [[np.frombuffer(jpeg, dtype=np.uint8) for jpeg in raw.jpegs], *parameters]
 
@@ -121,33 +154,42 @@ class DaliBatches:
                 found.append((location, f"jpg does not decode: {_first_message(error)}"))
         return found
 
-    def __iter__(self):
-        return self
+    def _batches(self, iteration):
+        while True:
+            if iteration != self.iteration:
+                raise RuntimeError("this loader was iterated again: its DALI pipeline now feeds the newer iteration")
+            index = self.next_index
+            try:
+                outputs = next(self.iterator)[0]
+            except StopIteration:
+                self.epoch_over = True
+                return
+            except RuntimeError as error:
+                self._replace_undecodable(index, error)
+                self.pending, self.windows = {}, {}
+                self._build()  # the same batch again, with reserve samples in place of the undecodable ones
+                continue
+            raw, windows = self.pending.pop(index), self.windows.pop(index)
+            self.next_index += 1
+            crops = [outputs[name] for name in self.names]
+            yield index, assemble(crops, windows, raw, self.recipe, self.dtype)
 
-    def __next__(self):
-        index = self.next_index
-        try:
-            outputs = next(self.iterator)[0]
-        except RuntimeError as error:
-            if self.storage_error is not None:
-                raise self.storage_error from None
-            failed = [raw for number, raw in sorted(self.pending.items()) if number >= index]
-            undecodable = [found for raw in failed for found in self._undecodable(raw)]
-            checked = sum(len(raw.jpegs) for raw in failed)
-            if not undecodable or len(undecodable) == checked:  # none or all: the data is not what failed
-                keys = self.pending[index].keys if index in self.pending else []
-                raise RuntimeError(
-                    f"DALI failed on batch {index} (first keys {keys[:3]}): {_first_message(error)}; decoded one "
-                    f"at a time, {len(undecodable)} of its {checked} samples fail. Check the shards with "
-                    f"`make verify`, or try backend='torch'.") from None
-            for location, reason in undecodable:
-                self.plan.mark_unreadable(location, reason)
-            self._start(index)  # the same batch again, with reserve samples in place of these
-            return next(self)
-        raw, windows = self.pending.pop(index), self.windows.pop(index)
-        self.next_index += 1
-        crops = [outputs[name] for name in self.names]
-        return index, assemble(crops, windows, raw, self.plan.recipe, self.dtype)
+    def _replace_undecodable(self, index, error):
+        """After DALI failed at batch `index`: the samples it cannot decode marked unreadable in the plan, or the
+        error raised when the data is not what failed."""
+        if self.storage_error is not None:
+            raise self.storage_error from None
+        failed = [raw for number, raw in sorted(self.pending.items()) if number >= index]
+        undecodable = [found for raw in failed for found in self._undecodable(raw)]
+        checked = sum(len(raw.jpegs) for raw in failed)
+        if not undecodable or len(undecodable) == checked:  # none or all: the data is not what failed
+            keys = self.pending[index].keys if index in self.pending else []
+            raise RuntimeError(
+                f"DALI failed on batch {index} (first keys {keys[:3]}): {_first_message(error)}; decoded one "
+                f"at a time, {len(undecodable)} of its {checked} samples fail. Check the shards with "
+                f"`make verify`, or try backend='torch'.") from None
+        for location, reason in undecodable:
+            self.plan.mark_unreadable(location, reason)
 
 
 def _constant(value):

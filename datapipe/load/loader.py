@@ -54,6 +54,7 @@ class Loader:
         self.backend = self._pick_backend(backend)
         self.epoch, self.batches_done = epoch, 0
         self.skipped = []
+        self.dali = None  # the DALI pipeline, built at the first epoch and fed every later one
         if len(self) == 0:
             raise ValueError(f"{self.shards.root}: {self.shards.total} samples do not fill one global batch of "
                              f"{batch_size} x {self.world_size} rank(s); lower batch_size")
@@ -100,9 +101,12 @@ class Loader:
                          self.world_size, self.shuffle_window)
         on_gpu = self.device.type == "cuda"
         if self.backend == "dali":
-            from datapipe.load.dali import DaliBatches  # DALI is imported only when used
+            if self.dali is None:
+                from datapipe.load.dali import DaliBatches  # DALI is imported only when used
 
-            batches = DaliBatches(plan, self.batches_done, self.dtype, self.device, max(self.num_workers, 1))
+                self.dali = DaliBatches(self.recipe, self.batch_size, self.dtype, self.device,
+                                        max(self.num_workers, 1))
+            batches = self.dali.epoch(plan, self.batches_done)
         else:
             from datapipe.load.torch_ref import torch_batches
 
