@@ -6,10 +6,11 @@ order, the same manifest (docs/spark.md).
 1. One task per raw shard: clean_raw_shard (decode, validate, clean, hash; its work records reused when made from
    the same bytes and rules), then its candidates as rows.
 2. Exact and near duplicates, evaluation overlaps (datapipe/shards/spark_screen.py).
-3. The plan as DataFrame operations: the kept candidates in key order, position = kept in earlier raw shards +
-   rank within its raw shard, training shard = position // samples_per_shard. One task per training shard checks
-   whether the shard on disk was made from exactly that (plan_shard), and one per shard still to write writes it
-   and its DALI index (write_output_shard); raw shards whose work tars are gone are cleaned again first.
+3. The plan: the kept candidates in key order cut into runs of samples_per_shard, each run a range of candidate
+   indices less the dropped ones in it, worked out on the driver from the dropped candidates alone. One task per
+   training shard checks whether the shard on disk was made from exactly that (plan_shard), and one per shard
+   still to write writes it and its DALI index (write_output_shard); raw shards whose work tars are gone are
+   cleaned again first.
 4. On the driver, as the local build: removal of files the manifest does not list, rejected.jsonl.zst, report.md,
    manifest.json last.
 
@@ -25,8 +26,6 @@ from pathlib import Path
 
 import numpy as np
 from pyspark import StorageLevel
-from pyspark.sql import Window
-from pyspark.sql import functions as F
 
 from datapipe.common import manifest
 from datapipe.shards import exclusions
@@ -71,25 +70,16 @@ def _clean(session, raw_tars, work_dir, rules, need_samples, hashing):
         raise unusable_shard(*failure.args) from None
 
 
-def _one_per_partition(rows, numbers):
-    """(number, value) rows with each of `numbers` in a partition of its own: one Spark task per training shard."""
-    slot = {number: position for position, number in enumerate(numbers)}
-    return rows.filter(lambda row: row[0] in slot).partitionBy(max(len(numbers), 1), lambda number: slot[number])
-
-
-def _plan(session, kept, counts, samples_per_shard):
-    """(number, sorted candidate indices) of each training shard: the kept candidates (candidate, shard) in key
-    order, cut into runs of `samples_per_shard`."""
-    per_shard = dict(kept.groupBy("shard").count().collect())
-    kept_before = np.concatenate([[0], np.cumsum([per_shard.get(number, 0) for number in range(len(counts))])])
-    starts = session.createDataFrame([(number, int(start)) for number, start in enumerate(kept_before[:-1])],
-                                     "shard int, kept_before long")
-    rank = F.row_number().over(Window.partitionBy("shard").orderBy("candidate"))
-    position = F.col("kept_before") + rank - 1
-    return kept.join(F.broadcast(starts), "shard").select(
-        F.floor(position / samples_per_shard).alias("number"), "candidate").groupBy("number").agg(
-        F.sort_array(F.collect_list("candidate")).alias("candidates")).rdd.map(
-        lambda row: (row.number, row.candidates)), int(kept_before[-1])
+def _plan(total, dropped, samples_per_shard):
+    """[(number, its candidate indices)] of each training shard: runs of `samples_per_shard` kept candidates in key
+    order. The kept candidates are 0..total-1 less `dropped` (sorted), so each run is a range of candidate indices
+    less the dropped ones in it: worked out from the dropped alone, never a list of every sample."""
+    starts = np.arange(0, total - len(dropped), samples_per_shard)  # kept positions where shards start
+    kept_below = dropped - np.arange(len(dropped))  # kept candidates below each dropped one
+    first = starts + np.searchsorted(kept_below, starts, side="right")  # the candidate at each start
+    ends = np.append(first[1:], total)[:len(first)]
+    return [(number, np.setdiff1d(np.arange(low, high), dropped[(dropped >= low) & (dropped < high)]))
+            for number, (low, high) in enumerate(zip(first.tolist(), ends.tolist(), strict=True))]
 
 
 def build_on_spark(raw_dir, out_dir, raw_tars, samples_per_shard, rules, compress, duplicates, spark_master=None,
@@ -126,20 +116,16 @@ def _build(session, raw_dir, out_dir, raw_tars, samples_per_shard, rules, compre
     with _step(session, "near duplicates", step_times_s):
         screened = screen_near_duplicates(session, survivors, int(offsets[-1]), exclusion_sets, duplicates)
     with _step(session, "plan", step_times_s):
-        dropped = session.createDataFrame([(int(index),) for index in screened.index], "candidate long")
-        kept = survivors.select("candidate", "shard").join(dropped, "candidate", "left_anti")
-        plan_rows, kept_count = _plan(session, kept, counts, samples_per_shard)
-        plan_rows = plan_rows.persist(StorageLevel.MEMORY_AND_DISK)
+        plan_rows = _plan(int(offsets[-1]), np.union1d(found.index, screened.index), samples_per_shard)
         shared = context.broadcast((str(out_dir), records_paths, counts, made_from, compress))
-        numbers = list(range(-(-kept_count // samples_per_shard)))
 
-        def check(row):
+        def check(number, candidates):
             out_dir, records_paths, counts, made_from, compress = shared.value
-            shard, written = plan_shard(out_dir, planned_shard(row[0], np.asarray(row[1], dtype=np.int64), counts,
-                                                                made_from), records_paths, counts, compress)
+            shard, written = plan_shard(out_dir, planned_shard(number, candidates, counts, made_from), records_paths,
+                                        counts, compress)
             return shard.name, shard.made_from, written
 
-        plan = sorted(_one_per_partition(plan_rows, numbers).map(check).collect())
+        plan = run_tasks(session, check, plan_rows)
     entries = {}
     to_write = {name: shard_made_from for name, shard_made_from, written in plan if not written}
     if to_write:
@@ -150,15 +136,16 @@ def _build(session, raw_dir, out_dir, raw_tars, samples_per_shard, rules, compre
             _clean(session, [raw_dir / f"{stem}.tar" for stem in needed], work_dir, rules, need_samples=True,
                    hashing=duplicates.hashing)
         with _step(session, "write", step_times_s):
-            writing = context.broadcast((str(out_dir), records_paths, counts, compress, str(raw_dir), to_write))
+            writing = context.broadcast((str(out_dir), records_paths, counts, compress, str(raw_dir)))
 
-            def write(row):
-                out_dir, records_paths, counts, compress, raw_dir, to_write = writing.value
-                name = f"{row[0]:06d}"
-                shard = PlannedShard(name, np.asarray(row[1], dtype=np.int64), to_write[name])
-                return name, write_output_shard(out_dir, shard, records_paths, counts, compress, raw_dir)
+            def write(number, candidates, shard_made_from):
+                out_dir, records_paths, counts, compress, raw_dir = writing.value
+                shard = PlannedShard(f"{number:06d}", candidates, shard_made_from)
+                return shard.name, write_output_shard(out_dir, shard, records_paths, counts, compress, raw_dir)
 
-            entries = dict(_one_per_partition(plan_rows, [int(name) for name in to_write]).map(write).collect())
+            entries = dict(run_tasks(session, write, [(number, candidates, to_write[f"{number:06d}"])
+                                                      for number, candidates in plan_rows
+                                                      if f"{number:06d}" in to_write]))
     for stem in stems:  # every planned shard is written: no work tar is read again
         work_paths(work_dir, stem)[0].unlink(missing_ok=True)
     for name, _, _ in plan:
@@ -166,7 +153,6 @@ def _build(session, raw_dir, out_dir, raw_tars, samples_per_shard, rules, compre
             entries[name] = json.loads(done_record(out_dir, name).read_text())["entry"]
     for frame in (candidates, survivors):
         frame.unpersist()
-    plan_rows.unpersist()
     with _step(session, "results", step_times_s):
         remove_other_files(out_dir, {name for name, _, _ in plan}, set(stems), compress)
         result = write_results(raw_dir, out_dir, made_from, records_paths, counts, found, screened, exclusion_sets,
