@@ -1,8 +1,9 @@
-"""The step's bookkeeping in few launches and without host reads: per-parameter clipping."""
+"""The step's bookkeeping in few launches and few host reads: per-parameter clipping, the step's flags."""
 
+import pytest
 import torch
 
-from train.pretrain import clip_per_parameter
+from train.pretrain import clip_per_parameter, step_flags
 
 
 def clip_one_parameter_at_a_time(grads, max_norm):
@@ -26,3 +27,11 @@ def test_clipping_all_parameters_at_once_equals_the_per_parameter_loop():
         assert torch.equal(param.grad, grad)
     assert any(torch.linalg.vector_norm(grad) < 1 for grad in expected)  # both sides of the bound were tried
     assert all(torch.linalg.vector_norm(grad) <= 3.0 + 1e-4 for grad in expected)
+
+
+@pytest.mark.parametrize("loss, stop_requested, expected", [(1.5, False, (True, False)), (1.5, True, (True, True)),
+                                                           (float("nan"), False, (False, False)),
+                                                           (float("inf"), True, (False, True))])
+def test_step_flags_say_whether_the_loss_is_finite_and_a_stop_was_asked(loss, stop_requested, expected):
+    for dtype in (torch.float32, torch.bfloat16):
+        assert step_flags(torch.tensor(loss, dtype=dtype), stop_requested, world_size=1) == expected

@@ -77,9 +77,10 @@ def clip_per_parameter(params, max_norm):
 
 def step_flags(loss, stop_requested, world_size):
     """(loss finite on every rank, stop requested on any rank): all ranks skip or apply the step together and
-    stop after the same step. One all-reduce and the step's one host read."""
-    flags = torch.stack([torch.isfinite(loss).float().reshape(()),
-                         torch.tensor(0.0 if stop_requested else 1.0, device=loss.device)])
+    stop after the same step. One all-reduce and the step's one host read (the stop flag is filled on the device:
+    a copy from the host would wait for the device once more)."""
+    keep_going_flag = loss.new_full((), 0.0 if stop_requested else 1.0, dtype=torch.float32)
+    flags = torch.stack([torch.isfinite(loss).float().reshape(()), keep_going_flag])
     if world_size > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
     finite, keep_going = flags.tolist()
