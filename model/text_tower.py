@@ -66,7 +66,8 @@ class TextEncoder(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        pooled = text_global_pool(text.ln_final(features), tokens, pool_type="argmax")  # EOT: the largest id
+        # EOT (the largest id) is pooled first: ln_final normalises each row alone, so only the pooled rows need it
+        pooled = text.ln_final(text_global_pool(features, tokens, pool_type="argmax"))  # (B, width)
         return pooled, features
 
     def project(self, pooled):
