@@ -219,19 +219,23 @@ def per_caption_weights(masked):
     return (1.0 / per_caption).expand_as(masked)[masked]
 
 
-def text_distillation_loss(student_tokens, teacher_tokens, masked, real_tokens, center,
+def text_distillation_loss(student_tokens, teacher_tokens, at_masked, real_tokens, center,
                            teacher_temp, student_temp=0.1):
-    """Patch-style distillation over word tokens, on masked tokens only.
+    """Patch-style distillation over word tokens, on masked tokens only: each caption's mean over its masked
+    tokens, then the mean over captions (a caption with none masked counts 0).
 
-    student_tokens: (B, T, K) head outputs on masked captions; teacher_tokens: (B, T, K) on raw
-    captions; masked: (B, T) bool; real_tokens: (B, T) bool, SOT..EOT; center: (1, 1, K).
+    student_tokens: (M, K) head outputs at the masked positions of the masked captions (the head runs on those rows
+    only); teacher_tokens: (B, T, K) on raw captions; at_masked: ((M,) caption, (M,) position) of each masked token,
+    as masked.nonzero(as_tuple=True) gives them; real_tokens: (B, T) bool, SOT..EOT; center: (1, 1, K).
     Statistics for the centre (decision #2, teacher logits over real tokens): the local
     teacher_token_sum (K,) and teacher_token_count, which the caller all-reduces and divides.
     """
-    targets = teacher_probs(teacher_tokens, center, teacher_temp)
-    per_token = -(targets * F.log_softmax(student_tokens / student_temp, dim=-1)).sum(-1)  # (B, T)
-    masked = masked.float()
-    per_caption = (per_token * masked).sum(-1) / masked.sum(-1).clamp(min=1.0)  # (B,)
+    targets = teacher_probs(teacher_tokens[at_masked], center[0], teacher_temp)  # (M, K)
+    per_token = -(targets * F.log_softmax(student_tokens / student_temp, dim=-1)).sum(-1)  # (M,)
+    # (B, T), zero where not masked: distinct positions, so the sums are the dense formula's, and deterministic
+    per_position = per_token.new_zeros(real_tokens.shape).index_put_(at_masked, per_token)
+    masked = per_token.new_zeros(real_tokens.shape).index_put_(at_masked, per_token.new_ones(()))  # (B, T)
+    per_caption = per_position.sum(-1) / masked.sum(-1).clamp(min=1.0)  # (B,)
     loss = per_caption.mean()
     real = real_tokens.float().unsqueeze(-1)  # (B, T, 1)
     stats = {

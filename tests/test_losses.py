@@ -248,7 +248,9 @@ def test_text_distillation_masked_tokens_only_and_centre_over_real_tokens():
     _, _, masked = mask_captions(tokens, 0.5, torch.Generator().manual_seed(1))
     student = torch.randn(4, 77, 6, requires_grad=True)
     teacher, center = torch.randn(4, 77, 6), torch.randn(1, 1, 6) * 0.1
-    loss, stats = losses.text_distillation_loss(student, teacher, masked, real, center, teacher_temp=0.04)
+    at_masked = masked.nonzero(as_tuple=True)  # the head's rows: the masked tokens only
+    loss, stats = losses.text_distillation_loss(student[at_masked], teacher, at_masked, real, center,
+                                                teacher_temp=0.04)
     per_caption = []
     for b in range(4):
         positions = masked[b].nonzero().flatten().tolist()

@@ -2,8 +2,13 @@
 every row."""
 
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
+from test_harmony import TEMPS, run_group, tiny_batch, tiny_model
 
+from model.losses import mlm_loss, teacher_probs
+from model.masking import mask_captions
+from model.objectives.masked_text import MLM_LOGIT_CHUNKS
 from model.text_tower import TextEncoder
 
 
@@ -36,3 +41,42 @@ def test_the_final_norm_on_the_pooled_rows_only_gives_the_same_embedding_and_gra
     assert grads_now.keys() == grads_before.keys()
     for name, grad in grads_before.items():
         torch.testing.assert_close(grads_now[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def text_pass_with_heads_on_every_row(model, views, teacher):
+    """The text objective's loss as it was: the student distillation head on every (B, T) row and the loss reading
+    its masked rows through a (B, T) mask (centre statistics left out: the same code reads them now)."""
+    config, tokens = model.config, views["tokens"]
+    masked_tokens, labels, masked = mask_captions(tokens, config.mlm_probability)
+    _, features = model.text_student(masked_tokens)  # (B, T, width)
+    mlm, _ = mlm_loss(model.mlm_decoder(features)[masked], labels[masked], model.mlm_decoder.predict,
+                      MLM_LOGIT_CHUNKS)
+    with torch.no_grad():
+        teacher_tokens = model.teachers["text_distillation_head"](teacher["text_features"])  # (B, T, K)
+    targets = teacher_probs(teacher_tokens, model.text_center, TEMPS["teacher_patch_temp"])
+    student = model.text_distillation_head(features)  # (B, T, K)
+    per_token = -(targets * F.log_softmax(student / config.student_temp, dim=-1)).sum(-1)  # (B, T)
+    masked = masked.float()
+    distillation = ((per_token * masked).sum(-1) / masked.sum(-1).clamp(min=1.0)).mean()
+    return config.mlm_weight * mlm + config.text_distillation_weight * distillation
+
+
+def test_the_distillation_head_on_the_masked_rows_only_gives_the_same_text_loss_and_gradients():
+    batch = tiny_batch()
+    results = []
+    for selected in (False, True):
+        model = tiny_model(drop_path_rate=0.0)
+        teacher = model.forward_teachers(batch)
+        torch.manual_seed(5)  # the same caption masks
+        if selected:
+            loss = run_group(model, "text", batch, teacher=teacher)[0]
+        else:
+            loss = text_pass_with_heads_on_every_row(model, batch, teacher)
+            loss.backward()
+        results.append((loss.detach(), {name: param.grad for name, param in model.named_parameters()
+                                        if param.grad is not None}))
+    (loss_before, grads_before), (loss_now, grads_now) = results
+    torch.testing.assert_close(loss_now, loss_before, rtol=1e-6, atol=1e-6)
+    assert grads_now.keys() == grads_before.keys() and any("text_distillation_head" in name for name in grads_now)
+    for name, grad in grads_before.items():
+        torch.testing.assert_close(grads_now[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -48,19 +48,20 @@ class MaskedText(Objective):
         config, tokens = self.config, views["tokens"]
         masked_tokens, labels, masked = mask_captions(tokens, config.mlm_probability)
         _, features = model.text_student(masked_tokens)  # (B, T, width), before the final norm
+        at_masked = masked.nonzero(as_tuple=True)  # ((M,) caption, (M,) position) of each masked token: one host read
         losses, stats = [], {}
         if config.mlm:
             # Logits at the masked positions only, a chunk at a time: the same loss without the (B, T, 49409) tensor.
-            loss, mlm_stats = mlm_loss(model.mlm_decoder(features)[masked], labels[masked],
+            loss, mlm_stats = mlm_loss(model.mlm_decoder(features)[at_masked], labels[at_masked],
                                        model.mlm_decoder.predict, MLM_LOGIT_CHUNKS)
             losses.append(config.mlm_weight * loss)
             stats.update(mlm_stats)
         if config.text_distillation:
-            with torch.no_grad():
+            with torch.no_grad():  # every token: the centre reads the real ones
                 teacher_tokens = model.teachers["text_distillation_head"](teacher.pop("text_features"))  # (B, T, K)
             loss, distillation_stats = text_distillation_loss(
-                model.text_distillation_head(features), teacher_tokens, masked, real_token_mask(tokens),
-                model.text_center, values["teacher_patch_temp"], config.student_temp)
+                model.text_distillation_head(features[at_masked]), teacher_tokens, at_masked,  # the loss's rows only
+                real_token_mask(tokens), model.text_center, values["teacher_patch_temp"], config.student_temp)
             update_center(model.text_center, distillation_stats.pop("teacher_token_sum"), config.center_momentum,
                           divide_by=distillation_stats.pop("teacher_token_count"))
             losses.append(config.text_distillation_weight * loss)
