@@ -28,7 +28,9 @@ for de-duplication, never the records themselves. One build at a time per output
 Where each step lives, in the order data flows (datapipe/shards/): inputs.py (what a build is given, checked
 first), work.py (pass 1's records per raw shard), clean.py (pass 1), duplicates.py, screen.py (EXCLUDE and near
 duplicates) and plan.py (pass 2), write.py (pass 3), results.py (manifest, rejection log, report), pipeline.py
-(the whole build, in order), verification.py (`make verify`), cli.py (the command line).
+(the whole build, in order), verification.py (`make verify`), cli.py (the command line). On Spark (--distributor
+pyspark, docs/spark.md): spark_pipeline.py (the same passes, the same result), spark_screen.py (exact and near
+duplicates as DataFrame joins), spark_session.py (the requirements, the session, functions as Spark tasks).
 """
 
 from datapipe.common.validate import ImageRules

@@ -71,15 +71,21 @@ def _clean(session, raw_tars, work_dir, rules, need_samples, hashing):
 
 
 def _plan(total, dropped, samples_per_shard):
-    """[(number, its candidate indices)] of each training shard: runs of `samples_per_shard` kept candidates in key
-    order. The kept candidates are 0..total-1 less `dropped` (sorted), so each run is a range of candidate indices
-    less the dropped ones in it: worked out from the dropped alone, never a list of every sample."""
+    """[(number, first candidate, end, the dropped candidates between)] of each training shard: runs of
+    `samples_per_shard` kept candidates in key order. The kept candidates are 0..total-1 less `dropped` (sorted), so
+    each run is a range of candidate indices less the dropped ones in it: worked out from the dropped alone, never
+    a list of every sample (_shard_candidates makes a shard's list in its task)."""
     starts = np.arange(0, total - len(dropped), samples_per_shard)  # kept positions where shards start
     kept_below = dropped - np.arange(len(dropped))  # kept candidates below each dropped one
     first = starts + np.searchsorted(kept_below, starts, side="right")  # the candidate at each start
     ends = np.append(first[1:], total)[:len(first)]
-    return [(number, np.setdiff1d(np.arange(low, high), dropped[(dropped >= low) & (dropped < high)]))
+    return [(number, low, high, dropped[np.searchsorted(dropped, low):np.searchsorted(dropped, high)])
             for number, (low, high) in enumerate(zip(first.tolist(), ends.tolist(), strict=True))]
+
+
+def _shard_candidates(low, high, dropped):
+    """The candidate indices of a planned shard (as _plan gives it)."""
+    return np.setdiff1d(np.arange(low, high), dropped)
 
 
 def build_on_spark(raw_dir, out_dir, raw_tars, samples_per_shard, rules, compress, duplicates, spark_master=None,
@@ -119,10 +125,10 @@ def _build(session, raw_dir, out_dir, raw_tars, samples_per_shard, rules, compre
         plan_rows = _plan(int(offsets[-1]), np.union1d(found.index, screened.index), samples_per_shard)
         shared = context.broadcast((str(out_dir), records_paths, counts, made_from, compress))
 
-        def check(number, candidates):
+        def check(number, *run):
             out_dir, records_paths, counts, made_from, compress = shared.value
-            shard, written = plan_shard(out_dir, planned_shard(number, candidates, counts, made_from), records_paths,
-                                        counts, compress)
+            shard, written = plan_shard(out_dir, planned_shard(number, _shard_candidates(*run), counts, made_from),
+                                        records_paths, counts, compress)
             return shard.name, shard.made_from, written
 
         plan = run_tasks(session, check, plan_rows)
@@ -138,14 +144,13 @@ def _build(session, raw_dir, out_dir, raw_tars, samples_per_shard, rules, compre
         with _step(session, "write", step_times_s):
             writing = context.broadcast((str(out_dir), records_paths, counts, compress, str(raw_dir)))
 
-            def write(number, candidates, shard_made_from):
+            def write(number, shard_made_from, *run):
                 out_dir, records_paths, counts, compress, raw_dir = writing.value
-                shard = PlannedShard(f"{number:06d}", candidates, shard_made_from)
+                shard = PlannedShard(f"{number:06d}", _shard_candidates(*run), shard_made_from)
                 return shard.name, write_output_shard(out_dir, shard, records_paths, counts, compress, raw_dir)
 
-            entries = dict(run_tasks(session, write, [(number, candidates, to_write[f"{number:06d}"])
-                                                      for number, candidates in plan_rows
-                                                      if f"{number:06d}" in to_write]))
+            entries = dict(run_tasks(session, write, [(number, to_write[f"{number:06d}"], *run)
+                                                      for number, *run in plan_rows if f"{number:06d}" in to_write]))
     for stem in stems:  # every planned shard is written: no work tar is read again
         work_paths(work_dir, stem)[0].unlink(missing_ok=True)
     for name, _, _ in plan:

@@ -71,6 +71,7 @@ def spark_session(master=None):
 
     running = SparkSession.getActiveSession()
     if running is not None:
+        _check_no_speculation(running)
         yield running
         return
     # Spark's Python workers must import this project: this interpreter on this machine (a cluster's executors set
@@ -84,9 +85,17 @@ def spark_session(master=None):
                          f"{str(error).strip().splitlines()[0] if str(error).strip() else error}); check "
                          "--spark-master (SPARK_MASTER) and docs/spark.md") from None
     try:
+        _check_no_speculation(session)
         yield session
     finally:
         session.stop()
+
+
+def _check_no_speculation(session):
+    """Speculative execution runs a second copy of a slow task: two copies would write the same shard files."""
+    if session.conf.get("spark.speculation", "false").lower() == "true":
+        raise BuildError("spark.speculation is on: two copies of a task would write the same shard files. Build "
+                         "with it off (Spark's default): --conf spark.speculation=false")
 
 
 def _outcome(function, arguments):

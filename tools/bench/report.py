@@ -237,7 +237,33 @@ def section_near_duplicates(result):
             "![near duplicates](docs/benchmarks/near_duplicates.png)", ""]
 
 
+def section_spark_shards(result):
+    lines = ["## make shards on Spark (local mode)", "",
+             f"`make shards DISTRIBUTOR=pyspark` in Spark's local mode on this machine, each build in a fresh output "
+             f"folder ({result['samples_per_shard']} samples per shard), beside the local build on the same cores; "
+             f"the generated set is {result['url_list_rows_generated']} url-list rows of CC3M-like shards "
+             "(tools/bench/scale.py). Every build of a set gave the same shards (sha256). Seconds leave out the Spark "
+             "session's start-up; shuffle bytes are Spark's stage metrics (shuffleWriteBytes). docs/spark.md "
+             "extrapolates to LAION-400M from these figures.", "",
+             "| set | samples | Spark local[1] | Spark local[2] | 2 cores vs 1 | local build, 1 / 2 processes | "
+             "shuffle written per sample |", "|---|---|---|---|---|---|---|"]
+    for name, measured in result["sets"].items():
+        one, two = measured["spark"]
+        local_one, local_two = measured["local"]
+        lines.append(f"| {name} | {measured['samples_in_raw']} | {one['seconds']:.1f} s | {two['seconds']:.1f} s | "
+                     f"{measured['spark_2_cores_vs_1']:.2f}x | {local_one['seconds']:.1f} / "
+                     f"{local_two['seconds']:.1f} s | {two['shuffle_write_bytes_per_sample']:.0f} bytes |")
+    one, two = result["sets"]["generated"]["spark"]
+    lines += ["", "Per step on the generated set:", "", "| step | local[1] | local[2] | shuffle written (local[2]) |",
+              "|---|---|---|---|"]
+    for step, seconds in two["step_seconds"].items():
+        lines.append(f"| {step} | {one['step_seconds'].get(step, 0):.1f} s | {seconds:.1f} s | "
+                     f"{two['shuffle_write_bytes'].get(step, 0) / 2**20:.2f} MiB |")
+    return lines + ["", "![spark shards](docs/benchmarks/spark_shards.png)", ""]
+
+
 SECTIONS = (("shards", section_shards), ("scale", section_scale), ("near_duplicates", section_near_duplicates),
+            ("spark_shards", section_spark_shards),
             ("datapipe", section_datapipe), ("remote_shards", section_remote_shards),
             ("backward_memory", section_memory), ("step", section_step),
             ("communication", section_communication))

@@ -4,7 +4,8 @@ On the demo raw set (shards/demo/raw, downloaded by demo.download when missing) 
 (tools/bench/scale.py's shards, `--rows` url-list rows), each build in a fresh output folder:
 - the Spark build on local[1] and local[2]: its time per step (datapipe/shards/spark_pipeline.py's steps) and the
   bytes each step's Spark stages wrote to and read from the shuffle (Spark's REST API: stage metrics
-  shuffleWriteBytes and shuffleReadBytes, grouped by the build's job groups); the session's start-up is timed apart;
+  shuffleWriteBytes and shuffleReadBytes, grouped by the build's job groups); the session's start-up is timed apart,
+  and one build before them, not recorded, takes the JVM's one-off warm-up;
 - the local build on 1 and 2 processes, side by side, for the ratio.
 Writes <out>/spark_shards.json and spark_shards.png; the report adds a BENCHMARKS.md section, and docs/spark.md
 extrapolates to LAION-400M from these figures.
@@ -117,6 +118,8 @@ def run(rows, demo_raw, out, work_root=None):
 
             demo.download.download_demo(demo_raw, demo_root=Path(demo_raw).parent / "source", processes=2, threads=8)
         generate(root / "generated" / "raw", rows, processes=2)
+        # Not recorded: the first build in a process pays the JVM's class loading and JIT once.
+        spark_build(Path(demo_raw), Path(tempfile.mkdtemp(dir=root)) / "train", MASTERS[-1])
         sets = {"demo": measure_set(Path(demo_raw), root), "generated": measure_set(root / "generated" / "raw", root)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
