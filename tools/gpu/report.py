@@ -1,4 +1,5 @@
-"""The GPU check's figures as a markdown section for BENCHMARKS.md, each set against its goal (issue 26)."""
+"""The GPU check's figures as a markdown section for BENCHMARKS.md, each set against its goal (issues 26 and 36),
+and where the step's time goes (the profile stage)."""
 
 
 def stage_figures(results, stage):
@@ -13,14 +14,14 @@ def vit_b(results, stage="bench_step"):
 
 GOALS = (  # (label, figure of the results or None, comparison, goal, format)
     ("DALI GPU multi-crop (2 x 224 + 8 x 96 px, masks), samples/s",
-     lambda results: stage_figures(results, "bench_data").get("dali_gpu_samples_per_s"), ">=", 3000, "{:.0f}"),
+     lambda results: stage_figures(results, "bench_data").get("dali_gpu_samples_per_s"), ">=", 5000, "{:.0f}"),
     ("MFU of a Harmony ViT-B/16 bf16 step, batch 96",
      lambda results: vit_b(results).get("runs", {}).get("harmony", {}).get("model_flops_utilisation"),
      ">=", 0.35, "{:.1%}"),
     ("Harmony / CLIP-only memory, GPU allocator (max_memory_allocated)",
      lambda results: vit_b(results).get("max_memory_allocated_harmony_vs_clip"), "<=", 1.8, "{:.2f}x"),
     ("data-wait fraction, demo preset trained on DALI GPU",
-     lambda results: stage_figures(results, "train").get("data_wait_fraction"), "<", 0.05, "{:.1%}"),
+     lambda results: stage_figures(results, "train").get("data_wait_fraction"), "<", 0.02, "{:.1%}"),
 )
 
 
