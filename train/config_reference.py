@@ -65,10 +65,7 @@ def type_name(annotation):
 
 
 def default_text(setting):
-    if setting.default is not dataclasses.MISSING:
-        value = setting.default
-    else:
-        value = setting.default_factory()
+    value = setting.default if setting.default is not dataclasses.MISSING else setting.default_factory()
     if isinstance(value, float):
         return repr(round(value, 6)) if math.isfinite(value) else str(value)
     if isinstance(value, tuple):
@@ -99,8 +96,8 @@ def reference():
         summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
         parts.append(f"\n## {section.name}\n\n" + (f"{summary}\n\n" if summary else ""))
         parts.append("| setting | type | default | range | meaning |\n|---|---|---|---|---|\n")
-        parts.extend(f"| `{name}` | {escaped(kind)} | `{escaped(default)}` | {escaped(allowed)} | {escaped(meaning)} |\n"
-                     for name, kind, default, allowed, meaning in section_rows(section.name, cls))
+        parts.extend(f"| `{name}` | {escaped(kind)} | `{escaped(default)}` | {escaped(allowed)} | "
+                     f"{escaped(meaning)} |\n" for name, kind, default, allowed, meaning in section_rows(section.name, cls))
     return "".join(parts)
 
 
