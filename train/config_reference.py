@@ -96,8 +96,9 @@ def reference():
         summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
         parts.append(f"\n## {section.name}\n\n" + (f"{summary}\n\n" if summary else ""))
         parts.append("| setting | type | default | range | meaning |\n|---|---|---|---|---|\n")
-        parts.extend(f"| `{name}` | {escaped(kind)} | `{escaped(default)}` | {escaped(allowed)} | "
-                     f"{escaped(meaning)} |\n" for name, kind, default, allowed, meaning in section_rows(section.name, cls))
+        for name, kind, default, allowed, meaning in section_rows(section.name, cls):
+            cells = [f"`{name}`", escaped(kind), f"`{escaped(default)}`", escaped(allowed), escaped(meaning)]
+            parts.append(f"| {' | '.join(cells)} |\n")
     return "".join(parts)
 
 
