@@ -75,16 +75,37 @@ def clip_per_parameter(params, max_norm):
         torch._foreach_mul_(grads, scales.unbind())
 
 
-def step_flags(loss, stop_requested, world_size):
-    """(loss finite on every rank, stop requested on any rank): all ranks skip or apply the step together and
-    stop after the same step. One all-reduce and the step's one host read (the stop flag is filled on the device:
-    a copy from the host would wait for the device once more)."""
-    keep_going_flag = loss.new_full((), 0.0 if stop_requested else 1.0, dtype=torch.float32)
-    flags = torch.stack([torch.isfinite(loss).float().reshape(()), keep_going_flag])
-    if world_size > 1:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-    finite, keep_going = flags.tolist()
-    return finite == 1.0, keep_going == 0.0
+class StepFlags:
+    """Whether the loss is finite on every rank and whether any rank asked to stop: all ranks skip or apply the step
+    together and stop after the same step. One all-reduce; the flags start their way to the host at once and
+    `read()` waits for them alone, so work launched in between (the fused optimizer's step) keeps the device busy
+    while the host reads. The stop flag is filled on the device: a copy from the host would wait for it once more."""
+
+    def __init__(self, loss, stop_requested, world_size):
+        keep_going = loss.new_full((), 0.0 if stop_requested else 1.0, dtype=torch.float32)
+        self.on_device = torch.stack([torch.isfinite(loss).float().reshape(()), keep_going])  # (2,)
+        if world_size > 1:
+            torch.distributed.all_reduce(self.on_device, op=torch.distributed.ReduceOp.MIN)
+        self.copied = None
+        if self.on_device.is_cuda:
+            self.on_host = torch.empty(2, pin_memory=True)
+            self.on_host.copy_(self.on_device, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.on_host = self.on_device
+
+    @property
+    def nonfinite(self):
+        """1.0 on the device where the step must be skipped (the fused optimizer's found_inf), else 0.0."""
+        return 1.0 - self.on_device[0]
+
+    def read(self):
+        """(loss finite on every rank, stop requested on any rank): the step's one host read."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        finite, keep_going = self.on_host.tolist()
+        return finite == 1.0, keep_going == 0.0
 
 
 def module_gradient_norms(model):
@@ -122,6 +143,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, optim.weight_decay_rule), lr=optim.lr,
                                            betas=optim.betas, eps=optim.eps, fused=world.device.type == "cuda" or None)
         self.scaler = torch.amp.GradScaler(world.device.type) if config.run.precision == "fp16" else None
+        # The fused AdamW skips a step with non-finite gradients on the device (found_inf, as GradScaler uses it):
+        # it is launched before the host reads the step's flags. GradScaler keeps its own found_inf.
+        self.skips_on_device = bool(self.optimizer.defaults.get("fused")) and self.scaler is None
         self.loader = make_loader(
             config.data.shards, view_recipe(config), config.data.batch_size, backend=config.data.backend,
             device=world.device, rank=world.rank, world_size=world.world_size, seed=config.run.seed,
@@ -161,17 +185,21 @@ class Trainer:
         if epoch < config.optim.freeze_last_layer_epochs:
             for param in self.last_layer:
                 param.grad = None  # AdamW skips them, weight decay included
-        finite, stopping = step_flags(metrics["loss"], stop_requested, self.world.world_size)  # a host read
-        if not finite:
-            return metrics, False, stopping
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups:  # a skipped step uses none of them
             group["lr"] = values["lr"]
             if group["apply_weight_decay"]:
                 group["weight_decay"] = values["weight_decay"]
+        flags = StepFlags(metrics["loss"], stop_requested, self.world.world_size)
+        if self.skips_on_device:
+            self.optimizer.found_inf = flags.nonfinite
+            self.optimizer.step()
+        finite, stopping = flags.read()  # the host waits for the flags, not for the optimizer's step
+        if not finite:
+            return metrics, False, stopping
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif not self.skips_on_device:
             self.optimizer.step()
         model.after_optimizer_step()
         update_teachers(self.teacher_params, self.student_params, values["teacher_momentum"])

@@ -27,7 +27,7 @@ from model.meta_arch import MetaArch
 from tools.bench.backward_memory import backward_each_group, synthetic_batch
 from train.config import load_config
 from train.distributed import average_gradients, free_loopback_port
-from train.pretrain import step_flags
+from train.pretrain import StepFlags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -94,7 +94,7 @@ def rank_main(rank, port, steps, result_path):
             counter.purpose = "gradient average"
             average_gradients(trainable, WORLD_SIZE)
             counter.purpose = "finiteness and stop check"
-            step_flags(torch.zeros(()), False, WORLD_SIZE)
+            StepFlags(torch.zeros(()), False, WORLD_SIZE).read()
     gradient_bytes = sum(param.numel() * param.element_size() for param in trainable)
     if rank == 0:
         per_step = {f"{purpose} / {name}": value / steps for (purpose, name), value in counter.bytes.items()}
