@@ -6,7 +6,7 @@ one report with error bars.
     python -m comparison.run ... --nproc 8                       # each run on 8 GPUs (torchrun)
     python -m comparison.run ... --executor slurm --slurm-args "partition=gpu time=1440" --nproc 8
 
-Each (method, seed) is a run: the method's preset (comparison.methods) trained as an ordinary run folder,
+Each (method, seed) is a run: the method's preset (train.presets) trained as an ordinary run folder,
 runs/compare/<name>/<method>/seed<seed>/, by train.pretrain with that seed and the budget's steps
 (comparison.budget), to each of --eval-points evenly spaced steps in turn, and evaluated there with
 evaluation.run's evaluations (comparison.execute). With --nproc N each training runs under torchrun with N
@@ -38,12 +38,12 @@ from pathlib import Path
 
 from comparison import budget as budgets
 from comparison import execute, report, slurm
-from comparison import methods as method_presets
 from comparison import plan as plans
 from datapipe.common.folder_lock import FolderBusy, FolderLock
 from datapipe.common.object_store import RemoteFolder, StorageError, is_remote
 from evaluation.run import add_eval_arguments, check_eval_data, eval_data
 from evaluation.towers import eval_device
+from train import presets
 from train.config import RESUME_MAY_CHANGE, check_shards, flatten, load_config, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -248,10 +248,10 @@ def described_shards(fingerprint):
 def compare(args, evaluations):
     """Train and evaluate every run with the comparison's folder locked; (the report's table, {method: summary})."""
     budget = budgets.parse(args.budget)
-    presets = method_presets.resolve(args.methods.split(), args.scale)
-    budgets.check_reference(budget, list(presets))
+    chosen = presets.resolve(args.methods.split(), args.scale)
+    budgets.check_reference(budget, list(chosen))
     out_dir = Path(args.out) / args.name
-    wanted = wanted_runs(args, out_dir, presets, evaluations)
+    wanted = wanted_runs(args, out_dir, chosen, evaluations)
     with FolderLock(out_dir, "make compare", "wait for that comparison to end, stop it, or give this one another "
                                              "COMPARE_NAME"):
         plan = plans.load(out_dir)

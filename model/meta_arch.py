@@ -255,12 +255,7 @@ class ModelConfig:
     @property
     def objectives(self):
         """The enabled objectives' names, in the order their backward passes run."""
-        enabled = {"ibot": self.ibot, "clip": self.clip, "text": self.mlm or self.text_distillation, "mae": self.mae,
-                   "masked_distillation": self.masked_distillation, "multimodal_mae": self.multimodal_mae,
-                   "detailclip": self.detailclip, "simclr": self.simclr, "aclip": self.aclip,
-                   "clip_rocket": self.clip_rocket, "siamlip": self.siamlip, "byolip": self.byolip,
-                   "barlip": self.barlip, "swalip": self.swalip}
-        return tuple(name for name in PASS_ORDER if enabled[name])
+        return tuple(name for name in PASS_ORDER if OBJECTIVES[name].enabled(self))
 
     @property
     def uses_text(self):

@@ -18,19 +18,20 @@ import torch
 from conftest import jpeg_bytes, write_training_shards
 from test_train import TINY_MODEL
 
-from comparison import budget, execute, methods, plan
+from comparison import budget, execute, plan
 from comparison import run as compare_run
 from datapipe.common.folder_lock import FolderLock
 from evaluation.run import EvalData
+from train import presets
 from train.run_folder import write_status
 
 
 def test_methods_are_found_from_their_presets():
-    found = methods.discover("demo")
+    found = presets.discover("demo")
     assert found["harmony"] == "harmony_demo" and found["clip"] == "clip_demo" and found["siglip"] == "siglip_demo"
     assert "ablation_clip_text" not in found.values()  # not a demo-scale preset
     with pytest.raises(ValueError, match="no preset for nosuch at scale 'demo'"):
-        methods.resolve(["nosuch"], "demo")
+        presets.resolve(["nosuch"], "demo")
 
 
 def test_budgets_turn_into_steps():

@@ -9,11 +9,18 @@ from test_harmony import TINY, tiny_batch
 from test_train import TINY_MODEL
 
 from model.meta_arch import MetaArch, ModelConfig
+from train import presets
 from train.config import PRESETS, load_config
 from train.ema import update_teachers
 
-METHODS = ("harmony", "clip", "clip_gap", "clip_max", "clip_map", "siglip", "flip", "silc", "maskclip", "mae_clip",
-           "m3ae", "detailclip")
+
+def methods_reading(views):
+    """The methods (from their presets, train/presets.py) whose demo recipe is `views`."""
+    return tuple(method for method, preset in presets.discover("demo").items()
+                 if load_config(preset).data.views == views)
+
+
+METHODS = methods_reading("auto")  # multi-crop or one crop; SLIP, A-CLIP and CLIP 🚀's recipes have their own tests
 TINY_DECODERS = dict(masked_distillation_decoder_heads=4, detail_decoder_heads=4, multimodal_decoder_width=32,
                      multimodal_decoder_depth=1, multimodal_decoder_heads=4)
 

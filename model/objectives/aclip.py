@@ -18,12 +18,14 @@ from model.batch_norm import mlp
 from model.collectives import gather_with_gradient, rank_and_world_size
 from model.losses import byol_loss, clip_loss
 from model.masking import attention_in_boxes, attentive_keep_indices
-from model.objectives.objective import Objective
+from model.objectives.objective import Objective, register
 from model.objectives.simclr import simclr_between, simclr_head
 
 
+@register
 class ACLIP(Objective):
     name = "aclip"
+    build_rank, pass_rank = 90, 50
     students = ("image_student", "text_student")
     teachers = ("image_student", "byol_projector")
     reads = ("online", "enclosing", "online_boxes", "enclosing_boxes", "tokens")

@@ -13,6 +13,7 @@ import torch
 from model.batch_norm import SyncedBatchNorm1d, mlp
 from model.collectives import all_reduce_sum_with_gradient, rank_and_world_size
 from model.objectives.clip_rocket import RocketAddOn
+from model.objectives.objective import register
 
 
 def barlow_projector(in_dim, config):
@@ -30,8 +31,10 @@ def barlow_loss(image, text, scale, off_diagonal_weight):
     return scale * (on_diagonal + off_diagonal_weight * (squared.sum() - on_diagonal))
 
 
+@register
 class BarLIP(RocketAddOn):
     name = "barlip"
+    build_rank, pass_rank = 130, 130
 
     def networks(self, config, model):
         return {"barlip_image_projector": lambda: barlow_projector(model.image_student.embed_dim, config),

@@ -7,11 +7,14 @@ views, the strong captions with the same text dropout. It runs once per step wit
 
 import torch
 
+from model.objectives.objective import register
 from model.objectives.siamlip import SIAM_HEADS, SiamLIP, project_views
 
 
+@register
 class BYOLIP(SiamLIP):
     name = "byolip"
+    build_rank, pass_rank = 120, 120
     teachers = ("image_student", "text_student", *SIAM_HEADS)
     evaluates_students = True  # the momentum copy only gives targets; clip-rocket evaluates the online model
 

@@ -15,11 +15,13 @@ from torch import nn
 from model.collectives import gather_with_gradient, rank_and_world_size
 from model.losses import clip_loss, siglip_loss
 from model.masking import random_keep_indices
-from model.objectives.objective import Objective
+from model.objectives.objective import Objective, register
 
 
+@register
 class CLIP(Objective):
     name = "clip"
+    build_rank, pass_rank = 20, 20
     students = ("image_student", "text_student")
 
     @property

@@ -22,7 +22,7 @@ from torch import nn
 from model.batch_norm import mlp
 from model.collectives import gather_with_gradient, rank_and_world_size
 from model.losses import clip_loss
-from model.objectives.objective import Objective
+from model.objectives.objective import Objective, register
 
 ROCKET_VIEWS = ("weak", "strong", "weak_text", "strong_text")
 
@@ -48,8 +48,10 @@ def tower_features(model, views, text_dropout):
             "z_text": model.text_student.project(weak_eot)}
 
 
+@register
 class ClipRocket(Objective):
     name = "clip_rocket"
+    build_rank, pass_rank = 100, 100
     students = ("image_student", "text_student")
     reads = ROCKET_VIEWS
 

@@ -17,12 +17,14 @@ from model.decoders import MAEDecoder
 from model.heads import ibot_head
 from model.losses import clip_loss, ibot_loss_share, mae_loss, teacher_probs
 from model.masking import attentive_keep_indices
-from model.objectives.objective import Objective, update_center
+from model.objectives.objective import Objective, register, update_center
 
 
+@register
 class DetailCLIP(Objective):
-    schedules = ("teacher_cls_temp", "teacher_patch_temp")
     name = "detailclip"
+    build_rank, pass_rank = 70, 40
+    schedules = ("teacher_cls_temp", "teacher_patch_temp")
     students = ("image_student", "text_student")
     teachers = ("image_student", "ibot_head")
     teacher_image_views = 2

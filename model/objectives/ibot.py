@@ -16,12 +16,14 @@ import torch
 
 from model.heads import ibot_head
 from model.losses import ibot_loss_share, teacher_probs
-from model.objectives.objective import Objective, update_center
+from model.objectives.objective import Objective, register, update_center
 
 
+@register
 class IBOT(Objective):
-    schedules = ("teacher_cls_temp", "teacher_patch_temp")
     name = "ibot"
+    build_rank, pass_rank = 10, 10
+    schedules = ("teacher_cls_temp", "teacher_patch_temp")
     students = ("image_student",)
     teachers = ("image_student", "ibot_head")
     reads = ("global_crops", "local_crops")

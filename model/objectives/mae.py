@@ -4,11 +4,13 @@ pixels predicted by the MAE decoder; each crop in its own pass, losses summed ov
 from model.decoders import MAEDecoder
 from model.losses import mae_loss
 from model.masking import random_keep_indices
-from model.objectives.objective import Objective
+from model.objectives.objective import Objective, register
 
 
+@register
 class MAE(Objective):
     name = "mae"
+    build_rank, pass_rank = 30, 70
     students = ("image_student",)
     reads = ("global_crops",)
 

@@ -8,12 +8,14 @@ import torch
 from model.decoders import MAEDecoder
 from model.losses import masked_distillation_loss
 from model.masking import random_keep_indices
-from model.objectives.objective import Objective, update_center
+from model.objectives.objective import Objective, register, update_center
 
 
+@register
 class MaskedDistillation(Objective):
-    schedules = ("teacher_patch_temp",)
     name = "masked_distillation"
+    build_rank, pass_rank = 50, 80
+    schedules = ("teacher_patch_temp",)
     students = ("image_student",)
     teachers = ("image_student",)
     reads = ("global_crops",)

@@ -8,15 +8,21 @@ from model.decoders import MLMDecoder
 from model.heads import text_distillation_head
 from model.losses import mlm_loss, text_distillation_loss
 from model.masking import MASK_ID, mask_captions, real_token_mask
-from model.objectives.objective import Objective, update_center
+from model.objectives.objective import Objective, register, update_center
 
 MLM_LOGIT_CHUNKS = 8  # the MLM logits of a step in 8 parts: (n, 49409) floats would be the text group's peak
 
 
+@register
 class MaskedText(Objective):
     name = "text"
+    build_rank, pass_rank = 40, 60
     students = ("text_student",)
     reads = ("tokens",)
+
+    @classmethod
+    def enabled(cls, config):
+        return config.mlm or config.text_distillation
 
     @property
     def teachers(self):

@@ -13,11 +13,13 @@ from model.decoders import CrossModalDecoder
 from model.losses import mae_loss, mlm_loss, per_caption_weights
 from model.masking import MASK_ID, batch_keep_indices, mask_captions_by_count, real_token_mask
 from model.objectives.masked_text import MLM_LOGIT_CHUNKS
-from model.objectives.objective import Objective
+from model.objectives.objective import Objective, register
 
 
+@register
 class MultimodalMAE(Objective):
     name = "multimodal_mae"
+    build_rank, pass_rank = 60, 90
     students = ("image_student", "text_student")
 
     def networks(self, config, model):

@@ -1,6 +1,11 @@
 """What an objective is to the meta-architecture (model/meta_arch.py), and the centre update objectives share.
 
-An objective declares
+An objective is one module of this package whose class is decorated with `@register`: importing model.objectives
+imports every module here, so a new module is found without being listed anywhere. It declares
+- `name`: its name in configs, metrics and the order of passes; `enabled(config)`: whether the config switches it
+  on (by default the model setting of its name, e.g. `model.simclr`);
+- `build_rank` and `pass_rank`: where its networks are built and where its backward passes run among the enabled
+  objectives (lower first; the defaults put a new objective last, after every existing one);
 - `students`: the shared student networks it trains ("image_student", "text_student");
 - `networks(config, model)`: the networks of its own (heads, decoders, scalars), by attribute name, built once:
   two objectives naming the same network share it;
@@ -28,9 +33,20 @@ import torch
 
 from model.collectives import all_reduce_sum, rank_and_world_size
 
+OBJECTIVES = {}  # name -> objective class, filled by `register` as each module of the package is imported
+
+
+def register(cls):
+    """Class decorator: the objective joins OBJECTIVES under its name (timm's @register_model)."""
+    if not cls.name or cls.name in OBJECTIVES:
+        raise ValueError(f"objective {cls.__name__}: its name {cls.name!r} is empty or already registered")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
 
 class Objective:
     name = ""  # its backward group in metrics and in the order of passes
+    build_rank = pass_rank = 1000
     students = ()
     teachers = ()
     evaluates_students = False
@@ -43,6 +59,10 @@ class Objective:
 
     def __init__(self, config):
         self.config = config
+
+    @classmethod
+    def enabled(cls, config):
+        return getattr(config, cls.name)
 
     def networks(self, config, model):
         return {}

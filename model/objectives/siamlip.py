@@ -18,6 +18,7 @@ from torch import nn
 
 from model.batch_norm import SyncedBatchNorm1d, mlp
 from model.objectives.clip_rocket import RocketAddOn
+from model.objectives.objective import register
 
 SIAM_HEADS = ("siam_image_projector", "siam_text_projector")
 
@@ -52,8 +53,10 @@ def project_views(projector, features):
     return [projector(view) for view in features]
 
 
+@register
 class SiamLIP(RocketAddOn):
     name = "siamlip"
+    build_rank, pass_rank = 110, 110
 
     def networks(self, config, model):
         return {"siam_image_projector": lambda: siam_projector(model.image_student.embed_dim, config),

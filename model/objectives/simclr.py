@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from model.batch_norm import mlp
 from model.collectives import gather_with_gradient, rank_and_world_size
 from model.losses import simclr_loss
-from model.objectives.objective import Objective
+from model.objectives.objective import Objective, register
 
 
 def simclr_head(config, embed_dim):
@@ -23,8 +23,10 @@ def simclr_between(head_a, head_b, temperature):
                        rank_and_world_size()[0])
 
 
+@register
 class SimCLR(Objective):
     name = "simclr"
+    build_rank, pass_rank = 80, 30
     students = ("image_student",)
     reads = ("simclr",)
 

@@ -13,6 +13,7 @@ import torch
 from model.collectives import all_reduce_sum, rank_and_world_size
 from model.losses import soft_cross_entropy
 from model.objectives.clip_rocket import RocketAddOn
+from model.objectives.objective import register
 
 
 @torch.no_grad()
@@ -30,8 +31,10 @@ def sinkhorn_targets(scores, epsilon, iterations):
     return (assignments * rows).T
 
 
+@register
 class SwALIP(RocketAddOn):
     name = "swalip"
+    build_rank, pass_rank = 140, 140
 
     def term(self, model, features, teacher):
         config, scale = self.config, model.rocket_logit_scale.exp()

@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.meta_arch import MetaArch, ModelConfig
 from tools.bench.backward_memory import backward_each_group, recipe_inputs, synthetic_batch
 from tools.bench.live_bytes import LiveTensorBytes
+from train import presets
 from train.config import load_config
 from train.pretrain import autocast
 from train.step_inputs import view_recipe
@@ -41,8 +42,7 @@ import matplotlib.pyplot as plt
 
 CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
 PRECISION = {"cuda": "bf16", "cpu": "fp32"}  # the trainer's autocast: bf16 on a GPU, as the GPU presets
-METHODS = ("clip", "harmony", "clip_gap", "clip_max", "clip_map", "siglip", "flip", "silc", "maskclip", "mae_clip",
-           "m3ae", "detailclip", "slip", "aclip", "clip_rocket", "siamlip", "byolip", "barlip", "swalip")
+METHODS = tuple(presets.discover("demo"))  # every method with a demo preset
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
 
 

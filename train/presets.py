@@ -1,8 +1,7 @@
-"""The methods a comparison can train, found from the presets: `train/configs/<method>_<scale>.yaml`.
-
-A new method joins by adding its presets; nothing here names methods, except that the project's own
-method, Harmony, has the plain presets (`demo.yaml` is Harmony at demo scale) until it has
-`harmony_<scale>.yaml` presets of its own.
+"""The methods there are, found from the presets: `train/configs/<method>_<scale>.yaml`. make compare, the
+benchmarks and the tests list methods through here, so a method joins everything by adding its presets; nothing
+here names methods, except that the project's own method, Harmony, has the plain presets (`demo.yaml` is Harmony
+at demo scale) until it has `harmony_<scale>.yaml` presets of its own.
 """
 
 from train.config import PRESETS
