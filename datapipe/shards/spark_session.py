@@ -66,7 +66,7 @@ def check_requirements():
 @contextlib.contextmanager
 def spark_session(master=None):
     """The SparkSession of the build: the one running in this process, or a new one on `master` (stopped after)."""
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     running = SparkSession.getActiveSession()
@@ -77,11 +77,12 @@ def spark_session(master=None):
     # Spark's Python workers must import this project: this interpreter on this machine (a cluster's executors set
     # PYSPARK_PYTHON to theirs: docs/spark.md).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    master = master or SparkConf().get("spark.master", "local[*]")
     try:
+        SparkContext._ensure_initialized()  # the JVM, holding spark-submit's and spark-defaults.conf's settings
+        master = master or SparkConf().get("spark.master", "local[*]")
         session = SparkSession.builder.appName("make shards").master(master).getOrCreate()
     except Exception as error:  # noqa: BLE001 (py4j and pyspark raise several types for a master that does not answer)
-        raise BuildError(f"Spark did not start on master {master!r} ({type(error).__name__}: "
+        raise BuildError(f"Spark did not start on master {master or 'local[*]'!r} ({type(error).__name__}: "
                          f"{str(error).strip().splitlines()[0] if str(error).strip() else error}); check "
                          "--spark-master (SPARK_MASTER) and docs/spark.md") from None
     try:
