@@ -7,7 +7,7 @@ USER_VARIABLES := PYTHON DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR 
 	SHARDS_ARGS ARGS CONFIG NPROC TORCHRUN_ARGS RUN TRAIN_ARGS TRAIN_SHARDS MIX_WEIGHTS EVAL_DATA ZEROSHOT_DATA \
 	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_DATA RETRIEVAL_IMAGES PROBE_TRAIN PROBE_TEST PROBE_TRAIN_LABELS \
 	PROBE_TEST_LABELS EVAL_DEVICE EXCLUDE METHODS BUDGET SCALE COMPARE_NAME EVAL_POINTS STAGING OUT_DIR N \
-	PYTEST_ARGS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS ACCEPT_CHANGES COMPARE_WAIT COMPARE_PUBLISH
+	PYTEST_ARGS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS ACCEPT_CHANGES COMPARE_WAIT COMPARE_PUBLISH SPARK_MASTER
 $(foreach name,$(USER_VARIABLES),$(if $(filter command line environment,$(origin $(name))),\
 	$(eval override $(name) := $$(value $(name)))))
 # A variable given on the command line that this Makefile does not know is a typo until shown otherwise (`make pretrain
@@ -22,8 +22,8 @@ endif
 
 ## Variables, given after the target (make pretrain CONFIG=clip_cc3m NPROC=8); docs/ says more of each:
 ##   data        DATASET=demo|cc3m|cc12m URL_LIST=<file> OUT=shards/<DATASET> RAW=<OUT>/raw STAGING PROCESSES THREADS
-##               DISTRIBUTOR=multiprocessing|pyspark SAMPLES_PER_SHARD EXCLUDE=<eval images> DOWNLOAD_ARGS SHARDS_ARGS
-##               (docs/data.md)
+##               DISTRIBUTOR=multiprocessing|pyspark SPARK_MASTER SAMPLES_PER_SHARD EXCLUDE=<eval images> DOWNLOAD_ARGS
+##               SHARDS_ARGS (docs/data.md, docs/spark.md)
 ##   training    CONFIG=<preset> RUN=runs/<CONFIG> NPROC=<ranks> TORCHRUN_ARGS TRAIN_ARGS="key=value ..."
 ##               TRAIN_SHARDS MIX_WEIGHTS (docs/training.md, docs/config.md)
 ##   evaluation  EVAL_DATA ZEROSHOT_DATA ZEROSHOT_LABELS TEMPLATES RETRIEVAL_DATA RETRIEVAL_IMAGES PROBE_TRAIN
@@ -46,6 +46,9 @@ RAW ?= $(OUT)/raw
 PROCESSES ?= 2
 THREADS ?= 16
 DISTRIBUTOR ?= multiprocessing
+# DISTRIBUTOR=pyspark: the Spark master make shards' build runs on (empty: the environment's SPARK_MASTER, spark-defaults.conf, else
+# local[*]; docs/spark.md). make download's Spark session is img2dataset's own.
+SPARK_MASTER ?=
 SAMPLES_PER_SHARD ?= $(if $(filter demo,$(DATASET)),500,10000)
 # Further options: img2dataset's own for `make download`, datapipe.shards build's for `make shards`.
 DOWNLOAD_ARGS ?=
@@ -121,7 +124,8 @@ COMPARE_PUBLISH ?=
 EXPORTED := DATASET URL_LIST OUT RAW PROCESSES THREADS DISTRIBUTOR SAMPLES_PER_SHARD DOWNLOAD_ARGS SHARDS_ARGS CONFIG \
 	NPROC TORCHRUN_ARGS RUN TRAIN_ARGS ZEROSHOT_DATA RETRIEVAL_DATA PROBE_TRAIN PROBE_TEST EXCLUDE N PYTEST_ARGS \
 	ZEROSHOT_LABELS TEMPLATES RETRIEVAL_IMAGES PROBE_TRAIN_LABELS PROBE_TEST_LABELS METHODS BUDGET SCALE COMPARE_NAME \
-	EVAL_POINTS EVAL_DEVICE TRAIN_SHARDS MIX_WEIGHTS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS COMPARE_PUBLISH
+	EVAL_POINTS EVAL_DEVICE TRAIN_SHARDS MIX_WEIGHTS SEEDS REFERENCE COMPARE_EXECUTOR SLURM_ARGS COMPARE_PUBLISH \
+	SPARK_MASTER
 export $(EXPORTED)
 RUN_WITH_ARGS := $(PY) -m tools.make_args
 # DATASET=demo without a URL_LIST: the built-in demo set, generated and served by demo/download.py.
@@ -168,7 +172,8 @@ export STAGING BUILD_RAW BUILD_OUT
 shards: setup ## validate, clean, de-duplicate, decontaminate and re-shard RAW into OUT/train
 	@$(if $(REMOTE_RAW),$(RUN_WITH_ARGS) $(PY) -m datapipe.shards.publish get "$$RAW" "$$BUILD_RAW")
 	@$(RUN_WITH_ARGS) $(PY) -m datapipe.shards build "$$BUILD_RAW" "$$BUILD_OUT/train" --processes "$$PROCESSES" \
-	  --samples-per-shard "$$SAMPLES_PER_SHARD" $(if $(EXCLUDE),--exclude "$$EXCLUDE") {SHARDS_ARGS}
+	  --samples-per-shard "$$SAMPLES_PER_SHARD" $(if $(EXCLUDE),--exclude "$$EXCLUDE") \
+	  $(if $(filter pyspark,$(DISTRIBUTOR)),--distributor pyspark $(call option,--spark-master,SPARK_MASTER)) {SHARDS_ARGS}
 	@$(if $(REMOTE_OUT),$(RUN_WITH_ARGS) $(PY) -m datapipe.shards.publish put "$$BUILD_OUT/train" "$$OUT/train")
 
 verify: setup ## re-check every training shard against its manifest
