@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, write_raw_shard
 
 from datapipe import shards
 from datapipe.common import manifest, shard_io
 from datapipe.shards import spark_session
-from tests.conftest import jpeg_bytes, write_raw_shard
 from tools.bench.near_duplicates import jpeg, original
 
 
@@ -54,8 +54,8 @@ def raw_set(tmp_path_factory):
     return root
 
 
-def build(raw_set, out_dir, distributor):
-    return shards.build(raw_set / "raw", out_dir, samples_per_shard=3, processes=1, distributor=distributor,
+def build(raw_set, out_dir, distributor, raw=None):
+    return shards.build(raw or raw_set / "raw", out_dir, samples_per_shard=3, processes=1, distributor=distributor,
                         duplicates=shards.DuplicateRules(exclude=(str(raw_set / "eval"),)))
 
 
@@ -99,6 +99,24 @@ def test_a_killed_spark_build_run_again_gives_the_same_shards(spark_build, raw_s
     build(raw_set, train, "pyspark")
     assert contents(train) == local_build
     assert not list(train.glob("*.partial")) and shards.verify(train) == []
+
+
+def test_a_changed_raw_shard_is_rebuilt_on_spark_as_the_local_build_builds_it(spark_build, raw_set):
+    """A raw shard replaced by another download (one sample fewer): the Spark build of the earlier input, run again,
+    rewrites the training shards the change reaches, keeps the first (its samples are unchanged), and gives what a
+    fresh local build of the new input gives."""
+    raw = raw_set / "changed" / "raw"
+    shutil.copytree(raw_set / "raw", raw)
+    samples = [(sample["jpg"], sample["txt"].decode()) for sample in shard_io.read_samples([raw / "00001.tar"])]
+    write_raw_shard(raw, 1, samples[1:], failures=["timeout"])
+    train, local = raw_set / "changed" / "spark" / "set" / "train", raw_set / "changed" / "local" / "set" / "train"
+    shutil.copytree(spark_build[0], train)
+    first_shard = (train / shards.WORK_DIR / "000000.done.json").stat().st_mtime_ns
+    build(raw_set, train, "pyspark", raw=raw)
+    build(raw_set, local, "multiprocessing", raw=raw)
+    assert contents(train) == contents(local)
+    assert (train / shards.WORK_DIR / "000000.done.json").stat().st_mtime_ns == first_shard
+    assert "picture 4" not in [sample["txt"].decode() for sample in shard_io.read_samples(sorted(train.glob("*.tar")))]
 
 
 def test_missing_java_or_pyspark_is_one_line_naming_the_install(raw_set, tmp_path, monkeypatch):
