@@ -50,3 +50,11 @@ def test_cited_files_exist():
 def test_nothing_points_outside_the_repository():
     outside = {name: sorted(set(OUTSIDE.findall(text(name)))) for name in TEXT_FILES if OUTSIDE.search(text(name))}
     assert not outside, f"references to files outside the repository: {outside}"
+
+
+def test_the_readme_is_a_front_door():
+    """At most 20 KB: what it is, the commands, the common tasks, the layout and links; the rest lives in docs/."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) <= 20_000
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", readme))
+    assert {path.name for path in (REPO / "docs").glob("*.md")} <= linked
