@@ -46,7 +46,7 @@ from evaluation.towers import eval_device
 from train import presets
 from train.config import RESUME_MAY_CHANGE, check_shards, flatten, load_config, to_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CODE_FOLDERS = ("datapipe", "model", "train", "evaluation")
 # Config keys that do not change what a method learns (a resume may change them), and optim.epochs, which the
 # budget sets. data.batch_size is a setting here: a resume would silently keep the checkpoint's.
@@ -57,6 +57,8 @@ def code_digest(root=REPO_ROOT):
     """SHA-256 of the Python source that trains and evaluates (paths and contents)."""
     digest = hashlib.sha256()
     for folder in CODE_FOLDERS:
+        if not (root / folder).is_dir():  # a digest of nothing would see no change in the code
+            raise FileNotFoundError(f"{root / folder}: the code make compare fingerprints is not there")
         for path in sorted((root / folder).rglob("*.py")):
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()

@@ -26,6 +26,22 @@ from train import presets
 from train.run_folder import write_status
 
 
+def test_the_code_digest_reads_the_code_that_trains_and_evaluates(tmp_path):
+    """Every fingerprinted folder is there (a digest of nothing would see no code change), and a change to one of
+    its files changes the digest."""
+    assert all((compare_run.REPO_ROOT / folder / "__init__.py").is_file() for folder in compare_run.CODE_FOLDERS)
+    for folder in compare_run.CODE_FOLDERS:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "code.py").write_text("x = 1\n")
+    before = compare_run.code_digest(tmp_path)
+    (tmp_path / "model" / "code.py").write_text("x = 2\n")
+    assert compare_run.code_digest(tmp_path) != before
+    (tmp_path / "model" / "code.py").unlink()
+    (tmp_path / "model").rmdir()
+    with pytest.raises(FileNotFoundError, match="the code make compare fingerprints is not there"):
+        compare_run.code_digest(tmp_path)
+
+
 def test_methods_are_found_from_their_presets():
     found = presets.discover("demo")
     assert found["harmony"] == "harmony_demo" and found["clip"] == "clip_demo" and found["siglip"] == "siglip_demo"
