@@ -134,7 +134,7 @@ def run(rows, demo_raw, out, work_root=None):
 
 
 def plot(result, path):
-    figure, (times, shuffled) = plt.subplots(1, 2, figsize=(11, 3.6))
+    figure, (times, shuffled) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     labels, bottoms = [], []
     steps = list(result["sets"]["generated"]["spark"][1]["step_seconds"])
     for set_name, measured in result["sets"].items():
