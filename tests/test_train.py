@@ -256,7 +256,7 @@ def test_short_demo_training_learns(larger_demo_shards, tmp_path):
     from train.pretrain import train
 
     run = train(load_config("demo", [f"data.shards={larger_demo_shards['train']}", f"run.out_dir={tmp_path}",
-                                     "run.name=demo", "data.batch_size=32", "optim.epochs=5"]))
+                                     "run.name=demo", "data.batch_size=32", "optim.epochs=4"]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"ibot", "clip_hard", "clip_soft", "mlm", "text_distillation", "mae"} <= set(rows[-1])
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["clip_hard"] < rows[0]["clip_hard"]
