@@ -445,6 +445,11 @@ def download_dataset(dataset, out, url_list_path=None, processes=2, threads=16,
             raise SystemExit(f"error: the disk holding {raw_dir.parent} is full: the normalized url list could not be "
                              f"written there ({DISK_FULL}). It needs about {_size(Path(url_list_path).stat().st_size)} "
                              f"and the images far more; free space or choose another OUT") from None
+        if options["distributor"] == "multiprocessing":
+            # img2dataset starts every process of its pool up front, each importing img2dataset, however short
+            # the list: more processes than the list has shards would only start, wait and stop.
+            shards_in_list = max(1, math.ceil(summary.rows / options["number_sample_per_shard"]))
+            options["processes_count"] = min(options["processes_count"], shards_in_list)
         # Its workers' tracebacks for a full disk are kept from the terminal (not Spark's: its JVM outlives this).
         messages = DiskFullMessages(raw_dir.parent / DISK_FULL_LOG)
         with messages.kept() if options["distributor"] == "multiprocessing" else contextlib.nullcontext():

@@ -11,6 +11,9 @@ from datapipe.shards.work import accepted_records
 
 MAX_HASH_BITS_APART = 10
 EVAL_OVERLAP_FINE_BITS = 56  # of 256: see DuplicateRules.eval_overlap_fine_bits
+# Hash-table entries (tables x hashes) from which the table search runs in the process pool: below it, the search
+# takes milliseconds here, while each pool worker it would start takes seconds to import the pipeline.
+PARALLEL_TABLE_ENTRIES = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,9 @@ def screen_near_duplicates(pool, work_dir, records_paths, counts, hashes, candid
     count = len(candidates)
     combined = np.concatenate([hashes[candidates], *(excluded.hashes for excluded in exclusion_sets)])
     threshold = max(duplicates.near_duplicate_bits, duplicates.eval_overlap_bits if exclusion_sets else -1)
-    first, second, distances = near_duplicates.near_pairs(combined, threshold, count, pool,
+    tables = len(near_duplicates.table_masks(threshold, len(combined)))
+    parallel = pool if tables * len(combined) >= PARALLEL_TABLE_ENTRIES else None
+    first, second, distances = near_duplicates.near_pairs(combined, threshold, count, parallel,
                                                           Path(work_dir) / "perceptual_hashes.npy")
     to_reference = second >= count
     close = np.where(to_reference, distances <= duplicates.eval_overlap_bits,
