@@ -20,11 +20,11 @@ $(error $(or $(shell python3 -m tools.closest_name "$(UNKNOWN_VARIABLES)" $(KNOW
 	$(UNKNOWN_VARIABLES): not variables of this Makefile (`make help` lists them)))
 endif
 
-## Variables, given after the target (make pretrain CONFIG=clip_cc3m NPROC=8); docs/ says more of each:
+## Variables, given after the target (make pretrain CONFIG=clip/cc3m NPROC=8); docs/ says more of each:
 ##   data        DATASET=demo|cc3m|cc12m URL_LIST=<file> OUT=shards/<DATASET> RAW=<OUT>/raw STAGING PROCESSES THREADS
 ##               DISTRIBUTOR=multiprocessing|pyspark SPARK_MASTER SAMPLES_PER_SHARD EXCLUDE=<eval images> DOWNLOAD_ARGS
 ##               SHARDS_ARGS (docs/data.md, docs/spark.md)
-##   training    CONFIG=<preset> RUN=runs/<CONFIG> NPROC=<ranks> TORCHRUN_ARGS TRAIN_ARGS="key=value ..."
+##   training    CONFIG=<preset> RUN=runs/<CONFIG, / as _> NPROC=<ranks> TORCHRUN_ARGS TRAIN_ARGS="key=value ..."
 ##               TRAIN_SHARDS MIX_WEIGHTS (docs/training.md, docs/config.md)
 ##   evaluation  EVAL_DATA ZEROSHOT_DATA ZEROSHOT_LABELS TEMPLATES RETRIEVAL_DATA RETRIEVAL_IMAGES PROBE_TRAIN
 ##               PROBE_TEST PROBE_TRAIN_LABELS PROBE_TEST_LABELS EVAL_DEVICE (docs/evaluation.md)
@@ -56,11 +56,11 @@ SHARDS_ARGS ?=
 ifneq ($(strip $(ARGS)),)
 $(error ARGS is split in two: DOWNLOAD_ARGS="..." for make download (any img2dataset option, by its own name) and SHARDS_ARGS="..." for make shards)
 endif
-CONFIG ?= demo
+CONFIG ?= harmony/demo
 NPROC ?= 1
 # torchrun forwards SIGUSR1 (slurm's --signal) as well as SIGTERM to the trainer, then waits for its checkpoint.
 TORCHRUN_ARGS ?= --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120
-RUN ?= runs/$(CONFIG)
+RUN ?= runs/$(subst /,_,$(CONFIG))
 TRAIN_ARGS ?=
 # The shards make pretrain and make compare train on (data.shards, data.mix_weights): $(OUT)/train by default, or
 # any folder, s3://, gs:// or hf:// location, or a list of them with one weight each (docs/data.md, "Mixing datasets by

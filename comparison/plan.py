@@ -8,13 +8,15 @@ naming what changed, unless the user accepts the change (ACCEPT_CHANGES=1): the 
 report marks it. Anything else (the report, the charts, the README) is in no fingerprint.
 
 Plans written before seeds (version 1: one seed, runs in <name>/<method>/) are read as version 2 with their runs
-where they are.
+where they are. Plans written before objectives owned their settings are read with today's preset names and keys
+(train/config_renames.py), so the same settings compare equal.
 """
 
 import json
 
 from datapipe.common.manifest import write_atomic
-from train.config import differences
+from train.config import differences, flatten
+from train.config_renames import PRESET_RENAMES, migrate
 
 PLAN_FILE = "plan.json"
 VERSION = 2
@@ -46,13 +48,44 @@ def from_version_1(saved):
     return {"version": VERSION, "runs": runs, "measured": measured}
 
 
+def unflatten(flat):
+    """The nested dict of {"optim.lr": 0.004, ...}."""
+    nested = {}
+    for key, value in flat.items():
+        *sections, name = key.split(".")
+        parent = nested
+        for section in sections:
+            parent = parent.setdefault(section, {})
+        parent[name] = value
+    return nested
+
+
+def in_todays_keys(config):
+    """A fingerprint's config (flat keys) in today's keys: a config written before objectives owned their settings
+    names its objectives under model.objectives, with the settings it had (those of objectives it left out dropped)."""
+    migrated, renamed = migrate(unflatten(config))
+    if not renamed:
+        return config
+    objectives = migrated["model"]["objectives"]
+    migrated["model"]["objectives"] = {name: settings for name, settings in objectives.items() if settings}
+    return flatten(migrated)
+
+
+def with_todays_names(plan):
+    """`plan` with each run's preset and config in today's names."""
+    for run in plan["runs"].values():
+        run["preset"] = PRESET_RENAMES.get(run["preset"], run["preset"])
+        run["fingerprint"]["config"] = in_todays_keys(run["fingerprint"]["config"])
+    return plan
+
+
 def load(out_dir):
     """The comparison's plan, or an empty one."""
     path = out_dir / PLAN_FILE
     if not path.is_file():
         return {"version": VERSION, "runs": {}, "measured": {}}
     saved = json.loads(path.read_text())
-    return saved if saved.get("version") == VERSION else from_version_1(saved)
+    return with_todays_names(saved if saved.get("version") == VERSION else from_version_1(saved))
 
 
 def save(out_dir, plan):

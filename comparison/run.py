@@ -305,7 +305,7 @@ def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="demo", help="the comparison's folder under --out")
     parser.add_argument("--methods", default="", help="methods, space-separated (default: every one with a preset)")
-    parser.add_argument("--scale", default="demo", help="presets <method>_<scale>.yaml (default: demo)")
+    parser.add_argument("--scale", default="demo", help="presets <method>/<scale>.yaml (default: demo)")
     parser.add_argument("--budget", default="epochs:8", help="epochs:N | flops:X | flops:<method>@<epochs> | time:S")
     parser.add_argument("--shards", default="shards/demo/train",
                         help="training shards as data.shards takes them: a make shards output folder, its s3://, "

@@ -1,6 +1,6 @@
 """Linear probe and k-NN on frozen image features of a run's EMA teacher.
 
-    python -m evaluation.linear_probe --run runs/demo --train shards/demo/source/probe_train \
+    python -m evaluation.linear_probe --run runs/harmony_demo --train shards/demo/source/probe_train \
         --test shards/demo/source/heldout
 
 Both splits are classification sets in any layout evaluation.datasets reads, with the same classes (for

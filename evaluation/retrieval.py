@@ -1,6 +1,6 @@
 """Image-text retrieval: recall@1/5/10 in both directions, with a run's EMA teachers.
 
-    python -m evaluation.retrieval --run runs/demo --data shards/demo/source/heldout_pairs
+    python -m evaluation.retrieval --run runs/harmony_demo --data shards/demo/source/heldout_pairs
     python -m evaluation.retrieval --run runs/vit_b_cc3m --data /data/coco/dataset_coco.json --images /data/coco
     python -m evaluation.retrieval --run runs/vit_b_cc3m --data /data/clip_benchmark/wds_flickr30k
 

@@ -1,6 +1,6 @@
 """`make eval RUN=...`: every evaluation whose data is given, one JSON, one table and one chart.
 
-    python -m evaluation.run --run runs/demo --zeroshot shards/demo/source/heldout \
+    python -m evaluation.run --run runs/harmony_demo --zeroshot shards/demo/source/heldout \
         --retrieval shards/demo/source/heldout_pairs --probe-train shards/demo/source/probe_train \
         --probe-test shards/demo/source/heldout
 

@@ -25,6 +25,7 @@ from evaluation.datasets import UndecodableImage, decode_image
 from model.meta_arch import ModelConfig
 from model.text_tower import TextEncoder
 from model.vit import VisionTransformer
+from train.config_renames import migrate
 from train.pretrain import TEACHER_WEIGHTS
 
 FEATURE_NAMES = ("embedding", "cls", "patch_mean")
@@ -41,7 +42,7 @@ def read_teacher_weights(run_dir):
 def load_towers(run_dir, device="cpu"):
     """(image tower, text tower, ModelConfig) from a run's teacher weights."""
     weights = read_teacher_weights(run_dir)
-    config = ModelConfig(**json.loads(weights["model_config"]))
+    config = ModelConfig(**migrate({"model": json.loads(weights["model_config"])})[0]["model"])  # old keys read too
     image = VisionTransformer(config.vit_size, config.patch_size, config.global_crop_px, config.clip_dim,
                               pooling=config.clip_pooling)
     image.load_state_dict(weights["image_tower"])

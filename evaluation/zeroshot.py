@@ -1,6 +1,6 @@
 """Zero-shot classification with a run's EMA teachers (CLIP-style prompts).
 
-    python -m evaluation.zeroshot --run runs/demo --data shards/demo/source/heldout
+    python -m evaluation.zeroshot --run runs/harmony_demo --data shards/demo/source/heldout
     python -m evaluation.zeroshot --run runs/vit_b_cc3m --data /data/imagenet/val     # synset folders
     python -m evaluation.zeroshot --run runs/vit_b_cc3m --data /data/imagenet/val_flat --labels val.txt
     python -m evaluation.zeroshot --run runs/vit_b_cc3m --data /data/clip_benchmark/wds_cars

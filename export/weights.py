@@ -1,7 +1,7 @@
 """Hand a run's weights on: the image tower to timm, image + text towers to open_clip.
 
-    python -m export timm --run runs/demo --out exported/timm
-    python -m export open_clip --run runs/demo --out exported/open_clip
+    python -m export timm --run runs/harmony_demo --out exported/timm
+    python -m export open_clip --run runs/harmony_demo --out exported/open_clip
 
 Both read `runs/<run>/teacher_weights.pt` (the EMA teachers) and work for every ViT size, patch
 and crop size we train, and both carry the evaluation preprocessing (resize the short side to the
@@ -60,7 +60,7 @@ def require_cls_pooling(config, target):
 
 def trains_clip_projection(config):
     """Whether some objective of the run trained its CLIP projections and logit scale (a contrastive loss)."""
-    return any(getattr(config, name) for name in CONTRASTIVE_OBJECTIVES)
+    return any(name in config.objectives for name in CONTRASTIVE_OBJECTIVES)
 
 
 def require_contrastive_loss(config):
@@ -170,7 +170,7 @@ def logit_parameters(run_dir, config):
     """{"logit_scale": ..., and "logit_bias" for SigLIP}: what open_clip applies to the cosine similarities."""
     weights = read_teacher_weights(run_dir)
     logits = {"logit_scale": weights["logit_scale"]}
-    if config.clip and config.clip_loss == "sigmoid":
+    if "clip" in config.objectives and config.objectives["clip"].loss == "sigmoid":
         logits["logit_bias"] = weights["logit_bias"] if "logit_bias" in weights else saved_logit_bias(run_dir)
     return logits
 

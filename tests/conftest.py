@@ -93,14 +93,16 @@ def write_training_shards(train_dir, images, samples_per_shard):
     return train_dir
 
 
-SMALL_TEXT = dict(text_width=64, text_layers=2, text_heads=4, clip_dim=32, ibot_out_dim=64, ibot_head_hidden_dim=64,
-                  text_distillation_out_dim=32, mae_decoder_depth=1, mlm_decoder_depth=1)
+SMALL_TEXT = dict(text_width=64, text_layers=2, text_heads=4, clip_dim=32)
+SMALL_HARMONY = {"ibot": {"out_dim": 64, "head_hidden_dim": 64}, "clip": {"soft_targets": True},
+                 "mae": {"decoder_depth": 1}, "masked_text": {"distillation_out_dim": 32, "mlm_decoder_depth": 1}}
 
 
-def fake_run(tmp_path, **config):
-    """A run folder as train.pretrain leaves it, with teachers that differ from a fresh model."""
+def fake_run(tmp_path, objectives=None, **towers):
+    """A run folder as train.pretrain leaves it (Harmony's objectives by default, small), with teachers that differ
+    from a fresh model."""
     torch.manual_seed(0)
-    model = MetaArch(ModelConfig(**{**SMALL_TEXT, **config}))
+    model = MetaArch(ModelConfig(**{**SMALL_TEXT, **towers}, objectives=objectives or SMALL_HARMONY))
     with torch.no_grad():
         for param in model.teachers.parameters():
             param.add_(0.01 * torch.randn_like(param))

@@ -1,22 +1,25 @@
 """Benchmarks measure what they claim: gradient traffic per step, and FLOPs that follow the model's work."""
 
-import dataclasses
 import json
 
 import torch
+from tiny_models import TINY_TOWERS
 
 from model.meta_arch import ModelConfig
 from tools.bench import communication, report, step
 from tools.bench.live_bytes import LiveTensorBytes
 
-TINY = ModelConfig(vit_size="micro", patch_size=8, global_crop_px=32, clip_dim=32, text_width=64, text_layers=2,
-                     text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,
-                     mae_decoder_depth=1, mae_decoder_heads=4, mlm_decoder_depth=1, mlm_decoder_heads=4)
+# Harmony with tiny towers and decoders; its distillation heads' other sizes (MLP widths, bottlenecks), its MLM mask
+# probability and drop path at their defaults, which the FLOPs ratios below are measured on
+TINY = ModelConfig(**{**TINY_TOWERS, "drop_path_rate": 0.1}, objectives={
+    "ibot": {"out_dim": 64}, "clip": {"soft_targets": True},
+    "mae": {"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 4},
+    "masked_text": {"distillation_out_dim": 32, "mlm_decoder_depth": 1, "mlm_decoder_heads": 4}})
 
 
 def test_two_ranks_all_reduce_each_gradient_byte_once_per_step():
     result = communication.measure(steps=2)
-    assert result["groups"] == ["ibot", "clip", "text", "mae"]
+    assert result["groups"] == ["ibot", "clip", "masked_text", "mae"]
     assert result["gradient_bytes_all_reduced_vs_model_gradient_bytes"] == 1.0
     sent = result["bytes_sent_per_rank_per_step"]
     assert sent["finiteness and stop check / all_reduce"] == 8  # two floats
@@ -25,16 +28,16 @@ def test_two_ranks_all_reduce_each_gradient_byte_once_per_step():
 
 def test_step_bench_counts_more_flops_for_more_objectives_and_fewer_for_trimmed_captions():
     harmony = step.measure(TINY, batch=4, local_px=16, locals_number=2, repeats=1, device="cpu")
-    clip = step.measure(dataclasses.replace(TINY, **step.CLIP_ONLY), batch=4, local_px=16, locals_number=2,
+    clip = step.measure(step.clip_only(TINY), batch=4, local_px=16, locals_number=2,
                         repeats=1, device="cpu")
     untrimmed = step.measure(TINY, batch=4, local_px=16, locals_number=2, repeats=1, device="cpu", trim=False)
-    assert set(harmony["flops_per_part"]) == {"teachers", "ibot", "clip", "text", "mae"}
+    assert set(harmony["flops_per_part"]) == {"teachers", "ibot", "clip", "masked_text", "mae"}
     assert set(clip["flops_per_part"]) == {"teachers", "clip"} and clip["flops_per_part"]["teachers"] == 0
     # CLIP-only's one group does the work of Harmony's CLIP group, less the soft targets.
     assert clip["flops_per_part"]["clip"] < harmony["flops_per_part"]["clip"] < 1.01 * clip["flops_per_part"]["clip"]
     assert harmony["step_flops"] > 3 * clip["step_flops"]
     # 21 ids: 32 of 77 columns; the MLM vocabulary projection at masked positions does not shrink.
-    assert untrimmed["flops_per_part"]["text"] > 1.5 * harmony["flops_per_part"]["text"]
+    assert untrimmed["flops_per_part"]["masked_text"] > 1.5 * harmony["flops_per_part"]["masked_text"]
     assert untrimmed["flops_per_part"]["ibot"] == harmony["flops_per_part"]["ibot"]
     assert harmony["live_peak_bytes_per_part"].keys() == harmony["flops_per_part"].keys()
     assert min(harmony["live_peak_bytes_per_part"].values()) > 0
@@ -61,7 +64,8 @@ def test_report_writes_each_measured_section_with_its_verdict_and_charts(tmp_pat
     results = tmp_path / "bench"
     results.mkdir()
     (results / "communication.json").write_text(json.dumps({
-        "world_size": 2, "preset": "demo", "groups": ["ibot", "clip", "text", "mae"], "model_gradient_bytes": 2**20,
+        "world_size": 2, "preset": "harmony/demo", "groups": ["ibot", "clip", "masked_text", "mae"],
+        "model_gradient_bytes": 2**20,
         "bytes_sent_per_rank_per_step": {"gradient average / all_reduce": 2**20,
                                          "finiteness and stop check / all_reduce": 8},
         "gradient_bytes_all_reduced_vs_model_gradient_bytes": 1.0,

@@ -76,7 +76,7 @@ def test_no_readable_checkpoint_stops_in_one_line(tmp_path, kind):
 
 def test_resuming_from_an_unreadable_checkpoint_path_is_one_line(demo_shards, tmp_path, capsys):
     """run.resume=<path> of a checkpoint that does not unpickle: exit 1 and one line, not torch's traceback."""
-    from test_train import TINY_MODEL
+    from test_train import HARMONY_DEMO, TINY_MODEL
 
     from train.pretrain import main
 
@@ -84,7 +84,7 @@ def test_resuming_from_an_unreadable_checkpoint_path_is_one_line(demo_shards, tm
     named.parent.mkdir()
     write_with_matching_sidecar(named, random_bytes(2))  # IndexError in the unpickler
     with pytest.raises(SystemExit) as exited:
-        main(["--config", "demo", *TINY_MODEL, f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}",
+        main(["--config", HARMONY_DEMO, *TINY_MODEL, f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}",
               "run.name=run", f"run.resume={named}"])
     assert exited.value.code == 1
     errors = capsys.readouterr().err.strip().splitlines()

@@ -8,26 +8,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_harmony import TINY
 from test_methods import methods_reading, train_steps
-from test_train import TINY_MODEL
+from test_slip_aclip import TINY_TRAINING
+from tiny_models import tiny_config, tiny_model, tiny_overrides, tiny_preset_config
 
-from model.meta_arch import MetaArch, ModelConfig
+from model.meta_arch import MetaArch
 from model.objectives.clip_rocket import tower_features
 from model.objectives.swalip import sinkhorn_targets
 from train.config import load_config
 from train.schedules import Schedules
 
-ROCKET_ONLY = dict(ibot=False, clip=False, soft_clip=False, mae=False, mlm=False, text_distillation=False,
-                   clip_rocket=True, drop_path_rate=0.0)
-TINY_ROCKET = dict(rocket_hidden_dim=32, rocket_dim=16, siam_hidden_dim=32, siam_dim=16, barlip_hidden_dim=32,
-                   barlip_dim=24)
 METHODS = methods_reading("clip_rocket")
 
 
-def rocket_model(**overrides):
-    torch.manual_seed(0)
-    return MetaArch(ModelConfig(**{**TINY, **ROCKET_ONLY, **TINY_ROCKET, "rocket_text_dropout": 0.0, **overrides}))
+def rocket_model(add_ons=None, **rocket):
+    """CLIP 🚀 alone at tiny shapes (no text dropout unless `rocket` says), with the add-ons `add_ons` ({name:
+    settings}); `rocket`: clip_rocket's settings."""
+    return tiny_model({"clip_rocket": {"text_dropout": 0.0, **rocket}, **(add_ons or {})})
 
 
 def tiny_captions(count, generator):
@@ -94,7 +91,7 @@ def rocket_loss_written_out(model, batch, smoothing, loss_mode="avg"):
 
 @pytest.mark.parametrize("loss_mode", ["avg", "sum"])
 def test_clip_rocket_loss_is_the_mix_of_global_and_label_smoothed_local_terms(loss_mode):
-    model, batch = rocket_model(rocket_loss_mode=loss_mode), rocket_batch()
+    model, batch = rocket_model(loss_mode=loss_mode), rocket_batch()
     with torch.no_grad():
         model.rocket_logit_scale.fill_(math.log(7.0))  # the two scales told apart
         expected = rocket_loss_written_out(model, batch, 0.1, loss_mode)
@@ -116,7 +113,7 @@ def negative_cosine_written_out(prediction, target):
 @pytest.mark.parametrize("method", ["siamlip", "byolip"])
 def test_siamlip_adds_the_mean_of_its_ten_cross_modal_terms(method):
     """BYOLIP's EMA targets equal the students' at initialisation: the same value."""
-    model, batch = rocket_model(**{method: True}), rocket_batch()
+    model, batch = rocket_model({method: {}}), rocket_batch()
     with torch.no_grad():
         images, texts, _, _ = features_written_out(model, batch)
         image_v = [model.siam_image_projector(cls) for cls in images]
@@ -132,7 +129,7 @@ def test_siamlip_adds_the_mean_of_its_ten_cross_modal_terms(method):
 
 
 def test_barlip_adds_the_barlow_twins_loss_averaged_over_five_pairs():
-    model, batch = rocket_model(barlip=True), rocket_batch()
+    model, batch = rocket_model({"barlip": {}}), rocket_batch()
     with torch.no_grad():
         images, texts, _, _ = features_written_out(model, batch)
         a = [model.barlip_image_projector(cls) for cls in images]
@@ -174,7 +171,7 @@ def test_sinkhorn_rows_and_columns_on_a_4x4_example():
 
 
 def test_swalip_adds_0_2_times_the_swapped_sinkhorn_prediction():
-    model, batch = rocket_model(swalip=True, rocket_label_smoothing=0.0), rocket_batch()
+    model, batch = rocket_model({"swalip": {}}, label_smoothing=0.0), rocket_batch()
     with torch.no_grad():
         images, texts, _, _ = features_written_out(model, batch)
         h_images = [F.normalize(model.rocket_image_projector(cls), dim=-1) for cls in images[1:]]
@@ -198,7 +195,7 @@ def test_swalip_adds_0_2_times_the_swapped_sinkhorn_prediction():
 
 
 def test_text_dropout_changes_only_the_strong_captions_in_training_and_nothing_in_evaluation():
-    model, batch = rocket_model(rocket_text_dropout=0.5), rocket_batch()
+    model, batch = rocket_model(text_dropout=0.5), rocket_batch()
     with torch.no_grad():
         plain = tower_features(model, batch, 0.0)
         dropped = tower_features(model, batch, 0.5)
@@ -227,7 +224,7 @@ def test_both_logit_scales_start_at_their_inits_and_are_clamped_after_the_step()
     ("byolip", {"image_student", "text_student", "siam_image_projector", "siam_text_projector"}),
 ])
 def test_only_byolip_has_teachers_and_the_add_ons_ride_in_clip_rockets_pass(method, teachers):
-    model = tiny_preset_model(f"{method}_demo")
+    model = tiny_preset_model(f"{method}/demo")
     assert set(model.teachers) == teachers
     assert model.backward_groups == ("clip_rocket",) + (() if method == "clip_rocket" else (method,))
     if method != "clip_rocket":
@@ -235,42 +232,41 @@ def test_only_byolip_has_teachers_and_the_add_ons_ride_in_clip_rockets_pass(meth
 
 
 def test_byolip_momentum_is_constant_and_the_default_still_rises_to_one():
-    byolip = load_config("byolip_demo").optim
+    byolip = load_config("byolip/demo").optim
     constant = Schedules(byolip, iterations_per_epoch=10, global_batch=256)
     assert {constant.at(step)["teacher_momentum"] for step in (0, 37, 79)} == {0.99}
-    rising = Schedules(load_config("demo").optim, iterations_per_epoch=10, global_batch=256)
+    rising = Schedules(load_config("harmony/demo").optim, iterations_per_epoch=10, global_batch=256)
     assert rising.at(0)["teacher_momentum"] == 0.99 and rising.at(79)["teacher_momentum"] > 0.999
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(clip_rocket=False, siamlip=True), "set clip_rocket=true"),
-    (dict(siamlip=True, byolip=True), "set one of siamlip and byolip"),
-    (dict(swalip=True), "set rocket_label_smoothing=0"),
-    (dict(rocket_loss_mode="mean"), "rocket_loss_mode='mean'"),
-    (dict(rocket_text_dropout=1.0), "rocket_text_dropout=1.0"),
-    (dict(clip=True), "clip_rocket holds its own CLIP terms"),
+@pytest.mark.parametrize("objectives, message", [
+    ({"siamlip": {}}, "model.objectives.siamlip needs clip_rocket: add model.objectives.clip_rocket"),
+    ({"clip_rocket": {}, "siamlip": {}, "byolip": {}}, "model.objectives.siamlip cannot run with byolip"),
+    ({"clip_rocket": {}, "swalip": {}}, "swalip trains CLIP 🚀 without label smoothing .*: set it to 0"),
+    ({"clip_rocket": {"loss_mode": "mean"}}, "model.objectives.clip_rocket.loss_mode='mean'"),
+    ({"clip_rocket": {"text_dropout": 1.0}}, "model.objectives.clip_rocket.text_dropout=1.0"),
+    ({"clip_rocket": {}, "clip": {}}, "model.objectives.clip_rocket cannot run with clip"),
 ])
-def test_nonsensical_clip_rocket_combinations_are_refused_with_what_to_change(overrides, message):
+def test_nonsensical_clip_rocket_combinations_are_refused_with_what_to_change(objectives, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**{**TINY, **ROCKET_ONLY, **overrides})
+        tiny_config(objectives)
 
 
 def test_the_recipe_must_make_the_clip_rocket_views():
     with pytest.raises(ValueError, match="weak"):
-        load_config("clip_rocket_demo", ["data.views=auto"])
+        load_config("clip_rocket/demo", ["data.views=auto"])
 
 
 def tiny_preset_model(preset):
     """The preset's model at tiny shapes (its objectives and their settings kept)."""
-    model_config = load_config(preset).model
     torch.manual_seed(0)
-    return MetaArch(ModelConfig(**{**vars(model_config), **TINY, **TINY_ROCKET, "drop_path_rate": 0.0}))
+    return MetaArch(tiny_preset_config(preset))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_clip_rocket_demo_preset_trains_with_finite_falling_loss(method):
     torch.manual_seed(2)
-    history = train_steps(tiny_preset_model(f"{method}_demo"), rocket_batch(batch=6), steps=6)
+    history = train_steps(tiny_preset_model(f"{method}/demo"), rocket_batch(batch=6), steps=6)
     assert all(math.isfinite(loss) for loss in history), history
     assert sum(history[-2:]) < sum(history[:2]), history
 
@@ -278,8 +274,8 @@ def test_every_clip_rocket_demo_preset_trains_with_finite_falling_loss(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_clip_rocket_method_has_a_demo_and_a_cc3m_preset(method):
     for scale in ("demo", "cc3m"):
-        assert load_config(f"{method}_{scale}").run.name == f"{method}_{scale}"
-    cc3m = load_config(f"{method}_cc3m")
+        assert load_config(f"{method}/{scale}").run.name == f"{method}_{scale}"
+    cc3m = load_config(f"{method}/cc3m")
     assert cc3m.model.vit_size == "base" and cc3m.data.views == "clip_rocket"
     assert cc3m.data.batch_size * 8 == 4096 and math.isclose(cc3m.optim.lr * 4096 / 256, 3e-3)
 
@@ -290,10 +286,10 @@ def test_the_trainer_runs_clip_rocket_methods_on_real_shards(demo_shards, tmp_pa
     its EMA teachers), checkpoint and evaluation towers."""
     from train.pretrain import TEACHER_WEIGHTS, train
 
-    heads = [f"model.{name}={value}" for name, value in TINY_ROCKET.items()]
-    run = train(load_config(f"{method}_demo", [*TINY_MODEL, *heads, "data.views=clip_rocket", "run.max_steps=2",
-                                                f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}",
-                                                f"run.name={method}"]))
+    preset = f"{method}/demo"
+    run = train(load_config(preset, [*tiny_overrides(preset), *TINY_TRAINING, "data.views=clip_rocket",
+                                     "run.max_steps=2", f"data.shards={demo_shards['train']}",
+                                     f"run.out_dir={tmp_path}", f"run.name={method}"]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
     assert (run / TEACHER_WEIGHTS).is_file()

@@ -36,7 +36,7 @@ TORCHRUN_ARGS = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-
 def torchrun(nproc, arguments):
     """torchrun as `make pretrain` runs it: through train.launch."""
     command = [sys.executable, "-m", "train.launch", "--standalone", f"--nproc_per_node={nproc}",
-               *TORCHRUN_ARGS, "-m", "train.pretrain", "--config", "demo", *arguments]
+               *TORCHRUN_ARGS, "-m", "train.pretrain", "--config", "harmony/demo", *arguments]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -86,7 +86,7 @@ def test_a_signal_to_torchrun_checkpoints_the_step_and_resume_continues(demo_sha
 
 def test_sigusr1_stops_a_single_process_run_with_the_documented_exit_code(demo_shards, tmp_path):
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "train.pretrain", "--config", "demo",
+    process = subprocess.Popen([sys.executable, "-m", "train.pretrain", "--config", "harmony/demo",
                                 *overrides(demo_shards["train"], run, "optim.epochs=100")],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(process, run, 2)
@@ -104,7 +104,7 @@ def launched(launcher, demo_shards, tmp_path, output):
     if launcher == "torchrun":
         run = tmp_path / "run"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                   *TORCHRUN_ARGS, "-m", "train.pretrain", "--config", "demo",
+                   *TORCHRUN_ARGS, "-m", "train.pretrain", "--config", "harmony/demo",
                    *overrides(demo_shards["train"], run, "optim.epochs=100", "run.checkpoint_every=1000")]
     else:
         run = tmp_path / "cmp" / "clip" / "seed0"
@@ -142,7 +142,7 @@ def test_elastic_resume_two_ranks_to_one_and_back(demo_shards, tmp_path, capsys)
     first = torchrun(2, overrides(demo_shards["train"], run, "data.batch_size=4", "run.max_steps=3"))
     _, errors = first.communicate(timeout=300)
     assert first.returncode == 0, errors[-3000:]
-    train(load_config("demo", overrides(demo_shards["train"], run, "data.batch_size=4", "run.max_steps=6")))
+    train(load_config("harmony/demo", overrides(demo_shards["train"], run, "data.batch_size=4", "run.max_steps=6")))
     assert "data.batch_size 4 -> 8, keeping the checkpoint's global batch of 8" in capsys.readouterr().out
     state = checkpoint.load(checkpoint.latest_checkpoint(run))
     assert state["step"] == 6 and state["loader"]["batches_done"] == 6 and state["loader"]["world_size"] == 1
@@ -178,7 +178,7 @@ def two_ranks(tmp_path, arguments, failing_rank=-1, failing_step=-1):
     script.write_text(RANK_SCRIPT)
     port = free_loopback_port()
     processes = [subprocess.Popen(
-        [sys.executable, str(script), str(failing_rank), str(failing_step), "--config", "demo", *arguments],
+        [sys.executable, str(script), str(failing_rank), str(failing_step), "--config", "harmony/demo", *arguments],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
              "RANK": str(rank), "LOCAL_RANK": str(rank), "PYTHONPATH": str(REPO)}) for rank in range(2)]
@@ -333,7 +333,7 @@ def test_resume_reports_every_difference_and_refuses_those_that_change_the_run(d
 ])
 def test_impossible_config_values_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config("demo", [override])
+        load_config("harmony/demo", [override])
 
 
 def test_checkpoint_load_verifies_its_checksum(tmp_path):

@@ -52,7 +52,7 @@ def fake_run(run_dir, rng, accuracy, shared_loss=True, failure=None, changed=())
         path = run_dir / "compare_evals" / f"step-{evaluation['step']:08d}.json"
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(evaluation))
-    entry = {"preset": f"{run_dir.parent.name}_demo", "measured": MEASURED, "steps": STEPS, "epochs": 4,
+    entry = {"preset": f"{run_dir.parent.name}/demo", "measured": MEASURED, "steps": STEPS, "epochs": 4,
              "eval_steps": list(EVAL_STEPS)}
     return {"run_dir": run_dir, "entry": entry, "evaluations": evaluations, "failure": failure,
             "changed": list(changed)}
@@ -83,12 +83,12 @@ def test_the_table_has_mean_and_std_the_reference_the_failed_method_and_interval
     values = list(clip_top1["values"].values())
     assert clip_top1["mean"] == pytest.approx(np.mean(values)) and clip_top1["std"] == pytest.approx(
         np.std(values, ddof=1))
-    clip_row = next(line for line in table.splitlines() if line.startswith("| clip (clip_demo) | finished | 2 |"))
+    clip_row = next(line for line in table.splitlines() if line.startswith("| clip (clip/demo) | finished | 2 |"))
     assert f"{100 * clip_top1['mean']:.1f} ± {100 * clip_top1['std']:.1f}%" in clip_row
     assert clip_row.endswith("| reference |")
-    harmony_row = next(line for line in table.splitlines() if line.startswith("| harmony (harmony_demo) † |"))
+    harmony_row = next(line for line in table.splitlines() if line.startswith("| harmony (harmony/demo) † |"))
     assert harmony_row.endswith(", distinguishable |")  # 80% vs 50% on 400 examples
-    assert "| siglip (siglip_demo) | failed: seed 1: out of memory | 2 |" in table
+    assert "| siglip (siglip/demo) | failed: seed 1: out of memory | 2 |" in table
     assert "(1 of 2 seeds)" in table  # siglip's metrics come from its one evaluated seed
     assert "† harmony seed 1 was trained before accepted changes of: config.optim.lr." in table
     assert "Intervals: a paired bootstrap" in table

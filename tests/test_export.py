@@ -17,9 +17,9 @@ from evaluation.datasets import TEMPLATE_SETS, open_eval_set
 from evaluation.towers import RunTowers
 from evaluation.zeroshot import zero_shot
 from export.weights import export_open_clip, export_timm
-from model.meta_arch import MetaArch, ModelConfig
-from train import checkpoint
-from train.config import PRESETS, load_config
+from model.meta_arch import MetaArch
+from train import checkpoint, presets
+from train.config import load_config
 from train.pretrain import TEACHER_WEIGHTS, save_teacher_weights
 
 SIZES = [dict(vit_size="micro", patch_size=8, global_crop_px=64), dict(vit_size="tiny")]
@@ -70,7 +70,9 @@ def test_open_clip_loads_both_towers_with_the_same_embeddings(tmp_path, size):
 
 def test_open_clip_zero_shot_equals_ours_on_the_demo_model(tmp_path, demo_shards):
     """The demo preset's micro ViT, scored through open_clip alone: model, transforms and tokenizer."""
-    run = fake_run(tmp_path, **dataclasses.asdict(load_config("demo").model))
+    demo = load_config("harmony/demo").model
+    towers = {field.name: getattr(demo, field.name) for field in dataclasses.fields(demo) if field.name != "objectives"}
+    run = fake_run(tmp_path, objectives=demo.objectives, **towers)
     out = export_open_clip(run, tmp_path / "open_clip")
     ours = zero_shot(RunTowers(run), demo_shards["heldout"])
 
@@ -100,9 +102,9 @@ def test_a_run_pooled_otherwise_than_cls_is_refused_with_the_reason(tmp_path, ta
         export.weights.main([target, "--run", str(run), "--out", str(tmp_path / "out")])
 
 
-NO_CONTRASTIVE_LOSS = ("m3ae_demo",)  # exported to timm (headless), refused by open_clip
-OPEN_CLIP_PRESETS = [path.stem for path in sorted(PRESETS.glob("*_demo.yaml")) if path.stem not in NO_CONTRASTIVE_LOSS
-                     and load_config(path.stem).model.clip_pooling == "cls"]  # other poolings are refused
+NO_CONTRASTIVE_LOSS = ("m3ae/demo",)  # exported to timm (headless), refused by open_clip
+OPEN_CLIP_PRESETS = [preset for preset in presets.discover("demo").values() if preset not in NO_CONTRASTIVE_LOSS
+                     and load_config(preset).model.clip_pooling == "cls"]  # other poolings are refused
 
 
 LOGIT_SCALE, LOGIT_BIAS = 23.0, -3.5  # neither open_clip's nor our presets' initial values
@@ -111,10 +113,9 @@ LOGIT_SCALE, LOGIT_BIAS = 23.0, -3.5  # neither open_clip's nor our presets' ini
 def tiny_preset_run(tmp_path, preset):
     """A run folder of `preset`'s model, shrunk, untrained, with teachers, logit scale and bias (where it has one)
     away from their initial values: what train.pretrain leaves, without training."""
-    model_config = {**dataclasses.asdict(load_config(preset).model), **SMALL_TEXT, "patch_size": 8,
-                    "global_crop_px": 32}
+    model_config = dataclasses.replace(load_config(preset).model, **SMALL_TEXT, patch_size=8, global_crop_px=32)
     torch.manual_seed(0)
-    model = MetaArch(ModelConfig(**model_config))
+    model = MetaArch(model_config)
     with torch.no_grad():
         for param in model.teachers.parameters():
             param.add_(0.01 * torch.randn_like(param))
@@ -127,7 +128,7 @@ def tiny_preset_run(tmp_path, preset):
 
 
 def test_every_exported_preset_is_listed():
-    assert {"clip_demo", "siglip_demo", "harmony_demo", "aclip_demo", "clip_rocket_demo"} <= set(OPEN_CLIP_PRESETS)
+    assert {"clip/demo", "siglip/demo", "harmony/demo", "aclip/demo", "clip_rocket/demo"} <= set(OPEN_CLIP_PRESETS)
 
 
 @pytest.mark.parametrize("preset", OPEN_CLIP_PRESETS)
@@ -144,7 +145,7 @@ def test_open_clip_alone_gives_our_logits_with_scale_and_bias(tmp_path, preset):
     with torch.no_grad():
         theirs, _ = exported.get_logits(torch.stack([preprocess(image) for image in images]), tokens)
         similarity = towers.image_features(images)["embedding"] @ F.normalize(towers.text(tokens)[0], dim=-1).T
-    siglip = preset == "siglip_demo"
+    siglip = preset == "siglip/demo"
     assert hasattr(model, "logit_bias") == siglip and (exported.logit_bias is not None) == siglip
     torch.testing.assert_close(theirs, LOGIT_SCALE * similarity + (LOGIT_BIAS if siglip else 0.0), rtol=1e-4,
                                atol=1e-4)
@@ -152,7 +153,7 @@ def test_open_clip_alone_gives_our_logits_with_scale_and_bias(tmp_path, preset):
 
 def test_a_siglip_teacher_weights_file_without_its_bias_takes_it_from_the_checkpoint(tmp_path):
     """teacher_weights.pt written before it held the bias: the newest checkpoint's, else a one-line refusal."""
-    run, _ = tiny_preset_run(tmp_path, "siglip_demo")
+    run, _ = tiny_preset_run(tmp_path, "siglip/demo")
     weights = torch.load(run / TEACHER_WEIGHTS, weights_only=True)
     del weights["logit_bias"]
     torch.save(weights, run / TEACHER_WEIGHTS)
@@ -167,7 +168,7 @@ def test_a_siglip_teacher_weights_file_without_its_bias_takes_it_from_the_checkp
 
 def test_a_run_without_a_contrastive_loss_is_refused_by_open_clip_and_exported_headless_to_timm(tmp_path, capsys):
     """M3AE trains no CLIP projection: open_clip's export says so and points at timm, whose model gives the CLS."""
-    run, _ = tiny_preset_run(tmp_path, "m3ae_demo")
+    run, _ = tiny_preset_run(tmp_path, "m3ae/demo")
     with pytest.raises(SystemExit) as refused:
         export.weights.main(["open_clip", "--run", str(run), "--out", str(tmp_path / "open_clip")])
     assert str(refused.value) == (

@@ -130,7 +130,7 @@ def test_every_gpu_check_stage_runs_on_the_cpu_at_tiny_sizes(demo_shards, tmp_pa
     assert results["environment"]["device"] == "cpu"
     report = (out / "gpu-benchmarks.md").read_text()
     assert "| DALI GPU multi-crop" in report and "| bench_step | ok |" in report
-    for name in ("check.log", "datapipe.png", "step.png", "train-losses.png", "profile-demo.trace.json.gz"):
+    for name in ("check.log", "datapipe.png", "step.png", "train-losses.png", "profile-harmony_demo.trace.json.gz"):
         assert (out / name).is_file(), name
 
 

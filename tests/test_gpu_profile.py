@@ -17,8 +17,8 @@ def harmony_summary(demo_shards, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads would only wait on each other
     try:
-        summary = profile.profile_preset("demo", demo_shards["train"], torch.device("cpu"), profile.TINY_OVERRIDES,
-                                         warmup=0, steps=2, trace_path=trace)
+        summary = profile.profile_preset("harmony/demo", demo_shards["train"], torch.device("cpu"),
+                                         profile.TINY_OVERRIDES, warmup=0, steps=2, trace_path=trace)
     finally:
         torch.set_num_threads(threads)
     return summary, trace
@@ -26,7 +26,7 @@ def harmony_summary(demo_shards, tmp_path_factory):
 
 def test_the_profile_times_every_pass_of_every_objective_and_the_rest(harmony_summary):
     summary, _ = harmony_summary
-    assert summary["objectives"] == ["ibot", "clip", "text", "mae"]
+    assert summary["objectives"] == ["ibot", "clip", "masked_text", "mae"]
     expected = {"teachers forward", "other", *(f"{objective} {direction}" for objective in summary["objectives"]
                                                for direction in ("forward", "backward"))}
     assert set(summary["parts"]) == expected
@@ -60,7 +60,8 @@ def test_overlapping_device_activity_is_counted_once():
 def test_the_gpu_checks_report_shows_the_profile(harmony_summary):
     summary, _ = harmony_summary
     results = dict(started="now", stages={"profile": dict(status="ok", seconds=1.0, figures=dict(
-        device="cpu", presets={"demo": summary, "clip_cc3m": dict(error="OutOfMemoryError: CUDA out of memory")}))})
+        device="cpu", presets={"harmony/demo": summary,
+                               "clip/cc3m": dict(error="OutOfMemoryError: CUDA out of memory")}))})
     report = markdown(results)
-    assert "| demo | 4 | " in report and "| clip_cc3m | OutOfMemoryError" in report
+    assert "| harmony/demo | 4 | " in report and "| clip/cc3m | OutOfMemoryError" in report
     assert "| ibot backward | " in report and f"| `{summary['top_kernels'][0]['name']}` |" in report

@@ -2,23 +2,24 @@
 
 import pytest
 import torch
+from tiny_models import HARMONY, tiny_config
+from tiny_models import tiny_model as tiny_model_of
 
 import model.objectives.masked_text as text_objective
 from model import losses
 from model.masking import mask_captions, random_keep_indices
-from model.meta_arch import MetaArch, ModelConfig
 from model.text_tower import trim_padding
 
-TINY = dict(vit_size="micro", patch_size=8, global_crop_px=32, drop_path_rate=0.1, clip_dim=32, text_width=64,
-            text_layers=2, text_heads=4, ibot_out_dim=64, text_distillation_out_dim=32, mae_decoder_width=32,
-            mae_decoder_depth=1, mae_decoder_heads=4, mlm_decoder_depth=1, mlm_decoder_heads=4,
-            mlm_probability=0.5)
+# Harmony at tiny shapes (tiny_models.TINY_SETTINGS: iBOT out_dim 64, text distillation out_dim 32, MLM mask
+# probability 0.5), with drop path on in the student
+TINY_DROP_PATH = 0.1
 TEMPS = dict(teacher_cls_temp=0.04, teacher_patch_temp=0.07)
+CLIP_ONLY = {"clip": {}}
 
 
-def tiny_model(**overrides):
-    torch.manual_seed(0)
-    return MetaArch(ModelConfig(**{**TINY, **overrides}))
+def tiny_model(objectives=None, **towers):
+    """Harmony's objectives by default (`objectives`: {name: settings overrides}), seeded."""
+    return tiny_model_of(objectives, **{"drop_path_rate": TINY_DROP_PATH, **towers})
 
 
 def tiny_batch(batch=4, seed=1):
@@ -69,14 +70,14 @@ def expected_gradients(model, group):
     if group == "clip":
         return trainable_names(model, "image_student.", exclude=("mask_token",)) | \
             trainable_names(model, "text_student.") | {"logit_scale"}
-    if group == "text":
+    if group == "masked_text":
         return trainable_names(model, "text_student.", exclude=text_pooling) | \
             trainable_names(model, "mlm_decoder.") | trainable_names(model, "text_distillation_head.")
     return trainable_names(model, "image_student.", exclude=("mask_token", "contrastive_projection")) | \
         trainable_names(model, "mae_decoder.")
 
 
-@pytest.mark.parametrize("group", ["ibot", "clip", "text", "mae"])
+@pytest.mark.parametrize("group", ["ibot", "clip", "masked_text", "mae"])
 def test_each_group_trains_exactly_the_student_parameters_it_uses(group):
     model, batch = tiny_model(), tiny_batch()
     loss, metrics = run_group(model, group, batch)
@@ -138,11 +139,11 @@ def test_ibot_updates_centres_with_teacher_logit_means():
 
 
 def test_text_step_updates_centre_over_real_tokens_only():
-    model, batch = tiny_model(mlm=False), tiny_batch()
+    model, batch = tiny_model({**HARMONY, "masked_text": {"mlm": False}}), tiny_batch()
     with torch.no_grad():
         features = model.teachers["text_student"](batch["tokens"])[1]
         logits = model.teachers["text_distillation_head"](features)  # (B, 77, K)
-    run_group(model, "text", batch)
+    run_group(model, "masked_text", batch)
     real = torch.zeros(4, 77, dtype=torch.bool)
     for row in range(4):
         real[row, :7 + row] = True  # SOT, 5 + row words, EOT
@@ -150,7 +151,7 @@ def test_text_step_updates_centre_over_real_tokens_only():
 
 
 def test_clip_only_baseline_has_no_teachers_and_hard_loss_only():
-    model = tiny_model(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
+    model = tiny_model(CLIP_ONLY)
     assert model.backward_groups == ("clip",) and len(model.teachers) == 0
     assert not hasattr(model, "mae_decoder") and not hasattr(model, "ibot_head")
     loss, metrics = run_group(model, "clip", tiny_batch(), hard_weight=0.2)  # no teacher: the weight is moot
@@ -168,22 +169,23 @@ def test_soft_targets_enter_only_below_hard_weight_one():
 
 
 def test_enabled_groups_follow_the_config_in_official_order():
-    assert tiny_model().backward_groups == ("ibot", "clip", "text", "mae")
-    assert tiny_model(mlm=False, text_distillation=False, mae=False).backward_groups == ("ibot", "clip")
-    text_only = tiny_model(ibot=False, clip=False, soft_clip=False, mae=False)
-    assert text_only.backward_groups == ("text",) and set(text_only.teachers) == {"text_student",
+    assert tiny_model().backward_groups == ("ibot", "clip", "masked_text", "mae")
+    # the names' order in the config does not matter: the passes run in the official order
+    assert tiny_model({"clip": {"soft_targets": True}, "ibot": {}}).backward_groups == ("ibot", "clip")
+    text_only = tiny_model({"masked_text": {}})
+    assert text_only.backward_groups == ("masked_text",) and set(text_only.teachers) == {"text_student",
                                                                                   "text_distillation_head"}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(clip=False), "soft_clip needs clip"),
-    (dict(ibot=False, clip=False, soft_clip=False, mae=False, mlm=False, text_distillation=False), "at least one"),
-    (dict(vit_size="huge"), "vit_size"),
-    (dict(global_crop_px=30), "multiple of patch_size"),
+@pytest.mark.parametrize("objectives, towers, message", [
+    ({"swalip": {}}, {}, "model.objectives.swalip needs clip_rocket: add model.objectives.clip_rocket"),
+    ({}, {}, "at least one"),
+    (HARMONY, dict(vit_size="huge"), "vit_size"),
+    (HARMONY, dict(global_crop_px=30), "multiple of patch_size"),
 ])
-def test_config_errors_say_what_to_change(overrides, message):
+def test_config_errors_say_what_to_change(objectives, towers, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**{**TINY, **overrides})
+        tiny_config(objectives, **{"drop_path_rate": TINY_DROP_PATH, **towers})
 
 
 def test_all_groups_under_bf16_autocast():
@@ -223,7 +225,7 @@ def test_trimmed_captions_give_the_same_text_and_clip_losses_and_gradients(monke
     results = []
     for inputs in (batch, trimmed):
         model = tiny_model(drop_path_rate=0.0)
-        losses = [run_group(model, group, inputs)[0] for group in ("clip", "text")]
+        losses = [run_group(model, group, inputs)[0] for group in ("clip", "masked_text")]
         results.append((losses, {name: param.grad for name, param in model.named_parameters()
                                  if param.grad is not None}))
     (full_losses, full_grads), (trimmed_losses, trimmed_grads) = results
@@ -273,7 +275,7 @@ def previous_mae_group(model, batch):
     """MAE as one backward before it was split per crop: both crops in one encoder pass, G x the joint mean."""
     crops = batch["global_crops"].flatten(0, 1)  # (G*B, 3, H, W)
     num_patches = (crops.shape[-1] // model.config.patch_size) ** 2
-    keep, removed = random_keep_indices(crops.shape[0], num_patches, model.config.mae_mask_ratio)
+    keep, removed = random_keep_indices(crops.shape[0], num_patches, model.config.objectives["mae"].mask_ratio)
     predictions = model.mae_decoder(model.image_student(crops, keep_indices=keep), keep, num_patches)
     return 2 * losses.mae_loss(predictions, crops, removed, model.config.patch_size)[0]
 
@@ -342,11 +344,11 @@ def test_each_teacher_output_is_let_go_by_its_one_reader():
     masked = int(batch["ibot_masks"].sum())
     assert teacher["ibot_cls"].shape == (2, 4, 64) and teacher["ibot_masked_patches"].shape == (masked, 64)
     held = {"ibot": {"ibot_cls", "ibot_masked_patches", "ibot_patch_mean"}, "clip": {"clip_image", "clip_text"},
-            "text": {"text_features"}, "mae": set()}
+            "masked_text": {"text_features"}, "mae": set()}
     for group in model.backward_groups:
         before = set(teacher)
         run_group(model, group, batch, teacher=teacher)
         assert before - set(teacher) == held[group], group
     assert teacher == {}
-    clip_only = tiny_model(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
+    clip_only = tiny_model(CLIP_ONLY)
     assert clip_only.forward_teachers(batch) == {}

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_harmony import tiny_batch
-from test_slip_aclip import tiny_method_model
+from tiny_models import tiny_preset_config
 
 from model import losses
 from model.masking import MASK_ID, batch_keep_indices, mask_captions_by_count, real_token_mask
+from model.meta_arch import MetaArch
 
 
 def official_text_loss(logits, tokens, valid):
@@ -74,8 +75,10 @@ def test_masking_is_one_permutation_per_batch_with_a_fixed_count():
 def test_the_objective_reports_the_official_text_loss_on_its_own_outputs():
     """The M3AE preset's pass: its text metric equals the official loss on the decoder's outputs for the same masks
     (drawn again from the same seed), its image metric the mean over removed patches."""
-    model = tiny_method_model("m3ae_demo", multimodal_decoder_width=32, multimodal_decoder_depth=1,
-                              multimodal_decoder_heads=4)
+    config = tiny_preset_config("m3ae/demo")  # its decoder at tiny_models.TINY_SETTINGS' width 32, depth 1, 4 heads
+    assert not config.objectives["multimodal_mae"].norm_pix  # the image metric below reads raw pixels
+    torch.manual_seed(0)
+    model = MetaArch(config)
     batch = tiny_batch(batch=4)
     views = {"global_crops": batch["global_crops"][:1], "tokens": batch["tokens"][:, :16]}
     torch.manual_seed(5)

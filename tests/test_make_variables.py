@@ -279,13 +279,14 @@ def test_a_refused_resume_suggests_a_new_run_the_way_it_was_started(monkeypatch,
     import dataclasses
     from types import SimpleNamespace
 
+    from model.model_config import ModelConfig
     from train.config import TrainConfig, to_dict
     from train.pretrain import reconcile_with_checkpoint
 
     monkeypatch.delenv("MAKELEVEL", raising=False)
     if under_make:
         monkeypatch.setenv("MAKELEVEL", "0")
-    saved = TrainConfig()
+    saved = TrainConfig(model=ModelConfig(objectives={"clip": {}}))  # the defaults name no objective: CLIP's
     state = {"config": json.dumps(to_dict(saved)), "loader": {"global_batch_size": saved.data.batch_size}}
     config = dataclasses.replace(saved, optim=dataclasses.replace(saved.optim, lr=saved.optim.lr * 2))
     with pytest.raises(ValueError, match=r"would not continue .*start a new run " + re.escape(choices)):

@@ -81,13 +81,13 @@ def test_the_config_check_takes_a_mixture_and_refuses_weights_that_do_not_fit_it
     assert len(mixtures) >= 2, mixtures
     for overrides in mixtures:
         weights = next(word for word in overrides if word.startswith("data.mix_weights="))
-        config = parse_command_line(["--config", "demo", shards, weights], "")
+        config = parse_command_line(["--config", "harmony/demo", shards, weights], "")
         written = tuple(float(weight) for weight in weights.partition("=")[2].strip("[]").split(","))
         assert config.data.shards == [str(path) for path in two_sets] and config.data.mix_weights == written
-    config = parse_command_line(["--config", "demo", shards, "data.mix_weights=[2, 0.5]"], "")
+    config = parse_command_line(["--config", "harmony/demo", shards, "data.mix_weights=[2, 0.5]"], "")
     assert config.data.shards == [str(path) for path in two_sets] and config.data.mix_weights == (2.0, 0.5)
     with pytest.raises(SystemExit, match=r"config error: data.mix_weights has 3 weight\(s\) for 2 shard set\(s\)"):
-        parse_command_line(["--config", "demo", shards, "data.mix_weights=[1, 2, 3]"], "")
+        parse_command_line(["--config", "harmony/demo", shards, "data.mix_weights=[1, 2, 3]"], "")
 
 
 @pytest.mark.parametrize("weight", [math.inf, math.nan, 1e9, 1001, 0, -1, "2", True])
@@ -132,7 +132,7 @@ def test_the_config_check_refuses_weights_that_cannot_work_in_one_line(two_sets,
 
     shards = f"data.shards=[{two_sets[0]}, {two_sets[1]}]"
     with pytest.raises(SystemExit) as exited:
-        parse_command_line(["--config", "demo", shards, f"data.mix_weights={weights}"], "")
+        parse_command_line(["--config", "harmony/demo", shards, f"data.mix_weights={weights}"], "")
     assert str(exited.value.code).startswith(f"config error: {message.format(first=two_sets[0])}")
     assert "\n" not in str(exited.value.code)
 
@@ -141,5 +141,5 @@ def test_the_config_check_takes_weights_in_any_float_syntax(two_sets):
     from train.config import parse_command_line
 
     shards = f"data.shards=[{two_sets[0]}, {two_sets[1]}]"
-    config = parse_command_line(["--config", "demo", shards, "data.mix_weights=[1e2, 5E-1]"], "")
+    config = parse_command_line(["--config", "harmony/demo", shards, "data.mix_weights=[1e2, 5E-1]"], "")
     assert config.data.mix_weights == (100.0, 0.5)

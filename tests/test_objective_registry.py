@@ -1,5 +1,5 @@
 """Objectives register themselves: every module of model/objectives is found without a central list, each name once,
-and a config's objectives are those whose `enabled` says so, in the pass order."""
+and a config's objectives are those it names, in the pass order."""
 
 import pkgutil
 
@@ -15,7 +15,7 @@ def test_every_module_of_the_package_registers_its_objectives():
     modules = {module.name for module in pkgutil.iter_modules(model.objectives.__path__)} - {"objective"}
     assert {cls.__module__.rsplit(".", 1)[1] for cls in OBJECTIVES.values()} == modules
     assert set(PASS_ORDER) == set(OBJECTIVES)
-    assert PASS_ORDER[:2] == ("ibot", "clip") and PASS_ORDER.index("text") < PASS_ORDER.index("mae")  # Harmony's
+    assert PASS_ORDER[:2] == ("ibot", "clip") and PASS_ORDER.index("masked_text") < PASS_ORDER.index("mae")  # Harmony's
 
 
 @pytest.mark.parametrize("name", ["", "clip"], ids=["no name", "taken"])
@@ -24,6 +24,7 @@ def test_a_nameless_or_taken_name_is_refused(name):
         register(type("Another", (Objective,), {"name": name}))
 
 
-def test_a_configs_objectives_are_the_enabled_ones_in_pass_order():
-    config = ModelConfig(ibot=False, soft_clip=False, mae=False, mlm=True, text_distillation=False, simclr=True)
-    assert config.objectives == ("clip", "simclr", "text")
+def test_a_configs_objectives_are_the_named_ones_in_pass_order():
+    config = ModelConfig(objectives={"simclr": True, "masked_text": {"distillation": False}, "clip": {},
+                                     "mae": False})
+    assert tuple(config.objectives) == ("clip", "simclr", "masked_text")

@@ -193,14 +193,14 @@ def test_the_config_check_reads_remote_shards_through_the_configs_cache(server, 
     """What `make pretrain OUT=s3://...` runs before torchrun (and train.pretrain on every rank)."""
     from train.config import parse_command_line
 
-    config = parse_command_line(["--config", "demo", "data.shards=s3://datasets/demo/train",
+    config = parse_command_line(["--config", "harmony/demo", "data.shards=s3://datasets/demo/train",
                                  f"data.cache_dir={tmp_path / 'cache'}"], "")
     assert config.data.shards == "s3://datasets/demo/train"
     assert [path.name for path in (tmp_path / "cache").iterdir()] == [MARKER]  # made, nothing fetched
 
 
 def test_a_missing_bucket_is_one_line_from_the_config_check(server, tmp_path):
-    checked = subprocess.run([sys.executable, "-m", "train.config", "--config", "demo",
+    checked = subprocess.run([sys.executable, "-m", "train.config", "--config", "harmony/demo",
                               "data.shards=s3://no-such-bucket/train", f"data.cache_dir={tmp_path / 'cache'}"],
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 1 and checked.stderr.count("\n") == 1, checked.stderr
@@ -261,7 +261,7 @@ def test_training_on_remote_shards_logs_the_local_losses(local_shards, server, t
     limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
     common = ("run.max_steps=2", f"data.backend={backend}", "data.shuffle_window=8")
     train(tiny_config(local_shards, tmp_path / "local", *common))
-    main(["--config", "demo", *TINY_MODEL, "data.shards=s3://datasets/demo/train", f"run.out_dir={tmp_path}",
+    main(["--config", "harmony/demo", *TINY_MODEL, "data.shards=s3://datasets/demo/train", f"run.out_dir={tmp_path}",
           "run.name=remote", *common, f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit_gb={limit_gb}"])
     assert len(losses_logged(tmp_path / "remote")) == 2
     assert losses_logged(tmp_path / "remote") == losses_logged(tmp_path / "local")
@@ -390,7 +390,7 @@ def test_a_server_gone_mid_training_fails_the_run_at_its_last_checkpoint_and_the
 
     limit_gb = 4 * max(path.stat().st_size + 400 for path in local_shards.glob("*.tar")) / 1e9
     common = (*TINY_MODEL, "data.batch_size=4", "data.shuffle_window=8")  # an epoch: 11 steps, every shard
-    arguments = ["--config", "demo", *common, "data.shards=s3://datasets/demo/train", f"run.out_dir={tmp_path}",
+    arguments = ["--config", "harmony/demo", *common, "data.shards=s3://datasets/demo/train", f"run.out_dir={tmp_path}",
                  "run.name=remote", "run.checkpoint_every=2", "data.num_workers=1",
                  f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit_gb={limit_gb}", "data.fetch_retries=2",
                  "data.fetch_retry_wait_s=0.01"]

@@ -46,8 +46,8 @@ def test_the_final_norm_on_the_pooled_rows_only_gives_the_same_embedding_and_gra
 def text_pass_with_heads_on_every_row(model, views, teacher):
     """The text objective's loss as it was: the student distillation head on every (B, T) row and the loss reading
     its masked rows through a (B, T) mask (centre statistics left out: the same code reads them now)."""
-    config, tokens = model.config, views["tokens"]
-    masked_tokens, labels, masked = mask_captions(tokens, config.mlm_probability)
+    settings, tokens = model.config.objectives["masked_text"], views["tokens"]
+    masked_tokens, labels, masked = mask_captions(tokens, settings.mask_probability)
     _, features = model.text_student(masked_tokens)  # (B, T, width)
     mlm, _ = mlm_loss(model.mlm_decoder(features)[masked], labels[masked], model.mlm_decoder.predict,
                       MLM_LOGIT_CHUNKS)
@@ -55,10 +55,10 @@ def text_pass_with_heads_on_every_row(model, views, teacher):
         teacher_tokens = model.teachers["text_distillation_head"](teacher["text_features"])  # (B, T, K)
     targets = teacher_probs(teacher_tokens, model.text_center, TEMPS["teacher_patch_temp"])
     student = model.text_distillation_head(features)  # (B, T, K)
-    per_token = -(targets * F.log_softmax(student / config.student_temp, dim=-1)).sum(-1)  # (B, T)
+    per_token = -(targets * F.log_softmax(student / settings.student_temp, dim=-1)).sum(-1)  # (B, T)
     masked = masked.float()
     distillation = ((per_token * masked).sum(-1) / masked.sum(-1).clamp(min=1.0)).mean()
-    return config.mlm_weight * mlm + config.text_distillation_weight * distillation
+    return settings.mlm_weight * mlm + settings.distillation_weight * distillation
 
 
 def test_the_distillation_head_on_the_masked_rows_only_gives_the_same_text_loss_and_gradients():
@@ -69,7 +69,7 @@ def test_the_distillation_head_on_the_masked_rows_only_gives_the_same_text_loss_
         teacher = model.forward_teachers(batch)
         torch.manual_seed(5)  # the same caption masks
         if selected:
-            loss = run_group(model, "text", batch, teacher=teacher)[0]
+            loss = run_group(model, "masked_text", batch, teacher=teacher)[0]
         else:
             loss = text_pass_with_heads_on_every_row(model, batch, teacher)
             loss.backward()

@@ -4,7 +4,7 @@ SigLIP run has no teacher, so no momentum or teacher temperatures)."""
 import json
 
 import pytest
-from test_train import TINY_MODEL
+from test_train import tiny
 
 from train.config import load_config
 from train.log import SCHEDULES, loss_terms
@@ -14,14 +14,14 @@ HARMONY_SCHEDULES = {"lr", "weight_decay", "teacher_momentum", "clip_hard_weight
 
 
 @pytest.mark.parametrize("preset, losses, schedules", [
-    ("siglip_demo", ["loss", "clip", "siglip"], {"lr", "weight_decay", "logit_scale", "logit_bias"}),
-    ("demo", ["loss", "ibot_cls", "ibot_patch", "ibot", "clip_hard", "clip_soft", "clip", "mlm", "text_distillation",
-              "mae"], HARMONY_SCHEDULES),
+    ("siglip/demo", ["loss", "clip", "siglip"], {"lr", "weight_decay", "logit_scale", "logit_bias"}),
+    ("harmony/demo", ["loss", "ibot_cls", "ibot_patch", "ibot", "clip_hard", "clip_soft", "clip", "mlm",
+                      "text_distillation", "mae"], HARMONY_SCHEDULES),
 ])
 def test_a_run_logs_and_plots_its_methods_terms_and_schedules(demo_shards, tmp_path, preset, losses, schedules):
     from train.pretrain import train
 
-    run = train(load_config(preset, [*TINY_MODEL, "run.max_steps=2", f"data.shards={demo_shards['train']}",
+    run = train(load_config(preset, [*tiny(preset), "run.max_steps=2", f"data.shards={demo_shards['train']}",
                                      f"run.out_dir={tmp_path}", "run.name=run"]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(loss_terms(rows)) == sorted(losses) and loss_terms(rows)[0] == "loss"

@@ -113,7 +113,7 @@ def test_a_cache_dir_that_is_a_file_is_one_line_from_the_loader_and_the_config_c
         make_loader("s3://datasets/demo/train", backend="dali",
                     cache=CacheOptions(folder=tmp_path / "notes.txt", limit_gb=1.0), **SETTINGS)
     with pytest.raises(SystemExit, match=r"^config error: data.cache_dir=.*notes.txt is a file, not a folder"):
-        parse_command_line(["--config", "demo", "data.shards=s3://datasets/demo/train",
+        parse_command_line(["--config", "harmony/demo", "data.shards=s3://datasets/demo/train",
                             f"data.cache_dir={tmp_path / 'notes.txt'}"], "")
     assert (tmp_path / "notes.txt").read_text() == "the user's file"
 
@@ -134,7 +134,7 @@ def test_gs_without_a_network_stops_fast_in_one_line(tmp_path, capfd):
         pytest.skip("this machine reaches the network: the test needs one without")
     started = time.monotonic()
     with pytest.raises(SystemExit) as stopped:
-        parse_command_line(["--config", "demo", "data.shards=gs://harmony-no-network/train",
+        parse_command_line(["--config", "harmony/demo", "data.shards=gs://harmony-no-network/train",
                             f"data.cache_dir={tmp_path / 'cache'}"], "")
     assert time.monotonic() - started < 30
     message = str(stopped.value)

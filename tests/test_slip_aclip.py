@@ -7,26 +7,30 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_harmony import TINY, tiny_batch
-from test_methods import TINY_DECODERS, train_steps
-from test_train import TINY_MODEL
+from test_harmony import tiny_batch
+from test_methods import train_steps
+from tiny_models import tiny_config, tiny_overrides, tiny_preset_config, with_settings
 
 from model.losses import byol_loss, simclr_loss
 from model.masking import attention_in_boxes, attentive_keep_indices
-from model.meta_arch import MetaArch, ModelConfig
+from model.meta_arch import MetaArch
 from train.config import PRESETS, load_config
 from train.ema import update_teachers
 from train.parameter_groups import parameter_groups
 
-TINY_HEADS = dict(simclr_hidden_dim=32, simclr_out_dim=16, byol_hidden_dim=32, byol_out_dim=16)
+# the trainer's data and run settings at tiny shapes (the model's come from tiny_overrides)
+TINY_TRAINING = ["data.global_crop_px=32", "data.local_crop_px=16", "data.local_crops_number=2", "data.batch_size=8",
+                 "data.num_workers=0", "data.backend=torch", "run.precision=fp32", "run.log_every=1"]
 
 
-def tiny_method_model(preset, **overrides):
-    """The preset's model at tiny shapes (its objectives and their settings kept)."""
-    model_config = load_config(preset).model
+def tiny_method_model(preset, **settings):
+    """The preset's model at tiny shapes (its objectives and their settings kept); `settings`: {objective: {setting:
+    value}} changed on top."""
+    config = tiny_preset_config(preset)
+    for name, values in settings.items():
+        config = with_settings(config, name, **values)
     torch.manual_seed(0)
-    return MetaArch(ModelConfig(**{**vars(model_config), **TINY, **TINY_DECODERS, **TINY_HEADS, "drop_path_rate": 0.0,
-                                   **overrides}))
+    return MetaArch(config)
 
 
 def slip_batch(batch=6, seed=1):
@@ -105,16 +109,16 @@ def test_byol_loss_is_two_minus_two_cosine():
 
 
 def test_slip_simclr_objective_is_nt_xent_of_each_views_cls_through_the_head():
-    model, batch = tiny_method_model("slip_demo"), slip_batch()
+    model, batch = tiny_method_model("slip/demo"), slip_batch()
     (loss, stats), = model.group_passes("simclr", batch, teacher={})
     with torch.no_grad():
         heads = [model.simclr_head(model.image_student(crop)[:, 0]) for crop in batch["simclr"]]  # per view, as SLIP
     torch.testing.assert_close(loss, written_nt_xent(heads[0], heads[1], 0.1))
-    assert loss.requires_grad and model.config.simclr_weight == 1.0
+    assert loss.requires_grad and model.config.objectives["simclr"].weight == 1.0
 
 
 def test_aclip_objective_is_half_clip_per_view_plus_simclr_plus_two_byol():
-    model, batch = tiny_method_model("aclip_demo"), aclip_batch()
+    model, batch = tiny_method_model("aclip/demo"), aclip_batch()
     teacher = model.forward_teachers(batch)
     keep, target = teacher["aclip_keep"].clone(), teacher["aclip_target"].clone()
     (loss, stats), = model.group_passes("aclip", batch, teacher=dict(teacher))
@@ -169,7 +173,7 @@ def test_an_online_box_equal_to_the_enclosing_box_keeps_the_top_blocks_of_the_ma
 
 def test_the_student_encodes_int_blocks_half_plus_one_blocks_of_four_patches():
     """Tiny grid 4x4 = 4 blocks: int(4 * 0.5) + 1 = 3 blocks, 12 patches (+ CLS) per online view."""
-    model, batch = tiny_method_model("aclip_demo"), aclip_batch()
+    model, batch = tiny_method_model("aclip/demo"), aclip_batch()
     seen = []
     handle = model.image_student.blocks[0].register_forward_hook(lambda _, inputs, __: seen.append(inputs[0].shape))
     teacher = model.forward_teachers(batch)
@@ -182,7 +186,7 @@ def test_the_student_encodes_int_blocks_half_plus_one_blocks_of_four_patches():
 def test_the_frozen_patch_embedding_gets_no_update_while_other_weights_do():
     """One trainer-style step (the trainer's AdamW groups with weight decay, EMA): the patch embedding keeps its
     weights, in the student and in its EMA copy; the blocks move; the checkpoint still holds the patch embedding."""
-    model, batch = tiny_method_model("aclip_demo"), aclip_batch()
+    model, batch = tiny_method_model("aclip/demo"), aclip_batch()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-2, weight_decay=0.5)
     teacher = model.forward_teachers(batch)
@@ -203,7 +207,7 @@ def test_the_frozen_patch_embedding_gets_no_update_while_other_weights_do():
 
 
 def test_the_patch_embedding_trains_when_the_field_says_so():
-    model = tiny_method_model("aclip_demo", aclip_freeze_patch_embed=False)
+    model = tiny_method_model("aclip/demo", aclip={"freeze_patch_embed": False})
     assert model.image_student.patch_embed.proj.weight.requires_grad
 
 
@@ -212,56 +216,57 @@ def test_the_patch_embedding_trains_when_the_field_says_so():
     ("aclip", {"image_student", "byol_projector"}, ("aclip",)),  # no EMA text tower (the official one is unused)
 ])
 def test_each_method_builds_the_teachers_it_reads_and_nothing_else(method, teachers, objectives):
-    model = tiny_method_model(f"{method}_demo")
+    model = tiny_method_model(f"{method}/demo")
     assert set(model.teachers) == teachers and model.backward_groups == objectives
 
 
 @pytest.mark.parametrize("method", ["slip", "aclip"])
 def test_the_demo_and_cc3m_presets_exist_and_say_where_their_recipe_comes_from(method):
+    contrastive = {"slip": "clip", "aclip": "aclip"}[method]  # the objective holding its CLIP term's logit scale
     for scale in ("demo", "cc3m"):
-        config = load_config(f"{method}_{scale}")
+        config = load_config(f"{method}/{scale}")
         assert config.run.name == f"{method}_{scale}" and config.data.views == method
-        assert config.model.logit_scale_max == 100
-    assert load_config(f"{method}_cc3m").model.vit_size == "base"
-    assert (PRESETS / f"{method}_cc3m.yaml").read_text().startswith("#")
+        assert config.model.objectives[contrastive].logit_scale_max == 100
+    assert load_config(f"{method}/cc3m").model.vit_size == "base"
+    assert (PRESETS / method / "cc3m.yaml").read_text().startswith("#")
 
 
 def test_the_cc3m_presets_carry_the_papers_numbers():
-    slip, aclip = load_config("slip_cc3m"), load_config("aclip_cc3m")
+    slip, aclip = load_config("slip/cc3m"), load_config("aclip/cc3m")
     global_batch = 8 * slip.data.batch_size
     assert math.isclose(slip.optim.lr * global_batch / 256, 3e-3) and slip.optim.weight_decay == 0.1
-    assert (slip.model.simclr_temperature, slip.model.simclr_weight, slip.model.simclr_hidden_dim,
-            slip.model.simclr_out_dim) == (0.1, 1.0, 4096, 256)
+    simclr = slip.model.objectives["simclr"]
+    assert (simclr.temperature, simclr.weight, simclr.hidden_dim, simclr.out_dim) == (0.1, 1.0, 4096, 256)
     assert math.isclose(aclip.optim.lr * 8 * aclip.data.batch_size / 256, 5e-4) and aclip.optim.weight_decay == 0.5
-    assert (aclip.optim.epochs, aclip.optim.teacher_momentum, aclip.model.byol_weight, aclip.model.aclip_mask_ratio,
-            aclip.model.aclip_freeze_patch_embed) == (25, 0.996, 2.0, 0.5, True)
+    aclip_settings = aclip.model.objectives["aclip"]
+    assert (aclip.optim.epochs, aclip.optim.teacher_momentum, aclip_settings.byol_weight, aclip_settings.mask_ratio,
+            aclip_settings.freeze_patch_embed) == (25, 0.996, 2.0, 0.5, True)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(aclip=True, ibot=False, mae=False, soft_clip=False), "aclip holds its own CLIP and SimCLR"),
-    (dict(aclip=True, simclr=True, ibot=False, clip=False, soft_clip=False, mae=False), "aclip holds its own"),
-    (dict(aclip=True, ibot=False, clip=False, soft_clip=False, mae=False, global_crop_px=24),
-     "aclip removes patches in 2x2 blocks"),
-    (dict(simclr=True, simclr_temperature=0.0), "simclr_temperature=0.0"),
-    (dict(aclip=True, ibot=False, clip=False, soft_clip=False, mae=False, aclip_mask_ratio=1.0), "aclip_mask_ratio"),
-    (dict(simclr=True, simclr_out_dim=0), "simclr_out_dim=0"),
+@pytest.mark.parametrize("objectives, towers, message", [
+    ({"aclip": {}, "clip": {}}, {}, "model.objectives.aclip cannot run with clip"),
+    ({"aclip": {}, "simclr": {}}, {}, "model.objectives.aclip cannot run with simclr"),
+    ({"aclip": {}}, dict(global_crop_px=24), "aclip removes patches in 2x2 blocks"),
+    ({"clip": {}, "simclr": {"temperature": 0.0}}, {}, "model.objectives.simclr.temperature=0.0"),
+    ({"aclip": {"mask_ratio": 1.0}}, {}, "model.objectives.aclip.mask_ratio=1.0"),
+    ({"clip": {}, "simclr": {"out_dim": 0}}, {}, "model.objectives.simclr.out_dim=0"),
 ])
-def test_nonsensical_combinations_are_refused_with_what_to_change(overrides, message):
+def test_nonsensical_combinations_are_refused_with_what_to_change(objectives, towers, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**{**TINY, **overrides})
+        tiny_config(objectives, **towers)
 
 
 def test_a_recipe_without_the_views_a_method_reads_is_refused_before_training():
     with pytest.raises(ValueError, match=r"also read \['online', 'enclosing', 'online_boxes', 'enclosing_boxes'\]"):
-        load_config("aclip_demo", ["data.views=slip"])
+        load_config("aclip/demo", ["data.views=slip"])
     with pytest.raises(ValueError, match=r"also read \['simclr'\]"):
-        load_config("slip_demo", ["data.views=auto"])
+        load_config("slip/demo", ["data.views=auto"])
 
 
 @pytest.mark.parametrize("method, make_batch", [("slip", slip_batch), ("aclip", aclip_batch)])
 def test_each_demo_preset_trains_with_finite_falling_loss(method, make_batch):
     torch.manual_seed(2)
-    history = train_steps(tiny_method_model(f"{method}_demo"), make_batch(batch=6), steps=6)
+    history = train_steps(tiny_method_model(f"{method}/demo"), make_batch(batch=6), steps=6)
     assert all(math.isfinite(loss) for loss in history), history
     assert sum(history[-2:]) < sum(history[:2]), history
 
@@ -272,10 +277,10 @@ def test_the_trainer_runs_each_method_on_real_shards(demo_shards, tmp_path, meth
     the loader, the trainer's step, checkpoint and evaluation towers."""
     from train.pretrain import TEACHER_WEIGHTS, train
 
-    heads = [f"model.{name}={value}" for name, value in TINY_HEADS.items()]
-    run = train(load_config(f"{method}_demo", [*TINY_MODEL, *heads, f"data.views={method}", "run.max_steps=2",
-                                                f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}",
-                                                f"run.name={method}"]))
+    preset = f"{method}/demo"
+    run = train(load_config(preset, [*tiny_overrides(preset), *TINY_TRAINING, f"data.views={method}",
+                                     "run.max_steps=2", f"data.shards={demo_shards['train']}",
+                                     f"run.out_dir={tmp_path}", f"run.name={method}"]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
     assert (run / TEACHER_WEIGHTS).is_file()

@@ -12,7 +12,7 @@ METHODS = {"slip": slip_batch, "aclip": aclip_batch}
 def method_gradients(method, rank=0, world_size=1):
     """Averaged gradients after every objective of the method's demo preset on this rank's share of the batch, in
     float64: A-CLIP's BN heads make gradients of about 10, whose float32 rounding alone exceeds the tolerance."""
-    model = tiny_method_model(f"{method}_demo").double()  # same initial weights on every rank
+    model = tiny_method_model(f"{method}/demo").double()  # same initial weights on every rank
     batch = {name: view.double() if view.is_floating_point() else view for name, view in METHODS[method](4).items()}
     local = rank_share(batch, rank, world_size)
     teacher = model.forward_teachers(local)

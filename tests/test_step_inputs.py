@@ -17,22 +17,22 @@ from train.step_inputs import made_views, model_views, view_recipe
                                             ("aclip", "['global_crops', 'local_crops']")])
 def test_a_recipe_without_the_views_the_objectives_read_is_refused_before_training(views, missing):
     with pytest.raises(ValueError) as refused:
-        load_config("demo", [f"data.views={views}"])
+        load_config("harmony/demo", [f"data.views={views}"])
     assert f"also read {missing}: choose the data.views recipe" in str(refused.value)
 
 
 def test_an_unknown_recipe_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="data.views='simclr': choose one of auto, slip, clip_rocket, aclip$"):
-        load_config("clip_demo", ["data.views=simclr"])
+        load_config("clip/demo", ["data.views=simclr"])
 
 
 def test_slip_recipe_gives_the_clip_objective_its_view():
-    recipe = view_recipe(load_config("clip_demo", ["data.views=slip"]))
+    recipe = view_recipe(load_config("clip/demo", ["data.views=slip"]))
     assert {"global_crops", "simclr", "tokens"} <= set(made_views(recipe))
 
 
-@pytest.mark.parametrize("preset, flip", [("clip_demo", 0.0), ("siglip_demo", 0.0), ("maskclip_demo", 0.0),
-                                          ("detailclip_demo", 0.0), ("m3ae_demo", 0.5), ("demo", 0.5)])
+@pytest.mark.parametrize("preset, flip", [("clip/demo", 0.0), ("siglip/demo", 0.0), ("maskclip/demo", 0.0),
+                                          ("detailclip/demo", 0.0), ("m3ae/demo", 0.5), ("harmony/demo", 0.5)])
 def test_flip_of_each_method_view(preset, flip):
     recipe = view_recipe(load_config(preset))
     assert {crop.flip_prob for crop in recipe.image_views["global_crops"].crops} == {flip}
@@ -61,7 +61,7 @@ def test_the_caption_lengths_the_loader_counts_on_the_host_cut_as_the_device_rea
     nothing back from the device."""
     texts = {"caption": caption_tokens([5, 20, 9])[None].numpy()}  # (1, B, 77)
     raw = SimpleNamespace(texts=texts, masks={}, keys=["a", "b", "c"], skipped=[])
-    recipe = view_recipe(load_config("clip_demo"))
+    recipe = view_recipe(load_config("clip/demo"))
     crops = [torch.zeros(3, 3, 8, 8)]
     batch = assemble(crops, [np.zeros((3, 4))], raw, recipe, torch.float32)
     assert batch.caption_lengths == {"caption": 20} and longest_caption(np.zeros((2, 77))) == 0
@@ -79,9 +79,9 @@ def test_model_views_of_a_single_crop_recipe_give_the_harmony_names():
     assert views["ibot_masks"].shape == (0, 2, 0, 0)
 
 
-@pytest.mark.parametrize("preset, hue, grey", [("slip_demo", 0.0, 0.0), ("aclip_demo", 0.0, 0.0),
-                                               ("clip_rocket_demo", 0.0, 0.0), ("slip_cc3m", 0.1, 0.2),
-                                               ("clip_rocket_cc3m", 0.1, 0.2)])
+@pytest.mark.parametrize("preset, hue, grey", [("slip/demo", 0.0, 0.0), ("aclip/demo", 0.0, 0.0),
+                                               ("clip_rocket/demo", 0.0, 0.0), ("slip/cc3m", 0.1, 0.2),
+                                               ("clip_rocket/cc3m", 0.1, 0.2)])
 def test_a_methods_own_recipe_takes_the_configured_colour(preset, hue, grey):
     """The demo's classes are colours: its presets turn hue jitter and grey off in every recipe's jittered crops;
     the cc3m presets keep the recipes' 0.1 and 0.2."""

@@ -50,7 +50,7 @@ def test_a_nonfinite_step_skipped_by_the_fused_optimizer_on_the_device_equals_th
     adamw = torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda *arguments, **options: adamw(*arguments, **{**options,
                                                                                             "fused": True}))
-    config = load_config("clip_demo", [f"data.shards={demo_shards['train']}", *TINY_OVERRIDES])
+    config = load_config("clip/demo", [f"data.shards={demo_shards['train']}", *TINY_OVERRIDES])
     results = []
     for skips_on_device in (True, False):
         trainer = Trainer(config, World(0, 1, 0, torch.device("cpu")))

@@ -11,30 +11,36 @@ import torch
 import torch.multiprocessing as mp
 from doc_commands import documented_mixtures
 from test_harmony import tiny_batch
+from tiny_models import tiny_overrides
 
 from train import checkpoint
-from train.config import PRESETS, load_config
+from train.config import load_config, preset_names
 from train.distributed import free_loopback_port
 from train.ema import update_teachers
 from train.schedules import Schedules, cosine
 
-TINY_MODEL = ["model.vit_size=micro", "model.patch_size=8", "model.global_crop_px=32", "model.clip_dim=32",
-              "model.text_width=64", "model.text_layers=2", "model.text_heads=4", "model.ibot_out_dim=64",
-              "model.ibot_head_hidden_dim=64", "model.text_distillation_out_dim=32",
-              "model.text_distillation_head_hidden_dim=64", "model.head_bottleneck_dim=32",
-              "model.mae_decoder_width=32", "model.mae_decoder_depth=1", "model.mae_decoder_heads=4",
-              "model.mlm_decoder_depth=1", "model.mlm_decoder_heads=4", "data.global_crop_px=32",
-              "data.local_crop_px=16", "data.local_crops_number=2", "data.batch_size=8", "data.num_workers=0",
-              "data.backend=torch", "run.precision=fp32", "run.log_every=1"]
+HARMONY_DEMO = "harmony/demo"
+# the trainer's data and run settings at tiny shapes (the model's come from tiny_overrides)
+TINY_TRAINING = ["data.global_crop_px=32", "data.local_crop_px=16", "data.local_crops_number=2", "data.batch_size=8",
+                 "data.num_workers=0", "data.backend=torch", "run.precision=fp32", "run.log_every=1"]
+
+
+def tiny(preset):
+    """Overrides that shrink `preset`'s towers, the objectives it enables, and its training (an override naming an
+    objective the preset does not enable would enable it, so each preset gets its own)."""
+    return [*tiny_overrides(preset), *TINY_TRAINING]
+
+
+TINY_MODEL = tiny(HARMONY_DEMO)  # Harmony's demo at tiny shapes
 
 
 def tiny_config(shards, run_dir, *overrides):
-    return load_config("demo", [*TINY_MODEL, f"data.shards={shards}", f"run.out_dir={run_dir.parent}",
+    return load_config(HARMONY_DEMO, [*TINY_MODEL, f"data.shards={shards}", f"run.out_dir={run_dir.parent}",
                                 f"run.name={run_dir.name}", *overrides])
 
 
 def test_schedules_follow_their_formulas():
-    optim = load_config("vit_b_cc3m").optim
+    optim = load_config("harmony/cc3m").optim
     schedules = Schedules(optim, iterations_per_epoch=100, global_batch=768)
     peak = 5e-4 * 768 / 256
     assert schedules.at(0)["lr"] == 0 and schedules.at(299)["lr"] == pytest.approx(peak)  # 3 warm-up epochs
@@ -51,19 +57,55 @@ def test_schedules_follow_their_formulas():
     assert cosine(1.0, 0.0, 7, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.7)))
 
 
+def loadable_presets():
+    """Every preset but the bases (`base/<scale>`: towers, data and optimisation; they name no objective)."""
+    return [name for name in preset_names() if not name.startswith("base/")]
+
+
 def test_every_preset_loads_and_overrides_apply():
-    for preset in sorted(PRESETS.glob("*.yaml")):
-        load_config(preset.stem)
-    config = load_config("demo", ["optim.lr=0.01", "model.mae=false", "data.global_crop_scale=[0.5, 1.0]"])
-    assert config.optim.lr == 0.01 and config.model.mae is False and config.data.global_crop_scale == (0.5, 1.0)
-    assert load_config("clip").model.ibot is False  # the baseline switches objectives off
+    assert len(loadable_presets()) >= 40 and "harmony/demo" in loadable_presets()
+    for preset in loadable_presets():
+        load_config(preset)
+    for base in ("base/demo", "base/cc3m"):  # a base alone names no objective
+        with pytest.raises(ValueError, match="model.objectives names no objective"):
+            load_config(base)
+    config = load_config(HARMONY_DEMO, ["optim.lr=0.01", "model.objectives.mae=false",
+                                        "data.global_crop_scale=[0.5, 1.0]"])
+    assert config.optim.lr == 0.01 and "mae" not in config.model.objectives and \
+        config.data.global_crop_scale == (0.5, 1.0)
+    assert list(config.model.objectives) == ["ibot", "clip", "masked_text"]
+    assert "ibot" not in load_config("ablations/harmony_clip").model.objectives  # the baseline trains CLIP alone
+    assert list(load_config("ablations/harmony_clip").model.objectives) == ["clip"]
+    added = load_config("clip/demo", ["model.objectives.simclr={}", "model.objectives.clip.weight=2",
+                                      "data.views=slip"]).model
+    assert list(added.objectives) == ["clip", "simclr"] and added.objectives["clip"].weight == 2.0
+
+
+def test_an_old_preset_name_and_old_keys_load_with_a_one_line_notice():
+    """Names from before presets moved to one folder per method, and flat model keys from before objectives owned
+    their settings, still load (for one release) as their new ones, with one line saying so."""
+    notices = []
+    assert load_config("demo", notices=notices) == load_config(HARMONY_DEMO)
+    assert notices == ["config notice: preset demo is now harmony/demo; the old names work for one more release"]
+    notices = []
+    old = load_config("clip_demo", ["model.clip_weight=2", "model.mae=false"], notices)
+    assert old == load_config("clip/demo", ["model.objectives.clip.weight=2"])
+    assert notices == ["config notice: preset clip_demo is now clip/demo; model.clip_weight, model.mae are now under "
+                       "model.objectives (docs/config.md lists the new names); the old names work for one more "
+                       "release"]
+    notices = []
+    load_config(HARMONY_DEMO, notices=notices)
+    assert notices == []  # new names: no notice
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["optim.learning_rate=1"], "unknown config key"), (["optim.lr"], "key=value"),
     (["optim=3"], r"optim=3: optim is a section, not a value; set its keys \(optim.<key>=...\), which are: epochs"),
     (["optim.epochs=1.5"], "optim.epochs=1.5: it must be a whole number"),
-    (["model.mae=maybe"], "model.mae='maybe': it must be true or false"),
+    (["model.objectives.clip.soft_targets=maybe"], "model.objectives.clip.soft_targets='maybe': it must be true or "
+                                                    "false"),
+    (["model.objectives.mae=maybe"], r"model.objectives.mae='maybe': give its settings \(\{\} or true for the "
+                                     r"defaults\), or false to leave it out"),
     (["run.name=2024"], "run.name=2024: it must be text"),
     (["data.global_crop_scale=0.5"], r"data.global_crop_scale=0.5: it must be a list of 2 values"),
     (["optim.lr=[1,"], "override 'optim.lr=\\[1,': '\\[1,' is not a value"),
@@ -76,7 +118,7 @@ def test_every_preset_loads_and_overrides_apply():
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
-        load_config("demo", overrides)
+        load_config(HARMONY_DEMO, overrides)
     with pytest.raises(FileNotFoundError, match="presets"):
         load_config("no_such_preset")
 
@@ -90,7 +132,7 @@ def test_run_resume_names_what_it_could_not_find(tmp_path, resume, message):
     from train.config import parse_command_line
 
     with pytest.raises(SystemExit, match=f"config error: .*{re.escape(message)}"):
-        parse_command_line(["--config", "demo", f"run.resume={resume.format(tmp=tmp_path)}"], "")
+        parse_command_line(["--config", HARMONY_DEMO, f"run.resume={resume.format(tmp=tmp_path)}"], "")
 
 
 def test_shards_that_are_not_there_are_a_config_error(tmp_path):
@@ -98,29 +140,29 @@ def test_shards_that_are_not_there_are_a_config_error(tmp_path):
 
     with pytest.raises(SystemExit, match=f"config error: {tmp_path}/nowhere/manifest.json not found: point the "
                                          f"loader at a folder written by `make shards`"):
-        main(["--config", "demo", f"data.shards={tmp_path}/nowhere", f"run.out_dir={tmp_path}"])
+        main(["--config", HARMONY_DEMO, f"data.shards={tmp_path}/nowhere", f"run.out_dir={tmp_path}"])
 
 
 def test_a_mixture_is_set_by_overrides_and_by_presets(tmp_path):
     """docs/data.md "Mixing datasets by weight": several shard locations and their weights, as key=value (each
     documented `make pretrain` mixture as make hands it to the trainer, and others) or in YAML."""
     preset = tmp_path / "mixture.yaml"
-    preset.write_text("base: demo\ndata:\n  shards: [a/train, s3://bucket/b/train]\n  mix_weights: [1, 0.5]\n")
-    overridden = load_config("demo", ["data.shards=[a/train, s3://bucket/b/train]", "data.mix_weights=[1, 0.5]"])
+    preset.write_text("base: harmony/demo\ndata:\n  shards: [a/train, s3://bucket/b/train]\n  mix_weights: [1, 0.5]\n")
+    overridden = load_config(HARMONY_DEMO, ["data.shards=[a/train, s3://bucket/b/train]", "data.mix_weights=[1, 0.5]"])
     for config in (overridden, load_config(preset)):
         assert config.data.shards == ["a/train", "s3://bucket/b/train"] and config.data.mix_weights == (1.0, 0.5)
     mixtures = documented_mixtures()
     assert len(mixtures) >= 2, mixtures
     for overrides in mixtures:
         written = {key: value.strip("[]").split(",") for key, value in (word.split("=", 1) for word in overrides)}
-        config = load_config("demo", overrides)
+        config = load_config(HARMONY_DEMO, overrides)
         assert config.data.shards == [path.strip() for path in written["data.shards"]], overrides
         assert config.data.mix_weights == tuple(float(weight) for weight in written["data.mix_weights"]), overrides
-    assert load_config("demo", ["data.shards=s3://bucket/b/train"]).data.shards == "s3://bucket/b/train"
+    assert load_config(HARMONY_DEMO, ["data.shards=s3://bucket/b/train"]).data.shards == "s3://bucket/b/train"
 
 
 def test_integers_are_taken_for_numbers_and_nothing_else_is_converted():
-    config = load_config("demo", ["optim.lr=1", "data.global_crop_scale=[0, 1]"])
+    config = load_config(HARMONY_DEMO, ["optim.lr=1", "data.global_crop_scale=[0, 1]"])
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float) and config.data.global_crop_scale == (0, 1)
 
 
@@ -179,7 +221,7 @@ def one_step_parameters(shards, run_dir, batch, rank, world_size):
     from datapipe import Batch
     from train.pretrain import Trainer, init_distributed
 
-    config = tiny_config(shards, run_dir, "model.mae=false", "model.mlm=false", "model.text_distillation=false",
+    config = tiny_config(shards, run_dir, "model.objectives.mae=false", "model.objectives.masked_text=false",
                          "optim.clip_hard_weight_epochs=1", f"data.batch_size={8 // world_size}")
     world = init_distributed()
     trainer = Trainer(config, world)
@@ -240,7 +282,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_inta
 def test_clip_only_baseline_trains(demo_shards, tmp_path):
     from train.pretrain import train
 
-    run = train(load_config("clip_demo", [*TINY_MODEL, "data.local_crops_number=0", "optim.epochs=3",
+    run = train(load_config("clip/demo", [*tiny("clip/demo"), "data.local_crops_number=0", "optim.epochs=3",
                                           f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}",
                                           "run.name=clip"]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -255,7 +297,7 @@ def test_short_demo_training_learns(larger_demo_shards, tmp_path):
     from evaluation.zeroshot import zero_shot
     from train.pretrain import train
 
-    run = train(load_config("demo", [f"data.shards={larger_demo_shards['train']}", f"run.out_dir={tmp_path}",
+    run = train(load_config(HARMONY_DEMO, [f"data.shards={larger_demo_shards['train']}", f"run.out_dir={tmp_path}",
                                      "run.name=demo", "data.batch_size=32", "optim.epochs=4"]))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"ibot", "clip_hard", "clip_soft", "mlm", "text_distillation", "mae"} <= set(rows[-1])
@@ -273,7 +315,7 @@ def test_torchrun_two_processes_end_to_end(demo_shards, tmp_path):
     overrides = [*TINY_MODEL, f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}", "run.name=ddp",
                  "run.max_steps=3", "data.backend=dali", "data.num_workers=1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "train.pretrain", "--config", "demo", *overrides]
+               "-m", "train.pretrain", "--config", HARMONY_DEMO, *overrides]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "trained 3 steps (48 images" in finished.stdout  # 2 ranks x batch 8 x 3 steps
@@ -296,7 +338,7 @@ def test_mixed_precision_steps_are_finite(demo_shards, tmp_path, precision):
 
 
 @pytest.mark.parametrize("config, train_args, message", [
-    ("demo", "optim.epochs=1.5", "optim.epochs=1.5: it must be a whole number"),
+    (HARMONY_DEMO, "optim.epochs=1.5", "optim.epochs=1.5: it must be a whole number"),
     ("broken.yaml", "", "broken.yaml is not valid YAML at line 1"),
 ])
 def test_make_pretrain_says_a_config_error_once_and_never_starts_torchrun(tmp_path, config, train_args, message):
@@ -322,12 +364,12 @@ def test_a_setting_added_after_a_checkpoint_counts_as_its_default_on_resume():
     off, and a resume of a CLIP run from before says so."""
     from train.config import resume_differences, to_dict
 
-    saved = to_dict(load_config("demo"))
+    saved = to_dict(load_config(HARMONY_DEMO))
     del saved["data"]["views"], saved["data"]["global_flip_prob"], saved["optim"]["teacher_momentum_end"]
-    assert resume_differences(saved, to_dict(load_config("demo"))) == []
-    saved = to_dict(load_config("clip_demo"))
+    assert resume_differences(saved, to_dict(load_config(HARMONY_DEMO))) == []
+    saved = to_dict(load_config("clip/demo"))
     del saved["data"]["global_flip_prob"]
-    assert resume_differences(saved, to_dict(load_config("clip_demo"))) == [("data.global_flip_prob", 0.5, 0.0)]
+    assert resume_differences(saved, to_dict(load_config("clip/demo"))) == [("data.global_flip_prob", 0.5, 0.0)]
 
 
 def test_a_run_without_one_finite_step_ends_failed_however_short(demo_shards, tmp_path, capsys):
@@ -338,8 +380,9 @@ def test_a_run_without_one_finite_step_ends_failed_however_short(demo_shards, tm
 
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exited:
-        main(["--config", "demo", *TINY_MODEL, f"data.shards={demo_shards['train']}", f"run.out_dir={tmp_path}",
-              "run.name=run", "run.max_steps=2", "model.logit_scale_init=1000"])
+        main(["--config", HARMONY_DEMO, *TINY_MODEL, f"data.shards={demo_shards['train']}",
+              f"run.out_dir={tmp_path}", "run.name=run", "run.max_steps=2",
+              "model.objectives.clip.logit_scale_init=1000"])
     reason = ("no step of this run had a finite loss (all 2 up to step 2 were skipped): it trained nothing, so it is "
               "marked failed. Lower optim.lr, or try run.precision=bf16 or fp32.")
     assert exited.value.code == 1

@@ -3,20 +3,16 @@
 The official rules are written out here in the official code's own terms (the name tests each codebase applies),
 independently of train/parameter_groups.py, and applied to our parameter names."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from test_clip_rocket import TINY_ROCKET
-from test_harmony import TINY
-from test_methods import TINY_DECODERS
-from test_slip_aclip import TINY_HEADS
+from tiny_models import tiny_preset_config
 
-from model.meta_arch import MetaArch, ModelConfig
-from train.config import load_config
+from model.meta_arch import MetaArch
+from train.config import load_config, preset_names
 from train.parameter_groups import parameter_groups
 
-PRESETS = sorted(path.stem for path in (Path(__file__).parents[1] / "train" / "configs").glob("*.yaml"))
+# base/ presets hold towers, data and optimisation only (no objectives): they do not load alone
+PRESETS = sorted(name for name in preset_names() if not name.startswith("base/"))
 
 
 def harmony_decays(name, param):
@@ -48,9 +44,10 @@ OPEN_CLIP_METHODS = ("clip", "clip_gap", "clip_max", "clip_map", "slip", "aclip"
 
 
 def official_rule(preset):
-    if preset in ("clip", "mae_clip_cc3m", "maskclip_cc3m", "flip_cc3m") or preset.startswith(("vit_", "ablation_")):
-        return harmony_decays  # `clip` is Harmony's CLIP ablation; the others take Harmony's recipe
-    method = preset.removesuffix("_demo").removesuffix("_cc3m")
+    method = preset.split("/")[0]  # presets are <method>/<scale>; ablations/ are Harmony's
+    if method in ("harmony", "ablations", "mae_clip", "maskclip", "flip"):
+        # ablations/harmony_clip is Harmony's CLIP ablation; the others take Harmony's recipe
+        return harmony_decays
     if method in OPEN_CLIP_METHODS:
         return open_clip_decays
     return m3ae_decays if method == "m3ae" else harmony_decays
@@ -59,9 +56,9 @@ def official_rule(preset):
 def tiny_model(preset):
     """The preset's model at tiny widths: its objectives, networks and parameter names, each tensor's number of
     dimensions unchanged."""
-    model_config = vars(load_config(preset).model)
-    return MetaArch(ModelConfig(**{**model_config, **TINY, **TINY_DECODERS, **TINY_HEADS, **TINY_ROCKET,
-                                   "text_layers": min(model_config["text_layers"], 2)}))
+    model_config = load_config(preset).model
+    return MetaArch(tiny_preset_config(preset, clip_pooling=model_config.clip_pooling,
+                                       text_layers=min(model_config.text_layers, 2)))
 
 
 def check_decay(preset, model, rule, decay_rule):
@@ -84,7 +81,7 @@ def check_clipping_and_freezing(preset, model, rule, optim):
     (never); Harmony's code clips the image student and the iBOT head per parameter at 3.0 and freezes the iBOT
     head's output layer for the first epoch (and the distillation heads' output norms always: DINO's
     norm_last_layer); A-CLIP freezes the patch embedding. SigLIP takes Harmony's recipe but for its t and b."""
-    if rule is not harmony_decays and not preset.startswith("siglip"):
+    if rule is not harmony_decays and not preset.startswith("siglip/"):
         assert optim.clip_grad == 0
     else:
         assert optim.clip_grad == 3.0
@@ -98,7 +95,7 @@ def check_clipping_and_freezing(preset, model, rule, optim):
     frozen = sorted(name for name, param in model.named_parameters()
                     if not param.requires_grad and not name.startswith("teachers."))
     expected = [f"{head}.last_layer.parametrizations.weight.original0" for head in heads]
-    if preset == "aclip_cc3m":
+    if preset == "aclip/cc3m":
         expected = ["image_student.patch_embed.proj.bias", "image_student.patch_embed.proj.weight"]
     assert frozen == expected
 
@@ -109,7 +106,7 @@ def test_each_preset_optimises_as_its_methods_official_code(preset):
     clipping)."""
     config, model, rule = load_config(preset), tiny_model(preset), official_rule(preset)
     check_decay(preset, model, rule, config.optim.weight_decay_rule)
-    if preset.endswith("_cc3m"):
+    if preset.split("/")[1].startswith("cc3m"):  # cc3m, cc3m_vit_s
         check_clipping_and_freezing(preset, model, rule, config.optim)
 
 
@@ -117,7 +114,7 @@ def test_each_preset_optimises_as_its_methods_official_code(preset):
 def test_adamw_with_the_groups_decays_the_logit_scale_only_under_harmonys_rule(rule, logit_scale_decays):
     """One AdamW step with zero gradients: decay alone moves a parameter, by lr * weight_decay * value."""
     torch.manual_seed(0)
-    model = MetaArch(load_config("clip_demo").model)
+    model = MetaArch(load_config("clip/demo").model)
     optimizer = torch.optim.AdamW(parameter_groups(model, rule), lr=0.1, weight_decay=0.5)
     for group in optimizer.param_groups:
         group["weight_decay"] = 0.5 if group["apply_weight_decay"] else 0.0
@@ -132,4 +129,4 @@ def test_adamw_with_the_groups_decays_the_logit_scale_only_under_harmonys_rule(r
 
 def test_an_unknown_rule_is_named_with_the_choices():
     with pytest.raises(ValueError, match=r"optim.weight_decay_rule='slip'.*harmony, open_clip, m3ae"):
-        load_config("clip_demo", ["optim.weight_decay_rule=slip"])
+        load_config("clip/demo", ["optim.weight_decay_rule=slip"])

@@ -1,9 +1,12 @@
 """Training configuration: dataclasses with the paper's defaults, YAML presets, key=value overrides.
 
-    config = load_config("demo", ["optim.epochs=3", "model.mae=false"])
+    config = load_config("harmony/demo", ["optim.epochs=3", "model.objectives.mae=false"])
 
-A preset is `train/configs/<name>.yaml` (or any YAML path); it may name a `base` preset it extends. Every numeric
-setting declares its valid range next to its field (model/ranges.py), checked when the config is built.
+A preset is `train/configs/<method>/<scale>.yaml` (or any YAML path); it may name a `base` preset it extends (the
+towers, data and optimisation of a scale are `base/<scale>`) and names the objectives it trains under
+`model.objectives`. Every numeric setting declares its valid range next to its field (model/ranges.py), checked when
+the config is built. Configs and preset names of the form before objectives owned their settings are read through
+train/config_renames.py, with a one-line notice.
 `python -m train.config --config <preset> [key=value ...]` checks a config (run.resume and data.shards too):
 `make pretrain` runs it before torchrun, so a bad config gets one line and no torchrun traceback.
 """
@@ -23,9 +26,10 @@ import yaml
 from datapipe.common.object_store import StorageError
 from datapipe.load.loader import CacheOptions
 from datapipe.load.mixing import MAX_WEIGHT, open_shards
-from model.meta_arch import ModelConfig
+from model.model_config import ModelConfig, objective_settings, unknown_objective
 from model.objectives import OBJECTIVES
 from model.ranges import check_ranges, ranged
+from train.config_renames import PRESET_RENAMES, migrate, renamed_line
 from train.parameter_groups import WEIGHT_DECAY_RULES
 from train.step_inputs import VIEW_CHOICES, check_views
 
@@ -172,8 +176,8 @@ class TrainConfig:
         if not self.data.shards:
             raise ValueError("data.shards is empty: give the training shards' folder or location (s3://, gs://, "
                              "hf://), or a list of them mixed by data.mix_weights")
-        check_views(self, [name for objective in self.model.objectives
-                           for name in OBJECTIVES[objective](self.model).reads])
+        check_views(self, [name for objective in self.model.built_objectives().values()
+                           for name in objective.reads])
         if self.run.trust_unverified_checkpoint and self.run.resume in ("auto", "none"):
             raise ValueError(f"run.trust_unverified_checkpoint=true applies to run.resume=<a checkpoint path> only, "
                              f"not run.resume={self.run.resume}: name the checkpoint to trust, or leave it false")
@@ -183,10 +187,21 @@ class TrainConfig:
         return Path(self.run.out_dir) / self.run.name
 
 
+def preset_names():
+    """Every preset's name (`clip/demo`, `base/demo`, ...), sorted."""
+    return sorted(path.relative_to(PRESETS).with_suffix("").as_posix() for path in PRESETS.rglob("*.yaml"))
+
+
+def renamed_preset(preset):
+    """(old name, new name) where `preset` is a preset's name before presets moved to one folder per method."""
+    return (preset, PRESET_RENAMES[preset]) if preset in PRESET_RENAMES else None
+
+
 def _preset_path(preset):
+    preset = PRESET_RENAMES.get(preset, preset)
     path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else PRESETS / f"{preset}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        names = preset_names()
         raise FileNotFoundError(f"config preset {preset!r} not found ({path}). {_did_you_mean(str(preset), names)}"
                                 f"Known presets: {', '.join(names)}")
     return path
@@ -322,18 +337,48 @@ def _build(cls, values, where):
     types = typing.get_type_hints(cls)
     arguments = {}
     for name, value in values.items():
-        if dataclasses.is_dataclass(types[name]):
+        if known[name].metadata.get("objectives"):
+            arguments[name] = _build_objectives(value, f"{where}{name}.")
+        elif dataclasses.is_dataclass(types[name]):
             arguments[name] = _build(types[name], value, f"{where}{name}.")
         else:
             arguments[name] = _typed(f"{where}{name}", value, types[name])
     return cls(**arguments)
 
 
-def load_config(preset="demo", overrides=()):
+def _build_objectives(values, where):
+    """{name: settings} of `model.objectives`: each objective's settings typed and checked as any section's; false
+    or null leaves an objective out."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where.rstrip('.')}={values!r}: name the objectives with their settings, e.g. "
+                         f"{where}clip.weight=1 or {where}clip={{}}")
+    objectives = {}
+    for name, value in values.items():
+        if name not in OBJECTIVES:
+            raise unknown_objective(name)
+        if isinstance(value, dict):
+            objectives[name] = _build(OBJECTIVES[name].Settings, value, f"{where}{name}.")
+        else:
+            objectives[name] = objective_settings(name, value)
+    return objectives
+
+
+def load_config(preset="harmony/demo", overrides=(), notices=None):
+    """The config of `preset` with `overrides` (key=value). Old preset names and keys are read as their new ones;
+    `notices`, a list, receives the one line that says so."""
     values = _read_preset(preset)
     for override in overrides:
         values = _merge(values, _parse_override(override))
+    values, renamed = migrate(values)
+    line = renamed_line(renamed, renamed_preset(preset))
+    if line and notices is not None:
+        notices.append(line)
     return _build(TrainConfig, values, "")
+
+
+def config_from_dict(values):
+    """The config a run saved (its config.yaml, a checkpoint's config), old keys read as their new ones."""
+    return _build(TrainConfig, migrate(values)[0], "")
 
 
 def to_dict(config):
@@ -359,9 +404,10 @@ def differences(saved, current):
 
 
 def resume_differences(saved, current):
-    """differences() of a checkpoint's config and the current one, where a setting the checkpoint's config predates
-    counts as its default there (a setting added later keeps, at its default, what the code did before)."""
-    return differences({**flatten(to_dict(TrainConfig())), **flatten(saved)}, current)
+    """differences() of a checkpoint's config (old keys read as their new ones) and the current one, where a setting
+    the checkpoint's config predates counts as its default there (a setting added later keeps, at its default, what
+    the code did before)."""
+    return differences(to_dict(config_from_dict(saved)), current)
 
 
 def cache_options(data):
@@ -408,10 +454,34 @@ def config_warnings(config):
 def settings_line(config, preset_config, saved_at):
     """One line: the settings of `config` that differ from its preset's (`preset_config`; None: the defaults'),
     and where the whole config is kept."""
-    changed = differences(to_dict(preset_config or TrainConfig()), to_dict(config))
+    before, now = _objectives_switched(to_dict(preset_config) if preset_config else default_values(), to_dict(config))
+    changed = differences(before, now)
     settings = ", ".join(f"{key}={value}" for key, _, value in changed) or "none"
     return (f"config: {'the preset' if preset_config else 'the defaults'} with {settings}; the whole config is "
             f"in {saved_at}")
+
+
+def _objectives_switched(before, now):
+    """(before, now) where an objective `now` leaves out is one setting (false), and one it adds is compared with its
+    defaults (true where it keeps every default), not one entry per setting."""
+    before_objectives = before.get("model", {}).get("objectives", {})
+    now_objectives = now["model"]["objectives"]
+    removed = set(before_objectives) - set(now_objectives)
+    added = {name: dataclasses.asdict(OBJECTIVES[name].Settings()) for name in now_objectives
+             if name not in before_objectives}
+    as_defaults = {name for name, defaults in added.items() if now_objectives[name] == defaults}
+    before_marked = {**before_objectives, **{name: True for name in removed},
+                     **{name: False if name in as_defaults else defaults for name, defaults in added.items()}}
+    now_marked = {**now_objectives, **{name: False for name in removed}, **{name: True for name in as_defaults}}
+    return ({**before, "model": {**before.get("model", {}), "objectives": before_marked}},
+            {**now, "model": {**now["model"], "objectives": now_marked}})
+
+
+def default_values():
+    """The nested dict of every section's defaults (no objectives: a preset names them)."""
+    return {section.name: {setting.name: setting.default for setting in dataclasses.fields(section.type)
+                           if setting.default is not dataclasses.MISSING}
+            for section in dataclasses.fields(TrainConfig)}
 
 
 def _preset_alone(preset):
@@ -427,16 +497,20 @@ def read_command_line(argv, description):
     checked; a one-line exit on any error (object storage's too: a missing bucket, no credentials, access denied).
     Warnings are printed, by the first rank only."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="demo", help="a preset in train/configs/ or a YAML path")
+    parser.add_argument("--config", default="harmony/demo", help="a preset in train/configs/ or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.epochs=5 data.batch_size=64")
     args = parser.parse_args(argv)
+    notices, first_rank = [], os.environ.get("RANK", "0") == "0"
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, notices)
+        if first_rank:
+            for line in notices:
+                print(line, file=sys.stderr, flush=True)
         check_resume_choice(config.run)
         check_shards(config.data)
     except (ValueError, FileNotFoundError, StorageError) as error:
         raise SystemExit(f"config error: {error}") from None
-    if os.environ.get("RANK", "0") == "0":
+    if first_rank:
         for line in config_warnings(config):
             print(f"config warning: {line}", file=sys.stderr, flush=True)
     return config, _preset_alone(args.config)

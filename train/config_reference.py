@@ -12,28 +12,40 @@ import dataclasses
 import inspect
 import io
 import math
+import sys
+import textwrap
 import tokenize
 import typing
 from pathlib import Path
 
+from model.objectives import OBJECTIVES
 from train.config import TrainConfig
 
 DEFAULT_OUT = Path(__file__).parents[1] / "docs" / "config.md"
 HEADER = """# Config reference
 
 Every setting of a training config, generated from the config classes by `make docs` (`python -m
-train.config_reference`); a test fails when this page and the code differ. A preset (`train/configs/<name>.yaml`,
-docs/training.md) sets some of them over these defaults, which are Harmony's ViT-B/16 run on CC3M; `TRAIN_ARGS` or
-`key=value` after `python -m train.pretrain` overrides any of them, e.g. `TRAIN_ARGS="optim.epochs=3
-model.mae=false"`. A value outside its range, an unknown setting or a value of the wrong type stops the run before it
-starts, with one line naming the setting.
+train.config_reference`); a test fails when this page and the code differ. A preset
+(`train/configs/<method>/<scale>.yaml`, docs/training.md) sets some of them over these defaults (the towers' are
+Harmony's ViT-B/16 on CC3M) and names the objectives the run trains under `model.objectives`, each with its own
+settings (the sections `model.objectives.<name>` below); `TRAIN_ARGS` or `key=value` after `python -m train.pretrain`
+overrides any of them, e.g. `TRAIN_ARGS="optim.epochs=3 model.objectives.mae=false model.objectives.clip.weight=2"`
+(`=false` leaves an objective out, `={}` adds one with its defaults). A value outside its range, an unknown setting or
+objective, or a value of the wrong type stops the run before it starts, with one line naming the setting.
 """
 
 
 def field_comments(cls):
-    """{field name: its meaning from the source comments of `cls`}: the comment on the field's line, else the block of
-    comment lines right above it."""
-    source = inspect.getsource(cls)
+    """{field name: its meaning from the source comments of `cls` and the dataclasses it extends}: the comment on the
+    field's line, else the block of comment lines right above it."""
+    meanings = {}
+    for base in reversed([base for base in cls.__mro__ if dataclasses.is_dataclass(base)]):
+        meanings.update(_own_field_comments(base))
+    return meanings
+
+
+def _own_field_comments(cls):
+    source = textwrap.dedent(inspect.getsource(cls))
     comments = {}  # line number -> comment text
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
@@ -66,6 +78,8 @@ def type_name(annotation):
 
 def default_text(setting):
     value = setting.default if setting.default is not dataclasses.MISSING else setting.default_factory()
+    if isinstance(value, dict):
+        return "{}"
     if isinstance(value, float):
         return repr(round(value, 6)) if math.isfinite(value) else str(value)
     if isinstance(value, tuple):
@@ -88,15 +102,37 @@ def escaped(text):
     return text.replace("|", "\\|")
 
 
+def first_paragraph(text):
+    return (text or "").split("\n\n")[0].replace("\n", " ")
+
+
+def objective_summary(objective):
+    """What an objective is (its module's first paragraph, its class's), what it needs and what it excludes."""
+    summary = [first_paragraph(sys.modules[objective.__module__].__doc__)]
+    if objective.__doc__:
+        summary.append(first_paragraph(objective.__doc__))
+    if objective.requires:
+        summary.append(f"Needs {', '.join(f'`{name}`' for name in objective.requires)}.")
+    if objective.excludes:
+        summary.append(f"Cannot run with {', '.join(f'`{name}`' for name in objective.excludes)}.")
+    return " ".join(summary)
+
+
+def sections():
+    """[(section name, summary, settings class)]: the config's sections, then each objective's settings."""
+    found = [(section.name, first_paragraph(inspect.getdoc(section.default_factory)), section.default_factory)
+             for section in dataclasses.fields(TrainConfig)]
+    return found + [(f"model.objectives.{name}", objective_summary(objective), objective.Settings)
+                    for name, objective in OBJECTIVES.items()]
+
+
 def reference():
     """The page's markdown text."""
     parts = [HEADER]
-    for section in dataclasses.fields(TrainConfig):
-        cls = section.default_factory
-        summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
-        parts.append(f"\n## {section.name}\n\n" + (f"{summary}\n\n" if summary else ""))
+    for section, summary, cls in sections():
+        parts.append(f"\n## {section}\n\n" + (f"{summary}\n\n" if summary else ""))
         parts.append("| setting | type | default | range | meaning |\n|---|---|---|---|---|\n")
-        for name, kind, default, allowed, meaning in section_rows(section.name, cls):
+        for name, kind, default, allowed, meaning in section_rows(section, cls):
             cells = [f"`{name}`", escaped(kind), f"`{escaped(default)}`", escaped(allowed), escaped(meaning)]
             parts.append(f"| {' | '.join(cells)} |\n")
     return "".join(parts)
@@ -107,7 +143,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.out.write_text(reference())
-    rows = sum(len(dataclasses.fields(section.default_factory)) for section in dataclasses.fields(TrainConfig))
+    rows = sum(len(dataclasses.fields(cls)) for _, _, cls in sections())
     print(f"wrote {args.out}: {rows} settings")
 
 

@@ -1,7 +1,7 @@
 """`make pretrain`'s launcher: torchrun (torch.distributed.run) in this process, ending with the trainers'
 own exit code and message instead of torchrun's ChildFailedError report.
 
-    python -m train.launch --standalone --nproc_per_node=2 -m train.pretrain --config demo
+    python -m train.launch --standalone --nproc_per_node=2 -m train.pretrain --config harmony/demo
 
 Every rank prints its own error in one line before it exits (a config a resume refuses, a checkpoint that
 needs run.trust_unverified_checkpoint=true); torchrun's report would repeat it inside a 20-line traceback.

@@ -1,20 +1,17 @@
-"""The methods there are, found from the presets: `train/configs/<method>_<scale>.yaml`. make compare, the
+"""The methods there are, found from the presets: `train/configs/<method>/<scale>.yaml`. make compare, the
 benchmarks and the tests list methods through here, so a method joins everything by adding its presets; nothing
-here names methods, except that the project's own method, Harmony, has the plain presets (`demo.yaml` is Harmony
-at demo scale) until it has `harmony_<scale>.yaml` presets of its own.
+here names methods. The folders `base/` (a scale's towers, data and optimisation) and `ablations/` hold no method.
 """
 
 from train.config import PRESETS
 
-PLAIN_PRESET_METHOD = "harmony"  # demo.yaml: the project's method under the scale's own name
+NOT_METHODS = ("base", "ablations")
 
 
 def discover(scale="demo"):
     """{method: preset name} of every method with a preset at `scale`, sorted by method."""
-    suffix = f"_{scale}"
-    methods = {path.stem[:-len(suffix)]: path.stem for path in PRESETS.glob(f"*{suffix}.yaml")}
-    if PLAIN_PRESET_METHOD not in methods and (PRESETS / f"{scale}.yaml").is_file():
-        methods[PLAIN_PRESET_METHOD] = scale
+    methods = {path.parent.name: f"{path.parent.name}/{scale}" for path in PRESETS.glob(f"*/{scale}.yaml")
+               if path.parent.name not in NOT_METHODS}
     return dict(sorted(methods.items()))
 
 
@@ -23,12 +20,12 @@ def resolve(names, scale="demo"):
     found = discover(scale)
     if not names:
         if not found:
-            raise ValueError(f"no presets at scale {scale!r} in {PRESETS} (<method>_{scale}.yaml)")
+            raise ValueError(f"no presets at scale {scale!r} in {PRESETS} (<method>/{scale}.yaml)")
         return found
     unknown = [name for name in names if name not in found]
     if unknown:
         raise ValueError(f"METHODS: no preset for {', '.join(unknown)} at scale {scale!r} (looked for "
-                         f"{', '.join(f'{name}_{scale}.yaml' for name in unknown)} in {PRESETS}); methods with "
+                         f"{', '.join(f'{name}/{scale}.yaml' for name in unknown)} in {PRESETS}); methods with "
                          f"presets: {', '.join(found) or 'none'}")
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:

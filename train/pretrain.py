@@ -1,7 +1,8 @@
-"""Pretraining of any method: `python -m train.pretrain --config demo [key=value ...]`, under torchrun for N processes.
+"""Pretraining of any method: `python -m train.pretrain --config harmony/demo [key=value ...]`, under torchrun for N
+processes.
 
 One step (docs/methods/harmony.md 4.1): the teachers run once; then each objective the config names (Harmony: iBOT,
-CLIP, text (MLM + text distillation) and MAE) runs its passes forward and backward in turn, so only one pass's
+CLIP, masked text (MLM + text distillation) and MAE) runs its passes forward and backward in turn, so only one pass's
 activations are alive at a time; gradients are averaged across ranks once; per-parameter clipping on the image student
 and iBOT head; the iBOT output layer stays frozen during the first epoch; AdamW; then the EMA teachers.
 """

@@ -14,6 +14,6 @@ from model.objectives import objective
 for module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{module.name}")
 
-OBJECTIVES = dict(sorted(objective.OBJECTIVES.items(), key=lambda item: item[1].build_rank))
+OBJECTIVES = dict(sorted(objective.REGISTRY.items(), key=lambda item: item[1].build_rank))
 # The CLIP 🚀 add-ons (siamlip, byolip, barlip, swalip) run inside clip_rocket's pass; their own groups are empty.
 PASS_ORDER = tuple(sorted(OBJECTIVES, key=lambda name: OBJECTIVES[name].pass_rank))

@@ -5,8 +5,8 @@ strong pairs, with separate projectors and scales.
   no smoothing;
 - local: MLP projectors h (SyncBN) on the tower features before their CLIP projection (the image CLS token after
   the final norm, the caption's EOT features after ln_final), scale exp(rocket_logit_scale), label smoothing
-  `rocket_label_smoothing`, mean over the 4 (strong image j, strong caption k) pairs; the strong captions go
-  through the text tower with `rocket_text_dropout` on its residual stream;
+  `label_smoothing`, mean over the 4 (strong image j, strong caption k) pairs; the strong captions go
+  through the text tower with `text_dropout` on its residual stream;
 - L_img = (L_g,img + 2 L_l,img) / 3, the same for text, L = (L_img + L_txt) / 2, x2 with loss mode `sum`.
 Columns are gathered with gradient (docs/methods/README.md decision 3; the official gathers without).
 
@@ -15,6 +15,9 @@ terms join this objective's one backward pass (one forward of each view per step
 their own groups have no pass.
 """
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +25,9 @@ from torch import nn
 from model.batch_norm import mlp
 from model.collectives import gather_with_gradient, rank_and_world_size
 from model.losses import clip_loss
-from model.objectives.objective import Objective, register
+from model.objectives.clip import LOG_SCALE_INIT
+from model.objectives.objective import Objective, check_logit_scale_max, clamp_logit_scales, register
+from model.ranges import ranged
 
 ROCKET_VIEWS = ("weak", "strong", "weak_text", "strong_text")
 
@@ -50,21 +55,47 @@ def tower_features(model, views, text_dropout):
 
 @register
 class ClipRocket(Objective):
+    """Its global term uses the towers' CLIP projections (model.clip_dim)."""
+
+    @dataclass
+    class Settings:
+        hidden_dim: int = ranged(4096, "[1, inf)")  # the local projectors h: in -> 4096 -> 4096 -> dim (SyncBN)
+        dim: int = ranged(256, "[1, inf)")  # the local projectors' output width
+        logit_scale_init: float = ranged(LOG_SCALE_INIT, "(-inf, inf)")  # the global term's initial log scale
+        local_logit_scale_init: float = ranged(math.log(10.0), "(-inf, inf)")  # the local term's: s_h = 1 / 0.1
+        logit_scale_max: float = ranged(0.0, "[0, inf)")  # both scales clamped to [1, this]; 0 = never
+        label_smoothing: float = ranged(0.1, "[0, 1)")  # local term only
+        # residual-stream dropout on the strong captions (CC3M 0.2, CC12M 0.05)
+        text_dropout: float = ranged(0.2, "[0, 1)")
+        loss_mode: str = "avg"  # avg (CC3M) | sum (CC12M, YFCC: the loss x2)
+
     name = "clip_rocket"
+    excludes = ("ibot", "clip", "mae", "detailclip")  # it holds its own CLIP terms on its own views
     build_rank, pass_rank = 100, 100
     students = ("image_student", "text_student")
     reads = ROCKET_VIEWS
 
-    def networks(self, config, model):
-        hidden = (config.rocket_hidden_dim, config.rocket_hidden_dim)
-        return {"logit_scale": lambda: nn.Parameter(torch.tensor(config.logit_scale_init)),
-                "rocket_logit_scale": lambda: nn.Parameter(torch.tensor(config.rocket_logit_scale_init)),
-                "rocket_image_projector": lambda: mlp(model.image_student.embed_dim, hidden, config.rocket_dim),
-                "rocket_text_projector": lambda: mlp(config.text_width, hidden, config.rocket_dim)}
+    @classmethod
+    def check(cls, settings, model_config):
+        check_logit_scale_max(cls.name, settings.logit_scale_max)
+        if settings.loss_mode not in ("avg", "sum"):
+            raise ValueError(f"model.objectives.clip_rocket.loss_mode={settings.loss_mode!r}: choose avg (CC3M) or "
+                             f"sum (CC12M, YFCC)")
+
+    def networks(self, model):
+        settings, width = self.settings, self.model_config.text_width
+        hidden = (settings.hidden_dim, settings.hidden_dim)
+        return {"logit_scale": lambda: nn.Parameter(torch.tensor(settings.logit_scale_init)),
+                "rocket_logit_scale": lambda: nn.Parameter(torch.tensor(settings.local_logit_scale_init)),
+                "rocket_image_projector": lambda: mlp(model.image_student.embed_dim, hidden, settings.dim),
+                "rocket_text_projector": lambda: mlp(width, hidden, settings.dim)}
+
+    def after_step(self, model):
+        clamp_logit_scales(model, ("logit_scale", "rocket_logit_scale"), self.settings.logit_scale_max)
 
     def passes(self, model, views, teacher, values):
-        config = self.config
-        features = tower_features(model, views, config.rocket_text_dropout)
+        settings = self.settings
+        features = tower_features(model, views, settings.text_dropout)
         # Each view through the projector on its own, so its SyncBN normalises by that view's batch (as the official).
         features["h_image"] = [F.normalize(model.rocket_image_projector(cls), dim=-1)
                                for cls in features["image_cls"][1:]]  # 2 x (B, rocket_dim), L2-normalized
@@ -77,10 +108,10 @@ class ClipRocket(Objective):
                                    model.logit_scale, rank)
         local_terms = [clip_loss(features["h_image"][j], features["h_text"][k], features["h_image_all"][j],
                                  features["h_text_all"][k], model.rocket_logit_scale, rank,
-                                 label_smoothing=config.rocket_label_smoothing)[0]
+                                 label_smoothing=settings.label_smoothing)[0]
                        for j in range(2) for k in range(2)]
         local_loss = torch.stack(local_terms).mean()
-        loss = rocket_mix(global_loss, local_loss, 2, config.rocket_loss_mode)
+        loss = rocket_mix(global_loss, local_loss, 2, settings.loss_mode)
         stats = {"rocket_global": global_loss.detach(), "rocket_local": local_loss.detach(),
                  "logit_scale": model.logit_scale.exp().detach(),
                  "rocket_logit_scale": model.rocket_logit_scale.exp().detach(), "clip_rocket": loss.detach()}
@@ -97,6 +128,7 @@ class RocketAddOn(Objective):
     projections h_image, h_text (2 x (B, rocket_dim)) and their gathers h_image_all, h_text_all), added to
     clip_rocket's pass."""
 
+    requires = ("clip_rocket",)  # its term joins CLIP 🚀's pass and reads its features
     students = ("image_student", "text_student")
     reads = ROCKET_VIEWS
 

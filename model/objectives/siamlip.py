@@ -1,8 +1,8 @@
 """SiamLIP (docs/methods/siamlip_byolip.md): cross-modal SimSiam on CLIP 🚀's tower features, added to
 clip_rocket's pass.
 
-Per modality a projector Linear(in -> siam_hidden_dim, no bias)-BN-ReLU-Linear(-> siam_dim, no bias)-BN(affine
-off) gives v, and a predictor Linear(siam_dim -> siam_hidden_dim, no bias)-BN-ReLU-Linear(-> siam_dim) gives p;
+Per modality a projector Linear(in -> hidden_dim, no bias)-BN-ReLU-Linear(-> dim, no bias)-BN(affine off) gives v,
+and a predictor Linear(dim -> hidden_dim, no bias)-BN-ReLU-Linear(-> dim) gives p;
 the image predictor aims at text targets and the text predictor at image targets. The heads read the features h
 reads (the image CLS after the final norm, the caption's EOT features after ln_final), as clip-rocket's
 `feats_image`/`feats_text` (models.py L496-506); the weak and strong views share the heads (no
@@ -12,6 +12,8 @@ L_siam = mean of 10 terms 2 - 2 cos(p, stopgrad(v)): weak image -> weak text, we
 (model/objectives/byolip.py) reads it from their EMA copies.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,19 +21,26 @@ from torch import nn
 from model.batch_norm import SyncedBatchNorm1d, mlp
 from model.objectives.clip_rocket import RocketAddOn
 from model.objectives.objective import register
+from model.ranges import ranged
 
 SIAM_HEADS = ("siam_image_projector", "siam_text_projector")
 
 
-def siam_projector(in_dim, config):
-    return mlp(in_dim, (config.siam_hidden_dim,), config.siam_dim, bias=False,
-               last_norm=SyncedBatchNorm1d(config.siam_dim, affine=False))
+@dataclass
+class SiamSettings:
+    hidden_dim: int = ranged(2048, "[1, inf)")  # the predictor's MLP width
+    dim: int = ranged(128, "[1, inf)")  # the projection width
 
 
-def siam_predictor(config):
+def siam_projector(in_dim, settings):
+    return mlp(in_dim, (settings.hidden_dim,), settings.dim, bias=False,
+               last_norm=SyncedBatchNorm1d(settings.dim, affine=False))
+
+
+def siam_predictor(settings):
     """Linear (no bias)-BN-ReLU, then a Linear with bias (the projector form's last layer swapped)."""
-    return nn.Sequential(*mlp(config.siam_dim, (config.siam_hidden_dim,), config.siam_dim, bias=False)[:-1],
-                         nn.Linear(config.siam_hidden_dim, config.siam_dim))
+    return nn.Sequential(*mlp(settings.dim, (settings.hidden_dim,), settings.dim, bias=False)[:-1],
+                         nn.Linear(settings.hidden_dim, settings.dim))
 
 
 def negative_cosine(prediction, target):
@@ -55,14 +64,17 @@ def project_views(projector, features):
 
 @register
 class SiamLIP(RocketAddOn):
+    Settings = SiamSettings
     name = "siamlip"
+    excludes = ("byolip",)  # BYOLIP is SiamLIP with EMA targets
     build_rank, pass_rank = 110, 110
 
-    def networks(self, config, model):
-        return {"siam_image_projector": lambda: siam_projector(model.image_student.embed_dim, config),
-                "siam_text_projector": lambda: siam_projector(config.text_width, config),
-                "siam_image_predictor": lambda: siam_predictor(config),
-                "siam_text_predictor": lambda: siam_predictor(config)}
+    def networks(self, model):
+        settings = self.settings
+        return {"siam_image_projector": lambda: siam_projector(model.image_student.embed_dim, settings),
+                "siam_text_projector": lambda: siam_projector(self.model_config.text_width, settings),
+                "siam_image_predictor": lambda: siam_predictor(settings),
+                "siam_text_predictor": lambda: siam_predictor(settings)}
 
     def targets(self, projected, teacher):
         """(image v, text v), each 3 x (B, siam_dim) of [weak, strong 1, strong 2]: the students' own projections."""

@@ -17,7 +17,7 @@ import torch
 
 from datapipe.load.batch import Batch
 from datapipe.load.recipes import EnclosingCrop
-from model.meta_arch import MetaArch, ModelConfig
+from model.meta_arch import MetaArch
 from model.text_tower import trim_padding
 from train.config import load_config
 from train.step_inputs import model_views
@@ -120,11 +120,12 @@ def main(argv=None):
     parser.add_argument("--vit-s-batch", type=int, default=8)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    demo = load_config("demo")
+    demo = load_config("harmony/demo")
     results = [
         measure("demo", demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number,
                 device),
-        measure("ViT-S/16, 224 + 8 x 96 px", ModelConfig(vit_size="small"), args.vit_s_batch, 96, 8, device),
+        measure("ViT-S/16, 224 + 8 x 96 px", load_config("harmony/cc3m_vit_s").model, args.vit_s_batch, 96, 8,
+                device),
     ]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

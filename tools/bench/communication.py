@@ -78,7 +78,7 @@ class CollectiveCounter:
 def rank_main(rank, port, steps, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    config = load_config("demo")
+    config = load_config("harmony/demo")
     torch.manual_seed(0)
     model = MetaArch(config.model)
     trainable = [param for param in model.parameters() if param.requires_grad]
@@ -99,7 +99,7 @@ def rank_main(rank, port, steps, result_path):
     if rank == 0:
         per_step = {f"{purpose} / {name}": value / steps for (purpose, name), value in counter.bytes.items()}
         Path(result_path).write_text(json.dumps({
-            "world_size": WORLD_SIZE, "steps": steps, "preset": "demo",
+            "world_size": WORLD_SIZE, "steps": steps, "preset": "harmony/demo",
             "groups": list(model.backward_groups), "model_gradient_bytes": gradient_bytes,
             "bytes_sent_per_rank_per_step": per_step}))
     dist.barrier()

@@ -173,7 +173,7 @@ def section_methods(methods):
                  if method in methods[shape] else "-" for shape in shapes]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     batches = ", ".join(f"{shape}: batch {next(iter(runs.values()))['batch']}" for shape, runs in methods.items())
-    return lines + ["", f"Presets `<method>_demo` at the demo shape, `<method>_cc3m` with a ViT-S/16 ({batches}).", ""]
+    return lines + ["", f"Presets `<method>/demo` at the demo shape, `<method>/cc3m` with a ViT-S/16 ({batches}).", ""]
 
 
 def section_communication(result):

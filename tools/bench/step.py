@@ -9,8 +9,8 @@ peak (the most bytes of tensors the step made alive at once: tools/bench/live_by
 torch.cuda.max_memory_allocated on a GPU), with and without activation checkpointing, and before/after
 figures for trimming caption padding. The optimizer step is left out: it is the same AdamW over more
 parameters. On a GPU the groups run under bf16 autocast and model FLOPs utilisation is reported against
-the GPU's bf16 peak. Then every method's step (its preset's objectives: `<method>_demo` at the demo shape,
-`<method>_cc3m` at ViT-S/16) against CLIP's, time and activation memory (`--methods`). Writes <out>/step.json
+the GPU's bf16 peak. Then every method's step (its preset's objectives: `<method>/demo` at the demo shape,
+`<method>/cc3m` at ViT-S/16) against CLIP's, time and activation memory (`--methods`). Writes <out>/step.json
 and .png. With --compile, every transformer block is compiled with torch.compile and Harmony and CLIP-only are
 timed again (step_compiled.json and .png).
 
@@ -29,9 +29,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.meta_arch import MetaArch, ModelConfig
+from model.meta_arch import MetaArch
 from tools.bench.backward_memory import backward_each_group, recipe_inputs, synthetic_batch
 from tools.bench.live_bytes import LiveTensorBytes
+from tools.gpu.profile import tiny_overrides
 from train import presets
 from train.config import load_config
 from train.pretrain import autocast
@@ -40,7 +41,6 @@ from train.step_inputs import view_recipe
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False)
 PRECISION = {"cuda": "bf16", "cpu": "fp32"}  # the trainer's autocast: bf16 on a GPU, as the GPU presets
 METHODS = tuple(presets.discover("demo"))  # every method with a demo preset
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
@@ -48,18 +48,20 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0} 
 
 def shapes(vit_s_batch, vit_b_batch):
     """key -> (name, Harmony config, batch, local crop px, local crops)."""
-    demo = load_config("demo")
+    demo = load_config("harmony/demo")
     return {
         "demo": ("demo", demo.model, demo.data.batch_size, demo.data.local_crop_px, demo.data.local_crops_number),
-        "vit_s": ("ViT-S/16, 224 + 8 x 96 px", ModelConfig(vit_size="small"), vit_s_batch, 96, 8),
-        "vit_b": ("ViT-B/16, 224 + 8 x 96 px", ModelConfig(vit_size="base"), vit_b_batch, 96, 8),
+        "vit_s": ("ViT-S/16, 224 + 8 x 96 px", load_config("harmony/cc3m_vit_s").model, vit_s_batch, 96, 8),
+        "vit_b": ("ViT-B/16, 224 + 8 x 96 px", load_config("harmony/cc3m").model, vit_b_batch, 96, 8),
         # The smallest model of every group, for a dry run of this benchmark (the tests' GPU-check stages).
-        "tiny": ("tiny (tests)", ModelConfig(
-            vit_size="micro", global_crop_px=32, clip_dim=32, text_width=64, text_layers=2, text_heads=4,
-            ibot_out_dim=64, ibot_head_hidden_dim=64, text_distillation_out_dim=32,
-            text_distillation_head_hidden_dim=32, head_bottleneck_dim=16, mae_decoder_width=32, mae_decoder_depth=1,
-            mae_decoder_heads=2, mlm_decoder_depth=1, mlm_decoder_heads=2), 4, 16, 2),
+        "tiny": ("tiny (tests)", load_config("harmony/demo", tiny_overrides("harmony/demo")).model, 4, 16, 2),
     }
+
+
+def clip_only(config):
+    """`config`'s towers with its CLIP objective alone, without soft targets."""
+    clip = dataclasses.replace(config.objectives["clip"], soft_targets=False)
+    return dataclasses.replace(config, objectives={"clip": clip})
 
 
 def compile_blocks(model, backend):
@@ -73,8 +75,8 @@ def compile_blocks(model, backend):
 
 def method_costs(methods, vit_s_batch, repeats, device):
     """{shape: {method: step time, activation peak and both relative to CLIP's}}, each method's own preset
-    (objectives, crops) at the shape: `<method>_demo` as it is; `<method>_cc3m` with a ViT-S/16."""
-    demo = load_config("demo")
+    (objectives, crops) at the shape: `<method>/demo` as it is; `<method>/cc3m` with a ViT-S/16."""
+    demo = load_config("harmony/demo")
     scales = {"demo": ("demo", {}, demo.data.batch_size, demo.data.local_crop_px),
               "ViT-S/16, 224 px (+ 8 x 96 px local crops where a method has them)":
               ("cc3m", {"vit_size": "small"}, vit_s_batch, 96)}
@@ -82,7 +84,7 @@ def method_costs(methods, vit_s_batch, repeats, device):
     for shape, (scale, overrides, batch, local_px) in scales.items():
         runs = {}
         for method in ("clip", *[name for name in methods if name != "clip"]):
-            preset = load_config(f"{method}_{scale}")
+            preset = load_config(f"{method}/{scale}")
             recipe = view_recipe(preset) if preset.data.views != "auto" else None
             runs[method] = measure(dataclasses.replace(preset.model, **overrides), batch, local_px,
                                    preset.data.local_crops_number, repeats, device, recipe=recipe)
@@ -137,7 +139,7 @@ def measure(config, batch, local_px, locals_number, repeats, device, trim=True, 
     torch.manual_seed(0)
     model = MetaArch(config).to(device)
     inputs = recipe_inputs(recipe, batch, device) if recipe else \
-        synthetic_batch(config, batch, local_px, locals_number if config.ibot else 0, device)
+        synthetic_batch(config, batch, local_px, locals_number if "ibot" in config.objectives else 0, device)
     flops = flops_per_part(model, inputs, device, trim)
     one_step(model, inputs, device, trim)  # warm-up: gradients exist from here on
     live_peaks = live_peak_per_part(model, inputs, device, trim)
@@ -175,7 +177,7 @@ def peak_tflops(device, override):
 def compare(name, config, batch, local_px, locals_number, repeats, device, peak, compile_backend=None):
     """Harmony against CLIP-only on one shape; eager, also with checkpointing and with caption padding kept.
     Compiled (compile_backend), Harmony and CLIP-only alone: each variant would compile again."""
-    clip_config = dataclasses.replace(config, **CLIP_ONLY)
+    clip_config = clip_only(config)
     runs = {"harmony": measure(config, batch, local_px, locals_number, repeats, device,
                                compile_backend=compile_backend),
             "clip_only": measure(clip_config, batch, local_px, 0, repeats, device, compile_backend=compile_backend)}

@@ -32,10 +32,15 @@ from tools.gpu.report import markdown
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 LARGER_SET = "2000x250"  # the tests' larger demo set (demo/end_to_end.py): the training and benchmark data
-PROFILED_PRESETS = ("vit_b_cc3m", "clip_cc3m")  # Harmony and CLIP, ViT-B/16, each at its per-GPU batch (96, 512)
-TINY_PROFILED_PRESETS = ("demo", "clip_demo")  # tools.gpu.profile --tiny shrinks them further
+PROFILED_PRESETS = ("harmony/cc3m", "clip/cc3m")  # Harmony and CLIP, ViT-B/16, each at its per-GPU batch (96, 512)
+TINY_PROFILED_PRESETS = ("harmony/demo", "clip/demo")  # tools.gpu.profile --tiny shrinks them further
 TEST_FILES = ("tests/test_model.py", "tests/test_losses.py", "tests/test_harmony.py", "tests/test_loader.py",
               "tests/test_train.py")
+
+
+def trace_name(preset):
+    """The file tools.gpu.profile writes a preset's trace to (harmony/cc3m -> harmony_cc3m.trace.json.gz)."""
+    return f"{preset.replace('/', '_')}.trace.json.gz"
 
 
 @dataclass
@@ -115,7 +120,7 @@ def stages(python, data_dir, work, tiny):
         Stage("tests", 80 * budget, [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
                                      "-m", "not gpu and not slow",
                                      *(("tests/test_model.py", "-k", "mae_keeps") if tiny else TEST_FILES)]),
-        Stage("train", 80 * budget, [python, "-m", "train.pretrain", "--config", "demo",
+        Stage("train", 80 * budget, [python, "-m", "train.pretrain", "--config", "harmony/demo",
                                      f"data.shards={larger / 'train'}", "data.backend=dali",
                                      f"data.num_workers={cpus}", f"run.out_dir={run_dir.parent}",
                                      f"run.name={run_dir.name}", f"run.max_steps={3 if tiny else 200}",
@@ -138,7 +143,7 @@ def stages(python, data_dir, work, tiny):
                                         "--presets", *profiled, "--out", str(work / "profile"),
                                         *(("--tiny",) if tiny else ())],
               figures=lambda: profile_figures(work / "profile" / "profile.json"),
-              files={f"profile/{preset}.trace.json.gz": f"profile-{preset}.trace.json.gz" for preset in profiled},
+              files={f"profile/{trace_name(preset)}": f"profile-{trace_name(preset)}" for preset in profiled},
               clears=(work / "profile",)),
         Stage("bench_step_compiled", 100 * budget, [python, "-m", "tools.bench.step", *step_args, *compile_args,
                                                     "--out", str(work / "bench")],

@@ -18,11 +18,11 @@ the shards in --data, read before the profiled steps so that no data wait is cou
 
 On a CPU there is no device: the "kernels" are the outermost aten ops of every thread and the host syncs are the
 calls that read a scalar (each would wait on a GPU), so the same code paths give the CPU's figures (the tests'
-check). Writes <out>/profile.json and, per preset, <out>/<preset>.trace.json.gz: the chrome trace of the last
+check). Writes <out>/profile.json and, per preset, <out>/<preset, / as _>.trace.json.gz: the chrome trace of the last
 profiled step (open it in Perfetto or chrome://tracing).
 
-    python -m tools.gpu.profile --presets vit_b_cc3m clip_cc3m --data shards/demo/train --out runs/profile
-    python -m tools.gpu.profile --tiny --presets demo clip_demo --data shards/demo/train --out runs/profile
+    python -m tools.gpu.profile --presets harmony/cc3m clip/cc3m --data shards/demo/train --out runs/profile
+    python -m tools.gpu.profile --tiny --presets harmony/demo clip/demo --data shards/demo/train --out runs/profile
 """
 
 import argparse
@@ -37,18 +37,29 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
+from tools.gpu.check import trace_name
 from train.config import load_config
 from train.distributed import World
 from train.pretrain import Trainer
 
 GPU_OVERRIDES = ("data.backend=dali", "run.precision=bf16")
-TINY_OVERRIDES = (  # the demo's micro ViT, every other part at its smallest, 32 px crops (tools.bench.step's tiny)
+TINY_OVERRIDES = (  # the demo's micro ViT, the towers at their smallest, 32 px crops (tools.bench.step's tiny)
     "data.batch_size=4", "data.backend=torch", "data.num_workers=0", "run.precision=fp32", "data.global_crop_px=32",
     "data.local_crop_px=16", "data.local_crops_number=2", "model.global_crop_px=32", "model.clip_dim=32",
-    "model.text_width=64", "model.text_layers=2", "model.text_heads=4", "model.ibot_out_dim=64",
-    "model.ibot_head_hidden_dim=64", "model.text_distillation_out_dim=32", "model.text_distillation_head_hidden_dim=32",
-    "model.head_bottleneck_dim=16", "model.mae_decoder_width=32", "model.mae_decoder_depth=1",
-    "model.mae_decoder_heads=2", "model.mlm_decoder_depth=1", "model.mlm_decoder_heads=2")
+    "model.text_width=64", "model.text_layers=2", "model.text_heads=4")
+TINY_SETTINGS = {  # each objective's parts at their smallest, where the preset enables it
+    "ibot": {"out_dim": 64, "head_hidden_dim": 64, "bottleneck_dim": 16},
+    "mae": {"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2},
+    "masked_text": {"distillation_out_dim": 32, "distillation_head_hidden_dim": 32, "bottleneck_dim": 16,
+                    "mlm_decoder_depth": 1, "mlm_decoder_heads": 2},
+}
+
+
+def tiny_overrides(preset):
+    """TINY_OVERRIDES and the TINY_SETTINGS of the objectives `preset` enables (naming another would enable it)."""
+    enabled = load_config(preset).model.objectives
+    return [*TINY_OVERRIDES, *(f"model.objectives.{name}.{key}={value}" for name in enabled
+                               for key, value in TINY_SETTINGS.get(name, {}).items())]
 STEP_RANGE = "profiled step"
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::item",
               "aten::_local_scalar_dense")
@@ -211,7 +222,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a folder of training shards (make shards' train/)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--presets", nargs="+", required=True, help="train/configs presets, e.g. vit_b_cc3m")
+    parser.add_argument("--presets", nargs="+", required=True, help="train/configs presets, e.g. harmony/cc3m")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="the micro model on this CPU (the tests)")
@@ -220,13 +231,13 @@ def main(argv=None):
     if not args.tiny and device.type != "cuda":
         sys.exit("error: profiling at the presets' sizes needs a CUDA device; use --tiny to try it on this CPU")
     args.out.mkdir(parents=True, exist_ok=True)
-    overrides = TINY_OVERRIDES if args.tiny else GPU_OVERRIDES
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", presets={})
     failed = []
     for preset in args.presets:
         try:
+            overrides = tiny_overrides(preset) if args.tiny else GPU_OVERRIDES
             summary = profile_preset(preset, args.data.resolve(), device, overrides, args.warmup, args.steps,
-                                     args.out / f"{preset}.trace.json.gz")
+                                     args.out / trace_name(preset))
         except (RuntimeError, ValueError) as error:  # out of memory, say: the next preset still runs
             summary, failed = dict(error=f"{type(error).__name__}: {str(error)[:2000]}"), [*failed, preset]
             print(f"{preset}: {summary['error']}", file=sys.stderr, flush=True)
