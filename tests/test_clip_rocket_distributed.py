@@ -8,8 +8,8 @@ from test_clip_rocket import rocket_batch, rocket_model
 from test_harmony import run_group
 from test_harmony_distributed import assert_equal_to_one_rank, averaged_gradients, on_two_ranks
 
-VARIANTS = {"clip_rocket": {}, "siamlip": dict(siamlip=True), "byolip": dict(byolip=True), "barlip": dict(barlip=True),
-            "swalip": dict(swalip=True, rocket_label_smoothing=0.0)}
+VARIANTS = {"clip_rocket": {}, "siamlip": dict(add_ons={"siamlip": {}}), "byolip": dict(add_ons={"byolip": {}}),
+            "barlip": dict(add_ons={"barlip": {}}), "swalip": dict(add_ons={"swalip": {}}, label_smoothing=0.0)}
 
 
 def rocket_gradients(variant, batch, rank=0, world_size=1):

@@ -5,15 +5,15 @@ the averaged gradients of one rank with all of it."""
 from test_harmony import run_group, tiny_batch, tiny_model
 from test_harmony_distributed import assert_equal_to_one_rank, averaged_gradients, on_two_ranks, rank_share
 
-CLIP_ONLY = dict(ibot=False, soft_clip=False, mae=False, mlm=False, text_distillation=False, drop_path_rate=0.0)
-VARIANTS = {
-    "siglip": dict(CLIP_ONLY, clip_loss="sigmoid", logit_scale_init=2.302585),
-    "smoothed_two_views_map": dict(CLIP_ONLY, clip_label_smoothing=0.1, clip_views=2, clip_pooling="map"),
+VARIANTS = {  # CLIP alone: (its settings, the towers')
+    "siglip": (dict(loss="sigmoid", logit_scale_init=2.302585), {}),
+    "smoothed_two_views_map": (dict(label_smoothing=0.1, views=2), dict(clip_pooling="map")),
 }
 
 
 def clip_gradients(variant, batch, rank=0, world_size=1):
-    model = tiny_model(**VARIANTS[variant])
+    clip, towers = VARIANTS[variant]
+    model = tiny_model({"clip": clip}, drop_path_rate=0.0, **towers)
     run_group(model, "clip", rank_share(batch, rank, world_size), hard_weight=1.0, teacher={})
     return averaged_gradients(model, world_size)
 
