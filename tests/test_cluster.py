@@ -53,25 +53,28 @@ def wait_for_steps(process, run_dir, steps, timeout_s=180):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_to_torchrun_checkpoints_the_step_and_resume_continues(demo_shards, tmp_path, stop_signal):
-    """SIGTERM (preemption) or SIGUSR1 (slurm's --signal) to torchrun, which forwards it to both ranks."""
+def test_signals_to_torchrun_checkpoint_the_step_and_each_resume_continues(demo_shards, tmp_path):
+    """SIGTERM (preemption), then SIGUSR1 (slurm's --signal) to the resumed run: torchrun forwards each to both
+    ranks, each stop checkpoints its step, and the next run continues from it."""
     run = tmp_path / "run"
     arguments = overrides(demo_shards["train"], run, "data.batch_size=4", "optim.epochs=100",
                           "run.checkpoint_every=1000")
-    process = torchrun(2, arguments)
-    wait_for_steps(process, run, 3)
-    signalled = time.monotonic()
-    process.send_signal(stop_signal)
-    _, errors = process.communicate(timeout=120)
-    assert time.monotonic() - signalled < 30, errors[-3000:]
-    assert process.returncode == 128 + stop_signal and "Traceback" not in errors, errors[-3000:]
-    assert errors.rstrip().endswith(f"training stopped by {stop_signal.name}; the trainers' messages above say "
-                                    "where it stands")
-    status = read_status(run)
-    assert status["state"] == "preempted" and stop_signal.name in status["reason"], status
-    assert logged_steps(run) == list(range(1, status["step"] + 1))  # nothing after the checkpointed step
-    assert checkpoint.load(checkpoint.latest_checkpoint(run))["step"] == status["step"]  # no step lost
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):
+        process = torchrun(2, arguments)
+        wait_for_steps(process, run, len(logged_steps(run)) + 3)
+        signalled = time.monotonic()
+        process.send_signal(stop_signal)
+        output, errors = process.communicate(timeout=120)
+        assert time.monotonic() - signalled < 30, errors[-3000:]
+        assert process.returncode == 128 + stop_signal and "Traceback" not in errors, errors[-3000:]
+        assert errors.rstrip().endswith(f"training stopped by {stop_signal.name}; the trainers' messages above say "
+                                        "where it stands")
+        status = read_status(run)
+        assert status["state"] == "preempted" and stop_signal.name in status["reason"], status
+        assert logged_steps(run) == list(range(1, status["step"] + 1))  # nothing after the checkpointed step
+        assert checkpoint.load(checkpoint.latest_checkpoint(run))["step"] == status["step"]  # no step lost
+        if stop_signal == signal.SIGUSR1:
+            assert f"resumed from {checkpoint.latest_checkpoint(run).parent}" in output
     refused = torchrun(2, [*arguments, "optim.lr=0.5"])  # an error a rank finds once torchrun has started it
     _, errors = refused.communicate(timeout=300)
     assert refused.returncode == 1 and "Traceback" not in errors and "ChildFailedError" not in errors, errors[-3000:]
