@@ -1,8 +1,8 @@
 """Image-text retrieval: recall@1/5/10 in both directions, with a run's EMA teachers.
 
     python -m evaluation.retrieval --run runs/harmony_demo --data shards/demo/source/heldout_pairs
-    python -m evaluation.retrieval --run runs/vit_b_cc3m --data /data/coco/dataset_coco.json --images /data/coco
-    python -m evaluation.retrieval --run runs/vit_b_cc3m --data /data/clip_benchmark/wds_flickr30k
+    python -m evaluation.retrieval --run runs/harmony_cc3m --data /data/coco/dataset_coco.json --images /data/coco
+    python -m evaluation.retrieval --run runs/harmony_cc3m --data /data/clip_benchmark/wds_flickr30k
 
 The data is a retrieval set in any layout evaluation.datasets reads: held-out shards (one jpg + txt each),
 a CLIP_benchmark retrieval set, or a Karpathy-split JSON (COCO 5k / Flickr30k 1k test images, about 5

@@ -1,9 +1,9 @@
 """Zero-shot classification with a run's EMA teachers (CLIP-style prompts).
 
     python -m evaluation.zeroshot --run runs/harmony_demo --data shards/demo/source/heldout
-    python -m evaluation.zeroshot --run runs/vit_b_cc3m --data /data/imagenet/val     # synset folders
-    python -m evaluation.zeroshot --run runs/vit_b_cc3m --data /data/imagenet/val_flat --labels val.txt
-    python -m evaluation.zeroshot --run runs/vit_b_cc3m --data /data/clip_benchmark/wds_cars
+    python -m evaluation.zeroshot --run runs/harmony_cc3m --data /data/imagenet/val     # synset folders
+    python -m evaluation.zeroshot --run runs/harmony_cc3m --data /data/imagenet/val_flat --labels val.txt
+    python -m evaluation.zeroshot --run runs/harmony_cc3m --data /data/clip_benchmark/wds_cars
 
 The data is a classification set in any layout evaluation.datasets reads. Each class's text embedding is
 the normalized mean of its prompts' embeddings. Templates: the set's own (CLIP_benchmark), else open_clip's
