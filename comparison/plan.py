@@ -15,7 +15,7 @@ where they are. Plans written before objectives owned their settings are read wi
 import json
 
 from datapipe.common.manifest import write_atomic
-from train.config import differences, flatten
+from train.config import differences, flatten, unflatten
 from train.config_renames import PRESET_RENAMES, migrate
 
 PLAN_FILE = "plan.json"
@@ -48,18 +48,6 @@ def from_version_1(saved):
     return {"version": VERSION, "runs": runs, "measured": measured}
 
 
-def unflatten(flat):
-    """The nested dict of {"optim.lr": 0.004, ...}."""
-    nested = {}
-    for key, value in flat.items():
-        *sections, name = key.split(".")
-        parent = nested
-        for section in sections:
-            parent = parent.setdefault(section, {})
-        parent[name] = value
-    return nested
-
-
 def in_todays_keys(config):
     """A fingerprint's config (flat keys) in today's keys: a config written before objectives owned their settings
     names its objectives under model.objectives, with the settings it had (those of objectives it left out dropped)."""
@@ -67,7 +55,7 @@ def in_todays_keys(config):
     if not renamed:
         return config
     objectives = migrated["model"]["objectives"]
-    migrated["model"]["objectives"] = {name: settings for name, settings in objectives.items() if settings}
+    migrated["model"]["objectives"] = {name: settings for name, settings in objectives.items() if settings is not False}
     return flatten(migrated)
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import torch
 
 from model.meta_arch import MetaArch, ModelConfig
-from train.config import load_config
+from train.config import enabled_settings_overrides, load_config
 
 TINY_TOWERS = dict(vit_size="micro", patch_size=8, global_crop_px=32, drop_path_rate=0.0, clip_dim=32, text_width=64,
                    text_layers=2, text_heads=4)
@@ -64,9 +64,6 @@ def tiny_model(objectives=None, seed=0, **towers):
 
 
 def tiny_overrides(preset):
-    """`key=value` overrides that shrink the preset's towers and the objectives it enables (an override naming an
-    objective it does not enable would enable it)."""
-    towers = [f"model.{key}={value}" for key, value in TINY_TOWERS.items()]
-    settings = [f"model.objectives.{name}.{key}={value}" for name in load_config(preset).model.objectives
-                for key, value in TINY_SETTINGS.get(name, {}).items()]
-    return towers + settings
+    """`key=value` overrides that shrink the preset's towers and the objectives it enables."""
+    return [*(f"model.{key}={value}" for key, value in TINY_TOWERS.items()),
+            *enabled_settings_overrides(preset, TINY_SETTINGS)]

@@ -381,6 +381,13 @@ def config_from_dict(values):
     return _build(TrainConfig, migrate(values)[0], "")
 
 
+def enabled_settings_overrides(preset, settings):
+    """`key=value` overrides of `settings` ({objective: {setting: value}}) for the objectives `preset` enables only:
+    an override naming another objective would enable it."""
+    return [f"model.objectives.{name}.{key}={value}" for name in load_config(preset).model.objectives
+            for key, value in settings.get(name, {}).items()]
+
+
 def to_dict(config):
     return dataclasses.asdict(config)
 
@@ -394,6 +401,18 @@ def flatten(values, prefix=""):
         else:
             flat[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
     return flat
+
+
+def unflatten(flat):
+    """The nested dict of {"optim.lr": 0.004, ...}: flatten's inverse."""
+    nested = {}
+    for key, value in flat.items():
+        *sections, name = key.split(".")
+        parent = nested
+        for section in sections:
+            parent = parent.setdefault(section, {})
+        parent[name] = value
+    return nested
 
 
 def differences(saved, current):

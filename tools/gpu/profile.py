@@ -38,7 +38,7 @@ import torch
 from torch.autograd import DeviceType
 
 from tools.gpu.check import trace_name
-from train.config import load_config
+from train.config import enabled_settings_overrides, load_config
 from train.distributed import World
 from train.pretrain import Trainer
 
@@ -54,18 +54,17 @@ TINY_SETTINGS = {  # each objective's parts at their smallest, where the preset 
                     "mlm_decoder_depth": 1, "mlm_decoder_heads": 2},
 }
 
-
-def tiny_overrides(preset):
-    """TINY_OVERRIDES and the TINY_SETTINGS of the objectives `preset` enables (naming another would enable it)."""
-    enabled = load_config(preset).model.objectives
-    return [*TINY_OVERRIDES, *(f"model.objectives.{name}.{key}={value}" for name in enabled
-                               for key, value in TINY_SETTINGS.get(name, {}).items())]
 STEP_RANGE = "profiled step"
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::item",
               "aten::_local_scalar_dense")
 WAITING_CALLS = {"cuda": ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"),
                  "cpu": ("aten::_local_scalar_dense",)}  # one per wait: aten::item calls _local_scalar_dense
 TOP_KERNELS = 12
+
+
+def tiny_overrides(preset):
+    """TINY_OVERRIDES and the TINY_SETTINGS of the objectives `preset` enables."""
+    return [*TINY_OVERRIDES, *enabled_settings_overrides(preset, TINY_SETTINGS)]
 
 
 def profile_preset(preset, shards, device, overrides=(), warmup=2, steps=3, trace_path=None):
